@@ -1,0 +1,47 @@
+"""The FastAPI application: ``create_app(settings)`` is the one way to build it.
+
+The engine (and with it the model) is built in the lifespan and kept on
+``app.state``, never in a module global, so tests can build apps side by side.
+Loading runs in a thread; the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .config import Settings
+from .engine.engine import Engine
+from .errors import install_error_handlers
+from .routes import router
+from .serving import Serving
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = await asyncio.to_thread(Engine.from_settings, settings)
+        app.state.engine = engine
+        app.state.serving = Serving(engine, settings)
+        app.state.structure = engine.structure()  # static: computed once
+        logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
+        try:
+            yield
+        finally:
+            engine.close()
+
+    app = FastAPI(
+        title="nnsight-server",
+        summary="OpenAI-compatible serving of one nnsight-wrapped model for interpretability research",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

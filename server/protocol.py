@@ -1,0 +1,278 @@
+"""Request and response models of the OpenAI-compatible API.
+
+Requests validate and convert themselves: ``to_sampling_params()`` turns a
+request into the engine's :class:`~server.engine.generation.SamplingParams`,
+raising :class:`~server.errors.APIError` naming the parameter at fault.
+OpenAI's fields come first, in OpenAI's order; our extensions follow in one
+block, each with a description. Unknown fields are accepted (clients send
+many) and logged once per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .engine.generation import SamplingParams
+from .errors import APIError
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+
+
+class OpenAIModel(BaseModel):
+    """Base for requests: extra fields allowed and logged, never silently used."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        if self.model_extra:
+            logger.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
+        return self
+
+
+class TextContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(OpenAIModel):
+    """Fields chat and completions share, and their conversion to SamplingParams."""
+
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy; default 1.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    user: str | None = None
+    # -- extensions (not in the OpenAI API) --
+    top_k: int | None = Field(
+        None, ge=-1, description="Sample from the k most likely tokens only; 0 or -1: off."
+    )
+    ignore_eos: bool = Field(
+        False, description="Keep generating past the end-of-sequence token until max_tokens."
+    )
+
+    def _check_unsupported(self) -> None:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise APIError(f"{name} is not supported by this server; omit it or send 0", param=name)
+        if self.logit_bias:
+            raise APIError("logit_bias is not supported by this server", param="logit_bias")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in stops if s)
+
+    def sampling_params(self, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
+        self._check_unsupported()
+        if self.n > max_n:
+            raise APIError(f"n must be at most {max_n} on this server", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options is only allowed when stream is true", param="stream_options")
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            n=self.n,
+            stop=self.stop_strings(),
+            seed=None if self.seed is None else self.seed % 2**63,
+            logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """(value, the name the client used) -- max_completion_tokens wins when both are sent."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def logprobs_k(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Messages as chat templates expect them: plain-string content, 'developer' as 'system'."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of such lists."
+    )
+    best_of: int | None = Field(None, ge=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: int | None = Field(16, ge=1)
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise APIError("prompt must not be empty", param="prompt")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return list(prompt)
+
+    def check_supported(self) -> None:
+        if self.echo:
+            raise APIError("echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise APIError("suffix is not supported by this server", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError("best_of is not supported (only best_of == n)", param="best_of")
+
+
+# -- responses ----------------------------------------------------------------------
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nnsight-server"
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    return model.model_dump(mode="json")

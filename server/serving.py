@@ -1,0 +1,331 @@
+"""The serving layer: OpenAI requests in, engine jobs out, OpenAI responses back.
+
+This module validates what depends on the served model (model name, prompt
+length against the context window, the server's token cap), builds
+:class:`GenerationJob` objects, and turns their results into response bodies
+or one SSE stream. Routes stay thin: they only choose JSON or SSE.
+
+Token budget rule: a request asking for more than ``--max-tokens-cap`` tokens,
+or more than fit in the context window after its prompt, is refused with a
+400 naming ``max_tokens`` (never silently clamped); a request that names no
+limit gets whatever fits, up to the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+
+import torch
+
+from .config import Settings
+from .engine.engine import Engine
+from .engine.generation import (
+    ChoiceDelta,
+    GenerationJob,
+    GenerationResult,
+    SamplingParams,
+    TokenLogprob,
+)
+from .errors import APIError
+from .protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
+    completion_id,
+    dump,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+class Serving:
+    """Chat completions, completions and model listing over one engine."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.created = now()
+        self._model_names = {engine.model_id, settings.model, engine.loaded.source}
+
+    # -- checks shared by both endpoints -----------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model and model not in self._model_names:
+            raise APIError(
+                f"The model `{model}` does not exist; this server serves `{self.engine.model_id}`.",
+                status=HTTPStatus.NOT_FOUND,
+                param="model",
+                code="model_not_found",
+            )
+
+    def token_budget(self, prompt_len: int, requested: int | None, param: str,
+                     prompt_param: str) -> int:
+        """How many tokens this request may generate, or a 400 naming the parameter at fault."""
+        window = self.engine.context_length
+        cap = self.settings.max_tokens_cap
+        room = window - prompt_len
+        if room < 1:
+            raise APIError(
+                f"This model's maximum context length is {window} tokens, and the prompt has "
+                f"{prompt_len} tokens, leaving no room for a completion. Shorten the prompt.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return min(cap, room)
+        if requested > cap:
+            raise APIError(
+                f"{param} is {requested}, above this server's cap of {cap} tokens per request "
+                "(--max-tokens-cap).",
+                param=param,
+            )
+        if requested > room:
+            raise APIError(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                f"completion). Reduce {param} or the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return requested
+
+    # -- /v1/models ---------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        card = ModelCard(
+            id=self.engine.model_id,
+            created=self.created,
+            root=self.engine.loaded.source,
+            max_model_len=self.engine.context_length,
+        )
+        return ModelList(data=[card])
+
+    # -- /v1/chat/completions -----------------------------------------------------------
+
+    def prepare_chat(self, request: ChatCompletionRequest) -> GenerationJob:
+        """Everything that can be refused is refused here, before any model work."""
+        self.check_model(request.model)
+        if not self.engine.has_chat_template:
+            raise APIError(
+                f"{self.engine.model_id} has no chat template; use /v1/completions",
+                param="messages",
+            )
+        prompt_ids = self.engine.render_chat(request.template_messages())
+        requested, param = request.requested_max_tokens()
+        max_tokens = self.token_budget(len(prompt_ids), requested, param, "messages")
+        params = request.sampling_params(
+            max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
+        )
+        return GenerationJob(prompt_ids=prompt_ids, params=params)
+
+    async def chat(self, request: ChatCompletionRequest, job: GenerationJob) -> ChatCompletionResponse:
+        result = await self._generate(job)
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in result.choices
+        ]
+        return ChatCompletionResponse(
+            id=completion_id("chatcmpl"),
+            created=now(),
+            model=self.engine.model_id,
+            choices=choices,
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+        )
+
+    async def chat_stream(self, request: ChatCompletionRequest, job: GenerationJob) -> AsyncIterator[str]:
+        """Role chunk per choice, content deltas, finish chunks, optional usage, then [DONE]."""
+        base = {"id": completion_id("chatcmpl"), "object": "chat.completion.chunk",
+                "created": now(), "model": self.engine.model_id}
+        include_usage = request.include_usage
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return sse({**base, "choices": [choice]})
+
+        for index in range(job.params.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for item in self._stream(job):
+            if isinstance(item, ChoiceDelta):
+                logprobs = (
+                    dump(self._chat_logprobs(list(item.logprobs)))
+                    if job.params.logprobs is not None and item.logprobs
+                    else None
+                )
+                if item.text or logprobs:
+                    yield chunk(item.index, {"content": item.text}, logprobs)
+                if item.finish_reason:
+                    yield chunk(item.index, {}, None, item.finish_reason)
+            elif isinstance(item, GenerationResult) and include_usage:
+                usage = _usage(item.prompt_tokens, item.completion_tokens)
+                yield sse({**base, "choices": [], "usage": dump(usage)})
+            elif isinstance(item, APIError):
+                yield sse(item.body())
+        yield sse("[DONE]")
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.engine.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = [
+            ChatTokenLogprob(
+                **entry(lp.token_id, lp.logprob),
+                top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top],
+            )
+            for lp in logprobs
+        ]
+        return ChatLogprobs(content=content)
+
+    # -- /v1/completions ----------------------------------------------------------------
+
+    def prepare_completion(self, request: CompletionRequest) -> list[GenerationJob]:
+        self.check_model(request.model)
+        request.check_supported()
+        jobs: list[GenerationJob] = []
+        params: SamplingParams | None = None
+        for i, prompt in enumerate(request.prompts()):
+            prompt_ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            param = "prompt" if isinstance(request.prompt, str) else f"prompt[{i}]"
+            if not prompt_ids:
+                raise APIError("prompt must not be empty", param=param)
+            if any(t < 0 or t >= self.engine.vocab_size for t in prompt_ids):
+                raise APIError(f"token ids must lie in [0, {self.engine.vocab_size})", param=param)
+            max_tokens = self.token_budget(len(prompt_ids), request.max_tokens, "max_tokens", param)
+            params = request.sampling_params(
+                max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
+            )
+            jobs.append(GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n))
+        return jobs
+
+    async def completion(self, request: CompletionRequest, jobs: list[GenerationJob]) -> CompletionResponse:
+        choices: list[CompletionChoice] = []
+        prompt_tokens = completion_tokens = 0
+        for job in jobs:
+            result = await self._generate(job)
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            choices += [
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    logprobs=self._completion_logprobs(c.logprobs) if c.logprobs is not None else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in result.choices
+            ]
+        return CompletionResponse(
+            id=completion_id("cmpl"),
+            created=now(),
+            model=self.engine.model_id,
+            choices=choices,
+            usage=_usage(prompt_tokens, completion_tokens),
+        )
+
+    async def completion_stream(self, request: CompletionRequest,
+                                jobs: list[GenerationJob]) -> AsyncIterator[str]:
+        base = {"id": completion_id("cmpl"), "object": "text_completion",
+                "created": now(), "model": self.engine.model_id}
+        include_usage = request.include_usage
+        if include_usage:
+            base["usage"] = None
+        offsets: dict[int, int] = {}  # text offset per choice, for logprobs.text_offset
+        prompt_tokens = completion_tokens = 0
+        for job in jobs:
+            async for item in self._stream(job):
+                if isinstance(item, ChoiceDelta):
+                    logprobs = None
+                    if job.params.logprobs is not None and item.logprobs:
+                        logprobs = dump(self._completion_logprobs(
+                            list(item.logprobs), start=offsets.get(item.index, 0)))
+                    offsets[item.index] = offsets.get(item.index, 0) + len(item.text)
+                    if item.text or logprobs or item.finish_reason:
+                        choice = {"index": item.index, "text": item.text, "logprobs": logprobs,
+                                  "finish_reason": item.finish_reason}
+                        yield sse({**base, "choices": [choice]})
+                elif isinstance(item, GenerationResult):
+                    prompt_tokens += item.prompt_tokens
+                    completion_tokens += item.completion_tokens
+                elif isinstance(item, APIError):
+                    yield sse(item.body())
+                    yield sse("[DONE]")
+                    return
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": dump(_usage(prompt_tokens, completion_tokens))})
+        yield sse("[DONE]")
+
+    def _completion_logprobs(self, logprobs: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
+        tokens, offsets = [], []
+        position = start
+        for lp in logprobs:
+            text = self.engine.token_text(lp.token_id)
+            tokens.append(text)
+            offsets.append(position)
+            position += len(text)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp.logprob for lp in logprobs],
+            top_logprobs=[{self.engine.token_text(t): v for t, v in lp.top} for lp in logprobs],
+            text_offset=offsets,
+        )
+
+    # -- engine calls with errors in OpenAI shape ----------------------------------------
+
+    async def _generate(self, job: GenerationJob) -> GenerationResult:
+        try:
+            return await self.engine.generate(job)
+        except torch.OutOfMemoryError as exc:
+            raise _out_of_memory() from exc
+
+    async def _stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult | APIError]:
+        """The engine's stream, with a failure turned into one final APIError item."""
+        try:
+            async for item in self.engine.stream(job):
+                yield item
+        except torch.OutOfMemoryError:
+            yield _out_of_memory()
+        except Exception:
+            logger.exception("generation failed during a stream")
+            yield APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def _out_of_memory() -> APIError:
+    return APIError(
+        "the accelerator ran out of memory for this request; reduce max_tokens, n or the prompt",
+        status=HTTPStatus.SERVICE_UNAVAILABLE,
+        code="out_of_memory",
+    )
