@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -62,15 +63,21 @@ def error_body(message: str, *, type: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# pydantic names the branch of a union it tried in the location ("str", "list[TextContentPart]",
+# "function-after[...]"); those are not field names, and the parameter ends before them.
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|bytes)$|\[")
+
+
 def _param_from_location(loc: tuple) -> str | None:
     """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    parts = [p for p in loc if p not in ("body", "query", "path")]
     out = ""
-    for part in parts:
+    for part in loc:
+        if part in ("body", "query", "path") and not out:
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif "[" in str(part) or part in ("function-after", "function-before"):
-            continue  # pydantic's union/validator branch tags, not field names
+        elif _UNION_BRANCH.search(str(part)):
+            break
         else:
             out += f".{part}" if out else str(part)
     return out or None
@@ -78,15 +85,20 @@ def _param_from_location(loc: tuple) -> str | None:
 
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    if first.get("type") == "json_invalid":
-        return APIError(f"request body is not valid JSON: {first.get('msg')}", code="invalid_json")
-    param = _param_from_location(tuple(first.get("loc", ())))
+    if not errors:
+        return APIError("invalid request", code="invalid_value")
+    if errors[0].get("type") == "json_invalid":
+        return APIError(f"request body is not valid JSON: {errors[0].get('msg')}", code="invalid_json")
+    param = _param_from_location(tuple(errors[0].get("loc", ())))
+    # A union reports one error per branch; the deepest one says most about what was wrong.
+    same_param = [e for e in errors if _param_from_location(tuple(e.get("loc", ()))) == param]
+    first = max(same_param, key=lambda e: len(e.get("loc", ())))
     message = first.get("msg", "invalid request")
     if param:
         message = f"{param}: {message}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error(s))"
+    others = len(errors) - len(same_param)
+    if others:
+        message += f" (and {others} more error(s))"
     return APIError(message, param=param, code="invalid_value")
 
 

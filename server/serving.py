@@ -218,9 +218,11 @@ class Serving:
         request.check_supported()
         jobs: list[GenerationJob] = []
         params: SamplingParams | None = None
-        for i, prompt in enumerate(request.prompts()):
+        prompts = request.prompts()
+        single = isinstance(request.prompt, str) or isinstance(request.prompt[0], int)
+        for i, prompt in enumerate(prompts):
             prompt_ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            param = "prompt" if isinstance(request.prompt, str) else f"prompt[{i}]"
+            param = "prompt" if single else f"prompt[{i}]"
             if not prompt_ids:
                 raise APIError("prompt must not be empty", param=param)
             if any(t < 0 or t >= self.engine.vocab_size for t in prompt_ids):

@@ -107,6 +107,7 @@ class GenerationJob:
     first_index: int = 0  # index of the first choice (several prompts share one response)
     on_delta: Callable[[ChoiceDelta], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    steps: int = 0  # decode steps run so far (written by the worker)
 
 
 class _LogprobRecorder(LogitsProcessor):
@@ -145,6 +146,7 @@ class _DecodeMonitor(StoppingCriteria):
         self.rows = [_Row(CompletionText(tokenizer, job.params.stop)) for _ in range(job.params.n)]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.job.steps += 1
         new_tokens = input_ids[:, -1]
         step_logprobs = self._step_logprobs(new_tokens)
         new_tokens = new_tokens.tolist()

@@ -182,6 +182,8 @@ def resolve_source(model: str, cache_dir: Path | None = None) -> tuple[str, str]
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path.resolve()), model.rstrip("/")
+    if model.startswith(("/", ".", "~")):
+        raise ModelLoadError(f"--model {model}: no such model folder")
     return model, model  # a hub id: transformers resolves (and caches) it
 
 

@@ -1,0 +1,118 @@
+"""The real server on the embedded SmolLM2-135M-Instruct, driven by the official openai client."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+COUNT = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+
+
+def test_models_lists_the_embedded_model(oai, model_id):
+    assert model_id == "SmolLM2-135M-Instruct"
+    assert oai.models.list().data[0].max_model_len == 8192
+
+
+def test_plain_chat_answers_and_stops_on_eos(oai, model_id):
+    response = oai.chat.completions.create(model=model_id, messages=CAPITAL, max_tokens=32, temperature=0)
+    choice = response.choices[0]
+    assert "Paris" in choice.message.content
+    assert "<|im_start|>" not in choice.message.content and "user" not in choice.message.content
+    assert choice.finish_reason == "stop"
+    assert response.usage.completion_tokens < 32
+
+
+def test_length_finish_reason_is_truthful(oai, model_id):
+    response = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=5, temperature=0)
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 5
+
+
+def test_streaming_equals_non_streaming(oai, model_id):
+    kwargs = dict(model=model_id, messages=COUNT, max_tokens=40, temperature=0)
+    whole = oai.chat.completions.create(**kwargs)
+    stream = oai.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_choices_with_a_seed_reproduce(oai, model_id):
+    kwargs = dict(model=model_id, messages=CAPITAL, max_tokens=16, n=3, temperature=1.0, seed=42)
+    first = oai.chat.completions.create(**kwargs)
+    second = oai.chat.completions.create(**kwargs)
+    assert len(first.choices) == 3 and [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
+
+
+def test_stop_string_cuts_the_text(oai, model_id):
+    free = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=40, temperature=0)
+    assert "5" in free.choices[0].message.content
+    stopped = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=40, temperature=0,
+                                          stop=["5"])
+    assert stopped.choices[0].finish_reason == "stop"
+    text = stopped.choices[0].message.content
+    assert "5" not in text and free.choices[0].message.content.startswith(text)
+
+
+def test_logprobs_and_top_logprobs(oai, model_id):
+    response = oai.chat.completions.create(model=model_id, messages=CAPITAL, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert response.choices[0].finish_reason == "stop"
+    # The end-of-sequence token is reported with its logprob, but it is not part of the text.
+    assert content[-1].token == "<|im_end|>"
+    assert "".join(entry.token for entry in content[:-1]) == response.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+
+
+def test_completions_endpoint(oai, model_id):
+    response = oai.completions.create(model=model_id, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0)
+    assert "Paris" in response.choices[0].text
+
+
+def test_bad_request_then_good_request(oai, model_id):
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=model_id, messages=CAPITAL, max_tokens=100_000)
+    assert caught.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="no-such-model", messages=CAPITAL, max_tokens=2)
+    ok = oai.chat.completions.create(model=model_id, messages=CAPITAL, max_tokens=4)
+    assert ok.choices[0].message.content
+
+
+def test_health_answers_during_a_long_generation(embedded_server, oai, model_id):
+    """The model runs on the engine's worker thread, never on the event loop."""
+    first_token = threading.Event()
+    finished = threading.Event()
+
+    def long_stream():
+        stream = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=200,
+                                             temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first_token.set()
+        finished.set()
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    assert first_token.wait(120)
+    health = httpx.get(f"{embedded_server.url}/health", timeout=30)
+    structure = httpx.get(f"{embedded_server.url}/v1/model/structure", timeout=30)
+    still_generating = not finished.is_set()
+    worker.join(300)
+    assert health.status_code == 200 and structure.json()["num_layers"] == 30
+    assert still_generating, "health should answer while the 200-token generation is still running"

@@ -1,0 +1,102 @@
+"""Bad requests: a 4xx in the OpenAI error shape naming the parameter, and the server keeps serving."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def assert_error(response, status: int, param: str | None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    return error
+
+
+BAD_CHAT_BODIES = [
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages[0].content"),
+    ({"messages": HELLO, "max_tokens": -1}, "max_tokens"),
+    ({"messages": HELLO, "max_tokens": "ten"}, "max_tokens"),
+    ({"messages": HELLO, "max_tokens": 65}, "max_tokens"),  # above the cap of 64
+    ({"messages": HELLO, "max_completion_tokens": 10**9}, "max_completion_tokens"),
+    ({"messages": HELLO, "temperature": 3}, "temperature"),
+    ({"messages": HELLO, "top_p": 0}, "top_p"),
+    ({"messages": HELLO, "n": 0}, "n"),
+    ({"messages": HELLO, "n": 5}, "n"),  # above max_n of 4
+    ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": HELLO, "stop": ["a"] * 17}, "stop"),
+    ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": HELLO, "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"messages": HELLO, "seed": 2**70}, "seed"),
+    ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),  # past the context
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_CHAT_BODIES)
+def test_bad_chat_request_names_the_parameter(client, body, param):
+    assert_error(client.post("/v1/chat/completions", json=body), 400, param)
+    assert client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+def test_prompt_plus_max_tokens_past_the_context_window(client, tiny_tokenizer):
+    words = 1
+    while len(tiny_tokenizer.encode("the " * words)) < 200:  # a prompt that fits, with < 64 to spare
+        words += 1
+    body = {"messages": [{"role": "user", "content": "the " * words}], "max_tokens": 64}
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, "max_tokens")
+    assert error["code"] == "context_length_exceeded"
+
+
+def test_malformed_json(client):
+    response = client.post("/v1/chat/completions", content=b"{not json",
+                           headers={"content-type": "application/json"})
+    error = assert_error(response, 400, None)
+    assert error["code"] == "invalid_json"
+
+
+def test_unknown_model_is_404(client):
+    error = assert_error(
+        client.post("/v1/chat/completions", json={"messages": HELLO, "model": "gpt-9"}), 404, "model")
+    assert error["code"] == "model_not_found"
+
+
+def test_unknown_route_and_method(client):
+    assert_error(client.get("/v1/nothing"), 404, None)
+    assert_error(client.get("/v1/chat/completions"), 405, None)
+
+
+BAD_COMPLETION_BODIES = [
+    ({}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [5, 10**6]}, "prompt"),
+    ({"prompt": ["ok", ""]}, "prompt[1]"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix"),
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "max_tokens": 1000}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_COMPLETION_BODIES)
+def test_bad_completion_request_names_the_parameter(client, body, param):
+    assert_error(client.post("/v1/completions", json=body), 400, param)
+
+
+def test_openai_client_sees_bad_request_then_succeeds(openai_client, served_model):
+    with pytest.raises(openai.BadRequestError) as caught:
+        openai_client.chat.completions.create(model=served_model, messages=HELLO, max_tokens=10_000)
+    assert caught.value.body["param"] == "max_tokens"
+    ok = openai_client.chat.completions.create(model=served_model, messages=HELLO, max_tokens=3)
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -1,0 +1,95 @@
+"""The engine's generation path on the tiny model: logprobs, cancellation, the one copy of the weights."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from server.engine.engine import Engine
+from server.engine.generation import GenerationJob, SamplingParams, run_generation
+from server.engine.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def test_wrapper_owns_the_only_copy_of_the_weights(loaded):
+    """The module generate runs on is the module nnsight traces: same parameter storage."""
+    hf = loaded.hf_model
+    assert hf is loaded.wrapper._module
+    with loaded.wrapper.trace(torch.tensor([[1, 5, 9]])):
+        traced = loaded.wrapper.model.layers[0].output.save()
+    with torch.no_grad():
+        direct = hf(torch.tensor([[1, 5, 9]]), output_hidden_states=True).hidden_states[1]
+    assert torch.equal(traced, direct)
+    storages = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert len(storages) == len(list(hf.parameters()))
+
+
+def test_sampled_logprobs_are_raw_model_logprobs(loaded, reference_model):
+    """Logprobs come from the raw logits, not the temperature/top-p warped distribution."""
+    prompt = [1, 20, 30, 40]
+    params = SamplingParams(max_tokens=6, temperature=0.5, top_p=0.9, seed=11, logprobs=2,
+                            ignore_eos=True)
+    result = run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids,
+                            GenerationJob(prompt_ids=prompt, params=params))
+    choice = result.choices[0]
+    assert len(choice.token_ids) == 6
+    with torch.no_grad():
+        logits = reference_model(torch.tensor([prompt + choice.token_ids])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for step, (token, entry) in enumerate(zip(choice.token_ids, choice.logprobs)):
+        row = expected[len(prompt) - 1 + step]
+        assert entry.token_id == token
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [i for i, _ in entry.top] == row.topk(2).indices.tolist()
+
+
+def test_seeded_sampling_does_not_disturb_the_global_rng(loaded):
+    torch.manual_seed(99)
+    expected_next = torch.rand(1)
+    torch.manual_seed(99)
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=5)
+    run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids,
+                   GenerationJob(prompt_ids=[1, 2, 3], params=params))
+    assert torch.equal(torch.rand(1), expected_next)
+
+
+def test_closing_a_stream_cancels_the_job(loaded):
+    engine = Engine(loaded)
+
+    async def scenario():
+        job = GenerationJob(prompt_ids=[1, 2, 3],
+                            params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        stream = engine.stream(job)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.aclose()
+        assert job.cancelled.is_set()
+        # The worker is free again: a new job runs to completion.
+        after = GenerationJob(prompt_ids=[1, 2], params=SamplingParams(max_tokens=2, temperature=0))
+        result = await engine.generate(after)
+        return job, result
+
+    try:
+        job, result = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert len(result.choices[0].token_ids) <= 2
+    assert job.steps < 200  # stopped early, not run to max_tokens
+
+
+def test_cancelled_before_start_runs_nothing(loaded):
+    job = GenerationJob(prompt_ids=[1, 2], params=SamplingParams(max_tokens=5),
+                        cancelled=threading.Event())
+    job.cancelled.set()
+    result = run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
+    assert job.steps == 0 and result.choices[0].token_ids == []
