@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
+import jinja2
 import torch
 
 from .config import Settings
@@ -138,7 +139,11 @@ class Serving:
                 f"{self.engine.model_id} has no chat template; use /v1/completions",
                 param="messages",
             )
-        prompt_ids = self.engine.render_chat(request.template_messages())
+        try:
+            prompt_ids = self.engine.render_chat(request.template_messages())
+        except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise APIError(f"the model's chat template rejected these messages: {exc}",
+                           param="messages") from exc
         requested, param = request.requested_max_tokens()
         max_tokens = self.token_budget(len(prompt_ids), requested, param, "messages")
         params = request.sampling_params(

@@ -96,10 +96,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def default_cache_dir() -> Path:
-    """Where converted models live: ``$NNSIGHT_SERVER_CACHE`` or ``~/.cache/nnsight-server``."""
-    env = os.environ.get("NNSIGHT_SERVER_CACHE")
-    if env:
-        return Path(env).expanduser()
+    """Where converted models live unless ``--cache-dir`` says otherwise."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nnsight-server"
 
 
