@@ -22,6 +22,7 @@ checkpoint's suggested settings: see ``loading.neutral_generation_config``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from transformers import (
 )
 
 from .text import CompletionText
+
+logger = logging.getLogger(__name__)
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -240,6 +243,8 @@ def run_generation(hf_model: torch.nn.Module, tokenizer, eos_ids: frozenset[int]
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(params.seed)
                 hf_model.generate(**kwargs)
+    if job.cancelled.is_set():
+        logger.info("generation cancelled after %d step(s) of %d", job.steps, params.max_tokens)
     monitor.finish_unfinished()
     choices = [
         Choice(

@@ -203,7 +203,9 @@ def load_model(
     logger.info("loading %s from %s (dtype=%s, device=%s)", model_id, source, torch_dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        # On CUDA, weights go straight to the device (no full copy in host memory first).
+        placement = {"device_map": str(torch_device)} if torch_device.type == "cuda" else {}
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
     hf_model.to(torch_device).eval()

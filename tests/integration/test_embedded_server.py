@@ -116,3 +116,19 @@ def test_health_answers_during_a_long_generation(embedded_server, oai, model_id)
     worker.join(300)
     assert health.status_code == 200 and structure.json()["num_layers"] == 30
     assert still_generating, "health should answer while the 200-token generation is still running"
+
+
+def test_client_disconnect_cancels_the_generation(embedded_server, model_id):
+    body = {"model": model_id, "messages": COUNT, "max_tokens": 250, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", f"{embedded_server.url}/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(6)]  # a few chunks, then hang up
+    assert any('"content"' in line for line in received)
+    # The server notices, stops generating, and says so; the next request is served.
+    ok = httpx.post(f"{embedded_server.url}/v1/chat/completions", timeout=120,
+                    json={"model": model_id, "messages": CAPITAL, "max_tokens": 4})
+    assert ok.status_code == 200
+    log = embedded_server.log_path.read_text()
+    assert "generation cancelled after" in log and "of 250" in log

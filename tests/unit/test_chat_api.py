@@ -172,3 +172,25 @@ def test_unknown_fields_are_accepted_and_logged(client, caplog):
             "messages": HELLO, "max_tokens": 2, "parallel_tool_calls": False, "foo": 1})
     assert response.status_code == 200
     assert "foo" in caplog.text and "parallel_tool_calls" in caplog.text
+
+
+def test_chat_template_errors_are_400_naming_messages(tiny_model_dir, settings):
+    from server.engine.engine import Engine
+    from server.engine.loading import load_model
+    from server.errors import APIError
+    from server.protocol import ChatCompletionRequest
+    from server.serving import Serving
+
+    engine = Engine(load_model(str(tiny_model_dir), device="cpu"))
+    try:
+        serving = Serving(engine, settings)
+        request = ChatCompletionRequest(messages=HELLO)
+        engine.prompt_tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+        with pytest.raises(APIError) as caught:
+            serving.prepare_chat(request)
+        assert caught.value.param == "messages" and "roles must alternate" in caught.value.message
+        engine.prompt_tokenizer.chat_template = None
+        with pytest.raises(APIError, match="no chat template; use /v1/completions"):
+            serving.prepare_chat(request)
+    finally:
+        engine.close()
