@@ -55,8 +55,10 @@ def main() -> None:
     print()
 
     structure = httpx.get(args.base_url.rstrip("/").removesuffix("/v1") + "/v1/model/structure").json()
-    print(f"\n{structure['num_layers']} layers, hidden size {structure['hidden_size']}, "
-          f"hook-point aliases: {structure['hook_points']['aliases']}")
+    print(
+        f"\n{structure['num_layers']} layers, hidden size {structure['hidden_size']}, "
+        f"hook-point aliases: {structure['hook_points']['aliases']}"
+    )
 
 
 if __name__ == "__main__":

@@ -66,8 +66,21 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     from integration.conftest import free_port  # the tests' own helper
 
     port = free_port()
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--model", args.model,
-           "--dtype", args.dtype, "--device", args.device, "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        str(port),
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -92,8 +105,9 @@ def rss_file_backed(pid: int) -> int:
 
 
 def baseline_rss() -> int:
-    out = subprocess.run([sys.executable, "-c", BASELINE_SNIPPET], cwd=ROOT, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE_SNIPPET], cwd=ROOT, check=True, capture_output=True, text=True
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -117,19 +131,28 @@ def raw_generate(model, tokenizer, device, prompt: str, max_tokens: int) -> tupl
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
     started = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
-    new = out[0, ids.shape[1]:]
+    new = out[0, ids.shape[1] :]
     assert len(new) == max_tokens
     return elapsed, tokenizer.decode(new, skip_special_tokens=True)
 
 
 def server_generate(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, str]:
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True}
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     started = time.perf_counter()
     response = client.post(f"{url}/v1/chat/completions", json=body)
     elapsed = time.perf_counter() - started
@@ -145,13 +168,15 @@ def request_mix(client: httpx.Client, url: str) -> None:
     hello = [{"role": "user", "content": "Hello! Tell me about transformers."}]
     client.post(chat, json={"messages": hello, "max_tokens": 32}).raise_for_status()
     client.post(chat, json={"messages": hello, "max_tokens": 16, "n": 4, "seed": 1}).raise_for_status()
-    client.post(chat, json={"messages": hello, "max_tokens": 16, "logprobs": True,
-                            "top_logprobs": 5}).raise_for_status()
+    client.post(
+        chat, json={"messages": hello, "max_tokens": 16, "logprobs": True, "top_logprobs": 5}
+    ).raise_for_status()
     with client.stream("POST", chat, json={"messages": hello, "max_tokens": 32, "stream": True}) as r:
         for _ in r.iter_lines():
             pass
-    client.post(f"{url}/v1/completions", json={"prompt": ["Once upon", "A cat"], "max_tokens": 16,
-                                               "n": 2}).raise_for_status()
+    client.post(
+        f"{url}/v1/completions", json={"prompt": ["Once upon", "A cat"], "max_tokens": 16, "n": 2}
+    ).raise_for_status()
     long_prompt = [{"role": "user", "content": "Summarise this. " + "The model reads text. " * 300}]
     client.post(chat, json={"messages": long_prompt, "max_tokens": 8}).raise_for_status()
 
@@ -197,11 +222,17 @@ def main() -> None:
     srv_total = sum(p[1] for p in pairs)
     weights = structure["parameter_bytes"]
     result = {
-        "machine": {"platform": platform.platform(), "cpus": psutil.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "device": structure["device"]},
-        "model": structure["model"], "dtype": structure["dtype"],
-        "max_tokens": args.max_tokens, "requests": len(pairs),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": psutil.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": structure["device"],
+        },
+        "model": structure["model"],
+        "dtype": structure["dtype"],
+        "max_tokens": args.max_tokens,
+        "requests": len(pairs),
         "raw_tokens_per_s": tokens / raw_total,
         "server_tokens_per_s": tokens / srv_total,
         "time_ratio_total": srv_total / raw_total,
@@ -219,9 +250,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     mib = 2**20
-    print(f"\n{result['model']} ({result['dtype']}, {result['machine']['device']}, "
-          f"{result['machine']['cpus']} CPUs, torch {torch.__version__}), greedy, "
-          f"{args.max_tokens} tokens x {len(pairs)} requests\n")
+    print(
+        f"\n{result['model']} ({result['dtype']}, {result['machine']['device']}, "
+        f"{result['machine']['cpus']} CPUs, torch {torch.__version__}), greedy, "
+        f"{args.max_tokens} tokens x {len(pairs)} requests\n"
+    )
     print("| measure | value |\n| --- | --- |")
     print(f"| raw HF generate | {result['raw_tokens_per_s']:.1f} tokens/s |")
     print(f"| server chat path over HTTP | {result['server_tokens_per_s']:.1f} tokens/s |")
@@ -230,13 +263,18 @@ def main() -> None:
     print(f"| same text as raw generate | {'yes' if same_text else 'NO'} |")
     print(f"| weights | {weights / mib:.0f} MiB |")
     print(f"| baseline process (libraries, no model) | {baseline / mib:.0f} MiB |")
-    print(f"| server RSS right after load (weights mapped, not yet paged in) | "
-          f"{rss_after_load / mib:.0f} MiB |")
-    print(f"| server RSS after the first request | {rss_after_first / mib:.0f} MiB "
-          f"({result['weight_copies_after_first_request']:.2f} x weights above baseline) |")
-    print(f"| server RSS after the request mix | {rss_after_mix / mib:.0f} MiB "
-          f"({result['weight_copies_after_mix']:.2f} x weights above baseline; "
-          f"{file_backed_after_mix / mib:.0f} MiB file-backed) |")
+    print(
+        f"| server RSS right after load (weights mapped, not yet paged in) | {rss_after_load / mib:.0f} MiB |"
+    )
+    print(
+        f"| server RSS after the first request | {rss_after_first / mib:.0f} MiB "
+        f"({result['weight_copies_after_first_request']:.2f} x weights above baseline) |"
+    )
+    print(
+        f"| server RSS after the request mix | {rss_after_mix / mib:.0f} MiB "
+        f"({result['weight_copies_after_mix']:.2f} x weights above baseline; "
+        f"{file_backed_after_mix / mib:.0f} MiB file-backed) |"
+    )
     print(f"\nwritten to {args.out}")
 
 

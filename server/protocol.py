@@ -126,7 +126,9 @@ class ChatCompletionRequest(_SamplingFields):
     model: str | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens."
+    )
     max_completion_tokens: int | None = Field(None, ge=1)
 
     def requested_max_tokens(self) -> tuple[int | None, str]:

@@ -87,8 +87,7 @@ class Serving:
                 code="model_not_found",
             )
 
-    def token_budget(self, prompt_len: int, requested: int | None, param: str,
-                     prompt_param: str) -> int:
+    def token_budget(self, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
         """How many tokens this request may generate, or a 400 naming the parameter at fault."""
         window = self.engine.context_length
         cap = self.settings.max_tokens_cap
@@ -142,8 +141,9 @@ class Serving:
         try:
             prompt_ids = self.engine.render_chat(request.template_messages())
         except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
-            raise APIError(f"the model's chat template rejected these messages: {exc}",
-                           param="messages") from exc
+            raise APIError(
+                f"the model's chat template rejected these messages: {exc}", param="messages"
+            ) from exc
         requested, param = request.requested_max_tokens()
         max_tokens = self.token_budget(len(prompt_ids), requested, param, "messages")
         params = request.sampling_params(
@@ -172,8 +172,12 @@ class Serving:
 
     async def chat_stream(self, request: ChatCompletionRequest, job: GenerationJob) -> AsyncIterator[str]:
         """Role chunk per choice, content deltas, finish chunks, optional usage, then [DONE]."""
-        base = {"id": completion_id("chatcmpl"), "object": "chat.completion.chunk",
-                "created": now(), "model": self.engine.model_id}
+        base = {
+            "id": completion_id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": now(),
+            "model": self.engine.model_id,
+        }
         include_usage = request.include_usage
         if include_usage:
             base["usage"] = None
@@ -263,10 +267,15 @@ class Serving:
             usage=_usage(prompt_tokens, completion_tokens),
         )
 
-    async def completion_stream(self, request: CompletionRequest,
-                                jobs: list[GenerationJob]) -> AsyncIterator[str]:
-        base = {"id": completion_id("cmpl"), "object": "text_completion",
-                "created": now(), "model": self.engine.model_id}
+    async def completion_stream(
+        self, request: CompletionRequest, jobs: list[GenerationJob]
+    ) -> AsyncIterator[str]:
+        base = {
+            "id": completion_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.engine.model_id,
+        }
         include_usage = request.include_usage
         if include_usage:
             base["usage"] = None
@@ -277,12 +286,17 @@ class Serving:
                 if isinstance(item, ChoiceDelta):
                     logprobs = None
                     if job.params.logprobs is not None and item.logprobs:
-                        logprobs = dump(self._completion_logprobs(
-                            list(item.logprobs), start=offsets.get(item.index, 0)))
+                        logprobs = dump(
+                            self._completion_logprobs(list(item.logprobs), start=offsets.get(item.index, 0))
+                        )
                     offsets[item.index] = offsets.get(item.index, 0) + len(item.text)
                     if item.text or logprobs or item.finish_reason:
-                        choice = {"index": item.index, "text": item.text, "logprobs": logprobs,
-                                  "finish_reason": item.finish_reason}
+                        choice = {
+                            "index": item.index,
+                            "text": item.text,
+                            "logprobs": logprobs,
+                            "finish_reason": item.finish_reason,
+                        }
                         yield sse({**base, "choices": [choice]})
                 elif isinstance(item, GenerationResult):
                     prompt_tokens += item.prompt_tokens

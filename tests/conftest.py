@@ -74,8 +74,7 @@ def openai_client(client):
     """The official openai client, talking to the in-process app through the TestClient."""
     import openai
 
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client,
-                         max_retries=0)
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
 
 
 @pytest.fixture(scope="module")

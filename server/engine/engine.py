@@ -68,9 +68,7 @@ class Engine:
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the reply."""
-        text = self.prompt_tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
+        text = self.prompt_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template already holds any BOS text; don't add a second one.
         return self.prompt_tokenizer.encode(text, add_special_tokens=False)
 

@@ -140,8 +140,9 @@ class _Row:
 class _DecodeMonitor(StoppingCriteria):
     """Sees each new token of every row; decides when rows finish; emits deltas."""
 
-    def __init__(self, job: GenerationJob, tokenizer, eos_ids: frozenset[int],
-                 recorder: _LogprobRecorder | None) -> None:
+    def __init__(
+        self, job: GenerationJob, tokenizer, eos_ids: frozenset[int], recorder: _LogprobRecorder | None
+    ) -> None:
         self.job = job
         self.params = job.params
         self.eos_ids = frozenset() if job.params.ignore_eos else eos_ids
@@ -166,11 +167,11 @@ class _DecodeMonitor(StoppingCriteria):
         chosen = self.recorder.logprobs.gather(1, new_tokens[:, None])[:, 0].tolist()
         ids = new_tokens.tolist()
         if self.recorder.top is None:
-            return [TokenLogprob(t, lp) for t, lp in zip(ids, chosen)]
+            return [TokenLogprob(t, lp) for t, lp in zip(ids, chosen, strict=True)]
         values, indices = (x.tolist() for x in self.recorder.top)
         return [
-            TokenLogprob(t, lp, tuple(zip(idx, val)))
-            for t, lp, idx, val in zip(ids, chosen, indices, values)
+            TokenLogprob(t, lp, tuple(zip(idx, val, strict=True)))
+            for t, lp, idx, val in zip(ids, chosen, indices, values, strict=True)
         ]
 
     def _advance(self, i: int, row: _Row, token: int, logprob: TokenLogprob | None) -> None:
@@ -208,8 +209,12 @@ def generation_config_for(params: SamplingParams, pad_token_id: int) -> Generati
     sampling = (
         {"do_sample": False}
         if params.greedy
-        else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
-              "top_k": params.top_k}
+        else {
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+        }
     )
     return GenerationConfig(
         max_new_tokens=params.max_tokens,
@@ -220,8 +225,9 @@ def generation_config_for(params: SamplingParams, pad_token_id: int) -> Generati
     )
 
 
-def run_generation(hf_model: torch.nn.Module, tokenizer, eos_ids: frozenset[int],
-                   job: GenerationJob) -> GenerationResult:
+def run_generation(
+    hf_model: torch.nn.Module, tokenizer, eos_ids: frozenset[int], job: GenerationJob
+) -> GenerationResult:
     """Run one job to completion on the calling (worker) thread."""
     params = job.params
     device = next(hf_model.parameters()).device

@@ -151,9 +151,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     # Tied embeddings legitimately leave lm_head.weight "missing"; anything else is a bug.
     missing = [name for name in missing if name != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
-        raise ModelLoadError(
-            f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}"
-        )
+        raise ModelLoadError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     plain.generation_config = loaded.generation_config
 
     target.parent.mkdir(parents=True, exist_ok=True)

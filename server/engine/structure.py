@@ -77,11 +77,7 @@ def layer_hook_points(model: torch.nn.Module, layout: LayerLayout) -> list[str]:
 
 def module_tree(model: torch.nn.Module) -> list[dict]:
     """Every module with its dotted path (as nnsight and HF name it) and class name."""
-    return [
-        {"path": name, "type": type(module).__name__}
-        for name, module in model.named_modules()
-        if name
-    ]
+    return [{"path": name, "type": type(module).__name__} for name, module in model.named_modules() if name]
 
 
 def context_length(config, tokenizer, override: int | None = None) -> int:

@@ -29,7 +29,9 @@ class RunningServer:
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -72,8 +74,7 @@ def embedded_server(tmp_path_factory):
 def oai(embedded_server):
     import openai
 
-    return openai.OpenAI(base_url=f"{embedded_server.url}/v1", api_key="unused", max_retries=0,
-                         timeout=300)
+    return openai.OpenAI(base_url=f"{embedded_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="session")

@@ -54,16 +54,18 @@ def test_n_choices_with_a_seed_reproduce(oai, model_id):
 def test_stop_string_cuts_the_text(oai, model_id):
     free = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=40, temperature=0)
     assert "5" in free.choices[0].message.content
-    stopped = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=40, temperature=0,
-                                          stop=["5"])
+    stopped = oai.chat.completions.create(
+        model=model_id, messages=COUNT, max_tokens=40, temperature=0, stop=["5"]
+    )
     assert stopped.choices[0].finish_reason == "stop"
     text = stopped.choices[0].message.content
     assert "5" not in text and free.choices[0].message.content.startswith(text)
 
 
 def test_logprobs_and_top_logprobs(oai, model_id):
-    response = oai.chat.completions.create(model=model_id, messages=CAPITAL, max_tokens=8, temperature=0,
-                                           logprobs=True, top_logprobs=3)
+    response = oai.chat.completions.create(
+        model=model_id, messages=CAPITAL, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
     content = response.choices[0].logprobs.content
     assert response.choices[0].finish_reason == "stop"
     # The end-of-sequence token is reported with its logprob, but it is not part of the text.
@@ -78,8 +80,9 @@ def test_logprobs_and_top_logprobs(oai, model_id):
 
 
 def test_completions_endpoint(oai, model_id):
-    response = oai.completions.create(model=model_id, prompt="The capital of France is", max_tokens=4,
-                                      temperature=0)
+    response = oai.completions.create(
+        model=model_id, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert "Paris" in response.choices[0].text
 
 
@@ -99,9 +102,14 @@ def test_health_answers_during_a_long_generation(embedded_server, oai, model_id)
     finished = threading.Event()
 
     def long_stream():
-        stream = oai.chat.completions.create(model=model_id, messages=COUNT, max_tokens=200,
-                                             temperature=0, stream=True,
-                                             extra_body={"ignore_eos": True})
+        stream = oai.chat.completions.create(
+            model=model_id,
+            messages=COUNT,
+            max_tokens=200,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 first_token.set()
@@ -119,16 +127,25 @@ def test_health_answers_during_a_long_generation(embedded_server, oai, model_id)
 
 
 def test_client_disconnect_cancels_the_generation(embedded_server, model_id):
-    body = {"model": model_id, "messages": COUNT, "max_tokens": 250, "temperature": 0,
-            "stream": True, "ignore_eos": True}
+    body = {
+        "model": model_id,
+        "messages": COUNT,
+        "max_tokens": 250,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=120) as client:
         with client.stream("POST", f"{embedded_server.url}/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             received = [next(lines) for _ in range(6)]  # a few chunks, then hang up
     assert any('"content"' in line for line in received)
     # The server notices, stops generating, and says so; the next request is served.
-    ok = httpx.post(f"{embedded_server.url}/v1/chat/completions", timeout=120,
-                    json={"model": model_id, "messages": CAPITAL, "max_tokens": 4})
+    ok = httpx.post(
+        f"{embedded_server.url}/v1/chat/completions",
+        timeout=120,
+        json={"model": model_id, "messages": CAPITAL, "max_tokens": 4},
+    )
     assert ok.status_code == 200
     log = embedded_server.log_path.read_text()
     assert "generation cancelled after" in log and "of 250" in log

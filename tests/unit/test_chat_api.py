@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import openai
 import pytest
 import torch
 
@@ -20,9 +19,12 @@ def reference_greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> l
     """Plain HF greedy generation, cut after the first EOS."""
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )[0, len(ids):].tolist()
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
     if tokenizer.eos_token_id in out:
         out = out[: out.index(tokenizer.eos_token_id) + 1]
     return out
@@ -45,8 +47,10 @@ def test_structure_reports_layers_and_hook_points(client):
     assert structure["dtype"] == "float32" and structure["device"] == "cpu"
     assert structure["layers_path"] == "model.layers"
     assert structure["hook_points"]["aliases"] == {
-        "resid_pre": "input", "resid_post": "output",
-        "attn_out": "self_attn.output", "mlp_out": "mlp.output",
+        "resid_pre": "input",
+        "resid_post": "output",
+        "attn_out": "self_attn.output",
+        "mlp_out": "mlp.output",
     }
     assert "mlp.down_proj.input" in structure["hook_points"]["per_layer"]
     modules = {m["path"]: m["type"] for m in structure["modules"]}
@@ -83,16 +87,20 @@ def manual_greedy_logprobs(model, ids: list[int], steps: int) -> tuple[list[int]
     return chosen, rows
 
 
-def test_logprobs_match_a_plain_forward_pass(openai_client, served_model, tiny_tokenizer,
-                                             reference_model):
+def test_logprobs_match_a_plain_forward_pass(openai_client, served_model, tiny_tokenizer, reference_model):
     response = openai_client.chat.completions.create(
-        model=served_model, messages=HELLO, max_tokens=8, temperature=0,
-        logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True},
+        model=served_model,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
     )
     content = response.choices[0].logprobs.content
     tokens, rows = manual_greedy_logprobs(reference_model, prompt_ids(tiny_tokenizer, HELLO), 8)
     assert len(content) == 8
-    for entry, token, row in zip(content, tokens, rows):
+    for entry, token, row in zip(content, tokens, rows, strict=True):
         assert entry.token == tiny_tokenizer.decode([token])
         assert entry.bytes == list(entry.token.encode())
         assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
@@ -104,8 +112,9 @@ def test_logprobs_match_a_plain_forward_pass(openai_client, served_model, tiny_t
 def test_streamed_text_equals_non_streamed(openai_client, served_model):
     kwargs = dict(model=served_model, messages=HELLO, max_tokens=30, temperature=0)
     whole = openai_client.chat.completions.create(**kwargs)
-    chunks = list(openai_client.chat.completions.create(
-        **kwargs, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        openai_client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -116,10 +125,14 @@ def test_streamed_text_equals_non_streamed(openai_client, served_model):
 
 
 def test_streamed_n_choices_each_end_once(openai_client, served_model):
-    chunks = list(openai_client.chat.completions.create(
-        model=served_model, messages=HELLO, max_tokens=10, n=3, seed=7, stream=True))
+    chunks = list(
+        openai_client.chat.completions.create(
+            model=served_model, messages=HELLO, max_tokens=10, n=3, seed=7, stream=True
+        )
+    )
     whole = openai_client.chat.completions.create(
-        model=served_model, messages=HELLO, max_tokens=10, n=3, seed=7)
+        model=served_model, messages=HELLO, max_tokens=10, n=3, seed=7
+    )
     for index in range(3):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
         assert "".join(c.delta.content or "" for c in mine) == whole.choices[index].message.content
@@ -129,7 +142,12 @@ def test_streamed_n_choices_each_end_once(openai_client, served_model):
 def test_seed_reproduces_and_differs(openai_client, served_model):
     def sample(seed):
         response = openai_client.chat.completions.create(
-            model=served_model, messages=HELLO, max_tokens=16, n=2, seed=seed, temperature=1.0,
+            model=served_model,
+            messages=HELLO,
+            max_tokens=16,
+            n=2,
+            seed=seed,
+            temperature=1.0,
             extra_body={"ignore_eos": True},
         )
         return [c.message.content for c in response.choices]
@@ -149,7 +167,10 @@ def test_top_k_one_is_greedy(openai_client, served_model):
 
 def test_ignore_eos_and_length_finish(openai_client, served_model):
     response = openai_client.chat.completions.create(
-        model=served_model, messages=HELLO, max_completion_tokens=20, temperature=0,
+        model=served_model,
+        messages=HELLO,
+        max_completion_tokens=20,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert response.usage.completion_tokens == 20
@@ -157,8 +178,8 @@ def test_ignore_eos_and_length_finish(openai_client, served_model):
 
 
 def test_text_parts_and_developer_role(openai_client, served_model):
-    parts = [{"role": "developer", "content": "Be brief."},
-             {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    text_parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    parts = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": text_parts}]
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\nthere"}]
     a = openai_client.chat.completions.create(model=served_model, messages=parts, max_tokens=8, temperature=0)
     b = openai_client.chat.completions.create(model=served_model, messages=plain, max_tokens=8, temperature=0)
@@ -168,8 +189,10 @@ def test_text_parts_and_developer_role(openai_client, served_model):
 
 def test_unknown_fields_are_accepted_and_logged(client, caplog):
     with caplog.at_level(logging.INFO, logger="server.protocol"):
-        response = client.post("/v1/chat/completions", json={
-            "messages": HELLO, "max_tokens": 2, "parallel_tool_calls": False, "foo": 1})
+        response = client.post(
+            "/v1/chat/completions",
+            json={"messages": HELLO, "max_tokens": 2, "parallel_tool_calls": False, "foo": 1},
+        )
     assert response.status_code == 200
     assert "foo" in caplog.text and "parallel_tool_calls" in caplog.text
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 import torch
 
 
-def test_completion_equals_hf_generate_from_token_ids(openai_client, served_model, tiny_tokenizer,
-                                                      reference_model):
+def test_completion_equals_hf_generate_from_token_ids(
+    openai_client, served_model, tiny_tokenizer, reference_model
+):
     ids = tiny_tokenizer.encode("The capital of France is", add_special_tokens=False)
     response = openai_client.completions.create(
-        model=served_model, prompt=ids, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        model=served_model, prompt=ids, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     with torch.no_grad():
         expected = reference_model.generate(
-            torch.tensor([ids]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
-            pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=None,
-        )[0, len(ids):].tolist()
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+            eos_token_id=None,
+        )[0, len(ids) :].tolist()
     assert response.choices[0].text == tiny_tokenizer.decode(expected, skip_special_tokens=True)
     assert response.usage.prompt_tokens == len(ids)
     assert response.object == "text_completion"
@@ -23,10 +29,13 @@ def test_completion_equals_hf_generate_from_token_ids(openai_client, served_mode
 def test_several_prompts_and_n(openai_client, served_model):
     prompts = ["The quick brown fox", "Count from one"]
     response = openai_client.completions.create(
-        model=served_model, prompt=prompts, max_tokens=5, n=2, temperature=0)
+        model=served_model, prompt=prompts, max_tokens=5, n=2, temperature=0
+    )
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
-    solo = [openai_client.completions.create(model=served_model, prompt=p, max_tokens=5, temperature=0)
-            for p in prompts]
+    solo = [
+        openai_client.completions.create(model=served_model, prompt=p, max_tokens=5, temperature=0)
+        for p in prompts
+    ]
     assert response.choices[0].text == response.choices[1].text == solo[0].choices[0].text
     assert response.choices[2].text == response.choices[3].text == solo[1].choices[0].text
     assert response.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in solo)
@@ -34,11 +43,13 @@ def test_several_prompts_and_n(openai_client, served_model):
 
 
 def test_streamed_completion_equals_non_streamed_with_logprobs(openai_client, served_model):
-    kwargs = dict(model=served_model, prompt=["Interpretability", "Steering"], max_tokens=12,
-                  temperature=0, logprobs=2)
+    kwargs = dict(
+        model=served_model, prompt=["Interpretability", "Steering"], max_tokens=12, temperature=0, logprobs=2
+    )
     whole = openai_client.completions.create(**kwargs)
-    chunks = list(openai_client.completions.create(**kwargs, stream=True,
-                                                   stream_options={"include_usage": True}))
+    chunks = list(
+        openai_client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    )
     for choice in whole.choices:
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
         assert "".join(c.text for c in mine) == choice.text
@@ -50,11 +61,16 @@ def test_streamed_completion_equals_non_streamed_with_logprobs(openai_client, se
 
 def test_completion_logprobs_shape(openai_client, served_model):
     response = openai_client.completions.create(
-        model=served_model, prompt="Hello", max_tokens=6, temperature=0, logprobs=3,
-        extra_body={"ignore_eos": True})
+        model=served_model,
+        prompt="Hello",
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     logprobs = response.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == 6
     assert all(len(top) <= 3 for top in logprobs.top_logprobs)
     assert logprobs.text_offset[0] == 0
-    assert all(b >= a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:]))
+    assert all(b >= a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False))
     assert "".join(logprobs.tokens) == response.choices[0].text

@@ -21,8 +21,10 @@ BAD_CHAT_BODIES = [
     ({"messages": []}, "messages"),
     ({"messages": "hello"}, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages[0].content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages[0].content",
+    ),
     ({"messages": HELLO, "max_tokens": -1}, "max_tokens"),
     ({"messages": HELLO, "max_tokens": "ten"}, "max_tokens"),
     ({"messages": HELLO, "max_tokens": 65}, "max_tokens"),  # above the cap of 64
@@ -58,15 +60,17 @@ def test_prompt_plus_max_tokens_past_the_context_window(client, tiny_tokenizer):
 
 
 def test_malformed_json(client):
-    response = client.post("/v1/chat/completions", content=b"{not json",
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     error = assert_error(response, 400, None)
     assert error["code"] == "invalid_json"
 
 
 def test_unknown_model_is_404(client):
     error = assert_error(
-        client.post("/v1/chat/completions", json={"messages": HELLO, "model": "gpt-9"}), 404, "model")
+        client.post("/v1/chat/completions", json={"messages": HELLO, "model": "gpt-9"}), 404, "model"
+    )
     assert error["code"] == "model_not_found"
 
 

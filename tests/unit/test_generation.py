@@ -34,16 +34,19 @@ def test_wrapper_owns_the_only_copy_of_the_weights(loaded):
 def test_sampled_logprobs_are_raw_model_logprobs(loaded, reference_model):
     """Logprobs come from the raw logits, not the temperature/top-p warped distribution."""
     prompt = [1, 20, 30, 40]
-    params = SamplingParams(max_tokens=6, temperature=0.5, top_p=0.9, seed=11, logprobs=2,
-                            ignore_eos=True)
-    result = run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids,
-                            GenerationJob(prompt_ids=prompt, params=params))
+    params = SamplingParams(max_tokens=6, temperature=0.5, top_p=0.9, seed=11, logprobs=2, ignore_eos=True)
+    result = run_generation(
+        loaded.hf_model,
+        loaded.tokenizer,
+        loaded.eos_token_ids,
+        GenerationJob(prompt_ids=prompt, params=params),
+    )
     choice = result.choices[0]
     assert len(choice.token_ids) == 6
     with torch.no_grad():
         logits = reference_model(torch.tensor([prompt + choice.token_ids])).logits[0]
     expected = torch.log_softmax(logits.float(), dim=-1)
-    for step, (token, entry) in enumerate(zip(choice.token_ids, choice.logprobs)):
+    for step, (token, entry) in enumerate(zip(choice.token_ids, choice.logprobs, strict=True)):
         row = expected[len(prompt) - 1 + step]
         assert entry.token_id == token
         assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
@@ -55,8 +58,12 @@ def test_seeded_sampling_does_not_disturb_the_global_rng(loaded):
     expected_next = torch.rand(1)
     torch.manual_seed(99)
     params = SamplingParams(max_tokens=4, temperature=1.0, seed=5)
-    run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids,
-                   GenerationJob(prompt_ids=[1, 2, 3], params=params))
+    run_generation(
+        loaded.hf_model,
+        loaded.tokenizer,
+        loaded.eos_token_ids,
+        GenerationJob(prompt_ids=[1, 2, 3], params=params),
+    )
     assert torch.equal(torch.rand(1), expected_next)
 
 
@@ -64,8 +71,9 @@ def test_closing_a_stream_cancels_the_job(loaded):
     engine = Engine(loaded)
 
     async def scenario():
-        job = GenerationJob(prompt_ids=[1, 2, 3],
-                            params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        job = GenerationJob(
+            prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        )
         stream = engine.stream(job)
         seen = 0
         async for _ in stream:
@@ -88,8 +96,7 @@ def test_closing_a_stream_cancels_the_job(loaded):
 
 
 def test_cancelled_before_start_runs_nothing(loaded):
-    job = GenerationJob(prompt_ids=[1, 2], params=SamplingParams(max_tokens=5),
-                        cancelled=threading.Event())
+    job = GenerationJob(prompt_ids=[1, 2], params=SamplingParams(max_tokens=5), cancelled=threading.Event())
     job.cancelled.set()
     result = run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
     assert job.steps == 0 and result.choices[0].token_ids == []
