@@ -158,9 +158,9 @@ class CompletionRequest(_SamplingFields):
         description="A string, a list of strings, a list of token ids, or a list of such lists."
     )
     best_of: int | None = Field(None, ge=1)
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 is allowed with echo: score the prompt only.")
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -174,8 +174,8 @@ class CompletionRequest(_SamplingFields):
         return list(prompt)
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise APIError("echo is not supported by this server", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError("max_tokens must be at least 1 unless echo is true", param="max_tokens")
         if self.suffix:
             raise APIError("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -237,7 +237,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

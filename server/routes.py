@@ -59,12 +59,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     service = serving(request)
-    jobs = service.prepare_completion(body)
+    prompts = service.prepare_completion(body)
     if body.stream:
         return StreamingResponse(
-            service.completion_stream(body, jobs), media_type="text/event-stream", headers=_SSE_HEADERS
+            service.completion_stream(body, prompts), media_type="text/event-stream", headers=_SSE_HEADERS
         )
-    return await service.completion(body, jobs)
+    return await service.completion(body, prompts)
 
 
 __all__ = ["router", "APIError"]

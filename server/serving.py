@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import jinja2
@@ -27,7 +28,6 @@ from .engine.generation import (
     ChoiceDelta,
     GenerationJob,
     GenerationResult,
-    SamplingParams,
     TokenLogprob,
 )
 from .errors import APIError
@@ -60,6 +60,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
     )
+
+
+@dataclass(frozen=True)
+class CompletionPrompt:
+    """One prompt of a /v1/completions request: its job, and its text when echo is on."""
+
+    job: GenerationJob
+    echo: str | None
 
 
 def sse(data: dict | str) -> str:
@@ -222,11 +230,10 @@ class Serving:
 
     # -- /v1/completions ----------------------------------------------------------------
 
-    def prepare_completion(self, request: CompletionRequest) -> list[GenerationJob]:
+    def prepare_completion(self, request: CompletionRequest) -> list[CompletionPrompt]:
         self.check_model(request.model)
         request.check_supported()
-        jobs: list[GenerationJob] = []
-        params: SamplingParams | None = None
+        prepared: list[CompletionPrompt] = []
         prompts = request.prompts()
         single = isinstance(request.prompt, str) or isinstance(request.prompt[0], int)
         for i, prompt in enumerate(prompts):
@@ -240,25 +247,45 @@ class Serving:
             params = request.sampling_params(
                 max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
             )
-            jobs.append(GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n))
-        return jobs
+            job = GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n)
+            echo = None
+            if request.echo:
+                echo = prompt if isinstance(prompt, str) else self.engine.prompt_tokenizer.decode(prompt_ids)
+            prepared.append(CompletionPrompt(job, echo))
+        return prepared
 
-    async def completion(self, request: CompletionRequest, jobs: list[GenerationJob]) -> CompletionResponse:
+    async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
+        """The prompt's own logprobs, when echo and logprobs are both asked for."""
+        k = prompt.job.params.logprobs
+        if prompt.echo is None or k is None:
+            return []
+        try:
+            return await self.engine.score_prompt(prompt.job.prompt_ids, k)
+        except torch.OutOfMemoryError as exc:
+            raise _out_of_memory() from exc
+
+    async def completion(
+        self, request: CompletionRequest, prompts: list[CompletionPrompt]
+    ) -> CompletionResponse:
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
-        for job in jobs:
-            result = await self._generate(job)
+        for prompt in prompts:
+            echoed = await self._echo_logprobs(prompt)
+            result = await self._generate(prompt.job)
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
-            choices += [
-                CompletionChoice(
-                    index=c.index,
-                    text=c.text,
-                    logprobs=self._completion_logprobs(c.logprobs) if c.logprobs is not None else None,
-                    finish_reason=c.finish_reason,
+            for c in result.choices:
+                logprobs = None
+                if c.logprobs is not None:
+                    logprobs = self._completion_logprobs(echoed + c.logprobs)
+                choices.append(
+                    CompletionChoice(
+                        index=c.index,
+                        text=(prompt.echo or "") + c.text,
+                        logprobs=logprobs,
+                        finish_reason=c.finish_reason,
+                    )
                 )
-                for c in result.choices
-            ]
         return CompletionResponse(
             id=completion_id("cmpl"),
             created=now(),
@@ -268,7 +295,7 @@ class Serving:
         )
 
     async def completion_stream(
-        self, request: CompletionRequest, jobs: list[GenerationJob]
+        self, request: CompletionRequest, prompts: list[CompletionPrompt]
     ) -> AsyncIterator[str]:
         base = {
             "id": completion_id("cmpl"),
@@ -279,34 +306,46 @@ class Serving:
         include_usage = request.include_usage
         if include_usage:
             base["usage"] = None
-        offsets: dict[int, int] = {}  # text offset per choice, for logprobs.text_offset
+
+        def chunk(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> str:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            return sse({**base, "choices": [choice]})
+
+        offsets: dict[int, int] = {}  # next logprobs.text_offset per choice
         prompt_tokens = completion_tokens = 0
-        for job in jobs:
+        for prompt in prompts:
+            job = prompt.job
+            if prompt.echo is not None:
+                try:
+                    echoed = await self._echo_logprobs(prompt)
+                except APIError as error:
+                    yield sse(error.body())
+                    break
+                echo_logprobs = self._completion_logprobs(echoed) if echoed else None
+                for index in range(job.first_index, job.first_index + job.params.n):
+                    offsets[index] = _end_offset(echo_logprobs, 0)
+                    yield chunk(index, prompt.echo, dump(echo_logprobs) if echoed else None, None)
+            failed = False
             async for item in self._stream(job):
                 if isinstance(item, ChoiceDelta):
                     logprobs = None
                     if job.params.logprobs is not None and item.logprobs:
-                        logprobs = dump(
-                            self._completion_logprobs(list(item.logprobs), start=offsets.get(item.index, 0))
-                        )
-                    offsets[item.index] = offsets.get(item.index, 0) + len(item.text)
+                        start = offsets.get(item.index, 0)
+                        logprobs = self._completion_logprobs(list(item.logprobs), start=start)
+                        offsets[item.index] = _end_offset(logprobs, start)
                     if item.text or logprobs or item.finish_reason:
-                        choice = {
-                            "index": item.index,
-                            "text": item.text,
-                            "logprobs": logprobs,
-                            "finish_reason": item.finish_reason,
-                        }
-                        yield sse({**base, "choices": [choice]})
+                        yield chunk(item.index, item.text, logprobs and dump(logprobs), item.finish_reason)
                 elif isinstance(item, GenerationResult):
                     prompt_tokens += item.prompt_tokens
                     completion_tokens += item.completion_tokens
                 elif isinstance(item, APIError):
                     yield sse(item.body())
-                    yield sse("[DONE]")
-                    return
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": dump(_usage(prompt_tokens, completion_tokens))})
+                    failed = True
+            if failed:
+                break
+        else:
+            if include_usage:
+                yield sse({**base, "choices": [], "usage": dump(_usage(prompt_tokens, completion_tokens))})
         yield sse("[DONE]")
 
     def _completion_logprobs(self, logprobs: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
@@ -320,9 +359,16 @@ class Serving:
         return CompletionLogprobs(
             tokens=tokens,
             token_logprobs=[lp.logprob for lp in logprobs],
-            top_logprobs=[{self.engine.token_text(t): v for t, v in lp.top} for lp in logprobs],
+            top_logprobs=[None if lp.logprob is None else self._top_by_text(lp.top) for lp in logprobs],
             text_offset=offsets,
         )
+
+    def _top_by_text(self, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+        """OpenAI keys completions' alternatives by text; where two tokens decode alike, the likelier wins."""
+        alternatives: dict[str, float] = {}
+        for token_id, logprob in top:  # best first
+            alternatives.setdefault(self.engine.token_text(token_id), logprob)
+        return alternatives
 
     # -- engine calls with errors in OpenAI shape ----------------------------------------
 
@@ -342,6 +388,13 @@ class Serving:
         except Exception:
             logger.exception("generation failed during a stream")
             yield APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def _end_offset(logprobs: CompletionLogprobs | None, start: int) -> int:
+    """text_offset counts the texts of the tokens before; where the next token's offset lies."""
+    if logprobs is None or not logprobs.tokens:
+        return start
+    return logprobs.text_offset[-1] + len(logprobs.tokens[-1])
 
 
 def _out_of_memory() -> APIError:

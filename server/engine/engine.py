@@ -26,8 +26,9 @@ from typing import TypeVar
 
 import torch
 
-from .generation import ChoiceDelta, GenerationJob, GenerationResult, run_generation
+from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
 from .loading import LoadedModel, load_model
+from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
 
 logger = logging.getLogger(__name__)
@@ -107,6 +108,10 @@ class Engine:
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+
+    async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
+        """Logprob of every prompt token given the ones before it (see ``scoring.py``)."""
+        return await self._run(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult]:
         """Deltas as the worker produces them, then the final result.

@@ -65,10 +65,10 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """Log-probability of a generated token under the model (raw logits, before sampling warpers)."""
+    """Log-probability of a token under the model (raw logits, before sampling warpers)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which has no context
     top: tuple[tuple[int, float], ...] = ()  # the k most likely tokens at this step, best first
 
 
@@ -234,7 +234,7 @@ def run_generation(
     input_ids = torch.tensor([job.prompt_ids] * params.n, dtype=torch.long, device=device)
     recorder = _LogprobRecorder(params.logprobs) if params.logprobs is not None else None
     monitor = _DecodeMonitor(job, tokenizer, eos_ids, recorder)
-    if not job.cancelled.is_set():
+    if not job.cancelled.is_set() and params.max_tokens > 0:  # 0: echo-only completions
         kwargs = dict(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -74,3 +75,51 @@ def test_completion_logprobs_shape(openai_client, served_model):
     assert logprobs.text_offset[0] == 0
     assert all(b >= a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False))
     assert "".join(logprobs.tokens) == response.choices[0].text
+
+
+def test_echo_scores_the_prompt_like_a_forward_pass(
+    openai_client, served_model, tiny_tokenizer, reference_model
+):
+    """echo + logprobs + max_tokens=0: what loglikelihood evaluation harnesses send."""
+    prompt = "The capital of France is Paris."
+    response = openai_client.completions.create(
+        model=served_model, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    choice = response.choices[0]
+    ids = tiny_tokenizer.encode(prompt, add_special_tokens=False)
+    assert choice.text == prompt
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == len(ids)
+    logprobs = choice.logprobs
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert "".join(logprobs.tokens) == prompt
+    with torch.no_grad():
+        expected = torch.log_softmax(reference_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for position in range(1, len(ids)):
+        row = expected[position - 1]
+        assert logprobs.token_logprobs[position] == pytest.approx(row[ids[position]].item(), abs=1e-4)
+        assert max(logprobs.top_logprobs[position].values()) == pytest.approx(row.max().item(), abs=1e-4)
+
+
+def test_echo_with_generation_streams_the_same(openai_client, served_model):
+    kwargs = dict(
+        model=served_model,
+        prompt=["Steering vectors", "Count"],
+        max_tokens=4,
+        echo=True,
+        logprobs=1,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    whole = openai_client.completions.create(**kwargs)
+    chunks = list(openai_client.completions.create(**kwargs, stream=True))
+    for choice, prompt in zip(whole.choices, ["Steering vectors", "Count"], strict=True):
+        assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+        n_prompt = len(choice.logprobs.tokens) - 4
+        assert choice.logprobs.token_logprobs[0] is None and n_prompt >= 1
+        assert choice.logprobs.text_offset[n_prompt] == len(prompt)
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        streamed = [lp for c in mine if c.logprobs for lp in c.logprobs.token_logprobs]
+        assert streamed == choice.logprobs.token_logprobs
+        offsets = [o for c in mine if c.logprobs for o in c.logprobs.text_offset]
+        assert offsets == choice.logprobs.text_offset

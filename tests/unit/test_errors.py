@@ -85,7 +85,7 @@ BAD_COMPLETION_BODIES = [
     ({"prompt": ""}, "prompt"),
     ({"prompt": [5, 10**6]}, "prompt"),
     ({"prompt": ["ok", ""]}, "prompt[1]"),
-    ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
     ({"prompt": "hi", "suffix": "x"}, "suffix"),
     ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs"),
