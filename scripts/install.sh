@@ -4,9 +4,12 @@
 #   bash scripts/install.sh          # runtime dependencies + the embedded default model
 #   bash scripts/install.sh --dev    # the same plus test and benchmark tools
 #
-# Idempotent: a second run only installs what is missing. Without an NVIDIA GPU
-# it installs a CPU build of torch first (pinned, because a bare "torch"
-# requirement pulls a multi-GB CUDA build); with one, pip picks torch itself.
+# Idempotent: a second run only installs what is missing. torch comes first:
+# with an NVIDIA GPU, pip picks the release itself; without one, torch 2.13.0 is
+# pinned (on this project's CI machines pip finds a local CPU build of it; from
+# PyPI on Linux it is the default CUDA build, which also runs on a CPU but is
+# large). Set NNSIGHT_SERVER_TORCH_INDEX to a PyTorch CPU wheel index to get the
+# small CPU-only build instead.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +28,9 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         "${pip[@]}" install torch
     else
-        "${pip[@]}" install "torch==${NNSIGHT_SERVER_CPU_TORCH:-2.13.0}"
+        index=()
+        [[ -n "${NNSIGHT_SERVER_TORCH_INDEX:-}" ]] && index=(--index-url "$NNSIGHT_SERVER_TORCH_INDEX")
+        "${pip[@]}" install "${index[@]}" "torch==${NNSIGHT_SERVER_CPU_TORCH:-2.13.0}"
     fi
 fi
 

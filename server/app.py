@@ -17,7 +17,7 @@ from .config import Settings
 from .engine.engine import Engine
 from .errors import install_error_handlers
 from .routes import router
-from .serving import Serving
+from .serving import ChatServing, CompletionServing
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = await asyncio.to_thread(Engine.from_settings, settings)
         app.state.engine = engine
-        app.state.serving = Serving(engine, settings)
+        app.state.chat = ChatServing(engine, settings)
+        app.state.completions = CompletionServing(engine, settings)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         try:

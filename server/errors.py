@@ -120,7 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Starlette re-raises after this handler and the server logs the traceback
+        # ("Exception in ASGI application"); logging it here too would print it twice.
         return APIError(
             f"internal error: {type(exc).__name__}", status=HTTPStatus.INTERNAL_SERVER_ERROR
         ).response()

@@ -1,11 +1,15 @@
 """Request and response models of the OpenAI-compatible API.
 
-Requests validate and convert themselves: ``to_sampling_params()`` turns a
+Requests validate and convert themselves: ``sampling_params()`` turns a
 request into the engine's :class:`~server.engine.generation.SamplingParams`,
 raising :class:`~server.errors.APIError` naming the parameter at fault.
 OpenAI's fields come first, in OpenAI's order; our extensions follow in one
 block, each with a description. Unknown fields are accepted (clients send
 many) and logged once per request.
+
+Validation is strict: JSON types must match (``true`` is not the integer 1,
+``"5"`` is not a number), floats must be finite, and text must be valid
+Unicode (a lone surrogate escape such as ``"\ud800"`` cannot be tokenized).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .engine.generation import SamplingParams
 from .errors import APIError
@@ -24,12 +28,31 @@ logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
+GREEDY_BELOW_TEMPERATURE = 1e-5  # dividing logits by less overflows: sample greedily instead
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-class OpenAIModel(BaseModel):
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate escape)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class OpenAIModel(StrictModel):
     """Base for requests: extra fields allowed and logged, never silently used."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):
@@ -38,14 +61,14 @@ class OpenAIModel(BaseModel):
         return self
 
 
-class TextContentPart(BaseModel):
+class TextContentPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextContentPart] | None = None
+    content: Text | list[TextContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -56,7 +79,7 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part.text for part in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
@@ -68,7 +91,7 @@ class _SamplingFields(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy; default 1.")
@@ -92,8 +115,7 @@ class _SamplingFields(OpenAIModel):
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
-        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return tuple(s for s in stops if s)
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def sampling_params(self, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
         self._check_unsupported()
@@ -102,6 +124,8 @@ class _SamplingFields(OpenAIModel):
         if self.stream_options is not None and not self.stream:
             raise APIError("stream_options is only allowed when stream is true", param="stream_options")
         temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < GREEDY_BELOW_TEMPERATURE:
+            temperature = 0.0
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -154,14 +178,23 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         description="A string, a list of strings, a list of token ids, or a list of such lists."
     )
     best_of: int | None = Field(None, ge=1)
     echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    max_tokens: int | None = Field(16, ge=0, description="0 is allowed with echo: score the prompt only.")
+    max_tokens: int | None = Field(
+        COMPLETIONS_DEFAULT_MAX_TOKENS,
+        ge=0,
+        description="Default 16; 0 is allowed with echo: score the prompt only.",
+    )
     suffix: str | None = None
+
+    @field_validator("max_tokens", mode="after")
+    @classmethod
+    def _null_means_default(cls, value: int | None) -> int:
+        return COMPLETIONS_DEFAULT_MAX_TOKENS if value is None else value
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from .errors import APIError
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -14,57 +18,79 @@ from .protocol import (
     Health,
     ModelList,
 )
-from .serving import Serving
+from .serving import sse_stream
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
+T = TypeVar("T")
+
 _ERROR_RESPONSES = {
     code: {"description": "OpenAI error shape: {error: {message, type, param, code}}"}
-    for code in (400, 404, 422, 500, 503)
+    for code in (400, 404, 405, 500, 503)
 }
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's code; the client never sees it
 
-def serving(request: Request) -> Serving:
-    return request.app.state.serving
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await ``work``, cancelling it if the client hangs up first (its job then stops at the next token).
+
+    Streams need no such help: Starlette cancels a streaming response whose client left.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    logger.info("client disconnected from %s; request cancelled", request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def _sse(chunks) -> StreamingResponse:
+    return StreamingResponse(sse_stream(chunks), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @router.get("/health", response_model=Health)
 async def health(request: Request) -> Health:
-    return Health(model=serving(request).engine.model_id)
+    return Health(model=request.app.state.engine.model_id)
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return serving(request).models()
+    return request.app.state.chat.models()
 
 
-@router.get("/v1/model/structure", responses=_ERROR_RESPONSES)
+@router.get("/v1/model/structure")
 async def model_structure(request: Request) -> dict:
     return request.app.state.structure
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    service = serving(request)
-    job = service.prepare_chat(body)
+    chat = request.app.state.chat
+    job = await chat.prepare(body)
     if body.stream:
-        return StreamingResponse(
-            service.chat_stream(body, job), media_type="text/event-stream", headers=_SSE_HEADERS
-        )
-    return await service.chat(body, job)
+        return _sse(chat.chunks(body, job))
+    return await cancel_on_disconnect(request, chat.respond(job))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
-    service = serving(request)
-    prompts = service.prepare_completion(body)
+    service = request.app.state.completions
+    prompts = await service.prepare(body)
     if body.stream:
-        return StreamingResponse(
-            service.completion_stream(body, prompts), media_type="text/event-stream", headers=_SSE_HEADERS
-        )
-    return await service.completion(body, prompts)
-
-
-__all__ = ["router", "APIError"]
+        return _sse(service.chunks(body, prompts))
+    return await cancel_on_disconnect(request, service.respond(prompts))

@@ -10,9 +10,11 @@ Threading contract:
 
 * the worker thread alone runs the model and decodes generated tokens
   (with the model's tokenizer);
-* the event-loop side renders and encodes prompts with its own copy of the
-  tokenizer (``prompt_tokenizer``), because a fast tokenizer is not safe to
-  share between threads.
+* a second thread renders, encodes and decodes prompts with its own copy of
+  the tokenizer (``prompt_tokenizer``): a fast tokenizer is not safe to share
+  between threads, and tokenizing a long prompt must not stall the event loop;
+* the event loop reads only the immutable :class:`Vocabulary` tables (token
+  text and bytes for logprobs).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogpr
 from .loading import LoadedModel, load_model
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
+from .vocab import Vocabulary, build_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,9 @@ class Engine:
         self.layout = find_layers(loaded.hf_model)
         self.context_length = context_length(loaded.hf_model.config, loaded.tokenizer, max_model_len)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
+        self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
     @classmethod
     def from_settings(cls, settings) -> Engine:
@@ -59,25 +64,41 @@ class Engine:
         return cls(loaded, max_model_len=settings.max_model_len)
 
     def close(self) -> None:
+        self._prompt_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    # -- prompts (event-loop side) ------------------------------------------------
+    # -- prompts (the prompt thread) ------------------------------------------------
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.prompt_tokenizer, "chat_template", None))
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation in the model's chat template, ready for the reply."""
-        text = self.prompt_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # The template already holds any BOS text; don't add a second one.
-        return self.prompt_tokenizer.encode(text, add_special_tokens=False)
+    async def _on_prompt_thread(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.wrap_future(self._prompt_executor.submit(fn, *args))
 
-    def encode(self, text: str) -> list[int]:
-        return self.prompt_tokenizer.encode(text, add_special_tokens=True)
+    async def render_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the reply."""
+
+        def render() -> list[int]:
+            text = self.prompt_tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            # The template already holds any BOS text; don't add a second one.
+            return self.prompt_tokenizer.encode(text, add_special_tokens=False)
+
+        return await self._on_prompt_thread(render)
+
+    async def encode(self, text: str) -> list[int]:
+        return await self._on_prompt_thread(self.prompt_tokenizer.encode, text)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._on_prompt_thread(self.prompt_tokenizer.decode, token_ids)
 
     def token_text(self, token_id: int) -> str:
-        return self.prompt_tokenizer.decode([token_id])
+        return self.vocabulary.text(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.vocabulary.bytes(token_id)
 
     @property
     def vocab_size(self) -> int:

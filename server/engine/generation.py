@@ -245,7 +245,8 @@ def run_generation(
         if params.seed is None or params.greedy:
             hf_model.generate(**kwargs)
         else:
-            devices = [device.index or 0] if device.type == "cuda" else []
+            # manual_seed reseeds every CUDA device, so every one is restored afterwards.
+            devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(params.seed)
                 hf_model.generate(**kwargs)
@@ -257,7 +258,7 @@ def run_generation(
             index=job.first_index + i,
             text=row.text.text,
             token_ids=row.token_ids,
-            finish_reason=row.finish_reason or FINISH_LENGTH,
+            finish_reason=row.finish_reason,
             logprobs=row.logprobs if recorder else None,
         )
         for i, row in enumerate(monitor.rows)

@@ -156,6 +156,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

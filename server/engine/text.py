@@ -86,11 +86,21 @@ class CompletionText:
         return delta
 
     def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        """Length of the longest tail of the text that is a proper prefix of a stop string.
+
+        Only tails starting with a stop string's first character can qualify, so
+        this looks at those positions alone instead of trying every length.
+        """
         longest = 0
         for stop in self._stop:
-            for size in range(min(len(stop) - 1, len(self._text)), longest, -1):
-                if self._text.endswith(stop[:size]):
-                    longest = size
+            window_start = max(0, len(self._text) - len(stop) + 1)
+            position = self._text.find(stop[0], window_start)
+            while position != -1:
+                tail = len(self._text) - position
+                if tail <= longest:
                     break
+                if stop.startswith(self._text[position:]):
+                    longest = tail
+                    break
+                position = self._text.find(stop[0], position + 1)
         return longest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import openai
@@ -149,3 +150,43 @@ def test_client_disconnect_cancels_the_generation(embedded_server, model_id):
     assert ok.status_code == 200
     log = embedded_server.log_path.read_text()
     assert "generation cancelled after" in log and "of 250" in log
+
+
+def test_non_streaming_client_that_gives_up_cancels_its_generation(embedded_server, model_id):
+    body = {"model": model_id, "messages": COUNT, "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{embedded_server.url}/v1/chat/completions", json=body, timeout=2)
+    ok = httpx.post(
+        f"{embedded_server.url}/v1/chat/completions",
+        timeout=120,
+        json={"model": model_id, "messages": CAPITAL, "max_tokens": 4},
+    )
+    assert ok.status_code == 200
+    log = embedded_server.log_path.read_text()
+    assert "client disconnected from /v1/chat/completions" in log
+    assert "of 240" in log  # "generation cancelled after N step(s) of 240"
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(embedded_server, model_id):
+    """Tokenizing runs on the prompt thread, not the event loop."""
+    huge = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "word " * 1_000_000}],
+        "max_tokens": 1,
+    }
+    result: dict = {}
+
+    def send_huge():
+        result["response"] = httpx.post(f"{embedded_server.url}/v1/chat/completions", json=huge, timeout=120)
+        result["done_at"] = time.monotonic()
+
+    worker = threading.Thread(target=send_huge)
+    worker.start()
+    time.sleep(0.5)  # let the 5 MB body arrive and its tokenization start
+    health = httpx.get(f"{embedded_server.url}/health", timeout=60)
+    health_at = time.monotonic()
+    worker.join(120)
+    assert health.status_code == 200
+    assert result["response"].status_code == 400  # far past the context window
+    assert result["response"].json()["error"]["param"] == "messages"
+    assert health_at < result["done_at"]

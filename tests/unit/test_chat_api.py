@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -102,11 +103,13 @@ def test_logprobs_match_a_plain_forward_pass(openai_client, served_model, tiny_t
     assert len(content) == 8
     for entry, token, row in zip(content, tokens, rows, strict=True):
         assert entry.token == tiny_tokenizer.decode([token])
-        assert entry.bytes == list(entry.token.encode())
         assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
         top = row.topk(3)
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert [t.token for t in entry.top_logprobs] == [tiny_tokenizer.decode([i]) for i in top.indices]
+    # `bytes` are each token's raw bytes: joined, they rebuild characters split across tokens.
+    joined = b"".join(bytes(entry.bytes) for entry in content)
+    assert joined.decode("utf-8", errors="replace") == tiny_tokenizer.decode(tokens)
 
 
 def test_streamed_text_equals_non_streamed(openai_client, served_model):
@@ -165,6 +168,13 @@ def test_top_k_one_is_greedy(openai_client, served_model):
     assert top1.choices[0].message.content == greedy.choices[0].message.content
 
 
+def test_a_vanishing_temperature_is_greedy(openai_client, served_model):
+    kwargs = dict(model=served_model, messages=HELLO, max_tokens=12)
+    greedy = openai_client.chat.completions.create(**kwargs, temperature=0)
+    tiny = openai_client.chat.completions.create(**kwargs, temperature=1e-40)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
 def test_ignore_eos_and_length_finish(openai_client, served_model):
     response = openai_client.chat.completions.create(
         model=served_model,
@@ -202,18 +212,18 @@ def test_chat_template_errors_are_400_naming_messages(tiny_model_dir, settings):
     from server.engine.loading import load_model
     from server.errors import APIError
     from server.protocol import ChatCompletionRequest
-    from server.serving import Serving
+    from server.serving import ChatServing
 
     engine = Engine(load_model(str(tiny_model_dir), device="cpu"))
     try:
-        serving = Serving(engine, settings)
+        chat = ChatServing(engine, settings)
         request = ChatCompletionRequest(messages=HELLO)
         engine.prompt_tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
         with pytest.raises(APIError) as caught:
-            serving.prepare_chat(request)
+            asyncio.run(chat.prepare(request))
         assert caught.value.param == "messages" and "roles must alternate" in caught.value.message
         engine.prompt_tokenizer.chat_template = None
         with pytest.raises(APIError, match="no chat template; use /v1/completions"):
-            serving.prepare_chat(request)
+            asyncio.run(chat.prepare(request))
     finally:
         engine.close()

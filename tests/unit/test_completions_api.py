@@ -123,3 +123,21 @@ def test_echo_with_generation_streams_the_same(openai_client, served_model):
         assert streamed == choice.logprobs.token_logprobs
         offsets = [o for c in mine if c.logprobs for o in c.logprobs.text_offset]
         assert offsets == choice.logprobs.text_offset
+
+
+def test_echo_scores_a_prompt_that_fills_the_context_window(client, tiny_tokenizer):
+    ids = (tiny_tokenizer.encode("The quick brown fox jumps over the lazy dog.") * 40)[:256]
+    scored = client.post(
+        "/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}
+    )
+    assert scored.status_code == 200, scored.text
+    assert len(scored.json()["choices"][0]["logprobs"]["token_logprobs"]) == 256
+    refused = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+
+
+def test_null_max_tokens_means_openai_default_of_16(client):
+    response = client.post(
+        "/v1/completions", json={"prompt": "Hello", "max_tokens": None, "ignore_eos": True}
+    )
+    assert response.json()["usage"]["completion_tokens"] == 16

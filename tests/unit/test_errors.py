@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
 HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def post(client, path: str, body: dict):
+    """Send JSON as Python's json module writes it (lone surrogates become \\ud800 escapes)."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
 
 
 def assert_error(response, status: int, param: str | None):
@@ -41,12 +48,21 @@ BAD_CHAT_BODIES = [
     ({"messages": HELLO, "logit_bias": {"1": 5}}, "logit_bias"),
     ({"messages": HELLO, "seed": 2**70}, "seed"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),  # past the context
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),  # lone surrogate
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+        "messages[0].content",
+    ),
+    ({"messages": HELLO, "max_tokens": True}, "max_tokens"),  # strict types: a bool is not an integer
+    ({"messages": HELLO, "temperature": "0.5"}, "temperature"),
+    ({"messages": HELLO, "stop": "x" * 513}, "stop"),
+    ({"messages": HELLO, "stop": ["ok", "y" * 513]}, "stop"),
 ]
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_CHAT_BODIES)
 def test_bad_chat_request_names_the_parameter(client, body, param):
-    assert_error(client.post("/v1/chat/completions", json=body), 400, param)
+    assert_error(post(client, "/v1/chat/completions", body), 400, param)
     assert client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).status_code == 200
 
 
@@ -57,6 +73,12 @@ def test_prompt_plus_max_tokens_past_the_context_window(client, tiny_tokenizer):
     body = {"messages": [{"role": "user", "content": "the " * words}], "max_tokens": 64}
     error = assert_error(client.post("/v1/chat/completions", json=body), 400, "max_tokens")
     assert error["code"] == "context_length_exceeded"
+
+
+def test_non_finite_numbers_are_refused(client):
+    body = b'{"messages": [{"role": "user", "content": "Hello"}], "temperature": NaN}'
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_error(response, 400, "temperature")
 
 
 def test_malformed_json(client):
@@ -90,12 +112,15 @@ BAD_COMPLETION_BODIES = [
     ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": "hi", "max_tokens": 1000}, "max_tokens"),
+    ({"prompt": [True, False]}, "prompt"),
+    ({"prompt": "hi \ud800"}, "prompt"),
+    ({"prompt": "hi", "logprobs": True}, "logprobs"),
 ]
 
 
 @pytest.mark.parametrize(("body", "param"), BAD_COMPLETION_BODIES)
 def test_bad_completion_request_names_the_parameter(client, body, param):
-    assert_error(client.post("/v1/completions", json=body), 400, param)
+    assert_error(post(client, "/v1/completions", body), 400, param)
 
 
 def test_openai_client_sees_bad_request_then_succeeds(openai_client, served_model):

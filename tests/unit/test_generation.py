@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -18,17 +19,27 @@ def loaded(tiny_model_dir):
     return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
 
 
-def test_wrapper_owns_the_only_copy_of_the_weights(loaded):
-    """The module generate runs on is the module nnsight traces: same parameter storage."""
-    hf = loaded.hf_model
-    assert hf is loaded.wrapper._module
+def test_loading_makes_one_model_and_the_wrapper_traces_it(tiny_model_dir):
+    """load_model creates exactly one HF model; nnsight traces that same module, not a copy."""
+    from transformers import PreTrainedModel
+
+    def models() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+
+    before = models()
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    created = models() - before
+    served = {
+        id(module) for module in loaded.hf_model.modules()
+    }  # LlamaModel inside is a PreTrainedModel too
+    assert id(loaded.hf_model) in created and created <= served
+    assert loaded.hf_model is loaded.wrapper._module
     with loaded.wrapper.trace(torch.tensor([[1, 5, 9]])):
         traced = loaded.wrapper.model.layers[0].output.save()
     with torch.no_grad():
-        direct = hf(torch.tensor([[1, 5, 9]]), output_hidden_states=True).hidden_states[1]
+        direct = loaded.hf_model(torch.tensor([[1, 5, 9]]), output_hidden_states=True).hidden_states[1]
     assert torch.equal(traced, direct)
-    storages = {p.untyped_storage().data_ptr() for p in hf.parameters()}
-    assert len(storages) == len(list(hf.parameters()))
 
 
 def test_sampled_logprobs_are_raw_model_logprobs(loaded, reference_model):

@@ -1,0 +1,124 @@
+"""What both endpoint families share: checks, engine calls, and the one SSE framing.
+
+Token budget rule: a request asking for more than ``--max-tokens-cap`` tokens,
+or for more than fit in the context window after its prompt, is refused with
+a 400 naming ``max_tokens`` (never silently clamped); a request that names no
+limit gets whatever fits, up to the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from http import HTTPStatus
+
+import torch
+
+from ..config import Settings
+from ..engine.engine import Engine
+from ..engine.generation import GenerationJob, GenerationResult
+from ..errors import APIError
+from ..protocol import ModelCard, ModelList, Usage, now
+
+logger = logging.getLogger(__name__)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def out_of_memory() -> APIError:
+    return APIError(
+        "the accelerator ran out of memory for this request; reduce max_tokens, n or the prompt",
+        status=HTTPStatus.SERVICE_UNAVAILABLE,
+        code="out_of_memory",
+    )
+
+
+async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """The one SSE framing: ``data: {chunk}`` events; a failure becomes one error event; always ``[DONE]``.
+
+    A disconnected client cancels the task (CancelledError is not caught here),
+    which closes the chunk generators and with them the engine's stream.
+    """
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+    except APIError as error:
+        yield f"data: {json.dumps(error.body())}\n\n"
+    except torch.OutOfMemoryError:
+        yield f"data: {json.dumps(out_of_memory().body())}\n\n"
+    except Exception:
+        logger.exception("a streamed response failed")
+        error = APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+        yield f"data: {json.dumps(error.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class Serving:
+    """Shared by the endpoint families: model identity, budget checks, engine calls."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.created = now()
+        self._model_names = {engine.model_id, settings.model, engine.loaded.source}
+
+    def check_model(self, model: str | None) -> None:
+        if model and model not in self._model_names:
+            raise APIError(
+                f"The model `{model}` does not exist; this server serves `{self.engine.model_id}`.",
+                status=HTTPStatus.NOT_FOUND,
+                param="model",
+                code="model_not_found",
+            )
+
+    def models(self) -> ModelList:
+        card = ModelCard(
+            id=self.engine.model_id,
+            created=self.created,
+            root=self.engine.loaded.source,
+            max_model_len=self.engine.context_length,
+        )
+        return ModelList(data=[card])
+
+    def token_budget(self, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
+        """How many tokens this request may generate, or a 400 naming the parameter at fault."""
+        window = self.engine.context_length
+        cap = self.settings.max_tokens_cap
+        room = window - prompt_len
+        if room < 0 or (room == 0 and requested != 0):  # requested == 0: scoring an echoed prompt
+            raise APIError(
+                f"This model's maximum context length is {window} tokens, and the prompt has "
+                f"{prompt_len} tokens, leaving no room for a completion. Shorten the prompt.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return min(cap, room)
+        if requested > cap:
+            raise APIError(
+                f"{param} is {requested}, above this server's cap of {cap} tokens per request "
+                "(--max-tokens-cap).",
+                param=param,
+            )
+        if requested > room:
+            raise APIError(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                f"completion). Reduce {param} or the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return requested
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        try:
+            return await self.engine.generate(job)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory() from exc

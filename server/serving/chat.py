@@ -1,0 +1,109 @@
+"""/v1/chat/completions: messages -> chat-templated prompt -> one job -> response or chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import jinja2
+
+from ..engine.generation import ChoiceDelta, GenerationJob, TokenLogprob
+from ..errors import APIError
+from ..protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    TopLogprob,
+    completion_id,
+    dump,
+    now,
+)
+from .base import Serving, usage
+
+
+class ChatServing(Serving):
+    async def prepare(self, request: ChatCompletionRequest) -> GenerationJob:
+        """Everything that can be refused is refused here, before any model work."""
+        self.check_model(request.model)
+        if not self.engine.has_chat_template:
+            raise APIError(
+                f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
+            )
+        try:
+            prompt_ids = await self.engine.render_chat(request.template_messages())
+        except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            raise APIError(
+                f"the model's chat template rejected these messages: {exc}", param="messages"
+            ) from exc
+        requested, param = request.requested_max_tokens()
+        max_tokens = self.token_budget(len(prompt_ids), requested, param, "messages")
+        params = request.sampling_params(
+            max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
+        )
+        return GenerationJob(prompt_ids=prompt_ids, params=params)
+
+    async def respond(self, job: GenerationJob) -> ChatCompletionResponse:
+        result = await self.generate(job)
+        choices = [
+            ChatChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._logprobs(c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in result.choices
+        ]
+        return ChatCompletionResponse(
+            id=completion_id("chatcmpl"),
+            created=now(),
+            model=self.engine.model_id,
+            choices=choices,
+            usage=usage(result.prompt_tokens, result.completion_tokens),
+        )
+
+    async def chunks(self, request: ChatCompletionRequest, job: GenerationJob) -> AsyncIterator[dict]:
+        """Role chunk per choice, content deltas, one finish chunk per choice, then optional usage."""
+        base = {
+            "id": completion_id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": now(),
+            "model": self.engine.model_id,
+        }
+        if request.include_usage:
+            base["usage"] = None
+
+        def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None):
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return {**base, "choices": [choice]}
+
+        for index in range(job.params.n):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for item in self.engine.stream(job):
+            if isinstance(item, ChoiceDelta):
+                logprobs = dump(self._logprobs(list(item.logprobs))) if item.logprobs else None
+                if item.text or logprobs:
+                    yield chunk(item.index, {"content": item.text}, logprobs)
+                if item.finish_reason:
+                    yield chunk(item.index, {}, None, item.finish_reason)
+            elif request.include_usage:  # the final GenerationResult
+                yield {
+                    **base,
+                    "choices": [],
+                    "usage": dump(usage(item.prompt_tokens, item.completion_tokens)),
+                }
+
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict:
+            raw = self.engine.token_bytes(token_id)
+            return {"token": self.engine.token_text(token_id), "logprob": logprob, "bytes": list(raw)}
+
+        content = [
+            ChatTokenLogprob(
+                **entry(lp.token_id, lp.logprob),
+                top_logprobs=[TopLogprob(**entry(t, v)) for t, v in lp.top],
+            )
+            for lp in logprobs
+        ]
+        return ChatLogprobs(content=content)

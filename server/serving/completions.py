@@ -1,0 +1,167 @@
+"""/v1/completions: prompts (text or token ids) -> one job each -> response or chunks; echo."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from ..engine.generation import GenerationJob, GenerationResult, TokenLogprob
+from ..errors import APIError
+from ..protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    completion_id,
+    dump,
+    now,
+)
+from .base import Serving, out_of_memory, usage
+
+
+@dataclass(frozen=True)
+class CompletionPrompt:
+    """One prompt of a request: its job, and its text when echo is on."""
+
+    job: GenerationJob
+    echo: str | None
+
+
+class CompletionServing(Serving):
+    async def prepare(self, request: CompletionRequest) -> list[CompletionPrompt]:
+        """Everything that can be refused is refused here, before any model work."""
+        self.check_model(request.model)
+        request.check_supported()
+        prepared: list[CompletionPrompt] = []
+        prompts = request.prompts()  # refuses an empty list
+        single = isinstance(request.prompt, str) or isinstance(request.prompt[0], int)
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if single else f"prompt[{i}]"
+            prompt_ids = await self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            if not prompt_ids:
+                raise APIError("prompt must not be empty", param=param)
+            if any(t < 0 or t >= self.engine.vocab_size for t in prompt_ids):
+                raise APIError(f"token ids must lie in [0, {self.engine.vocab_size})", param=param)
+            max_tokens = self.token_budget(len(prompt_ids), request.max_tokens, "max_tokens", param)
+            params = request.sampling_params(
+                max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
+            )
+            job = GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n)
+            echo = None
+            if request.echo:
+                echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
+            prepared.append(CompletionPrompt(job, echo))
+        return prepared
+
+    async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
+        """The prompt's own logprobs, when echo and logprobs are both asked for."""
+        k = prompt.job.params.logprobs
+        if prompt.echo is None or k is None:
+            return []
+        try:
+            return await self.engine.score_prompt(prompt.job.prompt_ids, k)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory() from exc
+
+    async def respond(self, prompts: list[CompletionPrompt]) -> CompletionResponse:
+        choices: list[CompletionChoice] = []
+        prompt_tokens = completion_tokens = 0
+        for prompt in prompts:
+            echoed = await self._echo_logprobs(prompt)
+            result = await self.generate(prompt.job)
+            prompt_tokens += result.prompt_tokens
+            completion_tokens += result.completion_tokens
+            for c in result.choices:
+                logprobs = self._logprobs(echoed + c.logprobs) if c.logprobs is not None else None
+                text = (prompt.echo or "") + c.text
+                choices.append(
+                    CompletionChoice(
+                        index=c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason
+                    )
+                )
+        return CompletionResponse(
+            id=completion_id("cmpl"),
+            created=now(),
+            model=self.engine.model_id,
+            choices=choices,
+            usage=usage(prompt_tokens, completion_tokens),
+        )
+
+    async def chunks(
+        self, request: CompletionRequest, prompts: list[CompletionPrompt]
+    ) -> AsyncIterator[dict]:
+        """Per prompt: the echo (if asked), then its choices' deltas and finish; then optional usage."""
+        base = {
+            "id": completion_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.engine.model_id,
+        }
+        if request.include_usage:
+            base["usage"] = None
+
+        def chunk(
+            index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None
+        ) -> dict:
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs and dump(logprobs),
+                "finish_reason": finish_reason,
+            }
+            return {**base, "choices": [choice]}
+
+        offsets: dict[int, int] = {}  # the next logprobs.text_offset, per choice
+        prompt_tokens = completion_tokens = 0
+        for prompt in prompts:
+            job = prompt.job
+            if prompt.echo is not None:
+                echoed = await self._echo_logprobs(prompt)
+                logprobs = self._logprobs(echoed) if echoed else None
+                for index in range(job.first_index, job.first_index + job.params.n):
+                    offsets[index] = _end_offset(logprobs, 0)
+                    yield chunk(index, prompt.echo, logprobs, None)
+            async for item in self.engine.stream(job):
+                if isinstance(item, GenerationResult):
+                    prompt_tokens += item.prompt_tokens
+                    completion_tokens += item.completion_tokens
+                    continue
+                logprobs = None
+                if item.logprobs:
+                    start = offsets.get(item.index, 0)
+                    logprobs = self._logprobs(list(item.logprobs), start=start)
+                    offsets[item.index] = _end_offset(logprobs, start)
+                if item.text or logprobs or item.finish_reason:
+                    yield chunk(item.index, item.text, logprobs, item.finish_reason)
+        if request.include_usage:
+            yield {**base, "choices": [], "usage": dump(usage(prompt_tokens, completion_tokens))}
+
+    def _logprobs(self, logprobs: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
+        """OpenAI's completions shape; text_offset is the summed length of the tokens' texts before."""
+        tokens = [self.engine.token_text(lp.token_id) for lp in logprobs]
+        offsets, position = [], start
+        for text in tokens:
+            offsets.append(position)
+            position += len(text)
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp.logprob for lp in logprobs],
+            top_logprobs=[None if lp.logprob is None else self._top_by_text(lp.top) for lp in logprobs],
+            text_offset=offsets,
+        )
+
+    def _top_by_text(self, top: tuple[tuple[int, float], ...]) -> dict[str, float]:
+        """Alternatives keyed by text (OpenAI's shape); where two tokens decode alike, the likelier wins."""
+        alternatives: dict[str, float] = {}
+        for token_id, logprob in top:  # best first
+            alternatives.setdefault(self.engine.token_text(token_id), logprob)
+        return alternatives
+
+
+def _end_offset(logprobs: CompletionLogprobs | None, start: int) -> int:
+    """Where the next token's text_offset lies."""
+    if logprobs is None or not logprobs.tokens:
+        return start
+    return logprobs.text_offset[-1] + len(logprobs.tokens[-1])
