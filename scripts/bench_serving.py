@@ -9,12 +9,13 @@ What it measures, side by side in one run (these machines are noisy, so only
 ratios measured together mean anything):
 
 1. Speed. For each prompt and repeat, in alternation: raw ``model.generate``
-   in this process on the same weights (greedy, exactly N new tokens), then
-   the same chat prompt through ``POST /v1/chat/completions`` on a server
-   started by this script (``temperature=0``, ``max_tokens=N``,
-   ``ignore_eos=true``). Reports tokens/s of each and the time ratio
-   server/raw (median over pairs and total), and checks the two produced the
-   same text.
+   in this process on the same weights (greedy, exactly N new tokens); the
+   server's generation function (``run_generation``, with its decode monitor)
+   in this process on the same module; then the same chat prompt through
+   ``POST /v1/chat/completions`` on a server started by this script
+   (``temperature=0``, ``max_tokens=N``, ``ignore_eos=true``). Reports tokens/s
+   of each, the time ratios to raw (total and median over repeats), and checks
+   that all three produced the same text.
 2. Memory. The server process's resident memory (RSS) right after load,
    after the first request, and after a mix of requests (plain, streamed,
    n=4, logprobs, completions, a 1,500-token prompt), against the weights'
@@ -112,38 +113,55 @@ def baseline_rss() -> int:
 
 
 def load_reference(args):
-    """The same weights the server loads, the plain HF way, for raw generate."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The same weights the server loads, loaded the same way (one nnsight-wrapped module)."""
+    from server.engine.loading import load_model
 
-    from server.engine.loading import resolve_device, resolve_dtype, resolve_source
-
-    source, _ = resolve_source(args.model)
-    device = resolve_device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(args.dtype, device))
-    model.to(device).eval()
-    model.generation_config.eos_token_id = None  # exactly N tokens, like ignore_eos on the server
-    return model, AutoTokenizer.from_pretrained(source), device
+    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
-def raw_generate(model, tokenizer, device, prompt: str, max_tokens: int) -> tuple[float, str]:
+def chat_ids(tokenizer, prompt: str) -> list[int]:
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def raw_generate(loaded, prompt: str, max_tokens: int) -> tuple[float, str]:
+    """Plain HF generate. The served module's generation config holds no EOS, so exactly N tokens."""
+    tokenizer, device = loaded.tokenizer, loaded.device
+    ids = torch.tensor([chat_ids(tokenizer, prompt)], device=device)
     started = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(
+        out = loaded.hf_model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=max_tokens,
             pad_token_id=tokenizer.pad_token_id,
         )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     elapsed = time.perf_counter() - started
     new = out[0, ids.shape[1] :]
     assert len(new) == max_tokens
     return elapsed, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def engine_generate(loaded, prompt: str, max_tokens: int) -> tuple[float, str]:
+    """The server's own generation function, in this process: the cost of the decode monitor."""
+    from server.engine.generation import GenerationJob, SamplingParams, run_generation
+
+    ids = chat_ids(loaded.tokenizer, prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    started = time.perf_counter()
+    result = run_generation(
+        loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, GenerationJob(ids, params)
+    )
+    synchronize(loaded.device)
+    return time.perf_counter() - started, result.choices[0].text
 
 
 def server_generate(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, str]:
@@ -197,19 +215,21 @@ def main() -> None:
         with httpx.Client(timeout=600) as client:
             structure = client.get(f"{url}/v1/model/structure").json()
             rss_after_load = rss(process.pid)
-            model, tokenizer, device = load_reference(args)
-            # Warm both paths once (first-call allocations), then measure in alternation.
-            raw_generate(model, tokenizer, device, PROMPTS[0], 8)
+            loaded = load_reference(args)
+            # Warm every path once (first-call allocations), then measure in alternation.
+            raw_generate(loaded, PROMPTS[0], 8)
+            engine_generate(loaded, PROMPTS[0], 8)
             server_generate(client, url, PROMPTS[0], 8)
             rss_after_first = rss(process.pid)
-            pairs, same_text = [], True
+            triples, same_text = [], True
             for _ in range(args.repeats):
                 for prompt in PROMPTS:
-                    raw_s, raw_text = raw_generate(model, tokenizer, device, prompt, args.max_tokens)
+                    raw_s, raw_text = raw_generate(loaded, prompt, args.max_tokens)
+                    eng_s, eng_text = engine_generate(loaded, prompt, args.max_tokens)
                     srv_s, srv_text = server_generate(client, url, prompt, args.max_tokens)
-                    pairs.append((raw_s, srv_s))
-                    same_text &= raw_text == srv_text
-            del model
+                    triples.append((raw_s, eng_s, srv_s))
+                    same_text &= raw_text == eng_text == srv_text
+            del loaded
             request_mix(client, url)
             rss_after_mix = rss(process.pid)
             file_backed_after_mix = rss_file_backed(process.pid)
@@ -217,9 +237,10 @@ def main() -> None:
         process.terminate()
         process.wait(timeout=60)
 
-    tokens = args.max_tokens * len(pairs)
-    raw_total = sum(p[0] for p in pairs)
-    srv_total = sum(p[1] for p in pairs)
+    tokens = args.max_tokens * len(triples)
+    raw_total = sum(t[0] for t in triples)
+    eng_total = sum(t[1] for t in triples)
+    srv_total = sum(t[2] for t in triples)
     weights = structure["parameter_bytes"]
     result = {
         "machine": {
@@ -232,11 +253,13 @@ def main() -> None:
         "model": structure["model"],
         "dtype": structure["dtype"],
         "max_tokens": args.max_tokens,
-        "requests": len(pairs),
+        "requests": len(triples),
         "raw_tokens_per_s": tokens / raw_total,
+        "engine_tokens_per_s": tokens / eng_total,
         "server_tokens_per_s": tokens / srv_total,
+        "engine_time_ratio_total": eng_total / raw_total,
         "time_ratio_total": srv_total / raw_total,
-        "time_ratio_median": statistics.median(s / r for r, s in pairs),
+        "time_ratio_median": statistics.median(s / r for r, _, s in triples),
         "same_text_as_raw_generate": same_text,
         "weight_bytes": weights,
         "baseline_rss_bytes": baseline,
@@ -253,14 +276,17 @@ def main() -> None:
     print(
         f"\n{result['model']} ({result['dtype']}, {result['machine']['device']}, "
         f"{result['machine']['cpus']} CPUs, torch {torch.__version__}), greedy, "
-        f"{args.max_tokens} tokens x {len(pairs)} requests\n"
+        f"{args.max_tokens} tokens x {len(triples)} requests\n"
     )
     print("| measure | value |\n| --- | --- |")
     print(f"| raw HF generate | {result['raw_tokens_per_s']:.1f} tokens/s |")
+    print(f"| server generation function in-process | {result['engine_tokens_per_s']:.1f} tokens/s |")
     print(f"| server chat path over HTTP | {result['server_tokens_per_s']:.1f} tokens/s |")
+    engine_ratio = result["engine_time_ratio_total"]
+    print(f"| time ratio in-process generation function/raw (total) | {engine_ratio:.3f}x |")
     print(f"| time ratio server/raw (total) | {result['time_ratio_total']:.3f}x |")
-    print(f"| time ratio server/raw (median of pairs) | {result['time_ratio_median']:.3f}x |")
-    print(f"| same text as raw generate | {'yes' if same_text else 'NO'} |")
+    print(f"| time ratio server/raw (median over requests) | {result['time_ratio_median']:.3f}x |")
+    print(f"| same text from all three | {'yes' if same_text else 'NO'} |")
     print(f"| weights | {weights / mib:.0f} MiB |")
     print(f"| baseline process (libraries, no model) | {baseline / mib:.0f} MiB |")
     print(
