@@ -127,6 +127,17 @@ def test_health_answers_during_a_long_generation(embedded_server, oai, model_id)
     assert still_generating, "health should answer while the 200-token generation is still running"
 
 
+def serve_next_request_and_read_log(server, model_id: str) -> str:
+    """After a client hung up: the next request is served, and the server's log is returned."""
+    ok = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=120,
+        json={"model": model_id, "messages": CAPITAL, "max_tokens": 4},
+    )
+    assert ok.status_code == 200
+    return server.log_path.read_text()
+
+
 def test_client_disconnect_cancels_the_generation(embedded_server, model_id):
     body = {
         "model": model_id,
@@ -142,13 +153,7 @@ def test_client_disconnect_cancels_the_generation(embedded_server, model_id):
             received = [next(lines) for _ in range(6)]  # a few chunks, then hang up
     assert any('"content"' in line for line in received)
     # The server notices, stops generating, and says so; the next request is served.
-    ok = httpx.post(
-        f"{embedded_server.url}/v1/chat/completions",
-        timeout=120,
-        json={"model": model_id, "messages": CAPITAL, "max_tokens": 4},
-    )
-    assert ok.status_code == 200
-    log = embedded_server.log_path.read_text()
+    log = serve_next_request_and_read_log(embedded_server, model_id)
     assert "generation cancelled after" in log and "of 250" in log
 
 
@@ -156,13 +161,7 @@ def test_non_streaming_client_that_gives_up_cancels_its_generation(embedded_serv
     body = {"model": model_id, "messages": COUNT, "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{embedded_server.url}/v1/chat/completions", json=body, timeout=2)
-    ok = httpx.post(
-        f"{embedded_server.url}/v1/chat/completions",
-        timeout=120,
-        json={"model": model_id, "messages": CAPITAL, "max_tokens": 4},
-    )
-    assert ok.status_code == 200
-    log = embedded_server.log_path.read_text()
+    log = serve_next_request_and_read_log(embedded_server, model_id)
     assert "client disconnected from /v1/chat/completions" in log
     assert "of 240" in log  # "generation cancelled after N step(s) of 240"
 
