@@ -18,6 +18,7 @@ from .engine.engine import Engine
 from .errors import install_error_handlers
 from .routes import router
 from .serving import ChatServing, CompletionServing
+from .storage import ActivationStore
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = await asyncio.to_thread(Engine.from_settings, settings)
         app.state.engine = engine
-        app.state.chat = ChatServing(engine, settings)
-        app.state.completions = CompletionServing(engine, settings)
+        store = ActivationStore(settings.activations_dir)
+        app.state.store = store
+        app.state.chat = ChatServing(engine, settings, store)
+        app.state.completions = CompletionServing(engine, settings, store)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         try:

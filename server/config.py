@@ -45,4 +45,7 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(
         None, description="Where the embedded model is converted to (default ~/.cache/nnsight-server)."
     )
+    activations_dir: Path = Field(
+        Path("activations"), description="Root of the activation store; client save_dirs stay inside it."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"

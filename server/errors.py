@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .storage import UnknownActivation
+
 logger = logging.getLogger(__name__)
 
 
@@ -106,6 +108,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(UnknownActivation)
+    async def _unknown_activation(_: Request, exc: UnknownActivation) -> JSONResponse:
+        return APIError(
+            f"no stored activations named {exc.args[0]!r}", status=HTTPStatus.NOT_FOUND, code="not_found"
+        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -83,6 +83,38 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class CaptureRequest(StrictModel):
+    """What to capture while answering (extension field ``capture``; see docs/capture.md)."""
+
+    layers: list[int] | Literal["all"] | None = Field(
+        None, description='Layer indexes (negative counts from the end) or "all" (the default).'
+    )
+    hook_points: list[Annotated[str, Field(max_length=200)]] | None = Field(
+        None,
+        max_length=64,
+        description="Per-layer: resid_pre, resid_post, attn_out, mlp_out, or <submodule>.input/.output.",
+    )
+    modules: list[Annotated[str, Field(max_length=300)]] | None = Field(
+        None, max_length=256, description="Absolute module paths with .input/.output, e.g. model.norm.output."
+    )
+    mode: Literal["trace", "generate"] = Field(
+        "trace", description="trace: one forward over the prompt. generate: not available yet."
+    )
+    positions: Literal["all", "prompt", "generated", "last"] = "all"
+    sample_hidden: int | None = Field(None, ge=1, description="Keep this many hidden units.")
+    sample_hidden_method: Literal["random", "first"] = Field(
+        "random", description="random: a seeded random subset (indices recorded); first: the first N."
+    )
+    sample_hidden_seed: int = Field(0, ge=0, lt=2**63)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Storage dtype (default: the model's)."
+    )
+    format: Literal["safetensors", "npy", "pt"] = "safetensors"
+    save_dir: Text | None = Field(
+        None, max_length=500, description="A subdirectory of the server's --activations-dir."
+    )
+
+
 class _SamplingFields(OpenAIModel):
     """Fields chat and completions share, and their conversion to SamplingParams."""
 
@@ -103,6 +135,9 @@ class _SamplingFields(OpenAIModel):
     )
     ignore_eos: bool = Field(
         False, description="Keep generating past the end-of-sequence token until max_tokens."
+    )
+    capture: CaptureRequest | None = Field(
+        None, description="Capture activations while answering; the response names the stored tensors."
     )
 
     def _check_unsupported(self) -> None:
@@ -258,6 +293,15 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
+class ActivationsRef(BaseModel):
+    """Where a request's captured activations are (extension)."""
+
+    id: str
+    manifest: str  # URL path of the manifest
+    directory: str  # relative to the server's --activations-dir
+    tensors: list[str]
+
+
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -265,6 +309,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    activations: ActivationsRef | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -288,6 +333,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    activations: ActivationsRef | None = None
 
 
 class ModelCard(BaseModel):

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from .protocol import (
     ChatCompletionRequest,
@@ -81,16 +81,37 @@ async def model_structure(request: Request) -> dict:
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     chat = request.app.state.chat
-    job = await chat.prepare(body)
+    prepared = await chat.prepare(body)
     if body.stream:
-        return _sse(chat.chunks(body, job))
-    return await cancel_on_disconnect(request, chat.respond(job))
+        return _sse(chat.chunks(prepared))
+    return await cancel_on_disconnect(request, chat.respond(prepared))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
 async def completions(body: CompletionRequest, request: Request):
     service = request.app.state.completions
-    prompts = await service.prepare(body)
+    prepared = await service.prepare(body)
     if body.stream:
-        return _sse(service.chunks(body, prompts))
-    return await cancel_on_disconnect(request, service.respond(prompts))
+        return _sse(service.chunks(prepared))
+    return await cancel_on_disconnect(request, service.respond(prepared))
+
+
+@router.get("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)
+async def activation_manifest(activation_id: str, request: Request) -> dict:
+    return await asyncio.to_thread(_store(request).manifest, activation_id)
+
+
+@router.get("/v1/activations/{activation_id}/{name}", responses=_ERROR_RESPONSES)
+async def activation_tensor(activation_id: str, name: str, request: Request) -> FileResponse:
+    path = await asyncio.to_thread(_store(request).tensor_file, activation_id, name)
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+
+@router.delete("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)
+async def delete_activation(activation_id: str, request: Request) -> dict:
+    await asyncio.to_thread(_store(request).delete, activation_id)
+    return {"id": activation_id, "deleted": True}
+
+
+def _store(request: Request):
+    return request.app.state.store

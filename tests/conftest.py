@@ -53,10 +53,15 @@ def reference_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def settings(tiny_model_dir):
+def activations_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("activations")
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir, activations_dir):
     from server.config import Settings
 
-    return Settings(model=str(tiny_model_dir), max_tokens_cap=64, max_n=4)
+    return Settings(model=str(tiny_model_dir), max_tokens_cap=64, max_n=4, activations_dir=activations_dir)
 
 
 @pytest.fixture(scope="module")

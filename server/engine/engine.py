@@ -28,7 +28,10 @@ from typing import TypeVar
 
 import torch
 
+from ..storage import CaptureWriter
+from .capture import CapturePlan, capture_prompt, prompt_positions, reduce_value
 from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
+from .hooks import HookResolver
 from .loading import LoadedModel, load_model
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
@@ -46,6 +49,7 @@ class Engine:
         self.loaded = loaded
         self.model_id = loaded.model_id
         self.layout = find_layers(loaded.hf_model)
+        self.hooks = HookResolver(loaded.hf_model, self.layout)
         self.context_length = context_length(loaded.hf_model.config, loaded.tokenizer, max_model_len)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
@@ -133,6 +137,42 @@ class Engine:
     async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (see ``scoring.py``)."""
         return await self._run(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
+
+    async def capture_prompt(
+        self, prompt_ids: list[int], plan: CapturePlan, writer: CaptureWriter, **manifest
+    ) -> dict:
+        """Trace the prompt once, store every planned value, write the manifest; returns it.
+
+        A failure (or an out-of-memory error) removes everything this capture wrote.
+        """
+        return await self._run(self._capture_prompt_sync, prompt_ids, plan, writer, manifest)
+
+    def _capture_prompt_sync(
+        self, prompt_ids: list[int], plan: CapturePlan, writer: CaptureWriter, manifest: dict
+    ) -> dict:
+        try:
+            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan)
+            positions = prompt_positions(plan, len(prompt_ids))
+            token_ids = prompt_ids[positions]
+            tokens = [self.vocabulary.text(t) for t in token_ids]
+            for point in plan.points:
+                tensor, original, units = reduce_value(saved.pop(point.name), plan, positions)
+                writer.write(
+                    point.name,
+                    tensor,
+                    layer=point.layer,
+                    hook_point=point.hook,
+                    module=f"{point.module_path}.{point.kind}",
+                    original_shape=original,
+                    positions=list(range(positions.start, positions.stop)),
+                    token_ids=token_ids,
+                    tokens=tokens,
+                    unit_indices=None if units is None else units.tolist(),
+                )
+            return writer.finish(model=self.model_id, mode=plan.mode, positions=plan.positions, **manifest)
+        except BaseException:
+            writer.abort()
+            raise
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult]:
         """Deltas as the worker produces them, then the final result.

@@ -16,10 +16,14 @@ from http import HTTPStatus
 import torch
 
 from ..config import Settings
+from ..engine.capture import CapturePlan
 from ..engine.engine import Engine
 from ..engine.generation import GenerationJob, GenerationResult
+from ..engine.hooks import HookError
+from ..engine.loading import DTYPES
 from ..errors import APIError
-from ..protocol import ModelCard, ModelList, Usage, now
+from ..protocol import ActivationsRef, CaptureRequest, ModelCard, ModelList, Usage, now
+from ..storage import ActivationStore, PathOutsideRoot
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +67,10 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 class Serving:
     """Shared by the endpoint families: model identity, budget checks, engine calls."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, store: ActivationStore) -> None:
         self.engine = engine
         self.settings = settings
+        self.store = store
         self.created = now()
         self._model_names = {engine.model_id, settings.model, engine.loaded.source}
 
@@ -116,6 +121,70 @@ class Serving:
                 code="context_length_exceeded",
             )
         return requested
+
+    def capture_plan(self, capture: CaptureRequest | None) -> CapturePlan | None:
+        """Validate a request's ``capture`` block against the served model, before any work."""
+        if capture is None:
+            return None
+        if capture.mode == "generate":
+            raise APIError(
+                'capture mode "generate" (prompt and generated tokens) is not available yet; use "trace"',
+                param="capture.mode",
+            )
+        if capture.positions == "generated":
+            raise APIError('positions "generated" needs capture mode "generate"', param="capture.positions")
+        try:
+            points = self.engine.hooks.resolve(
+                layers=capture.layers, hook_points=capture.hook_points, modules=capture.modules
+            )
+            self.store.resolve_subdir(capture.save_dir)
+        except HookError as exc:
+            raise APIError(str(exc), param=f"capture.{exc.param}") from exc
+        except PathOutsideRoot as exc:
+            raise APIError(str(exc), param="capture.save_dir") from exc
+        return CapturePlan(
+            points=tuple(points),
+            mode=capture.mode,
+            positions=capture.positions,
+            sample_hidden=capture.sample_hidden,
+            sample_method=capture.sample_hidden_method,
+            sample_seed=capture.sample_hidden_seed,
+            dtype=DTYPES[capture.dtype] if capture.dtype else None,
+            format=capture.format,
+        )
+
+    async def capture(
+        self, prompt_ids: list[int], plan: CapturePlan, capture: CaptureRequest, request_id: str
+    ) -> ActivationsRef:
+        """Run a prompt capture on the worker and describe where its tensors are."""
+        try:
+            writer = self.store.create(capture.save_dir, plan.format)
+        except PathOutsideRoot as exc:
+            raise APIError(str(exc), param="capture.save_dir") from exc
+        try:
+            manifest = await self.engine.capture_prompt(
+                prompt_ids,
+                plan,
+                writer,
+                completion_id=request_id,
+                sample_hidden=plan.sample_hidden,
+                sample_hidden_method=plan.sample_method,
+                sample_hidden_seed=plan.sample_seed,
+            )
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory() from exc
+        except OSError as exc:
+            raise APIError(
+                f"could not store the activations: {exc.strerror or exc}",
+                status=HTTPStatus.INSUFFICIENT_STORAGE,
+                code="storage_error",
+            ) from exc
+        return ActivationsRef(
+            id=manifest["id"],
+            manifest=f"/v1/activations/{manifest['id']}",
+            directory=self.store.relative(writer.directory),
+            tensors=[entry["name"] for entry in manifest["tensors"]],
+        )
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import jinja2
 
+from ..engine.capture import CapturePlan
 from ..engine.generation import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
@@ -23,10 +25,19 @@ from ..protocol import (
 from .base import Serving, usage
 
 
+@dataclass(frozen=True)
+class PreparedChat:
+    request: ChatCompletionRequest
+    job: GenerationJob
+    capture: CapturePlan | None
+    id: str
+
+
 class ChatServing(Serving):
-    async def prepare(self, request: ChatCompletionRequest) -> GenerationJob:
+    async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
+        plan = self.capture_plan(request.capture)
         if not self.engine.has_chat_template:
             raise APIError(
                 f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
@@ -42,10 +53,20 @@ class ChatServing(Serving):
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
         )
-        return GenerationJob(prompt_ids=prompt_ids, params=params)
+        return PreparedChat(
+            request, GenerationJob(prompt_ids=prompt_ids, params=params), plan, completion_id("chatcmpl")
+        )
 
-    async def respond(self, job: GenerationJob) -> ChatCompletionResponse:
-        result = await self.generate(job)
+    async def _activations(self, prepared: PreparedChat):
+        if prepared.capture is None:
+            return None
+        return await self.capture(
+            prepared.job.prompt_ids, prepared.capture, prepared.request.capture, prepared.id
+        )
+
+    async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
+        activations = await self._activations(prepared)
+        result = await self.generate(prepared.job)
         choices = [
             ChatChoice(
                 index=c.index,
@@ -56,17 +77,20 @@ class ChatServing(Serving):
             for c in result.choices
         ]
         return ChatCompletionResponse(
-            id=completion_id("chatcmpl"),
+            id=prepared.id,
             created=now(),
             model=self.engine.model_id,
             choices=choices,
             usage=usage(result.prompt_tokens, result.completion_tokens),
+            activations=activations,
         )
 
-    async def chunks(self, request: ChatCompletionRequest, job: GenerationJob) -> AsyncIterator[dict]:
-        """Role chunk per choice, content deltas, one finish chunk per choice, then optional usage."""
+    async def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
+        """Role chunk per choice (the first with ``activations`` when capturing), deltas, finish, usage."""
+        request, job = prepared.request, prepared.job
+        activations = await self._activations(prepared)
         base = {
-            "id": completion_id("chatcmpl"),
+            "id": prepared.id,
             "object": "chat.completion.chunk",
             "created": now(),
             "model": self.engine.model_id,
@@ -79,7 +103,10 @@ class ChatServing(Serving):
             return {**base, "choices": [choice]}
 
         for index in range(job.params.n):
-            yield chunk(index, {"role": "assistant", "content": ""})
+            first = chunk(index, {"role": "assistant", "content": ""})
+            if index == 0 and activations is not None:
+                first["activations"] = dump(activations)
+            yield first
         async for item in self.engine.stream(job):
             if isinstance(item, ChoiceDelta):
                 logprobs = dump(self._logprobs(list(item.logprobs))) if item.logprobs else None

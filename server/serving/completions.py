@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine.capture import CapturePlan
 from ..engine.generation import GenerationJob, GenerationResult, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
@@ -29,13 +30,26 @@ class CompletionPrompt:
     echo: str | None
 
 
+@dataclass(frozen=True)
+class PreparedCompletion:
+    request: CompletionRequest
+    prompts: list[CompletionPrompt]
+    capture: CapturePlan | None
+    id: str
+
+
 class CompletionServing(Serving):
-    async def prepare(self, request: CompletionRequest) -> list[CompletionPrompt]:
+    async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
         request.check_supported()
+        plan = self.capture_plan(request.capture)
         prepared: list[CompletionPrompt] = []
         prompts = request.prompts()  # refuses an empty list
+        if plan is not None and len(prompts) > 1:
+            raise APIError(
+                "capture works on one prompt per request; send the prompts separately", param="prompt"
+            )
         single = isinstance(request.prompt, str) or isinstance(request.prompt[0], int)
         for i, prompt in enumerate(prompts):
             param = "prompt" if single else f"prompt[{i}]"
@@ -53,7 +67,13 @@ class CompletionServing(Serving):
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
             prepared.append(CompletionPrompt(job, echo))
-        return prepared
+        return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
+
+    async def _activations(self, prepared: PreparedCompletion):
+        if prepared.capture is None:
+            return None
+        prompt_ids = prepared.prompts[0].job.prompt_ids
+        return await self.capture(prompt_ids, prepared.capture, prepared.request.capture, prepared.id)
 
     async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
         """The prompt's own logprobs, when echo and logprobs are both asked for."""
@@ -65,10 +85,11 @@ class CompletionServing(Serving):
         except torch.OutOfMemoryError as exc:
             raise out_of_memory() from exc
 
-    async def respond(self, prompts: list[CompletionPrompt]) -> CompletionResponse:
+    async def respond(self, prepared: PreparedCompletion) -> CompletionResponse:
+        activations = await self._activations(prepared)
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
-        for prompt in prompts:
+        for prompt in prepared.prompts:
             echoed = await self._echo_logprobs(prompt)
             result = await self.generate(prompt.job)
             prompt_tokens += result.prompt_tokens
@@ -82,25 +103,31 @@ class CompletionServing(Serving):
                     )
                 )
         return CompletionResponse(
-            id=completion_id("cmpl"),
+            id=prepared.id,
             created=now(),
             model=self.engine.model_id,
             choices=choices,
             usage=usage(prompt_tokens, completion_tokens),
+            activations=activations,
         )
 
-    async def chunks(
-        self, request: CompletionRequest, prompts: list[CompletionPrompt]
-    ) -> AsyncIterator[dict]:
-        """Per prompt: the echo (if asked), then its choices' deltas and finish; then optional usage."""
+    async def chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict]:
+        """Per prompt: the echo (if asked), then its choices' deltas and finish; then optional usage.
+
+        When capturing, a first chunk with no choices carries ``activations``.
+        """
+        request = prepared.request
+        activations = await self._activations(prepared)
         base = {
-            "id": completion_id("cmpl"),
+            "id": prepared.id,
             "object": "text_completion",
             "created": now(),
             "model": self.engine.model_id,
         }
         if request.include_usage:
             base["usage"] = None
+        if activations is not None:
+            yield {**base, "choices": [], "activations": dump(activations)}
 
         def chunk(
             index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None
@@ -115,7 +142,7 @@ class CompletionServing(Serving):
 
         offsets: dict[int, int] = {}  # the next logprobs.text_offset, per choice
         prompt_tokens = completion_tokens = 0
-        for prompt in prompts:
+        for prompt in prepared.prompts:
             job = prompt.job
             if prompt.echo is not None:
                 echoed = await self._echo_logprobs(prompt)

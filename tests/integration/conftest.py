@@ -62,7 +62,8 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory):
-    server = RunningServer(["--max-tokens-cap", "256"], tmp_path_factory.mktemp("logs") / "server.log")
+    args = ["--max-tokens-cap", "256", "--activations-dir", str(tmp_path_factory.mktemp("activations"))]
+    server = RunningServer(args, tmp_path_factory.mktemp("logs") / "server.log")
     try:
         server.wait_healthy()
         yield server

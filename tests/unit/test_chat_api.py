@@ -207,16 +207,17 @@ def test_unknown_fields_are_accepted_and_logged(client, caplog):
     assert "foo" in caplog.text and "parallel_tool_calls" in caplog.text
 
 
-def test_chat_template_errors_are_400_naming_messages(tiny_model_dir, settings):
+def test_chat_template_errors_are_400_naming_messages(tiny_model_dir, settings, tmp_path):
     from server.engine.engine import Engine
     from server.engine.loading import load_model
     from server.errors import APIError
     from server.protocol import ChatCompletionRequest
     from server.serving import ChatServing
+    from server.storage import ActivationStore
 
     engine = Engine(load_model(str(tiny_model_dir), device="cpu"))
     try:
-        chat = ChatServing(engine, settings)
+        chat = ChatServing(engine, settings, ActivationStore(tmp_path))
         request = ChatCompletionRequest(messages=HELLO)
         engine.prompt_tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
         with pytest.raises(APIError) as caught:

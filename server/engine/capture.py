@@ -1,0 +1,82 @@
+"""Activation capture: a plan of hook points, read through the nnsight wrapper, reduced, stored.
+
+A :class:`CapturePlan` says what to read (hook points in execution order),
+which positions to keep, whether to keep a subset of hidden units, and the
+storage dtype. :func:`capture_prompt` runs one traced forward pass over the
+prompt on the served wrapper (``mode: "trace"``) and hands each value,
+detached and moved to the CPU, to the request's writer.
+
+Values are ``[batch, pos, ...]`` tensors; a module that returns a tuple (an
+attention block returns ``(output, weights)``) is read at its first element.
+Stored tensors are ``[pos, ...]`` (the batch of one dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .hooks import HookPoint
+
+POSITIONS = ("all", "prompt", "generated", "last")
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    points: tuple[HookPoint, ...]
+    mode: str = "trace"  # "trace": the prompt forward only
+    positions: str = "all"
+    sample_hidden: int | None = None  # keep this many units of the last dimension
+    sample_method: str = "random"  # "random" (seeded subset) | "first"
+    sample_seed: int = 0
+    dtype: torch.dtype | None = None  # storage dtype; None: the model's
+    format: str = "safetensors"
+
+    def unit_indices(self, width: int) -> torch.Tensor | None:
+        """Which hidden units to keep for a last dimension of ``width`` (sorted), or None for all."""
+        if self.sample_hidden is None or self.sample_hidden >= width:
+            return None
+        if self.sample_method == "first":
+            return torch.arange(self.sample_hidden)
+        generator = torch.Generator().manual_seed(self.sample_seed)
+        return torch.randperm(width, generator=generator)[: self.sample_hidden].sort().values
+
+
+def _first_tensor(value) -> torch.Tensor:
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    return value
+
+
+def reduce_value(
+    value, plan: CapturePlan, positions: slice
+) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """[1, pos, ...] value -> (stored [pos', ...] CPU tensor, original shape, kept unit indices)."""
+    tensor = _first_tensor(value).detach()
+    original = list(tensor.shape)
+    if tensor.dim() < 2 or tensor.shape[0] != 1:
+        raise ValueError(f"expected a [1, pos, ...] tensor, got shape {original}")
+    tensor = tensor[0, positions]
+    indices = plan.unit_indices(tensor.shape[-1]) if tensor.dim() >= 2 else None
+    if indices is not None:
+        tensor = tensor.index_select(-1, indices.to(tensor.device))
+    tensor = tensor.to("cpu", dtype=plan.dtype or tensor.dtype, copy=True)
+    return tensor, original, indices
+
+
+def prompt_positions(plan: CapturePlan, prompt_len: int) -> slice:
+    return slice(prompt_len - 1, prompt_len) if plan.positions == "last" else slice(0, prompt_len)
+
+
+def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan) -> dict[str, torch.Tensor]:
+    """One traced forward over the prompt; every planned value, read in execution order."""
+    device = next(wrapper._module.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    saved = {}
+    with torch.no_grad(), wrapper.trace(ids, attention_mask=torch.ones_like(ids)):
+        for point in plan.points:  # already sorted by execution order
+            saved[point.name] = getattr(wrapper.get(point.module_path), point.kind).save()
+    return saved

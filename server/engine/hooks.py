@@ -1,0 +1,148 @@
+"""Hook points: the names clients use, resolved to module paths nnsight reads, in execution order.
+
+A client names what to read either per layer (``layers`` x ``hook_points``)
+or by absolute module path (``modules``). Per-layer names are the aliases
+``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out`` (see
+``structure.LayerLayout.aliases``) or ``<submodule>.input`` /
+``<submodule>.output`` relative to the layer; absolute names are
+``<module path>.input`` / ``.output`` (``model.norm.output``).
+
+nnsight hands out a module's values as the forward pass reaches them and
+refuses a read the model has already run past, so a plan must read in
+execution order. That order is *measured* once, with plain PyTorch hooks on
+a two-token forward pass, not guessed from registration order (a Llama layer
+registers ``self_attn, mlp, input_layernorm, ...`` but runs
+``input_layernorm, self_attn, post_attention_layernorm, mlp``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .structure import LayerLayout
+
+_KINDS = ("input", "output")
+_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+class HookError(ValueError):
+    """A hook-point request that cannot be resolved; ``param`` names the field at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """One value to read: ``<module_path>.<kind>``, named ``name`` in captures."""
+
+    name: str  # "layers.3.resid_post", "layers.3.mlp.down_proj.input", "model.norm.output"
+    module_path: str  # "model.layers.3", "model.layers.3.mlp.down_proj", "model.norm"
+    kind: str  # "input" | "output"
+    layer: int | None  # None for absolute module paths outside the layers
+    hook: str  # what the client asked for: "resid_post", "mlp.down_proj.input", ...
+    order: int  # position of this read in one forward pass
+
+
+class HookResolver:
+    """Resolves requests to :class:`HookPoint` lists for one served model."""
+
+    def __init__(self, model: torch.nn.Module, layout: LayerLayout) -> None:
+        self.layout = layout
+        self._modules = dict(model.named_modules())
+        self._order = _execution_order(model)
+
+    def layer_indexes(self, layers: list[int] | str, param: str = "layers") -> list[int]:
+        count = self.layout.count
+        if layers == "all":
+            return list(range(count))
+        if isinstance(layers, str) or not layers:
+            raise HookError('layers must be "all" or a non-empty list of layer indexes', param)
+        resolved = []
+        for i, layer in enumerate(layers):
+            if not -count <= layer < count:
+                raise HookError(f"layer {layer} is out of range for a {count}-layer model", f"{param}[{i}]")
+            resolved.append(layer % count)
+        return sorted(set(resolved))
+
+    def resolve(
+        self,
+        *,
+        layers: list[int] | str | None,
+        hook_points: list[str] | None,
+        modules: list[str] | None,
+    ) -> list[HookPoint]:
+        points: dict[str, HookPoint] = {}
+        if hook_points:
+            indexes = self.layer_indexes("all" if layers is None else layers)
+            aliases = self.layout.aliases()
+            for j, hook in enumerate(hook_points):
+                relative = aliases.get(hook, hook)
+                for layer in indexes:
+                    path, kind = self._split(
+                        f"{self.layout.path}.{layer}.{relative}", f"hook_points[{j}]", hook
+                    )
+                    point = HookPoint(
+                        f"layers.{layer}.{hook}", path, kind, layer, hook, self._order_of(path, kind)
+                    )
+                    points[point.name] = point
+        elif layers is not None:
+            raise HookError('layers needs hook_points (e.g. ["resid_post"])', "hook_points")
+        for j, full in enumerate(modules or ()):
+            path, kind = self._split(full, f"modules[{j}]", full)
+            point = HookPoint(full, path, kind, self._layer_of(path), full, self._order_of(path, kind))
+            points.setdefault(point.name, point)
+        if not points:
+            raise HookError("name at least one hook point (hook_points or modules)", "hook_points")
+        return sorted(points.values(), key=lambda p: (p.order, p.name))
+
+    def _split(self, full: str, param: str, asked: str) -> tuple[str, str]:
+        path, _, kind = full.rpartition(".")
+        if not _NAME.match(full) or kind not in _KINDS or path not in self._modules:
+            raise HookError(
+                f"unknown hook point {asked!r}: use an alias ({', '.join(self.layout.aliases())}), "
+                "'<submodule>.input' or '<submodule>.output' (see GET /v1/model/structure)",
+                param,
+            )
+        if (path, kind) not in self._order:
+            raise HookError(f"{asked!r} is never reached in a forward pass", param)
+        return path, kind
+
+    def _order_of(self, path: str, kind: str) -> int:
+        return self._order[(path, kind)]
+
+    def _layer_of(self, path: str) -> int | None:
+        prefix = f"{self.layout.path}."
+        if path.startswith(prefix):
+            head = path[len(prefix) :].split(".", 1)[0]
+            if head.isdigit():
+                return int(head)
+        return None
+
+
+@torch.no_grad()
+def _execution_order(model: torch.nn.Module) -> dict[tuple[str, str], int]:
+    """(module path, 'input'|'output') -> index of its first event in one forward pass."""
+    order: dict[tuple[str, str], int] = {}
+    handles = []
+
+    def record(key: tuple[str, str]) -> None:
+        order.setdefault(key, len(order))
+
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        handles.append(module.register_forward_pre_hook(lambda *_, n=name: record((n, "input"))))
+        handles.append(module.register_forward_hook(lambda *_, n=name: record((n, "output"))))
+    try:
+        device = next(model.parameters()).device
+        ids = torch.tensor([[0, 1]], device=device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order

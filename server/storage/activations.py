@@ -1,0 +1,196 @@
+"""The activation store: one directory per captured request, under ``--activations-dir``.
+
+Layout::
+
+    <root>/[<client subdir>/]<request id>/
+        manifest.json                      what was captured, tensor by tensor
+        <tensor name>.<safetensors|npy|pt> one file per tensor
+
+Invariants:
+
+* every path comes from the root: a client's subdirectory is resolved and
+  must stay inside it (``..``, absolute paths elsewhere and symlinks that
+  lead out are refused);
+* files are written under a temporary name and renamed into place, and the
+  manifest is written last: a reader never sees a half-written file, and a
+  request that fails or is cancelled removes its directory (``abort``);
+* request ids are generated here (``act-<hex>``) and looked up by exact
+  name, so an id in a URL cannot name anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("safetensors", "npy", "pt")
+MANIFEST = "manifest.json"
+_ID = re.compile(r"^act-[0-9a-f]{32}$")
+
+
+class PathOutsideRoot(ValueError):
+    """A client-given directory that would resolve outside the activations root."""
+
+
+class UnknownActivation(KeyError):
+    """No capture with this id (or no tensor with this name in it)."""
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``; the temporary file never outlives a failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensor(path: Path, name: str, tensor: torch.Tensor, fmt: str) -> None:
+    tensor = tensor.detach().contiguous().cpu()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        _write_atomically(path, lambda tmp: save_file({name: tensor}, str(tmp)))
+    elif fmt == "npy":
+        import numpy as np
+
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+            tensor = tensor.float()
+
+        def write_npy(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.save(handle, tensor.numpy())
+
+        _write_atomically(path, write_npy)
+    elif fmt == "pt":
+        _write_atomically(path, lambda tmp: torch.save(tensor, tmp))
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+class CaptureWriter:
+    """Writes one request's tensors and then its manifest; ``abort`` removes all of it."""
+
+    def __init__(self, store: ActivationStore, request_id: str, directory: Path, fmt: str) -> None:
+        self.store = store
+        self.request_id = request_id
+        self.directory = directory
+        self.format = fmt
+        self.entries: list[dict] = []
+        self.started = time.time()
+
+    def file_for(self, name: str) -> Path:
+        return self.directory / f"{name}.{self.format}"
+
+    def write(self, name: str, tensor: torch.Tensor, **meta) -> None:
+        path = self.file_for(name)
+        save_tensor(path, name, tensor, self.format)
+        self.entries.append(
+            {
+                "name": name,
+                "file": path.name,
+                "saved_shape": list(tensor.shape),
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "bytes": path.stat().st_size,
+                **meta,
+            }
+        )
+
+    def finish(self, **manifest) -> dict:
+        body = {
+            "id": self.request_id,
+            "format": self.format,
+            "started": self.started,
+            "finished": time.time(),
+            **manifest,
+            "tensors": self.entries,
+        }
+        text = json.dumps(body, indent=2)
+        _write_atomically(self.directory / MANIFEST, lambda tmp: tmp.write_text(text))
+        self.store.register(self.request_id, self.directory)
+        return body
+
+    def abort(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class ActivationStore:
+    """Finds, creates and deletes capture directories under one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, Path] = {}
+        for manifest in self.root.rglob(MANIFEST):
+            if _ID.match(manifest.parent.name):
+                self._index[manifest.parent.name] = manifest.parent
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files and manifest-less capture directories of a run that died mid-write."""
+        for tmp in self.root.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for directory in self.root.rglob("act-*"):
+            if directory.is_dir() and _ID.match(directory.name) and not (directory / MANIFEST).exists():
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def resolve_subdir(self, subdir: str | None) -> Path:
+        """A client-given directory, inside the root or refused."""
+        if not subdir:
+            return self.root
+        if "\x00" in subdir:
+            raise PathOutsideRoot("save_dir must not contain NUL characters")
+        candidate = (self.root / subdir).resolve()  # follows symlinks, collapses '..'
+        if candidate != self.root and self.root not in candidate.parents:
+            raise PathOutsideRoot(f"save_dir {subdir!r} resolves outside the activations root")
+        return candidate
+
+    def create(self, subdir: str | None, fmt: str) -> CaptureWriter:
+        parent = self.resolve_subdir(subdir)
+        parent.mkdir(parents=True, exist_ok=True)
+        if parent.resolve() != parent:  # a symlink swapped in after the check
+            raise PathOutsideRoot(f"save_dir {subdir!r} resolves outside the activations root")
+        request_id = f"act-{uuid.uuid4().hex}"
+        directory = parent / request_id
+        directory.mkdir()
+        return CaptureWriter(self, request_id, directory, fmt)
+
+    def register(self, request_id: str, directory: Path) -> None:
+        self._index[request_id] = directory
+
+    def directory(self, request_id: str) -> Path:
+        directory = self._index.get(request_id) if _ID.match(request_id) else None
+        if directory is None or not (directory / MANIFEST).is_file():
+            raise UnknownActivation(request_id)
+        return directory
+
+    def manifest(self, request_id: str) -> dict:
+        return json.loads((self.directory(request_id) / MANIFEST).read_text())
+
+    def tensor_file(self, request_id: str, name: str) -> Path:
+        for entry in self.manifest(request_id)["tensors"]:
+            if entry["name"] == name:
+                return self.directory(request_id) / entry["file"]
+        raise UnknownActivation(f"{request_id}/{name}")
+
+    def delete(self, request_id: str) -> None:
+        directory = self.directory(request_id)
+        shutil.rmtree(directory)
+        del self._index[request_id]
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))

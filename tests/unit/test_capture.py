@@ -1,0 +1,268 @@
+"""Activation capture (trace mode) against independent references: HF hidden states and plain hooks."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def prompt_ids(tokenizer, messages=HELLO) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def capture(client, capture: dict, messages=HELLO, **extra) -> dict:
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0, "capture": capture, **extra}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["activations"]
+
+
+def tensor(client, activation_id: str, name: str) -> torch.Tensor:
+    response = client.get(f"/v1/activations/{activation_id}/{name}")
+    assert response.status_code == 200, response.text
+    return load(response.content)[name]
+
+
+def hooked(model, ids: list[int], paths: list[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+    """Reference values from plain PyTorch hooks: (module path, 'input'|'output') -> [pos, ...]."""
+    values, handles = {}, []
+
+    def keep(key, value) -> None:  # hooks must return None, or they replace the module's values
+        value = value[0] if isinstance(value, tuple) else value
+        values.setdefault(key, value[0].clone())
+
+    for path, kind in paths:
+        module = model.get_submodule(path)
+        if kind == "input":
+            handles.append(
+                module.register_forward_pre_hook(lambda _m, args, key=(path, kind): keep(key, args))
+            )
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, key=(path, kind): keep(key, out)))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return values
+
+
+def test_resid_post_equals_hf_hidden_states(client, tiny_tokenizer, reference_model):
+    ref = capture(client, {"layers": "all", "hook_points": ["resid_post"]})
+    ids = prompt_ids(tiny_tokenizer)
+    with torch.no_grad():
+        hidden = reference_model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    assert ref["tensors"] == ["layers.0.resid_post", "layers.1.resid_post"]
+    # hidden_states[i + 1] is layer i's output, except the last entry, which HF takes after the final norm.
+    torch.testing.assert_close(tensor(client, ref["id"], "layers.0.resid_post"), hidden[1][0])
+    last = hooked(reference_model, ids, [("model.layers.1", "output")])[("model.layers.1", "output")]
+    torch.testing.assert_close(tensor(client, ref["id"], "layers.1.resid_post"), last)
+    normed = capture(client, {"modules": ["model.norm.output"]})
+    torch.testing.assert_close(tensor(client, normed["id"], "model.norm.output"), hidden[2][0])
+
+
+def test_hook_points_in_any_order_equal_plain_hooks(client, tiny_tokenizer, reference_model):
+    asked = ["mlp_out", "mlp.down_proj.input", "resid_pre", "input_layernorm.output", "attn_out"]
+    ref = capture(client, {"layers": [-1], "hook_points": asked})
+    paths = {
+        "mlp_out": ("model.layers.1.mlp", "output"),
+        "mlp.down_proj.input": ("model.layers.1.mlp.down_proj", "input"),
+        "resid_pre": ("model.layers.1", "input"),
+        "input_layernorm.output": ("model.layers.1.input_layernorm", "output"),
+        "attn_out": ("model.layers.1.self_attn", "output"),
+    }
+    expected = hooked(reference_model, prompt_ids(tiny_tokenizer), list(paths.values()))
+    for hook, key in paths.items():
+        torch.testing.assert_close(tensor(client, ref["id"], f"layers.1.{hook}"), expected[key])
+
+
+def test_manifest_describes_every_tensor(client, tiny_tokenizer, activations_dir):
+    ref = capture(client, {"layers": [0, -1], "hook_points": ["resid_post"], "positions": "last"})
+    manifest = client.get(ref["manifest"]).json()
+    ids = prompt_ids(tiny_tokenizer)
+    assert manifest["id"] == ref["id"] and manifest["model"] and manifest["format"] == "safetensors"
+    assert manifest["completion_id"].startswith("chatcmpl-")
+    assert manifest["started"] <= manifest["finished"]
+    assert [t["name"] for t in manifest["tensors"]] == ref["tensors"]
+    entry = manifest["tensors"][0]
+    assert (
+        entry["layer"] == 0
+        and entry["hook_point"] == "resid_post"
+        and entry["module"] == "model.layers.0.output"
+    )
+    assert entry["original_shape"] == [1, len(ids), 64] and entry["saved_shape"] == [1, 64]
+    assert entry["positions"] == [len(ids) - 1] and entry["token_ids"] == [ids[-1]]
+    assert entry["tokens"] == [tiny_tokenizer.decode([ids[-1]])] and entry["unit_indices"] is None
+    assert entry["dtype"] == "float32"
+    files = activations_dir / ref["directory"]
+    assert sorted(p.name for p in files.iterdir()) == sorted(
+        ["manifest.json"] + [f"{name}.safetensors" for name in ref["tensors"]]
+    )
+    assert entry["bytes"] == (files / entry["file"]).stat().st_size
+
+
+@pytest.mark.parametrize("method", ["random", "first"])
+def test_sample_hidden_keeps_the_recorded_units(client, method):
+    full = capture(client, {"layers": [0], "hook_points": ["resid_post"]})
+    kept = capture(
+        client,
+        {
+            "layers": [0],
+            "hook_points": ["resid_post"],
+            "sample_hidden": 8,
+            "sample_hidden_method": method,
+            "sample_hidden_seed": 3,
+        },
+    )
+    entry = client.get(kept["manifest"]).json()["tensors"][0]
+    units = entry["unit_indices"]
+    assert len(units) == 8 and units == sorted(set(units))
+    if method == "first":
+        assert units == list(range(8))
+    else:
+        assert units != list(range(8))  # a seeded random subset, not the first units
+        again = capture(
+            client,
+            {"layers": [0], "hook_points": ["resid_post"], "sample_hidden": 8, "sample_hidden_seed": 3},
+        )
+        assert client.get(again["manifest"]).json()["tensors"][0]["unit_indices"] == units
+    stored = tensor(client, kept["id"], "layers.0.resid_post")
+    assert stored.shape[-1] == 8 and entry["saved_shape"][-1] == 8
+    torch.testing.assert_close(stored, tensor(client, full["id"], "layers.0.resid_post")[:, units])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pt"])
+def test_other_formats_and_storage_dtype(client, fmt):
+    ref = capture(client, {"layers": [0], "hook_points": ["resid_post"], "format": fmt, "dtype": "bfloat16"})
+    reference = capture(client, {"layers": [0], "hook_points": ["resid_post"]})
+    expected = tensor(client, reference["id"], "layers.0.resid_post")
+    raw = client.get(f"/v1/activations/{ref['id']}/layers.0.resid_post").content
+    if fmt == "npy":
+        value = torch.from_numpy(np.load(io.BytesIO(raw)))  # numpy has no bfloat16: stored as float32
+        torch.testing.assert_close(value, expected.to(torch.bfloat16).float())
+    else:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+        assert value.dtype == torch.bfloat16
+        torch.testing.assert_close(value, expected.to(torch.bfloat16))
+
+
+def test_completions_capture_and_openai_client(openai_client, served_model, client, tiny_tokenizer):
+    response = openai_client.completions.create(
+        model=served_model,
+        prompt="The capital of France",
+        max_tokens=2,
+        extra_body={"capture": {"layers": [0], "hook_points": ["resid_pre"]}},
+    )
+    activations = response.model_extra["activations"]
+    ids = tiny_tokenizer.encode("The capital of France")
+    assert client.get(activations["manifest"]).json()["tensors"][0]["token_ids"] == ids
+    chat = openai_client.chat.completions.create(
+        model=served_model,
+        messages=HELLO,
+        max_tokens=2,
+        extra_body={"capture": {"layers": [1], "hook_points": ["mlp_out"]}},
+    )
+    assert chat.model_extra["activations"]["tensors"] == ["layers.1.mlp_out"]
+
+
+def test_streamed_chat_carries_activations_in_its_first_chunk(client):
+    body = {
+        "messages": HELLO,
+        "max_tokens": 3,
+        "stream": True,
+        "capture": {"layers": [0], "hook_points": ["resid_post"]},
+    }
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    first = json.loads(events[0])
+    assert first["activations"]["tensors"] == ["layers.0.resid_post"]
+    assert events[-1] == "[DONE]"
+    assert client.get(first["activations"]["manifest"]).status_code == 200
+
+
+def test_unknown_ids_and_delete(client, activations_dir):
+    ref = capture(client, {"layers": [0], "hook_points": ["resid_post"]})
+    assert client.get(f"/v1/activations/{ref['id']}/no.such.tensor").status_code == 404
+    assert client.delete(f"/v1/activations/{ref['id']}").json() == {"id": ref["id"], "deleted": True}
+    assert not (activations_dir / ref["directory"]).exists()
+    for path in (f"/v1/activations/{ref['id']}", "/v1/activations/act-00", "/v1/activations/..%2F..%2Fetc"):
+        response = client.get(path)
+        assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    assert client.delete(f"/v1/activations/{ref['id']}").status_code == 404
+
+
+def test_save_dir_stays_inside_the_root(client, activations_dir, tmp_path):
+    ok = capture(client, {"layers": [0], "hook_points": ["resid_post"], "save_dir": "exp1/run2"})
+    assert ok["directory"].startswith("exp1/run2/act-")
+    (activations_dir / "escape").symlink_to(tmp_path)
+    for bad in ("../elsewhere", "/etc", "exp1/../../x", "escape", "escape/inner"):
+        body = {
+            "messages": HELLO,
+            "max_tokens": 1,
+            "capture": {"layers": [0], "hook_points": ["resid_post"], "save_dir": bad},
+        }
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["param"] == "capture.save_dir"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("capture_block", "param"),
+    [
+        ({"layers": [0], "hook_points": ["resid_mid"]}, "capture.hook_points[0]"),
+        ({"layers": [0], "hook_points": ["mlp.up_proj.sideways"]}, "capture.hook_points[0]"),
+        ({"layers": [2], "hook_points": ["resid_post"]}, "capture.layers[0]"),
+        ({"layers": [0, -3], "hook_points": ["resid_post"]}, "capture.layers[1]"),
+        ({"layers": [], "hook_points": ["resid_post"]}, "capture.layers"),
+        ({"layers": [0]}, "capture.hook_points"),
+        ({}, "capture.hook_points"),
+        ({"modules": ["model.nowhere.output"]}, "capture.modules[0]"),
+        ({"modules": ["model.norm"]}, "capture.modules[0]"),
+        ({"layers": [0], "hook_points": ["resid_post"], "mode": "generate"}, "capture.mode"),
+        ({"layers": [0], "hook_points": ["resid_post"], "positions": "generated"}, "capture.positions"),
+        ({"layers": [0], "hook_points": ["resid_post"], "sample_hidden": 0}, "capture.sample_hidden"),
+        ({"layers": [0], "hook_points": ["resid_post"], "format": "pickle"}, "capture.format"),
+    ],
+)
+def test_bad_capture_requests_name_the_field(client, capture_block, param):
+    response = client.post("/v1/chat/completions", json={"messages": HELLO, "capture": capture_block})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_failed_write_leaves_no_partial_files(client, activations_dir, monkeypatch):
+    from server.storage import activations as storage
+
+    real_save = storage.save_tensor
+    calls = []
+
+    def full_disk_after_one(path: Path, name, value, fmt):
+        calls.append(name)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_save(path, name, value, fmt)
+
+    monkeypatch.setattr(storage, "save_tensor", full_disk_after_one)
+    before = set(activations_dir.rglob("*"))
+    body = {
+        "messages": HELLO,
+        "max_tokens": 2,
+        "capture": {"layers": "all", "hook_points": ["resid_pre", "resid_post"]},
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 507
+    assert "No space left on device" in response.json()["error"]["message"]
+    assert len(calls) == 2 and set(activations_dir.rglob("*")) == before
+    monkeypatch.setattr(storage, "save_tensor", real_save)
+    assert client.post("/v1/chat/completions", json=body).status_code == 200  # the next request works
