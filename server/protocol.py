@@ -98,7 +98,8 @@ class CaptureRequest(StrictModel):
         None, max_length=256, description="Absolute module paths with .input/.output, e.g. model.norm.output."
     )
     mode: Literal["trace", "generate"] = Field(
-        "trace", description="trace: one forward over the prompt. generate: not available yet."
+        "trace",
+        description="trace: one forward over the prompt. generate: the prompt and every generated token.",
     )
     positions: Literal["all", "prompt", "generated", "last"] = "all"
     sample_hidden: int | None = Field(None, ge=1, description="Keep this many hidden units.")

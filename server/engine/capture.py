@@ -80,3 +80,75 @@ def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan) -> dict[st
         for point in plan.points:  # already sorted by execution order
             saved[point.name] = getattr(wrapper.get(point.module_path), point.kind).save()
     return saved
+
+
+class GenerationCapture:
+    """Hands each forward step's values, reduced and on the CPU, to the request's writer.
+
+    Step 0 is the prompt forward (``[1, P, ...]``); each later step is the one
+    token fed in at that step (``[1, 1, ...]``). The decode monitor runs one
+    extra step so that the final generated token is fed in too: position p of
+    a stored tensor is token p of prompt + completion. Values are appended to
+    disk step by step (``CaptureWriter.append``), so neither accelerator nor
+    host memory grows with the number of tokens; ``positions: "last"`` keeps
+    only the latest step's value in memory.
+    """
+
+    def __init__(self, plan: CapturePlan, writer, prompt_len: int, **manifest) -> None:
+        self.plan = plan
+        self.writer = writer
+        self.prompt_len = prompt_len
+        self.manifest = manifest  # request-level facts for the manifest (model, completion id, ...)
+        self.position = 0  # absolute position of the next value
+        self.kept: list[int] = []  # absolute positions written so far
+        self.shapes: dict[str, list[int]] = {}  # one step's original shape per tensor
+        self.units: dict[str, torch.Tensor | None] = {}
+        self.latest: dict[str, torch.Tensor] = {}  # positions "last": the latest step only
+
+    def _kept_slice(self, start: int, length: int) -> slice:
+        if self.plan.positions == "last":
+            return slice(length - 1, length)
+        if self.plan.positions == "prompt":
+            return slice(0, max(0, min(length, self.prompt_len - start)))
+        if self.plan.positions == "generated":
+            return slice(min(length, max(0, self.prompt_len - start)), length)
+        return slice(0, length)
+
+    def on_step(self, values: dict) -> None:
+        length = _first_tensor(next(iter(values.values()))).shape[1]
+        keep = self._kept_slice(self.position, length)
+        if self.plan.positions == "last":
+            self.kept = [self.position + length - 1]
+        else:
+            self.kept += range(self.position + keep.start, self.position + keep.stop)
+        for point in self.plan.points:
+            if keep.stop <= keep.start:
+                continue
+            tensor, original, units = reduce_value(values[point.name], self.plan, keep)
+            self.shapes[point.name] = original
+            self.units[point.name] = units
+            if self.plan.positions == "last":
+                self.latest[point.name] = tensor
+            else:
+                self.writer.append(point.name, tensor)
+        self.position += length
+
+    def finish(self, token_ids: list[int], tokens: list[str]) -> dict:
+        """Close every tensor file and write the manifest; ``token_ids`` covers prompt + completion."""
+        for point in self.plan.points:
+            if point.name in self.latest:
+                self.writer.append(point.name, self.latest.pop(point.name))
+            shape = self.shapes.get(point.name)
+            units = self.units.get(point.name)
+            self.writer.close_appended(
+                point.name,
+                layer=point.layer,
+                hook_point=point.hook,
+                module=f"{point.module_path}.{point.kind}",
+                original_shape=None if shape is None else [shape[0], self.position, *shape[2:]],
+                positions=self.kept,
+                token_ids=[token_ids[p] for p in self.kept],
+                tokens=[tokens[p] for p in self.kept],
+                unit_indices=None if units is None else units.tolist(),
+            )
+        return self.writer.finish(mode=self.plan.mode, positions=self.plan.positions, **self.manifest)

@@ -124,7 +124,22 @@ class Engine:
 
     def _generate_sync(self, job: GenerationJob) -> GenerationResult:
         loaded = self.loaded
-        return run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
+        if job.capture is None:
+            return run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
+        capture = job.capture
+        try:
+            result = run_generation(
+                loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
+            )
+            if job.cancelled.is_set():
+                capture.writer.abort()  # nobody will read it; leave nothing behind
+                return result
+            token_ids = job.prompt_ids + result.choices[0].token_ids
+            result.capture_manifest = capture.finish(token_ids, [self.vocabulary.text(t) for t in token_ids])
+            return result
+        except BaseException:
+            capture.writer.abort()
+            raise
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """Run a job; if the caller is cancelled (client gone), the job stops at its next token."""
@@ -169,7 +184,7 @@ class Engine:
                     tokens=tokens,
                     unit_indices=None if units is None else units.tolist(),
                 )
-            return writer.finish(model=self.model_id, mode=plan.mode, positions=plan.positions, **manifest)
+            return writer.finish(mode=plan.mode, positions=plan.positions, **manifest)
         except BaseException:
             writer.abort()
             raise

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from .capture import GenerationCapture
 from .text import CompletionText
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class Choice:
 class GenerationResult:
     choices: list[Choice]
     prompt_tokens: int
+    capture_manifest: dict | None = None  # set when the job captured activations at every step
 
     @property
     def completion_tokens(self) -> int:
@@ -110,6 +113,7 @@ class GenerationJob:
     first_index: int = 0  # index of the first choice (several prompts share one response)
     on_delta: Callable[[ChoiceDelta], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    capture: GenerationCapture | None = None  # read activations at every step (capture mode "generate")
     steps: int = 0  # decode steps run so far (written by the worker)
 
 
@@ -135,18 +139,29 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    fed_back: bool = False  # with an extra step: the final token has been through the model too
 
 
 class _DecodeMonitor(StoppingCriteria):
     """Sees each new token of every row; decides when rows finish; emits deltas."""
 
     def __init__(
-        self, job: GenerationJob, tokenizer, eos_ids: frozenset[int], recorder: _LogprobRecorder | None
+        self,
+        job: GenerationJob,
+        tokenizer,
+        eos_ids: frozenset[int],
+        recorder: _LogprobRecorder | None,
+        *,
+        extra_step: bool = False,
     ) -> None:
         self.job = job
         self.params = job.params
         self.eos_ids = frozenset() if job.params.ignore_eos else eos_ids
         self.recorder = recorder
+        # extra_step: report a finished row done one step late, so the model also runs on its
+        # final token (a generate-mode capture then has every token of prompt + completion);
+        # the token sampled in that step is discarded.
+        self.extra_step = extra_step
         self.rows = [_Row(CompletionText(tokenizer, job.params.stop)) for _ in range(job.params.n)]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -157,8 +172,13 @@ class _DecodeMonitor(StoppingCriteria):
         for i, row in enumerate(self.rows):
             if row.finish_reason is None:
                 self._advance(i, row, new_tokens[i], step_logprobs[i] if step_logprobs else None)
+            elif self.extra_step:
+                row.fed_back = True
         cancelled = self.job.cancelled.is_set()
-        done = [cancelled or row.finish_reason is not None for row in self.rows]
+        done = [
+            cancelled or (row.finish_reason is not None and (row.fed_back or not self.extra_step))
+            for row in self.rows
+        ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def _step_logprobs(self, new_tokens: torch.Tensor) -> list[TokenLogprob] | None:
@@ -204,7 +224,9 @@ class _DecodeMonitor(StoppingCriteria):
                 self._emit(i, row, ())
 
 
-def generation_config_for(params: SamplingParams, pad_token_id: int) -> GenerationConfig:
+def generation_config_for(
+    params: SamplingParams, pad_token_id: int, extra_step: bool = False
+) -> GenerationConfig:
     """An explicit HF generation config: every sampling knob set from the request."""
     sampling = (
         {"do_sample": False}
@@ -217,7 +239,7 @@ def generation_config_for(params: SamplingParams, pad_token_id: int) -> Generati
         }
     )
     return GenerationConfig(
-        max_new_tokens=params.max_tokens,
+        max_new_tokens=params.max_tokens + extra_step,
         num_beams=1,
         pad_token_id=pad_token_id,
         repetition_penalty=1.0,
@@ -226,30 +248,38 @@ def generation_config_for(params: SamplingParams, pad_token_id: int) -> Generati
 
 
 def run_generation(
-    hf_model: torch.nn.Module, tokenizer, eos_ids: frozenset[int], job: GenerationJob
+    hf_model: torch.nn.Module, tokenizer, eos_ids: frozenset[int], job: GenerationJob, wrapper=None
 ) -> GenerationResult:
-    """Run one job to completion on the calling (worker) thread."""
+    """Run one job to completion on the calling (worker) thread.
+
+    Plain jobs call the HF module's own ``generate``. A job with a ``capture``
+    runs the same ``generate`` through the nnsight wrapper (the same module),
+    handing every forward step's planned values to the capture as they happen.
+    """
     params = job.params
+    capture = job.capture
+    if capture is not None and wrapper is None:
+        raise ValueError("a capturing job needs the nnsight wrapper")
     device = next(hf_model.parameters()).device
     input_ids = torch.tensor([job.prompt_ids] * params.n, dtype=torch.long, device=device)
     recorder = _LogprobRecorder(params.logprobs) if params.logprobs is not None else None
-    monitor = _DecodeMonitor(job, tokenizer, eos_ids, recorder)
+    extra_step = capture is not None
+    monitor = _DecodeMonitor(job, tokenizer, eos_ids, recorder, extra_step=extra_step)
     if not job.cancelled.is_set() and params.max_tokens > 0:  # 0: echo-only completions
         kwargs = dict(
-            input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            generation_config=generation_config_for(params, tokenizer.pad_token_id),
+            generation_config=generation_config_for(params, tokenizer.pad_token_id, extra_step),
             stopping_criteria=StoppingCriteriaList([monitor]),
             logits_processor=LogitsProcessorList([recorder] if recorder else []),
         )
         if params.seed is None or params.greedy:
-            hf_model.generate(**kwargs)
+            _generate(hf_model, wrapper, input_ids, kwargs, capture)
         else:
             # manual_seed reseeds every CUDA device, so every one is restored afterwards.
             devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(params.seed)
-                hf_model.generate(**kwargs)
+                _generate(hf_model, wrapper, input_ids, kwargs, capture)
     if job.cancelled.is_set():
         logger.info("generation cancelled after %d step(s) of %d", job.steps, params.max_tokens)
     monitor.finish_unfinished()
@@ -264,3 +294,17 @@ def run_generation(
         for i, row in enumerate(monitor.rows)
     ]
     return GenerationResult(choices=choices, prompt_tokens=len(job.prompt_ids))
+
+
+def _generate(hf_model, wrapper, input_ids: torch.Tensor, kwargs: dict, capture) -> None:
+    if capture is None:
+        hf_model.generate(input_ids=input_ids, **kwargs)
+        return
+    points = capture.plan.points
+    with warnings.catch_warnings():
+        # The loop below is open-ended by design (the run decides how many steps there are);
+        # nnsight warns when such a loop is cut short by the end of generation.
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with wrapper.generate(input_ids, **kwargs) as tracer:
+            for _ in tracer.all():
+                capture.on_step({p.name: getattr(wrapper.get(p.module_path), p.kind) for p in points})

@@ -16,7 +16,7 @@ from http import HTTPStatus
 import torch
 
 from ..config import Settings
-from ..engine.capture import CapturePlan
+from ..engine.capture import CapturePlan, GenerationCapture
 from ..engine.engine import Engine
 from ..engine.generation import GenerationJob, GenerationResult
 from ..engine.hooks import HookError
@@ -36,12 +36,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     )
 
 
-def out_of_memory() -> APIError:
+def out_of_memory(exc: BaseException) -> APIError:
     return APIError(
-        "the accelerator ran out of memory for this request; reduce max_tokens, n or the prompt",
-        status=HTTPStatus.SERVICE_UNAVAILABLE,
+        f"out of memory: {exc}. Reduce max_tokens, n, the prompt or what is captured.",
+        status=HTTPStatus.INSUFFICIENT_STORAGE,
         code="out_of_memory",
     )
+
+
+def storage_error(exc: OSError) -> APIError:
+    return APIError(
+        f"could not store the activations: {exc.strerror or exc}",
+        status=HTTPStatus.INSUFFICIENT_STORAGE,
+        code="storage_error",
+    )
+
+
+def engine_error(exc: BaseException) -> APIError | None:
+    """The client-facing error for a failure of model or storage work, where there is one."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return out_of_memory(exc)
+    if isinstance(exc, OSError):
+        return storage_error(exc)
+    return None
 
 
 async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -55,11 +72,11 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
     except APIError as error:
         yield f"data: {json.dumps(error.body())}\n\n"
-    except torch.OutOfMemoryError:
-        yield f"data: {json.dumps(out_of_memory().body())}\n\n"
-    except Exception:
-        logger.exception("a streamed response failed")
-        error = APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+    except Exception as exc:
+        error = engine_error(exc)
+        if error is None:
+            logger.exception("a streamed response failed")
+            error = APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
         yield f"data: {json.dumps(error.body())}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -122,16 +139,13 @@ class Serving:
             )
         return requested
 
-    def capture_plan(self, capture: CaptureRequest | None) -> CapturePlan | None:
+    def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
         """Validate a request's ``capture`` block against the served model, before any work."""
         if capture is None:
             return None
-        if capture.mode == "generate":
-            raise APIError(
-                'capture mode "generate" (prompt and generated tokens) is not available yet; use "trace"',
-                param="capture.mode",
-            )
-        if capture.positions == "generated":
+        if capture.mode == "generate" and n > 1:
+            raise APIError('capture mode "generate" records one choice: send n=1', param="n")
+        if capture.positions == "generated" and capture.mode != "generate":
             raise APIError('positions "generated" needs capture mode "generate"', param="capture.positions")
         try:
             points = self.engine.hooks.resolve(
@@ -153,41 +167,43 @@ class Serving:
             format=capture.format,
         )
 
-    async def capture(
-        self, prompt_ids: list[int], plan: CapturePlan, capture: CaptureRequest, request_id: str
-    ) -> ActivationsRef:
-        """Run a prompt capture on the worker and describe where its tensors are."""
+    async def begin_capture(
+        self, job: GenerationJob, plan: CapturePlan | None, save_dir: str | None, request_id: str
+    ) -> ActivationsRef | None:
+        """Start a request's capture: a trace-mode capture runs now and is described at once;
+        a generate-mode capture rides along with ``job`` and is described from its result."""
+        if plan is None:
+            return None
         try:
-            writer = self.store.create(capture.save_dir, plan.format)
+            writer = self.store.create(save_dir, plan.format)
         except PathOutsideRoot as exc:
             raise APIError(str(exc), param="capture.save_dir") from exc
+        facts = {
+            "model": self.engine.model_id,
+            "completion_id": request_id,
+            "sample_hidden": plan.sample_hidden,
+            "sample_hidden_method": plan.sample_method,
+            "sample_hidden_seed": plan.sample_seed,
+        }
+        if plan.mode == "generate":
+            job.capture = GenerationCapture(plan, writer, len(job.prompt_ids), **facts)
+            return None
         try:
-            manifest = await self.engine.capture_prompt(
-                prompt_ids,
-                plan,
-                writer,
-                completion_id=request_id,
-                sample_hidden=plan.sample_hidden,
-                sample_hidden_method=plan.sample_method,
-                sample_hidden_seed=plan.sample_seed,
-            )
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory() from exc
-        except OSError as exc:
-            raise APIError(
-                f"could not store the activations: {exc.strerror or exc}",
-                status=HTTPStatus.INSUFFICIENT_STORAGE,
-                code="storage_error",
-            ) from exc
+            manifest = await self.engine.capture_prompt(job.prompt_ids, plan, writer, **facts)
+        except (torch.OutOfMemoryError, OSError) as exc:
+            raise engine_error(exc) from exc
+        return self.activations_ref(manifest)
+
+    def activations_ref(self, manifest: dict) -> ActivationsRef:
         return ActivationsRef(
             id=manifest["id"],
             manifest=f"/v1/activations/{manifest['id']}",
-            directory=self.store.relative(writer.directory),
+            directory=self.store.relative(self.store.directory(manifest["id"])),
             tensors=[entry["name"] for entry in manifest["tensors"]],
         )
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         try:
             return await self.engine.generate(job)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory() from exc
+        except (torch.OutOfMemoryError, OSError) as exc:
+            raise engine_error(exc) from exc

@@ -37,7 +37,7 @@ class ChatServing(Serving):
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
-        plan = self.capture_plan(request.capture)
+        plan = self.capture_plan(request.capture, request.n)
         if not self.engine.has_chat_template:
             raise APIError(
                 f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
@@ -57,16 +57,11 @@ class ChatServing(Serving):
             request, GenerationJob(prompt_ids=prompt_ids, params=params), plan, completion_id("chatcmpl")
         )
 
-    async def _activations(self, prepared: PreparedChat):
-        if prepared.capture is None:
-            return None
-        return await self.capture(
-            prepared.job.prompt_ids, prepared.capture, prepared.request.capture, prepared.id
-        )
-
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
-        activations = await self._activations(prepared)
+        activations = await self._begin_capture(prepared)
         result = await self.generate(prepared.job)
+        if result.capture_manifest is not None:
+            activations = self.activations_ref(result.capture_manifest)
         choices = [
             ChatChoice(
                 index=c.index,
@@ -86,9 +81,13 @@ class ChatServing(Serving):
         )
 
     async def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
-        """Role chunk per choice (the first with ``activations`` when capturing), deltas, finish, usage."""
+        """Role chunk per choice, deltas, one finish chunk per choice, then optional usage.
+
+        Captured ``activations`` ride on the first chunk in trace mode, on a last chunk with no
+        choices (beside the usage, if asked) in generate mode.
+        """
         request, job = prepared.request, prepared.job
-        activations = await self._activations(prepared)
+        activations = await self._begin_capture(prepared)  # trace mode: known before generating
         base = {
             "id": prepared.id,
             "object": "chat.completion.chunk",
@@ -114,12 +113,18 @@ class ChatServing(Serving):
                     yield chunk(item.index, {"content": item.text}, logprobs)
                 if item.finish_reason:
                     yield chunk(item.index, {}, None, item.finish_reason)
-            elif request.include_usage:  # the final GenerationResult
-                yield {
-                    **base,
-                    "choices": [],
-                    "usage": dump(usage(item.prompt_tokens, item.completion_tokens)),
-                }
+            else:  # the final GenerationResult
+                extra = {}
+                if request.include_usage:
+                    extra["usage"] = dump(usage(item.prompt_tokens, item.completion_tokens))
+                if item.capture_manifest is not None:  # generate mode: known only now
+                    extra["activations"] = dump(self.activations_ref(item.capture_manifest))
+                if extra:
+                    yield {**base, "choices": [], **extra}
+
+    async def _begin_capture(self, prepared: PreparedChat):
+        save_dir = prepared.request.capture.save_dir if prepared.capture else None
+        return await self.begin_capture(prepared.job, prepared.capture, save_dir, prepared.id)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

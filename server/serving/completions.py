@@ -43,7 +43,7 @@ class CompletionServing(Serving):
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
         request.check_supported()
-        plan = self.capture_plan(request.capture)
+        plan = self.capture_plan(request.capture, request.n)
         prepared: list[CompletionPrompt] = []
         prompts = request.prompts()  # refuses an empty list
         if plan is not None and len(prompts) > 1:
@@ -69,11 +69,11 @@ class CompletionServing(Serving):
             prepared.append(CompletionPrompt(job, echo))
         return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
 
-    async def _activations(self, prepared: PreparedCompletion):
+    async def _begin_capture(self, prepared: PreparedCompletion):
         if prepared.capture is None:
             return None
-        prompt_ids = prepared.prompts[0].job.prompt_ids
-        return await self.capture(prompt_ids, prepared.capture, prepared.request.capture, prepared.id)
+        job = prepared.prompts[0].job  # capture takes one prompt per request
+        return await self.begin_capture(job, prepared.capture, prepared.request.capture.save_dir, prepared.id)
 
     async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
         """The prompt's own logprobs, when echo and logprobs are both asked for."""
@@ -83,15 +83,17 @@ class CompletionServing(Serving):
         try:
             return await self.engine.score_prompt(prompt.job.prompt_ids, k)
         except torch.OutOfMemoryError as exc:
-            raise out_of_memory() from exc
+            raise out_of_memory(exc) from exc
 
     async def respond(self, prepared: PreparedCompletion) -> CompletionResponse:
-        activations = await self._activations(prepared)
+        activations = await self._begin_capture(prepared)
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
         for prompt in prepared.prompts:
             echoed = await self._echo_logprobs(prompt)
             result = await self.generate(prompt.job)
+            if result.capture_manifest is not None:
+                activations = self.activations_ref(result.capture_manifest)
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
             for c in result.choices:
@@ -114,10 +116,11 @@ class CompletionServing(Serving):
     async def chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict]:
         """Per prompt: the echo (if asked), then its choices' deltas and finish; then optional usage.
 
-        When capturing, a first chunk with no choices carries ``activations``.
+        When capturing, a chunk with no choices carries ``activations``: first in trace mode,
+        last (with the usage, if asked) in generate mode.
         """
         request = prepared.request
-        activations = await self._activations(prepared)
+        activations = await self._begin_capture(prepared)
         base = {
             "id": prepared.id,
             "object": "text_completion",
@@ -126,7 +129,7 @@ class CompletionServing(Serving):
         }
         if request.include_usage:
             base["usage"] = None
-        if activations is not None:
+        if activations is not None:  # trace mode
             yield {**base, "choices": [], "activations": dump(activations)}
 
         def chunk(
@@ -154,6 +157,8 @@ class CompletionServing(Serving):
                 if isinstance(item, GenerationResult):
                     prompt_tokens += item.prompt_tokens
                     completion_tokens += item.completion_tokens
+                    if item.capture_manifest is not None:
+                        activations = self.activations_ref(item.capture_manifest)
                     continue
                 logprobs = None
                 if item.logprobs:
@@ -162,8 +167,13 @@ class CompletionServing(Serving):
                     offsets[item.index] = _end_offset(logprobs, start)
                 if item.text or logprobs or item.finish_reason:
                     yield chunk(item.index, item.text, logprobs, item.finish_reason)
+        extra = {}
         if request.include_usage:
-            yield {**base, "choices": [], "usage": dump(usage(prompt_tokens, completion_tokens))}
+            extra["usage"] = dump(usage(prompt_tokens, completion_tokens))
+        if activations is not None and prepared.capture.mode == "generate":
+            extra["activations"] = dump(activations)
+        if extra:
+            yield {**base, "choices": [], **extra}
 
     def _logprobs(self, logprobs: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
         """OpenAI's completions shape; text_offset is the summed length of the tokens' texts before."""

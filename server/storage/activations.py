@@ -82,8 +82,44 @@ def save_tensor(path: Path, name: str, tensor: torch.Tensor, fmt: str) -> None:
         raise ValueError(f"unknown format {fmt!r}")
 
 
+class _Appender:
+    """Raw bytes of a tensor that grows along its first axis, in a hidden file beside the final one."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.path = directory / f".{name}.part"
+        self.handle = self.path.open("wb")
+        self.rows = 0
+        self.dtype: torch.dtype | None = None
+        self.trailing: tuple[int, ...] | None = None
+
+    def append(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous().cpu()
+        if self.dtype is None:
+            self.dtype, self.trailing = tensor.dtype, tuple(tensor.shape[1:])
+        elif (tensor.dtype, tuple(tensor.shape[1:])) != (self.dtype, self.trailing):
+            raise ValueError(
+                f"cannot append a {tensor.dtype} {list(tensor.shape)} tensor to {self.path.name}"
+            )
+        self.handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        self.rows += tensor.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        """The whole tensor, memory-mapped from the raw file (not read into memory at once)."""
+        self.handle.close()
+        if self.dtype is None:
+            return torch.empty(0)
+        count = self.rows * int(torch.Size(self.trailing).numel())
+        flat = torch.from_file(str(self.path), shared=False, size=count, dtype=self.dtype)
+        return flat.view(self.rows, *self.trailing)
+
+
 class CaptureWriter:
-    """Writes one request's tensors and then its manifest; ``abort`` removes all of it."""
+    """Writes one request's tensors and then its manifest; ``abort`` removes all of it.
+
+    A tensor is either written whole (``write``) or grown step by step
+    (``append``, then ``close_appended``), which keeps memory flat however
+    many tokens a generation captures.
+    """
 
     def __init__(self, store: ActivationStore, request_id: str, directory: Path, fmt: str) -> None:
         self.store = store
@@ -92,6 +128,23 @@ class CaptureWriter:
         self.format = fmt
         self.entries: list[dict] = []
         self.started = time.time()
+        self._appenders: dict[str, _Appender] = {}
+
+    def append(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._appenders:
+            self._appenders[name] = _Appender(self.directory, name)
+        self._appenders[name].append(tensor)
+
+    def close_appended(self, name: str, **meta) -> None:
+        """Turn the appended steps of ``name`` into its file in the request's format."""
+        appender = self._appenders.pop(name, None)
+        if appender is None:  # nothing was kept (e.g. positions "generated" of an empty completion)
+            self.write(name, torch.empty(0), **meta)
+            return
+        try:
+            self.write(name, appender.tensor(), **meta)
+        finally:
+            appender.path.unlink(missing_ok=True)
 
     def file_for(self, name: str) -> Path:
         return self.directory / f"{name}.{self.format}"
@@ -125,6 +178,8 @@ class CaptureWriter:
         return body
 
     def abort(self) -> None:
+        for appender in self._appenders.values():
+            appender.handle.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -142,8 +197,9 @@ class ActivationStore:
 
     def _remove_leftovers(self) -> None:
         """Temporary files and manifest-less capture directories of a run that died mid-write."""
-        for tmp in self.root.rglob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for pattern in (".*.tmp", ".*.part"):
+            for tmp in self.root.rglob(pattern):
+                tmp.unlink(missing_ok=True)
         for directory in self.root.rglob("act-*"):
             if directory.is_dir() and _ID.match(directory.name) and not (directory / MANIFEST).exists():
                 shutil.rmtree(directory, ignore_errors=True)

@@ -229,14 +229,15 @@ def test_save_dir_stays_inside_the_root(client, activations_dir, tmp_path):
         ({}, "capture.hook_points"),
         ({"modules": ["model.nowhere.output"]}, "capture.modules[0]"),
         ({"modules": ["model.norm"]}, "capture.modules[0]"),
-        ({"layers": [0], "hook_points": ["resid_post"], "mode": "generate"}, "capture.mode"),
+        ({"layers": [0], "hook_points": ["resid_post"], "mode": "generate"}, "n"),  # with n=2 below
         ({"layers": [0], "hook_points": ["resid_post"], "positions": "generated"}, "capture.positions"),
         ({"layers": [0], "hook_points": ["resid_post"], "sample_hidden": 0}, "capture.sample_hidden"),
         ({"layers": [0], "hook_points": ["resid_post"], "format": "pickle"}, "capture.format"),
     ],
 )
 def test_bad_capture_requests_name_the_field(client, capture_block, param):
-    response = client.post("/v1/chat/completions", json={"messages": HELLO, "capture": capture_block})
+    body = {"messages": HELLO, "capture": capture_block, "n": 2 if param == "n" else 1}
+    response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
@@ -266,3 +267,131 @@ def test_a_failed_write_leaves_no_partial_files(client, activations_dir, monkeyp
     assert len(calls) == 2 and set(activations_dir.rglob("*")) == before
     monkeypatch.setattr(storage, "save_tensor", real_save)
     assert client.post("/v1/chat/completions", json=body).status_code == 200  # the next request works
+
+
+# -- generate mode: the prompt and every generated token ------------------------------------
+
+
+def generate_capture(client, capture_block: dict, **extra) -> tuple[dict, dict]:
+    body = {
+        "messages": HELLO,
+        "max_tokens": 7,
+        "temperature": 0,
+        "capture": {"mode": "generate", **capture_block},
+        **extra,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    return data, client.get(data["activations"]["manifest"]).json()
+
+
+def test_generate_capture_equals_a_forward_over_prompt_and_completion(
+    client, tiny_tokenizer, reference_model
+):
+    asked = ["resid_pre", "attn_out", "resid_post"]
+    data, manifest = generate_capture(client, {"layers": "all", "hook_points": asked}, ignore_eos=True)
+    prompt = prompt_ids(tiny_tokenizer)
+    token_ids = manifest["tensors"][0]["token_ids"]
+    assert token_ids[: len(prompt)] == prompt
+    assert len(token_ids) == len(prompt) + data["usage"]["completion_tokens"] == len(prompt) + 7
+    assert (
+        tiny_tokenizer.decode(token_ids[len(prompt) :], skip_special_tokens=True)
+        == (data["choices"][0]["message"]["content"])
+    )
+    paths = {"resid_pre": ("input", ""), "attn_out": ("output", ".self_attn"), "resid_post": ("output", "")}
+    keys = [(f"model.layers.{i}{suffix}", kind) for i in range(2) for kind, suffix in paths.values()]
+    expected = hooked(reference_model, token_ids, keys)
+    for layer in range(2):
+        for hook, (kind, suffix) in paths.items():
+            name = f"layers.{layer}.{hook}"
+            stored = tensor(client, data["activations"]["id"], name)
+            assert stored.shape[0] == len(token_ids)
+            torch.testing.assert_close(
+                stored, expected[(f"model.layers.{layer}{suffix}", kind)], rtol=1e-4, atol=1e-5
+            )
+
+
+def test_capture_does_not_change_what_is_generated(client):
+    plain = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 7, "seed": 5}).json()
+    data, _ = generate_capture(
+        client, {"layers": [0], "hook_points": ["resid_post"]}, seed=5, temperature=1.0
+    )
+    assert data["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert data["usage"] == plain["usage"]
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "last", "all"])
+def test_generate_capture_positions(client, tiny_tokenizer, positions):
+    full, full_manifest = generate_capture(
+        client, {"layers": [1], "hook_points": ["mlp_out"]}, ignore_eos=True
+    )
+    part, manifest = generate_capture(
+        client, {"layers": [1], "hook_points": ["mlp_out"], "positions": positions}, ignore_eos=True
+    )
+    n_prompt = len(prompt_ids(tiny_tokenizer))
+    total = n_prompt + 7
+    expected = {
+        "prompt": list(range(n_prompt)),
+        "generated": list(range(n_prompt, total)),
+        "last": [total - 1],
+        "all": list(range(total)),
+    }[positions]
+    entry = manifest["tensors"][0]
+    assert entry["positions"] == expected and entry["original_shape"] == [1, total, 64]
+    stored = tensor(client, part["activations"]["id"], "layers.1.mlp_out")
+    assert list(stored.shape) == entry["saved_shape"] == [len(expected), 64]
+    torch.testing.assert_close(
+        stored, tensor(client, full["activations"]["id"], "layers.1.mlp_out")[expected]
+    )
+    assert entry["token_ids"] == [full_manifest["tensors"][0]["token_ids"][p] for p in expected]
+
+
+def test_generate_capture_stream_carries_activations_last(client):
+    body = {
+        "messages": HELLO,
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+    }
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "activations" not in chunks[0] and chunks[-1]["choices"] == []
+    activations = chunks[-1]["activations"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    whole = client.post("/v1/chat/completions", json={**body, "stream": False, "stream_options": None}).json()
+    assert text == whole["choices"][0]["message"]["content"]
+    stored = tensor(client, activations["id"], "layers.0.resid_post")
+    assert stored.shape[0] == chunks[-1]["usage"]["total_tokens"]
+
+
+def test_generate_capture_that_fails_midway_leaves_nothing(client, activations_dir, monkeypatch):
+    from server.storage import activations as storage
+
+    real_append = storage._Appender.append
+    calls = []
+
+    def full_disk_on_step_three(self, value):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_append(self, value)
+
+    monkeypatch.setattr(storage._Appender, "append", full_disk_on_step_three)
+    before = set(activations_dir.rglob("*"))
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": HELLO,
+            "max_tokens": 6,
+            "ignore_eos": True,
+            "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+        },
+    )
+    assert response.status_code == 507, response.text
+    assert set(activations_dir.rglob("*")) == before
+    monkeypatch.setattr(storage._Appender, "append", real_append)
+    generate_capture(client, {"layers": [0], "hook_points": ["resid_post"]})  # the next request works
