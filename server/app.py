@@ -17,7 +17,7 @@ from .config import Settings
 from .engine.engine import Engine
 from .errors import install_error_handlers
 from .routes import router
-from .serving import ChatServing, CompletionServing
+from .serving import ChatServing, CompletionServing, ServerCapture
 from .storage import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.engine = engine
         store = ActivationStore(settings.activations_dir)
         app.state.store = store
-        app.state.chat = ChatServing(engine, settings, store)
-        app.state.completions = CompletionServing(engine, settings, store)
+        server_capture = ServerCapture()
+        app.state.chat = ChatServing(engine, settings, store, server_capture)
+        app.state.completions = CompletionServing(engine, settings, store, server_capture)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         try:

@@ -116,6 +116,48 @@ class CaptureRequest(StrictModel):
     )
 
 
+class ServerCaptureConfig(StrictModel):
+    """Server-wide capture settings (``POST /v1/interventions``), for clients of the earlier server.
+
+    When ``enabled``, every chat or completion request that sends no ``capture`` of its own is
+    captured with these settings.
+    """
+
+    enabled: bool = False
+    layers: list[int] | Literal["all"] = "all"
+    hook_points: list[Annotated[str, Field(max_length=200)]] = Field(
+        default_factory=lambda: ["resid_post"], min_length=1, max_length=64
+    )
+    mode: Literal["trace", "generate"] = "trace"
+    save_dir: Text | None = Field(None, max_length=500, description="Inside --activations-dir.")
+    per_request_subdir: bool = Field(
+        True, description="Each request's capture in its own directory (the only layout; false is refused)."
+    )
+    sample_hidden: int | None = Field(None, ge=1)
+    save_format: Literal["safetensors", "npy", "pt"] = "safetensors"
+    include_metadata_json: bool = Field(True, description="The manifest is always written; false is refused.")
+
+    def for_request(self, overrides: NdifOverrides | None) -> CaptureRequest:
+        save_dir = self.save_dir
+        if overrides is not None and "save_dir" in overrides.model_fields_set:
+            save_dir = overrides.save_dir
+        return CaptureRequest(
+            layers=self.layers,
+            hook_points=self.hook_points,
+            mode=self.mode,
+            sample_hidden=self.sample_hidden,
+            format=self.save_format,
+            save_dir=save_dir,
+        )
+
+
+class NdifOverrides(StrictModel):
+    """Per-request overrides of the server-wide capture settings (extension field ``ndif``)."""
+
+    save_dir: Text | None = Field(None, max_length=500)
+    per_request_subdir: bool = True
+
+
 class _SamplingFields(OpenAIModel):
     """Fields chat and completions share, and their conversion to SamplingParams."""
 
@@ -139,6 +181,9 @@ class _SamplingFields(OpenAIModel):
     )
     capture: CaptureRequest | None = Field(
         None, description="Capture activations while answering; the response names the stored tensors."
+    )
+    ndif: NdifOverrides | None = Field(
+        None, description="Overrides save_dir / per_request_subdir of the server-wide capture settings."
     )
 
     def _check_unsupported(self) -> None:
@@ -311,6 +356,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     activations: ActivationsRef | None = None
+    ndif: ActivationsRef | None = None  # the same object, for clients of the earlier server
 
 
 class CompletionLogprobs(BaseModel):
@@ -335,6 +381,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     activations: ActivationsRef | None = None
+    ndif: ActivationsRef | None = None  # the same object, for clients of the earlier server
 
 
 class ModelCard(BaseModel):
@@ -349,6 +396,11 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ServerCaptureResponse(BaseModel):
+    ok: bool = True
+    config: ServerCaptureConfig
 
 
 class Health(BaseModel):

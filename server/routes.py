@@ -17,6 +17,8 @@ from .protocol import (
     CompletionResponse,
     Health,
     ModelList,
+    ServerCaptureConfig,
+    ServerCaptureResponse,
 )
 from .serving import sse_stream
 
@@ -94,6 +96,16 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return _sse(service.chunks(prepared))
     return await cancel_on_disconnect(request, service.respond(prepared))
+
+
+@router.get("/v1/interventions", response_model=ServerCaptureResponse)
+async def get_server_capture(request: Request) -> ServerCaptureResponse:
+    return ServerCaptureResponse(config=request.app.state.chat.server_capture.config)
+
+
+@router.post("/v1/interventions", response_model=ServerCaptureResponse, responses=_ERROR_RESPONSES)
+async def set_server_capture(body: ServerCaptureConfig, request: Request) -> ServerCaptureResponse:
+    return ServerCaptureResponse(config=request.app.state.chat.configure_server_capture(body))
 
 
 @router.get("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)

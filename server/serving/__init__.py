@@ -6,8 +6,8 @@ token budget, engine calls with errors in OpenAI shape, and the one SSE
 framing. Routes stay thin: they only choose JSON or SSE.
 """
 
-from .base import Serving, sse_stream
+from .base import ServerCapture, Serving, sse_stream
 from .chat import ChatServing
 from .completions import CompletionServing
 
-__all__ = ["ChatServing", "CompletionServing", "Serving", "sse_stream"]
+__all__ = ["ChatServing", "CompletionServing", "ServerCapture", "Serving", "sse_stream"]

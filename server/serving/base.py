@@ -22,7 +22,17 @@ from ..engine.generation import GenerationJob, GenerationResult
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
 from ..errors import APIError
-from ..protocol import ActivationsRef, CaptureRequest, ModelCard, ModelList, Usage, now
+from ..protocol import (
+    ActivationsRef,
+    CaptureRequest,
+    ModelCard,
+    ModelList,
+    NdifOverrides,
+    ServerCaptureConfig,
+    Usage,
+    dump,
+    now,
+)
 from ..storage import ActivationStore, PathOutsideRoot
 
 logger = logging.getLogger(__name__)
@@ -81,13 +91,31 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
+def activation_fields(ref: ActivationsRef | None) -> dict:
+    """``activations``, and the same object under ``ndif`` for clients of the earlier server."""
+    return {} if ref is None else {"activations": dump(ref), "ndif": dump(ref)}
+
+
+class ServerCapture:
+    """The server-wide capture settings (``/v1/interventions``), shared by every endpoint.
+
+    Read and replaced on the event loop only.
+    """
+
+    def __init__(self) -> None:
+        self.config = ServerCaptureConfig()
+
+
 class Serving:
     """Shared by the endpoint families: model identity, budget checks, engine calls."""
 
-    def __init__(self, engine: Engine, settings: Settings, store: ActivationStore) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, store: ActivationStore, server_capture: ServerCapture
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.store = store
+        self.server_capture = server_capture
         self.created = now()
         self._model_names = {engine.model_id, settings.model, engine.loaded.source}
 
@@ -138,6 +166,50 @@ class Serving:
                 code="context_length_exceeded",
             )
         return requested
+
+    def effective_capture(
+        self, capture: CaptureRequest | None, overrides: NdifOverrides | None
+    ) -> CaptureRequest | None:
+        """The request's own ``capture``, else the server-wide settings (with ``ndif`` overrides)."""
+        if capture is not None:
+            return capture
+        config = self.server_capture.config
+        if not config.enabled:
+            return None
+        if overrides is not None and not overrides.per_request_subdir:
+            raise APIError(
+                "per_request_subdir false is not supported: every capture gets its own directory",
+                param="ndif.per_request_subdir",
+            )
+        effective = config.for_request(overrides)
+        try:
+            self.store.resolve_subdir(effective.save_dir)
+        except PathOutsideRoot as exc:
+            raise APIError(str(exc), param="ndif.save_dir") from exc
+        return effective
+
+    def configure_server_capture(self, config: ServerCaptureConfig) -> ServerCaptureConfig:
+        """Validate and install new server-wide capture settings."""
+        if not config.per_request_subdir:
+            raise APIError(
+                "per_request_subdir false is not supported: every capture gets its own directory",
+                param="per_request_subdir",
+            )
+        if not config.include_metadata_json:
+            raise APIError(
+                "include_metadata_json false is not supported: the manifest is always written",
+                param="include_metadata_json",
+            )
+        try:
+            self.engine.hooks.resolve(layers=config.layers, hook_points=config.hook_points, modules=None)
+            self.store.resolve_subdir(config.save_dir)
+        except HookError as exc:
+            raise APIError(str(exc), param=exc.param) from exc
+        except PathOutsideRoot as exc:
+            raise APIError(str(exc), param="save_dir") from exc
+        self.server_capture.config = config
+        logger.info("server-wide capture settings: %s", config.model_dump())
+        return config
 
     def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
         """Validate a request's ``capture`` block against the served model, before any work."""

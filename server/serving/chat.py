@@ -22,7 +22,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, usage
+from .base import Serving, activation_fields, usage
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class PreparedChat:
     request: ChatCompletionRequest
     job: GenerationJob
     capture: CapturePlan | None
+    save_dir: str | None  # of the capture
     id: str
 
 
@@ -37,7 +38,8 @@ class ChatServing(Serving):
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
-        plan = self.capture_plan(request.capture, request.n)
+        capture = self.effective_capture(request.capture, request.ndif)
+        plan = self.capture_plan(capture, request.n)
         if not self.engine.has_chat_template:
             raise APIError(
                 f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
@@ -53,9 +55,9 @@ class ChatServing(Serving):
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
         )
-        return PreparedChat(
-            request, GenerationJob(prompt_ids=prompt_ids, params=params), plan, completion_id("chatcmpl")
-        )
+        job = GenerationJob(prompt_ids=prompt_ids, params=params)
+        save_dir = capture.save_dir if capture else None
+        return PreparedChat(request, job, plan, save_dir, completion_id("chatcmpl"))
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
         activations = await self._begin_capture(prepared)
@@ -78,6 +80,7 @@ class ChatServing(Serving):
             choices=choices,
             usage=usage(result.prompt_tokens, result.completion_tokens),
             activations=activations,
+            ndif=activations,
         )
 
     async def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
@@ -103,8 +106,8 @@ class ChatServing(Serving):
 
         for index in range(job.params.n):
             first = chunk(index, {"role": "assistant", "content": ""})
-            if index == 0 and activations is not None:
-                first["activations"] = dump(activations)
+            if index == 0:
+                first.update(activation_fields(activations))
             yield first
         async for item in self.engine.stream(job):
             if isinstance(item, ChoiceDelta):
@@ -118,13 +121,12 @@ class ChatServing(Serving):
                 if request.include_usage:
                     extra["usage"] = dump(usage(item.prompt_tokens, item.completion_tokens))
                 if item.capture_manifest is not None:  # generate mode: known only now
-                    extra["activations"] = dump(self.activations_ref(item.capture_manifest))
+                    extra.update(activation_fields(self.activations_ref(item.capture_manifest)))
                 if extra:
                     yield {**base, "choices": [], **extra}
 
     async def _begin_capture(self, prepared: PreparedChat):
-        save_dir = prepared.request.capture.save_dir if prepared.capture else None
-        return await self.begin_capture(prepared.job, prepared.capture, save_dir, prepared.id)
+        return await self.begin_capture(prepared.job, prepared.capture, prepared.save_dir, prepared.id)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

@@ -19,7 +19,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, out_of_memory, usage
+from .base import Serving, activation_fields, out_of_memory, usage
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class PreparedCompletion:
     request: CompletionRequest
     prompts: list[CompletionPrompt]
     capture: CapturePlan | None
+    save_dir: str | None  # of the capture
     id: str
 
 
@@ -43,7 +44,8 @@ class CompletionServing(Serving):
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
         request.check_supported()
-        plan = self.capture_plan(request.capture, request.n)
+        capture = self.effective_capture(request.capture, request.ndif)
+        plan = self.capture_plan(capture, request.n)
         prepared: list[CompletionPrompt] = []
         prompts = request.prompts()  # refuses an empty list
         if plan is not None and len(prompts) > 1:
@@ -67,13 +69,14 @@ class CompletionServing(Serving):
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
             prepared.append(CompletionPrompt(job, echo))
-        return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
+        save_dir = capture.save_dir if capture else None
+        return PreparedCompletion(request, prepared, plan, save_dir, completion_id("cmpl"))
 
     async def _begin_capture(self, prepared: PreparedCompletion):
         if prepared.capture is None:
             return None
         job = prepared.prompts[0].job  # capture takes one prompt per request
-        return await self.begin_capture(job, prepared.capture, prepared.request.capture.save_dir, prepared.id)
+        return await self.begin_capture(job, prepared.capture, prepared.save_dir, prepared.id)
 
     async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
         """The prompt's own logprobs, when echo and logprobs are both asked for."""
@@ -111,6 +114,7 @@ class CompletionServing(Serving):
             choices=choices,
             usage=usage(prompt_tokens, completion_tokens),
             activations=activations,
+            ndif=activations,
         )
 
     async def chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict]:
@@ -130,7 +134,7 @@ class CompletionServing(Serving):
         if request.include_usage:
             base["usage"] = None
         if activations is not None:  # trace mode
-            yield {**base, "choices": [], "activations": dump(activations)}
+            yield {**base, "choices": [], **activation_fields(activations)}
 
         def chunk(
             index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None
@@ -171,7 +175,7 @@ class CompletionServing(Serving):
         if request.include_usage:
             extra["usage"] = dump(usage(prompt_tokens, completion_tokens))
         if activations is not None and prepared.capture.mode == "generate":
-            extra["activations"] = dump(activations)
+            extra.update(activation_fields(activations))
         if extra:
             yield {**base, "choices": [], **extra}
 
