@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from .config import Settings
 from .engine.engine import Engine
+from .engine.memory import format_size
 from .errors import install_error_handlers
 from .routes import router
 from .serving import ChatServing, CompletionServing, ServerCapture
@@ -35,6 +36,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.completions = CompletionServing(engine, settings, store, server_capture)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
+        budget = settings.memory_budget
+        if budget is not None and engine.shape.weight_bytes >= budget:
+            logger.warning(
+                "the weights alone (%s) exceed --memory-budget (%s): every request will be refused",
+                format_size(engine.shape.weight_bytes),
+                format_size(budget),
+            )
         try:
             yield
         finally:

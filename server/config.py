@@ -9,10 +9,12 @@ over the defaults below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .engine.memory import parse_size
 
 ENV_PREFIX = "NNSIGHT_SERVER_"
 
@@ -44,6 +46,12 @@ class Settings(BaseSettings):
     max_n: int = Field(16, ge=1, description="Most choices (`n`) per request.")
     cache_dir: Path | None = Field(
         None, description="Where the embedded model is converted to (default ~/.cache/nnsight-server)."
+    )
+    memory_budget: Annotated[
+        int | None, BeforeValidator(lambda v: None if v in (None, "") else parse_size(v))
+    ] = Field(
+        None,
+        description="Refuse requests whose estimated peak (weights included) exceeds this, e.g. 16GB.",
     )
     activations_dir: Path = Field(
         Path("activations"), description="Root of the activation store; client save_dirs stay inside it."

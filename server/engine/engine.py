@@ -33,6 +33,7 @@ from .capture import CapturePlan, capture_prompt, prompt_positions, reduce_value
 from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
 from .hooks import HookResolver
 from .loading import LoadedModel, load_model
+from .memory import MemoryLog, ModelShape
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
 from .vocab import Vocabulary, build_vocabulary
@@ -50,6 +51,7 @@ class Engine:
         self.model_id = loaded.model_id
         self.layout = find_layers(loaded.hf_model)
         self.hooks = HookResolver(loaded.hf_model, self.layout)
+        self.shape = ModelShape.of(loaded.hf_model, self.layout.count)
         self.context_length = context_length(loaded.hf_model.config, loaded.tokenizer, max_model_len)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
@@ -123,6 +125,10 @@ class Engine:
             raise
 
     def _generate_sync(self, job: GenerationJob) -> GenerationResult:
+        with MemoryLog(self.loaded.device, "generate", max_new_tokens=job.params.max_tokens):
+            return self._generate_logged(job)
+
+    def _generate_logged(self, job: GenerationJob) -> GenerationResult:
         loaded = self.loaded
         if job.capture is None:
             return run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)

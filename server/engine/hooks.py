@@ -46,6 +46,7 @@ class HookPoint:
     layer: int | None  # None for absolute module paths outside the layers
     hook: str  # what the client asked for: "resid_post", "mlp.down_proj.input", ...
     order: int  # position of this read in one forward pass
+    width: int  # elements per token of the value (its size divided by batch x positions)
 
 
 class HookResolver:
@@ -54,7 +55,7 @@ class HookResolver:
     def __init__(self, model: torch.nn.Module, layout: LayerLayout) -> None:
         self.layout = layout
         self._modules = dict(model.named_modules())
-        self._order = _execution_order(model)
+        self._order, self._width = _execution_order(model)
 
     def layer_indexes(self, layers: list[int] | str, param: str = "layers") -> list[int]:
         count = self.layout.count
@@ -86,19 +87,20 @@ class HookResolver:
                     path, kind = self._split(
                         f"{self.layout.path}.{layer}.{relative}", f"hook_points[{j}]", hook
                     )
-                    point = HookPoint(
-                        f"layers.{layer}.{hook}", path, kind, layer, hook, self._order_of(path, kind)
-                    )
+                    point = self._point(f"layers.{layer}.{hook}", path, kind, layer, hook)
                     points[point.name] = point
         elif layers is not None:
             raise HookError('layers needs hook_points (e.g. ["resid_post"])', "hook_points")
         for j, full in enumerate(modules or ()):
             path, kind = self._split(full, f"modules[{j}]", full)
-            point = HookPoint(full, path, kind, self._layer_of(path), full, self._order_of(path, kind))
-            points.setdefault(point.name, point)
+            points.setdefault(full, self._point(full, path, kind, self._layer_of(path), full))
         if not points:
             raise HookError("name at least one hook point (hook_points or modules)", "hook_points")
         return sorted(points.values(), key=lambda p: (p.order, p.name))
+
+    def _point(self, name: str, path: str, kind: str, layer: int | None, hook: str) -> HookPoint:
+        key = (path, kind)
+        return HookPoint(name, path, kind, layer, hook, self._order[key], self._width[key])
 
     def _split(self, full: str, param: str, asked: str) -> tuple[str, str]:
         path, _, kind = full.rpartition(".")
@@ -112,9 +114,6 @@ class HookResolver:
             raise HookError(f"{asked!r} is never reached in a forward pass", param)
         return path, kind
 
-    def _order_of(self, path: str, kind: str) -> int:
-        return self._order[(path, kind)]
-
     def _layer_of(self, path: str) -> int | None:
         prefix = f"{self.layout.path}."
         if path.startswith(prefix):
@@ -125,24 +124,32 @@ class HookResolver:
 
 
 @torch.no_grad()
-def _execution_order(model: torch.nn.Module) -> dict[tuple[str, str], int]:
-    """(module path, 'input'|'output') -> index of its first event in one forward pass."""
+def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """For each (module path, 'input'|'output'): the index of its first event in one forward
+    pass, and the number of elements its value holds per token (0 where it is not a tensor)."""
     order: dict[tuple[str, str], int] = {}
+    width: dict[tuple[str, str], int] = {}
     handles = []
+    positions = 2
 
-    def record(key: tuple[str, str]) -> None:
-        order.setdefault(key, len(order))
+    def record(key: tuple[str, str], value) -> None:
+        if key in order:
+            return
+        order[key] = len(order)
+        while isinstance(value, (tuple, list)) and value:
+            value = value[0]
+        width[key] = value.numel() // positions if isinstance(value, torch.Tensor) else 0
 
     for name, module in model.named_modules():
         if not name:
             continue
-        handles.append(module.register_forward_pre_hook(lambda *_, n=name: record((n, "input"))))
-        handles.append(module.register_forward_hook(lambda *_, n=name: record((n, "output"))))
+        handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: record((n, "input"), args)))
+        handles.append(module.register_forward_hook(lambda _m, _a, out, n=name: record((n, "output"), out)))
     try:
         device = next(model.parameters()).device
-        ids = torch.tensor([[0, 1]], device=device)
+        ids = torch.zeros((1, positions), dtype=torch.long, device=device)
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
         for handle in handles:
             handle.remove()
-    return order
+    return order, width

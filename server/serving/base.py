@@ -21,6 +21,7 @@ from ..engine.engine import Engine
 from ..engine.generation import GenerationJob, GenerationResult
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
+from ..engine.memory import estimate, format_size
 from ..errors import APIError
 from ..protocol import (
     ActivationsRef,
@@ -237,6 +238,55 @@ class Serving:
             sample_seed=capture.sample_hidden_seed,
             dtype=DTYPES[capture.dtype] if capture.dtype else None,
             format=capture.format,
+        )
+
+    def check_memory(
+        self,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        n: int,
+        plan: CapturePlan | None,
+        scoring: bool,
+        prompt_param: str,
+        max_tokens_param: str,
+    ) -> None:
+        """Refuse, before it runs, a request whose estimated peak exceeds --memory-budget."""
+        budget = self.settings.memory_budget
+        if budget is None:
+            return
+
+        def need(tokens: int = max_tokens, rows: int = n, capture: CapturePlan | None = plan):
+            points = capture.points if capture else ()
+            return estimate(
+                self.engine.shape,
+                prompt_tokens=prompt_tokens,
+                max_tokens=tokens + (capture is not None and capture.mode == "generate"),
+                n=rows,
+                capture_widths=tuple(p.width for p in points),
+                capture_positions=prompt_tokens if points else 0,
+                scoring=scoring,
+            )
+
+        full = need()
+        if full.total <= budget:
+            return
+        # Name the first knob whose reduction alone would make the request fit, else the prompt.
+        fixes = [
+            ("capture", plan is not None, lambda: need(capture=None)),
+            (max_tokens_param, max_tokens > 1, lambda: need(tokens=1)),
+            ("n", n > 1, lambda: need(rows=1)),
+        ]
+        blame = next(
+            (name for name, applies, reduced in fixes if applies and reduced().total <= budget), prompt_param
+        )
+        raise APIError(
+            f"this request needs about {format_size(full.total)} ({full.describe()}), more than the "
+            f"server's --memory-budget of {format_size(budget)}. Reduce {blame}"
+            + (" (fewer layers or hook points, or sample_hidden)" if blame == "capture" else "")
+            + ".",
+            param=blame,
+            code="memory_budget_exceeded",
         )
 
     async def begin_capture(

@@ -55,6 +55,15 @@ class ChatServing(Serving):
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
         )
+        self.check_memory(
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            n=params.n,
+            plan=plan,
+            scoring=False,
+            prompt_param="messages",
+            max_tokens_param=param,
+        )
         job = GenerationJob(prompt_ids=prompt_ids, params=params)
         save_dir = capture.save_dir if capture else None
         return PreparedChat(request, job, plan, save_dir, completion_id("chatcmpl"))

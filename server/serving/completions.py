@@ -64,6 +64,15 @@ class CompletionServing(Serving):
             params = request.sampling_params(
                 max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
             )
+            self.check_memory(
+                prompt_tokens=len(prompt_ids),
+                max_tokens=max_tokens,
+                n=params.n,
+                plan=plan,
+                scoring=request.echo and request.logprobs is not None,
+                prompt_param=param,
+                max_tokens_param="max_tokens",
+            )
             job = GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n)
             echo = None
             if request.echo:

@@ -1,0 +1,191 @@
+"""Memory: what a request will cost before it runs, and what each generation did cost.
+
+:func:`estimate` adds up, for one request, the bytes that must fit at once on
+the device that holds the model (the GPU, or host memory on CPU):
+
+* weights: already resident, the sum of the parameters' bytes;
+* KV cache: ``n x (prompt + max_tokens) x layers x 2 x kv_heads x head_dim x dtype bytes``;
+* activations of the prompt forward (the largest step): ``n x prompt x (4 x hidden +
+  2 x intermediate) x dtype bytes`` for the residual and MLP buffers, plus
+  ``n x heads x prompt^2 x dtype bytes`` for attention scores (kernels that never
+  materialise them need less; this stays on the safe side), plus the last
+  position's logits in float32;
+* prompt scoring (``echo`` with logprobs): ``prompt x vocab x dtype bytes`` of logits;
+* capture: every planned value of the prompt forward (``prompt x width x dtype
+  bytes`` each, widths measured at start-up); later steps add one position at a time
+  and leave the device at once.
+
+It is an estimate, meant to refuse what clearly cannot fit; docs/memory.md
+works an example. :class:`MemoryLog` measures what a generation really used
+and logs one ``[memory]`` line for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import resource
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+MIB = 2**20
+
+
+def parse_size(text: str | int) -> int:
+    """'16GB' -> 16e9, '16GiB' -> 16 x 2^30, '512MB', '1.5G', or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (try 16GB, 16GiB or 512MB)")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / MIB:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about the served model."""
+
+    weight_bytes: int
+    dtype_bytes: int
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, num_layers: int) -> ModelShape:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = getattr(config, "hidden_size", None) or config.n_embd
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        intermediate = (
+            getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        )
+        params = list(model.parameters())
+        return cls(
+            weight_bytes=sum(p.numel() * p.element_size() for p in params),
+            dtype_bytes=params[0].element_size(),
+            layers=num_layers,
+            hidden=hidden,
+            intermediate=intermediate,
+            heads=heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab=config.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    kv_cache: int
+    activations: int
+    scoring: int
+    capture: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.scoring + self.capture
+
+    def describe(self) -> str:
+        parts = [
+            ("weights", self.weights),
+            ("KV cache", self.kv_cache),
+            ("activations", self.activations),
+            ("prompt scoring", self.scoring),
+            ("capture", self.capture),
+        ]
+        return ", ".join(f"{name} {format_size(size)}" for name, size in parts if size)
+
+
+def estimate(
+    shape: ModelShape,
+    *,
+    prompt_tokens: int,
+    max_tokens: int,
+    n: int = 1,
+    capture_widths: tuple[int, ...] = (),
+    capture_positions: int = 0,
+    scoring: bool = False,
+) -> MemoryEstimate:
+    """Peak bytes for one request on the model's device (see the module docstring)."""
+    b = shape.dtype_bytes
+    tokens = prompt_tokens + max_tokens
+    kv = n * tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * b
+    activations = (
+        n * prompt_tokens * (4 * shape.hidden + 2 * shape.intermediate) * b
+        + n * shape.heads * prompt_tokens * prompt_tokens * b
+        + n * shape.vocab * 4
+    )
+    scoring_bytes = (
+        prompt_tokens * shape.vocab * b + min(prompt_tokens, 256) * shape.vocab * 4 if scoring else 0
+    )
+    capture = sum(capture_widths) * capture_positions * b
+    return MemoryEstimate(shape.weight_bytes, kv, activations, scoring_bytes, capture)
+
+
+class MemoryLog:
+    """Measures one generation: ``with MemoryLog(device, "generate", max_new_tokens=N): ...``.
+
+    On CUDA: allocated bytes before and after, and the peak in between. On CPU:
+    the process's resident memory before and after, and its peak over the
+    process's life (the operating system keeps no per-request peak).
+    """
+
+    def __init__(self, device: torch.device, what: str, **fields) -> None:
+        self.device = device
+        self.what = what
+        self.fields = fields
+
+    def _now(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return psutil.Process().memory_info().rss
+
+    def __enter__(self) -> MemoryLog:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = self._now()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        after = self._now()
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        extra = " ".join(f"{key}={value}" for key, value in self.fields.items())
+        logger.info(
+            "[memory] %s: before=%dMiB after=%dMiB peak=%dMiB %s",
+            self.what,
+            self.before // MIB,
+            after // MIB,
+            peak // MIB,
+            extra,
+        )
