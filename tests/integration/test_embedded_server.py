@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 COUNT = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
@@ -189,3 +190,32 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(embedded_server, model_
     assert result["response"].status_code == 400  # far past the context window
     assert result["response"].json()["error"]["param"] == "messages"
     assert health_at < result["done_at"]
+
+
+def test_captured_residual_stream_equals_hf_hidden_states(embedded_server, oai, model_id):
+    """The issue's promise, end to end: capture from the openai client, download, compare with HF."""
+    from safetensors.torch import load
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.loading import embedded_model_dir
+
+    reply = oai.chat.completions.create(
+        model=model_id,
+        messages=CAPITAL,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"capture": {"mode": "generate", "layers": [0, 14, -2], "hook_points": ["resid_post"]}},
+    )
+    activations = reply.model_extra["activations"]
+    manifest = httpx.get(f"{embedded_server.url}{activations['manifest']}", timeout=30).json()
+    token_ids = manifest["tensors"][0]["token_ids"]
+    assert len(token_ids) == reply.usage.total_tokens
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir()).eval()
+    with torch.no_grad():
+        hidden = model(torch.tensor([token_ids]), output_hidden_states=True).hidden_states
+    for layer in (0, 14, 28):
+        name = f"layers.{layer}.resid_post"
+        raw = httpx.get(
+            f"{embedded_server.url}/v1/activations/{activations['id']}/{name}", timeout=30
+        ).content
+        torch.testing.assert_close(load(raw)[name], hidden[layer + 1][0], rtol=1e-3, atol=1e-4)

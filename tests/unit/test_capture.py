@@ -395,3 +395,26 @@ def test_generate_capture_that_fails_midway_leaves_nothing(client, activations_d
     assert set(activations_dir.rglob("*")) == before
     monkeypatch.setattr(storage._Appender, "append", real_append)
     generate_capture(client, {"layers": [0], "hook_points": ["resid_post"]})  # the next request works
+
+
+def test_generate_capture_equals_a_trace_capture_of_the_same_tokens(client):
+    """Through the API alone: a generate-mode capture, then a trace over prompt + completion."""
+    data, manifest = generate_capture(
+        client, {"layers": "all", "hook_points": ["resid_post"]}, ignore_eos=True
+    )
+    token_ids = manifest["tensors"][0]["token_ids"]
+    traced = client.post(
+        "/v1/completions",
+        json={
+            "prompt": token_ids,
+            "max_tokens": 1,
+            "capture": {"layers": "all", "hook_points": ["resid_post"]},
+        },
+    ).json()["activations"]
+    for name in data["activations"]["tensors"]:
+        torch.testing.assert_close(
+            tensor(client, data["activations"]["id"], name),
+            tensor(client, traced["id"], name),
+            rtol=1e-4,
+            atol=1e-5,
+        )
