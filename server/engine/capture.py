@@ -13,6 +13,8 @@ Stored tensors are ``[pos, ...]`` (the batch of one dropped).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ class CapturePlan:
     sample_seed: int = 0
     dtype: torch.dtype | None = None  # storage dtype; None: the model's
     format: str = "safetensors"
+    save_dir: str | None = None  # inside the activation store's root
 
     def unit_indices(self, width: int) -> torch.Tensor | None:
         """Which hidden units to keep for a last dimension of ``width`` (sorted), or None for all."""
@@ -71,12 +74,22 @@ def prompt_positions(plan: CapturePlan, prompt_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len) if plan.positions == "last" else slice(0, prompt_len)
 
 
-def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan) -> dict[str, torch.Tensor]:
-    """One traced forward over the prompt; every planned value, read in execution order."""
-    device = next(wrapper._module.parameters()).device
+def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan, logits_module: str | None) -> dict:
+    """One traced forward over the prompt; every planned value, read in execution order.
+
+    Unless the logits themselves are planned, the forward computes them for the last
+    position only (``logits_to_keep=1``), as generation does: a long prompt's full
+    ``[pos, vocab]`` logits are often its largest tensor.
+    """
+    model = wrapper._module
+    device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    extra = {}
+    wants_logits = any(p.module_path == logits_module for p in plan.points)
+    if not wants_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
     saved = {}
-    with torch.no_grad(), wrapper.trace(ids, attention_mask=torch.ones_like(ids)):
+    with torch.no_grad(), wrapper.trace(ids, attention_mask=torch.ones_like(ids), **extra):
         for point in plan.points:  # already sorted by execution order
             saved[point.name] = getattr(wrapper.get(point.module_path), point.kind).save()
     return saved
@@ -92,11 +105,15 @@ class GenerationCapture:
     disk step by step (``CaptureWriter.append``), so neither accelerator nor
     host memory grows with the number of tokens; ``positions: "last"`` keeps
     only the latest step's value in memory.
+
+    The writer (and with it the capture's directory) is opened by the first
+    step, on the worker thread: a request cancelled before it ran leaves nothing.
     """
 
-    def __init__(self, plan: CapturePlan, writer, prompt_len: int, **manifest) -> None:
+    def __init__(self, plan: CapturePlan, open_writer: Callable, prompt_len: int, **manifest) -> None:
         self.plan = plan
-        self.writer = writer
+        self._open_writer = open_writer
+        self._writer = None
         self.prompt_len = prompt_len
         self.manifest = manifest  # request-level facts for the manifest (model, completion id, ...)
         self.position = 0  # absolute position of the next value
@@ -114,8 +131,23 @@ class GenerationCapture:
             return slice(min(length, max(0, self.prompt_len - start)), length)
         return slice(0, length)
 
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = self._open_writer()
+        return self._writer
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
     def on_step(self, values: dict) -> None:
-        length = _first_tensor(next(iter(values.values()))).shape[1]
+        length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
+        for name, value in values.items():
+            if _first_tensor(value).shape[1] != length:
+                raise ValueError(
+                    f"{name} does not hold one value per position fed in (shape {list(value.shape)})"
+                )
         keep = self._kept_slice(self.position, length)
         if self.plan.positions == "last":
             self.kept = [self.position + length - 1]

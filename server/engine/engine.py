@@ -138,13 +138,13 @@ class Engine:
                 loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
             )
             if job.cancelled.is_set():
-                capture.writer.abort()  # nobody will read it; leave nothing behind
+                capture.abort()  # nobody will read it; leave nothing behind
                 return result
             token_ids = job.prompt_ids + result.choices[0].token_ids
             result.capture_manifest = capture.finish(token_ids, [self.vocabulary.text(t) for t in token_ids])
             return result
         except BaseException:
-            capture.writer.abort()
+            capture.abort()
             raise
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
@@ -160,19 +160,25 @@ class Engine:
         return await self._run(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
 
     async def capture_prompt(
-        self, prompt_ids: list[int], plan: CapturePlan, writer: CaptureWriter, **manifest
+        self, prompt_ids: list[int], plan: CapturePlan, open_writer: Callable[[], CaptureWriter], **manifest
     ) -> dict:
         """Trace the prompt once, store every planned value, write the manifest; returns it.
 
-        A failure (or an out-of-memory error) removes everything this capture wrote.
+        The writer is opened on the worker, when the capture runs; a failure (or an
+        out-of-memory error) removes everything this capture wrote.
         """
-        return await self._run(self._capture_prompt_sync, prompt_ids, plan, writer, manifest)
+        return await self._run(self._capture_prompt_sync, prompt_ids, plan, open_writer, manifest)
 
     def _capture_prompt_sync(
-        self, prompt_ids: list[int], plan: CapturePlan, writer: CaptureWriter, manifest: dict
+        self,
+        prompt_ids: list[int],
+        plan: CapturePlan,
+        open_writer: Callable[[], CaptureWriter],
+        manifest: dict,
     ) -> dict:
+        writer = open_writer()
         try:
-            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan)
+            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module)
             positions = prompt_positions(plan, len(prompt_ids))
             token_ids = prompt_ids[positions]
             tokens = [self.vocabulary.text(t) for t in token_ids]

@@ -56,6 +56,9 @@ class HookResolver:
         self.layout = layout
         self._modules = dict(model.named_modules())
         self._order, self._width = _execution_order(model)
+        logits = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # The module computing the logits: generation computes them for the last position only.
+        self.logits_module = next((name for name, m in self._modules.items() if m is logits), None)
 
     def layer_indexes(self, layers: list[int] | str, param: str = "layers") -> list[int]:
         count = self.layout.count
@@ -112,6 +115,8 @@ class HookResolver:
             )
         if (path, kind) not in self._order:
             raise HookError(f"{asked!r} is never reached in a forward pass", param)
+        if not self._width[(path, kind)]:
+            raise HookError(f"{asked!r} is not a [batch, pos, ...] tensor, so it cannot be captured", param)
         return path, kind
 
     def _layer_of(self, path: str) -> int | None:
@@ -126,7 +131,8 @@ class HookResolver:
 @torch.no_grad()
 def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
     """For each (module path, 'input'|'output'): the index of its first event in one forward
-    pass, and the number of elements its value holds per token (0 where it is not a tensor)."""
+    pass, and the number of elements its value holds per token (0 where it is not one
+    ``[batch, pos, ...]`` tensor, e.g. a model output object)."""
     order: dict[tuple[str, str], int] = {}
     width: dict[tuple[str, str], int] = {}
     handles = []
@@ -138,12 +144,26 @@ def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int]
         order[key] = len(order)
         while isinstance(value, (tuple, list)) and value:
             value = value[0]
-        width[key] = value.numel() // positions if isinstance(value, torch.Tensor) else 0
+        per_position = (
+            isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (1, positions)
+        )
+        width[key] = value.numel() // positions if per_position else 0
+
+    def first_input(args: tuple, kwargs: dict):
+        """What nnsight's ``.input`` is: the first positional argument, else the first keyword one."""
+        if args:
+            return args[0]
+        return next(iter(kwargs.values()), None)
 
     for name, module in model.named_modules():
         if not name:
             continue
-        handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: record((n, "input"), args)))
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda _m, args, kwargs, n=name: record((n, "input"), first_input(args, kwargs)),
+                with_kwargs=True,
+            )
+        )
         handles.append(module.register_forward_hook(lambda _m, _a, out, n=name: record((n, "output"), out)))
     try:
         device = next(model.parameters()).device

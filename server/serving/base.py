@@ -8,6 +8,7 @@ limit gets whatever fits, up to the cap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -34,7 +35,7 @@ from ..protocol import (
     dump,
     now,
 )
-from ..storage import ActivationStore, PathOutsideRoot
+from ..storage import ActivationStore, UnknownActivation, UnsafeSaveDir
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def engine_error(exc: BaseException) -> APIError | None:
     """The client-facing error for a failure of model or storage work, where there is one."""
     if isinstance(exc, torch.OutOfMemoryError):
         return out_of_memory(exc)
+    if isinstance(exc, UnsafeSaveDir):
+        return APIError(str(exc), param="capture.save_dir")
     if isinstance(exc, OSError):
         return storage_error(exc)
     return None
@@ -83,13 +86,18 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
     except APIError as error:
         yield f"data: {json.dumps(error.body())}\n\n"
-    except Exception as exc:
+    except Exception as exc:  # every failure becomes one error event
         error = engine_error(exc)
         if error is None:
             logger.exception("a streamed response failed")
             error = APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
         yield f"data: {json.dumps(error.body())}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def extra_step(plan: CapturePlan | None) -> int:
+    """1 when a capture feeds the final generated token through the model (generate mode)."""
+    return int(plan is not None and plan.mode == "generate")
 
 
 def activation_fields(ref: ActivationsRef | None) -> dict:
@@ -138,9 +146,15 @@ class Serving:
         )
         return ModelList(data=[card])
 
-    def token_budget(self, prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
-        """How many tokens this request may generate, or a 400 naming the parameter at fault."""
-        window = self.engine.context_length
+    def token_budget(
+        self, prompt_len: int, requested: int | None, param: str, prompt_param: str, reserve: int = 0
+    ) -> int:
+        """How many tokens this request may generate, or a 400 naming the parameter at fault.
+
+        ``reserve``: positions the request needs beyond its tokens (a generate-mode capture
+        feeds its final token through the model once more).
+        """
+        window = self.engine.context_length - reserve
         cap = self.settings.max_tokens_cap
         room = window - prompt_len
         if room < 0 or (room == 0 and requested != 0):  # requested == 0: scoring an echoed prompt
@@ -173,6 +187,11 @@ class Serving:
     ) -> CaptureRequest | None:
         """The request's own ``capture``, else the server-wide settings (with ``ndif`` overrides)."""
         if capture is not None:
+            if overrides is not None:
+                raise APIError(
+                    "ndif overrides the server-wide capture settings; with capture, use capture.save_dir",
+                    param="ndif",
+                )
             return capture
         config = self.server_capture.config
         if not config.enabled:
@@ -185,7 +204,7 @@ class Serving:
         effective = config.for_request(overrides)
         try:
             self.store.resolve_subdir(effective.save_dir)
-        except PathOutsideRoot as exc:
+        except UnsafeSaveDir as exc:
             raise APIError(str(exc), param="ndif.save_dir") from exc
         return effective
 
@@ -206,7 +225,7 @@ class Serving:
             self.store.resolve_subdir(config.save_dir)
         except HookError as exc:
             raise APIError(str(exc), param=exc.param) from exc
-        except PathOutsideRoot as exc:
+        except UnsafeSaveDir as exc:
             raise APIError(str(exc), param="save_dir") from exc
         self.server_capture.config = config
         logger.info("server-wide capture settings: %s", config.model_dump())
@@ -227,9 +246,17 @@ class Serving:
             self.store.resolve_subdir(capture.save_dir)
         except HookError as exc:
             raise APIError(str(exc), param=f"capture.{exc.param}") from exc
-        except PathOutsideRoot as exc:
+        except UnsafeSaveDir as exc:
             raise APIError(str(exc), param="capture.save_dir") from exc
+        logits = self.engine.hooks.logits_module
+        if capture.mode == "generate" and any(p.module_path == logits and p.kind == "output" for p in points):
+            raise APIError(
+                f"{logits}.output in generate mode: generation computes logits for the last position only; "
+                "capture them in trace mode, or ask for logprobs",
+                param="capture.modules",
+            )
         return CapturePlan(
+            save_dir=capture.save_dir,
             points=tuple(points),
             mode=capture.mode,
             positions=capture.positions,
@@ -261,7 +288,7 @@ class Serving:
             return estimate(
                 self.engine.shape,
                 prompt_tokens=prompt_tokens,
-                max_tokens=tokens + (capture is not None and capture.mode == "generate"),
+                max_tokens=tokens + extra_step(capture),
                 n=rows,
                 capture_widths=tuple(p.width for p in points),
                 capture_positions=prompt_tokens if points else 0,
@@ -290,16 +317,16 @@ class Serving:
         )
 
     async def begin_capture(
-        self, job: GenerationJob, plan: CapturePlan | None, save_dir: str | None, request_id: str
+        self, job: GenerationJob, plan: CapturePlan | None, request_id: str
     ) -> ActivationsRef | None:
         """Start a request's capture: a trace-mode capture runs now and is described at once;
         a generate-mode capture rides along with ``job`` and is described from its result."""
         if plan is None:
             return None
-        try:
-            writer = self.store.create(save_dir, plan.format)
-        except PathOutsideRoot as exc:
-            raise APIError(str(exc), param="capture.save_dir") from exc
+
+        def open_writer():  # called on the worker, when the capture really starts
+            return self.store.create(plan.save_dir, plan.format)
+
         facts = {
             "model": self.engine.model_id,
             "completion_id": request_id,
@@ -308,13 +335,19 @@ class Serving:
             "sample_hidden_seed": plan.sample_seed,
         }
         if plan.mode == "generate":
-            job.capture = GenerationCapture(plan, writer, len(job.prompt_ids), **facts)
+            job.capture = GenerationCapture(plan, open_writer, len(job.prompt_ids), **facts)
             return None
         try:
-            manifest = await self.engine.capture_prompt(job.prompt_ids, plan, writer, **facts)
-        except (torch.OutOfMemoryError, OSError) as exc:
+            manifest = await self.engine.capture_prompt(job.prompt_ids, plan, open_writer, **facts)
+        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir) as exc:
             raise engine_error(exc) from exc
         return self.activations_ref(manifest)
+
+    def discard(self, ref: ActivationsRef | None) -> None:
+        """Remove a trace-mode capture whose request then failed or was cancelled: no one gets its id."""
+        if ref is not None:
+            with contextlib.suppress(UnknownActivation):
+                self.store.delete(ref.id)
 
     def activations_ref(self, manifest: dict) -> ActivationsRef:
         return ActivationsRef(
@@ -327,5 +360,5 @@ class Serving:
     async def generate(self, job: GenerationJob) -> GenerationResult:
         try:
             return await self.engine.generate(job)
-        except (torch.OutOfMemoryError, OSError) as exc:
+        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir) as exc:
             raise engine_error(exc) from exc

@@ -22,7 +22,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, activation_fields, usage
+from .base import Serving, activation_fields, extra_step, usage
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,6 @@ class PreparedChat:
     request: ChatCompletionRequest
     job: GenerationJob
     capture: CapturePlan | None
-    save_dir: str | None  # of the capture
     id: str
 
 
@@ -51,7 +50,9 @@ class ChatServing(Serving):
                 f"the model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
         requested, param = request.requested_max_tokens()
-        max_tokens = self.token_budget(len(prompt_ids), requested, param, "messages")
+        max_tokens = self.token_budget(
+            len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)
+        )
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
         )
@@ -65,12 +66,15 @@ class ChatServing(Serving):
             max_tokens_param=param,
         )
         job = GenerationJob(prompt_ids=prompt_ids, params=params)
-        save_dir = capture.save_dir if capture else None
-        return PreparedChat(request, job, plan, save_dir, completion_id("chatcmpl"))
+        return PreparedChat(request, job, plan, completion_id("chatcmpl"))
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
         activations = await self._begin_capture(prepared)
-        result = await self.generate(prepared.job)
+        try:
+            result = await self.generate(prepared.job)
+        except BaseException:
+            self.discard(activations)
+            raise
         if result.capture_manifest is not None:
             activations = self.activations_ref(result.capture_manifest)
         choices = [
@@ -96,7 +100,8 @@ class ChatServing(Serving):
         """Role chunk per choice, deltas, one finish chunk per choice, then optional usage.
 
         Captured ``activations`` ride on the first chunk in trace mode, on a last chunk with no
-        choices (beside the usage, if asked) in generate mode.
+        choices (beside the usage, if asked) in generate mode. (A trace-mode capture is kept
+        if the stream fails later: its id has already reached the client.)
         """
         request, job = prepared.request, prepared.job
         activations = await self._begin_capture(prepared)  # trace mode: known before generating
@@ -135,7 +140,7 @@ class ChatServing(Serving):
                     yield {**base, "choices": [], **extra}
 
     async def _begin_capture(self, prepared: PreparedChat):
-        return await self.begin_capture(prepared.job, prepared.capture, prepared.save_dir, prepared.id)
+        return await self.begin_capture(prepared.job, prepared.capture, prepared.id)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

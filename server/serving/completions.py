@@ -19,7 +19,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, activation_fields, out_of_memory, usage
+from .base import Serving, activation_fields, extra_step, out_of_memory, usage
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ class PreparedCompletion:
     request: CompletionRequest
     prompts: list[CompletionPrompt]
     capture: CapturePlan | None
-    save_dir: str | None  # of the capture
     id: str
 
 
@@ -60,7 +59,11 @@ class CompletionServing(Serving):
                 raise APIError("prompt must not be empty", param=param)
             if any(t < 0 or t >= self.engine.vocab_size for t in prompt_ids):
                 raise APIError(f"token ids must lie in [0, {self.engine.vocab_size})", param=param)
-            max_tokens = self.token_budget(len(prompt_ids), request.max_tokens, "max_tokens", param)
+            max_tokens = self.token_budget(
+                len(prompt_ids), request.max_tokens, "max_tokens", param, reserve=extra_step(plan)
+            )
+            if plan is not None and plan.mode == "generate" and max_tokens == 0:
+                raise APIError('capture mode "generate" needs max_tokens of at least 1', param="max_tokens")
             params = request.sampling_params(
                 max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
             )
@@ -78,14 +81,13 @@ class CompletionServing(Serving):
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
             prepared.append(CompletionPrompt(job, echo))
-        save_dir = capture.save_dir if capture else None
-        return PreparedCompletion(request, prepared, plan, save_dir, completion_id("cmpl"))
+        return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
 
     async def _begin_capture(self, prepared: PreparedCompletion):
         if prepared.capture is None:
             return None
         job = prepared.prompts[0].job  # capture takes one prompt per request
-        return await self.begin_capture(job, prepared.capture, prepared.save_dir, prepared.id)
+        return await self.begin_capture(job, prepared.capture, prepared.id)
 
     async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
         """The prompt's own logprobs, when echo and logprobs are both asked for."""
@@ -102,8 +104,12 @@ class CompletionServing(Serving):
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
         for prompt in prepared.prompts:
-            echoed = await self._echo_logprobs(prompt)
-            result = await self.generate(prompt.job)
+            try:
+                echoed = await self._echo_logprobs(prompt)
+                result = await self.generate(prompt.job)
+            except BaseException:
+                self.discard(activations)  # the client will never learn this capture's id
+                raise
             if result.capture_manifest is not None:
                 activations = self.activations_ref(result.capture_manifest)
             prompt_tokens += result.prompt_tokens

@@ -1,5 +1,5 @@
 """On-disk stores under the server's own roots (activations now; vectors with issue 4)."""
 
-from .activations import ActivationStore, CaptureWriter, PathOutsideRoot, UnknownActivation
+from .activations import ActivationStore, CaptureWriter, UnknownActivation, UnsafeSaveDir
 
-__all__ = ["ActivationStore", "CaptureWriter", "PathOutsideRoot", "UnknownActivation"]
+__all__ = ["ActivationStore", "CaptureWriter", "UnsafeSaveDir", "UnknownActivation"]

@@ -8,9 +8,10 @@ Layout::
 
 Invariants:
 
-* every path comes from the root: a client's subdirectory is resolved and
-  must stay inside it (``..``, absolute paths elsewhere and symlinks that
-  lead out are refused);
+* every path comes from the root: a client's subdirectory is relative, made
+  of plain names (letters, digits, ``_ - .``, not starting with ``.``, never
+  ``act-...``, which names captures), and must resolve inside the root
+  (symlinks that lead out are refused);
 * files are written under a temporary name and renamed into place, and the
   manifest is written last: a reader never sees a half-written file, and a
   request that fails or is cancelled removes its directory (``abort``);
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,10 +39,11 @@ logger = logging.getLogger(__name__)
 FORMATS = ("safetensors", "npy", "pt")
 MANIFEST = "manifest.json"
 _ID = re.compile(r"^act-[0-9a-f]{32}$")
+_DIR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 
 
-class PathOutsideRoot(ValueError):
-    """A client-given directory that would resolve outside the activations root."""
+class UnsafeSaveDir(ValueError):
+    """A client-given directory that is not a plain relative path inside the activations root."""
 
 
 class UnknownActivation(KeyError):
@@ -87,7 +90,7 @@ class _Appender:
 
     def __init__(self, directory: Path, name: str) -> None:
         self.path = directory / f".{name}.part"
-        self.handle = self.path.open("wb")
+        self.path.touch()
         self.rows = 0
         self.dtype: torch.dtype | None = None
         self.trailing: tuple[int, ...] | None = None
@@ -100,12 +103,12 @@ class _Appender:
             raise ValueError(
                 f"cannot append a {tensor.dtype} {list(tensor.shape)} tensor to {self.path.name}"
             )
-        self.handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        with self.path.open("ab") as handle:  # opened per step: hundreds of tensors, no descriptor limit
+            handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
         self.rows += tensor.shape[0]
 
     def tensor(self) -> torch.Tensor:
         """The whole tensor, memory-mapped from the raw file (not read into memory at once)."""
-        self.handle.close()
         if self.dtype is None:
             return torch.empty(0)
         count = self.rows * int(torch.Size(self.trailing).numel())
@@ -178,8 +181,6 @@ class CaptureWriter:
         return body
 
     def abort(self) -> None:
-        for appender in self._appenders.values():
-            appender.handle.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -190,6 +191,7 @@ class ActivationStore:
         self.root = root.expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, Path] = {}
+        self._lock = threading.Lock()
         for manifest in self.root.rglob(MANIFEST):
             if _ID.match(manifest.parent.name):
                 self._index[manifest.parent.name] = manifest.parent
@@ -199,30 +201,44 @@ class ActivationStore:
         """Temporary files and manifest-less capture directories of a run that died mid-write."""
         for pattern in (".*.tmp", ".*.part"):
             for tmp in self.root.rglob(pattern):
-                tmp.unlink(missing_ok=True)
+                if tmp.is_file() and _ID.match(tmp.parent.name):  # only ours, inside capture directories
+                    tmp.unlink(missing_ok=True)
         for directory in self.root.rglob("act-*"):
             if directory.is_dir() and _ID.match(directory.name) and not (directory / MANIFEST).exists():
                 shutil.rmtree(directory, ignore_errors=True)
 
     def resolve_subdir(self, subdir: str | None) -> Path:
-        """A client-given directory, inside the root or refused."""
+        """A client-given directory: plain relative names, inside the root, or refused."""
         if not subdir:
             return self.root
-        if "\x00" in subdir:
-            raise PathOutsideRoot("save_dir must not contain NUL characters")
-        candidate = (self.root / subdir).resolve()  # follows symlinks, collapses '..'
+        parts = subdir.split("/")
+        for part in parts:
+            if not _DIR_NAME.match(part) or part.startswith("act-"):
+                raise UnsafeSaveDir(
+                    f"save_dir {subdir!r}: use a relative path of plain names (letters, digits, '_', '-', "
+                    "'.', not starting with '.', at most 100 characters each, none starting with 'act-')"
+                )
+        candidate = (self.root / subdir).resolve()  # follows symlinks
         if candidate != self.root and self.root not in candidate.parents:
-            raise PathOutsideRoot(f"save_dir {subdir!r} resolves outside the activations root")
+            raise UnsafeSaveDir(f"save_dir {subdir!r} resolves outside the activations root")
+        for path in (candidate, *candidate.parents):
+            if path.exists() and not path.is_dir():
+                raise UnsafeSaveDir(f"save_dir {subdir!r}: {path.name} is a file")
+            if path == self.root:
+                break
         return candidate
 
     def create(self, subdir: str | None, fmt: str) -> CaptureWriter:
         parent = self.resolve_subdir(subdir)
-        parent.mkdir(parents=True, exist_ok=True)
-        if parent.resolve() != parent:  # a symlink swapped in after the check
-            raise PathOutsideRoot(f"save_dir {subdir!r} resolves outside the activations root")
-        request_id = f"act-{uuid.uuid4().hex}"
-        directory = parent / request_id
-        directory.mkdir()
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if parent.resolve() != parent:  # a symlink swapped in after the check
+                raise UnsafeSaveDir(f"save_dir {subdir!r} resolves outside the activations root")
+            request_id = f"act-{uuid.uuid4().hex}"
+            directory = parent / request_id
+            directory.mkdir()
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise UnsafeSaveDir(f"save_dir {subdir!r} cannot be a directory: {exc.strerror}") from exc
         return CaptureWriter(self, request_id, directory, fmt)
 
     def register(self, request_id: str, directory: Path) -> None:
@@ -235,7 +251,10 @@ class ActivationStore:
         return directory
 
     def manifest(self, request_id: str) -> dict:
-        return json.loads((self.directory(request_id) / MANIFEST).read_text())
+        try:
+            return json.loads((self.directory(request_id) / MANIFEST).read_text())
+        except FileNotFoundError:  # deleted meanwhile
+            raise UnknownActivation(request_id) from None
 
     def tensor_file(self, request_id: str, name: str) -> Path:
         for entry in self.manifest(request_id)["tensors"]:
@@ -244,9 +263,10 @@ class ActivationStore:
         raise UnknownActivation(f"{request_id}/{name}")
 
     def delete(self, request_id: str) -> None:
-        directory = self.directory(request_id)
-        shutil.rmtree(directory)
-        del self._index[request_id]
+        with self._lock:  # two deletes of one id: one succeeds, the other finds nothing
+            directory = self.directory(request_id)
+            del self._index[request_id]
+            shutil.rmtree(directory, ignore_errors=True)
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))

@@ -418,3 +418,159 @@ def test_generate_capture_equals_a_trace_capture_of_the_same_tokens(client):
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+# -- edge cases found in review ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "save_dir",
+    [
+        "act-00000000000000000000000000000000",
+        ".evil.tmp",
+        "x/.hidden",
+        "a" * 101,
+        "ok//twice",
+        "sp ace",
+        "/abs",
+    ],
+)
+def test_save_dir_must_be_plain_names(client, save_dir):
+    body = {
+        "messages": HELLO,
+        "max_tokens": 1,
+        "capture": {"layers": [0], "hook_points": ["resid_post"], "save_dir": save_dir},
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "capture.save_dir"
+
+
+def test_save_dir_through_a_file_is_refused(client, activations_dir):
+    (activations_dir / "plainfile").write_text("x")
+    body = {
+        "messages": HELLO,
+        "max_tokens": 1,
+        "capture": {"layers": [0], "hook_points": ["resid_post"], "save_dir": "plainfile/sub"},
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "capture.save_dir"
+
+
+def test_values_that_are_not_per_position_tensors_are_refused(client):
+    for capture_block, param in (
+        ({"modules": ["model.output"]}, "capture.modules[0]"),
+        ({"mode": "generate", "modules": ["lm_head.output"]}, "capture.modules"),
+    ):
+        response = client.post("/v1/chat/completions", json={"messages": HELLO, "capture": capture_block})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_logits_in_trace_mode_and_keyword_inputs(client, tiny_tokenizer, reference_model):
+    ref = capture(
+        client,
+        {
+            "modules": ["lm_head.output"],
+            "layers": [0],
+            "hook_points": ["self_attn.input", "input_layernorm.output"],
+        },
+    )
+    ids = prompt_ids(tiny_tokenizer)
+    with torch.no_grad():
+        logits = reference_model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(tensor(client, ref["id"], "lm_head.output"), logits)
+    # the attention block is called with keyword arguments; its input is the normed residual
+    torch.testing.assert_close(
+        tensor(client, ref["id"], "layers.0.self_attn.input"),
+        tensor(client, ref["id"], "layers.0.input_layernorm.output"),
+    )
+
+
+def test_concurrent_deletes_of_one_capture(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = capture(client, {"layers": [0], "hook_points": ["resid_post"]})
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(
+            pool.map(lambda _: client.delete(f"/v1/activations/{ref['id']}").status_code, range(4))
+        )
+    assert codes == [200, 404, 404, 404]
+
+
+def test_generate_capture_rules(client, tiny_tokenizer):
+    ids = (tiny_tokenizer.encode("the quick brown fox ") * 100)[:200]
+    body = {
+        "prompt": ids,
+        "max_tokens": 56,
+        "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+    }
+    # 200 + 56 = the window of 256; the extra step of a generate-mode capture needs one more
+    refused = client.post("/v1/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    assert client.post("/v1/completions", json={**body, "max_tokens": 55}).status_code == 200
+    echo_only = client.post("/v1/completions", json={**body, "max_tokens": 0, "echo": True})
+    assert echo_only.status_code == 400 and echo_only.json()["error"]["param"] == "max_tokens"
+    both = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": HELLO,
+            "ndif": {"save_dir": "x"},
+            "capture": {"layers": [0], "hook_points": ["resid_post"]},
+        },
+    )
+    assert both.status_code == 400 and both.json()["error"]["param"] == "ndif"
+
+
+def test_generate_capture_ending_on_a_stop_string(client, tiny_tokenizer, reference_model):
+    free = client.post(
+        "/v1/chat/completions",
+        json={"messages": HELLO, "max_tokens": 12, "temperature": 0, "ignore_eos": True},
+    ).json()
+    text = free["choices"][0]["message"]["content"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    data, manifest = generate_capture(
+        client, {"layers": [1], "hook_points": ["resid_post"]}, stop=[stop], max_tokens=12, ignore_eos=True
+    )
+    assert data["choices"][0]["finish_reason"] == "stop"
+    token_ids = manifest["tensors"][0]["token_ids"]
+    assert len(token_ids) == data["usage"]["total_tokens"]
+    expected = hooked(reference_model, token_ids, [("model.layers.1", "output")])[
+        ("model.layers.1", "output")
+    ]
+    torch.testing.assert_close(
+        tensor(client, data["activations"]["id"], "layers.1.resid_post"), expected, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_failed_generation_removes_its_trace_capture(client, activations_dir, monkeypatch):
+    from server.engine import engine as engine_module
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    before = set(activations_dir.rglob("*"))
+    monkeypatch.setattr(engine_module, "run_generation", out_of_memory)
+    body = {"messages": HELLO, "max_tokens": 2, "capture": {"layers": [0], "hook_points": ["resid_post"]}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 507
+    assert set(activations_dir.rglob("*")) == before
+
+
+def test_a_job_cancelled_before_it_runs_creates_nothing(client, activations_dir):
+    import asyncio
+
+    from server.engine.capture import CapturePlan, GenerationCapture
+    from server.engine.generation import GenerationJob, SamplingParams
+
+    app = client.app
+    engine, store = app.state.engine, app.state.store
+    points = engine.hooks.resolve(layers=[0], hook_points=["resid_post"], modules=None)
+    job = GenerationJob([1, 2, 3], SamplingParams(max_tokens=4))
+    opened = []
+    job.capture = GenerationCapture(
+        CapturePlan(points=tuple(points), mode="generate"),
+        lambda: opened.append(1) or store.create(None, "safetensors"),
+        3,
+    )
+    job.cancelled.set()
+    before = set(activations_dir.rglob("*"))
+    asyncio.run(engine.generate(job))
+    assert opened == [] and set(activations_dir.rglob("*")) == before
