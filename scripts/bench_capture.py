@@ -12,9 +12,11 @@ Run from the repository root (after ``bash scripts/install.sh --dev``)::
    activation store do the work, as they do behind the API (HTTP left out).
    Reports the time ratio capture/plain (total and median over repeats).
 2. Memory and disk as max_tokens grows (64, 256, 1024). For each size, two
-   fresh processes (peak resident memory is per process): one generating with
-   that capture, one without. Reports each process's peak RSS, the bytes the
-   capture wrote, the bytes its manifest records, and the bytes expected
+   fresh processes: one generating with that capture, one without. Each
+   samples its resident memory every 5 ms during the generation and reports
+   the peak above the level just before it (loading the model, which
+   dominates a process's lifetime peak, is left out), the bytes the capture
+   wrote, the bytes its manifest records, and the bytes expected
    (layers x positions x hidden x 4).
 
 Writes a JSON file (``--out``) and prints a markdown table.
@@ -26,14 +28,15 @@ import argparse
 import asyncio
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +64,7 @@ def run_once(engine, store, max_tokens: int, capture: bool) -> tuple[float, dict
         points = engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None)
         plan = CapturePlan(points=tuple(points), mode="generate")
         job.capture = GenerationCapture(
-            plan, store.create(None, plan.format), len(prompt_ids), model=engine.model_id
+            plan, lambda: store.create(None, plan.format), len(prompt_ids), model=engine.model_id
         )
     started = time.perf_counter()
     result = asyncio.run(engine.generate(job))
@@ -70,15 +73,43 @@ def run_once(engine, store, max_tokens: int, capture: bool) -> tuple[float, dict
     return elapsed, result.capture_manifest
 
 
+class RssSampler:
+    """The process's peak resident memory while a block runs, sampled every 5 ms."""
+
+    def __enter__(self) -> RssSampler:
+        self.process = psutil.Process()
+        self.before = self.process.memory_info().rss
+        self.peak = self.before
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
 def child(args) -> None:
     """One generation in a fresh process; prints what it cost."""
-    with tempfile.TemporaryDirectory() as root:
-        engine, store = build(args.model, Path(root))
-        elapsed, manifest = run_once(engine, store, args.max_tokens, args.capture)
+    from server.storage import ActivationStore
+
+    with tempfile.TemporaryDirectory() as warm_root, tempfile.TemporaryDirectory() as root:
+        engine, warm_store = build(args.model, Path(warm_root))
+        run_once(engine, warm_store, 4, args.capture)  # first-call allocations happen before measuring
+        store = ActivationStore(Path(root))
+        with RssSampler() as rss:
+            elapsed, manifest = run_once(engine, store, args.max_tokens, args.capture)
         written = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file() and f.suffix != ".json")
         report = {
             "seconds": elapsed,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_before_bytes": rss.before,
+            "peak_rss_increase_bytes": rss.peak - rss.before,
             "bytes_written": written,
             "manifest_bytes": sum(t["bytes"] for t in manifest["tensors"]) if manifest else 0,
             "positions": len(manifest["tensors"][0]["positions"]) if manifest else 0,
@@ -162,15 +193,15 @@ def main() -> None:
     print(f"| time ratio capture/plain (total) | {result['time_ratio_total']:.3f}x |")
     print(f"| time ratio capture/plain (median over repeats) | {result['time_ratio_median']:.3f}x |")
     print(
-        "\n| max_tokens | peak RSS plain | peak RSS with capture | bytes written | manifest bytes | "
-        "expected (layers x positions x hidden x 4) |"
+        "\n| max_tokens | peak RSS increase, plain | peak RSS increase, with capture | bytes written | "
+        "manifest bytes | expected (layers x positions x hidden x 4) |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for row in sizes:
         cap, plain = row["capture"], row["plain"]
         print(
-            f"| {row['max_tokens']} | {plain['peak_rss_bytes'] / mib:.0f} MiB | "
-            f"{cap['peak_rss_bytes'] / mib:.0f} MiB | {cap['bytes_written'] / mib:.2f} MiB | "
+            f"| {row['max_tokens']} | {plain['peak_rss_increase_bytes'] / mib:.1f} MiB | "
+            f"{cap['peak_rss_increase_bytes'] / mib:.1f} MiB | {cap['bytes_written'] / mib:.2f} MiB | "
             f"{cap['manifest_bytes'] / mib:.2f} MiB | {row['expected_bytes'] / mib:.2f} MiB |"
         )
     print(f"\nwritten to {args.out}")
