@@ -95,6 +95,41 @@ def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan, logits_mod
     return saved
 
 
+def tensor_facts(
+    point: HookPoint,
+    original_shape,
+    positions: list[int],
+    token_ids: list[int],
+    tokens: list[str],
+    units: torch.Tensor | None,
+) -> dict:
+    """What the manifest says of one tensor besides what the writer knows (file, shape, dtype, bytes)."""
+    return {
+        "layer": point.layer,
+        "hook_point": point.hook,
+        "module": f"{point.module_path}.{point.kind}",
+        "original_shape": original_shape,
+        "positions": positions,
+        "token_ids": token_ids,
+        "tokens": tokens,
+        "unit_indices": None if units is None else units.tolist(),
+    }
+
+
+def write_prompt_capture(
+    saved: dict, plan: CapturePlan, prompt_ids: list[int], token_text: Callable, writer, **manifest
+) -> dict:
+    """Reduce and store every value of a trace-mode capture, then its manifest."""
+    positions = prompt_positions(plan, len(prompt_ids))
+    kept = list(range(positions.start, positions.stop))
+    token_ids = [prompt_ids[p] for p in kept]
+    tokens = [token_text(t) for t in token_ids]
+    for point in plan.points:
+        tensor, original, units = reduce_value(saved.pop(point.name), plan, positions)
+        writer.write(point.name, tensor, **tensor_facts(point, original, kept, token_ids, tokens, units))
+    return writer.finish(mode=plan.mode, positions=plan.positions, **manifest)
+
+
 class GenerationCapture:
     """Hands each forward step's values, reduced and on the CPU, to the request's writer.
 
@@ -172,15 +207,10 @@ class GenerationCapture:
                 self.writer.append(point.name, self.latest.pop(point.name))
             shape = self.shapes.get(point.name)
             units = self.units.get(point.name)
+            original = None if shape is None else [shape[0], self.position, *shape[2:]]
+            kept_ids = [token_ids[p] for p in self.kept]
+            kept_tokens = [tokens[p] for p in self.kept]
             self.writer.close_appended(
-                point.name,
-                layer=point.layer,
-                hook_point=point.hook,
-                module=f"{point.module_path}.{point.kind}",
-                original_shape=None if shape is None else [shape[0], self.position, *shape[2:]],
-                positions=self.kept,
-                token_ids=[token_ids[p] for p in self.kept],
-                tokens=[tokens[p] for p in self.kept],
-                unit_indices=None if units is None else units.tolist(),
+                point.name, **tensor_facts(point, original, self.kept, kept_ids, kept_tokens, units)
             )
         return self.writer.finish(mode=self.plan.mode, positions=self.plan.positions, **self.manifest)

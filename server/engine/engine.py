@@ -29,7 +29,7 @@ from typing import TypeVar
 import torch
 
 from ..storage import CaptureWriter
-from .capture import CapturePlan, capture_prompt, prompt_positions, reduce_value
+from .capture import CapturePlan, capture_prompt, write_prompt_capture
 from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
 from .hooks import HookResolver
 from .loading import LoadedModel, load_model
@@ -179,24 +179,7 @@ class Engine:
         writer = open_writer()
         try:
             saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module)
-            positions = prompt_positions(plan, len(prompt_ids))
-            token_ids = prompt_ids[positions]
-            tokens = [self.vocabulary.text(t) for t in token_ids]
-            for point in plan.points:
-                tensor, original, units = reduce_value(saved.pop(point.name), plan, positions)
-                writer.write(
-                    point.name,
-                    tensor,
-                    layer=point.layer,
-                    hook_point=point.hook,
-                    module=f"{point.module_path}.{point.kind}",
-                    original_shape=original,
-                    positions=list(range(positions.start, positions.stop)),
-                    token_ids=token_ids,
-                    tokens=tokens,
-                    unit_indices=None if units is None else units.tolist(),
-                )
-            return writer.finish(mode=plan.mode, positions=plan.positions, **manifest)
+            return write_prompt_capture(saved, plan, prompt_ids, self.vocabulary.text, writer, **manifest)
         except BaseException:
             writer.abort()
             raise
