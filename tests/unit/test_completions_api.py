@@ -71,7 +71,7 @@ def test_completion_logprobs_shape(openai_client, served_model):
     )
     logprobs = response.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == 6
-    assert all(len(top) <= 3 for top in logprobs.top_logprobs)
+    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)
     assert logprobs.text_offset[0] == 0
     assert all(b >= a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False))
     assert "".join(logprobs.tokens) == response.choices[0].text
