@@ -74,13 +74,17 @@ def prompt_positions(plan: CapturePlan, prompt_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len) if plan.positions == "last" else slice(0, prompt_len)
 
 
-def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan, logits_module: str | None) -> dict:
-    """One traced forward over the prompt; every planned value, read in execution order.
+def capture_prompt(
+    wrapper, prompt_ids: list[int], plan: CapturePlan, logits_module: str | None, edits: tuple = ()
+) -> dict:
+    """One traced forward over the prompt; every planned value (after any edits), in execution order.
 
     Unless the logits themselves are planned, the forward computes them for the last
     position only (``logits_to_keep=1``), as generation does: a long prompt's full
     ``[pos, vocab]`` logits are often its largest tensor.
     """
+    from .steps import StepPlan
+
     model = wrapper._module
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -88,10 +92,10 @@ def capture_prompt(wrapper, prompt_ids: list[int], plan: CapturePlan, logits_mod
     wants_logits = any(p.module_path == logits_module for p in plan.points)
     if not wants_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1
-    saved = {}
+    steps = StepPlan(plan.points, edits, len(prompt_ids))
+    saved: dict = {}  # filled inside the block: nnsight runs it as its own code, so mutate, don't rebind
     with torch.no_grad(), wrapper.trace(ids, attention_mask=torch.ones_like(ids), **extra):
-        for point in plan.points:  # already sorted by execution order
-            saved[point.name] = getattr(wrapper.get(point.module_path), point.kind).save()
+        saved.update(steps.run_step(wrapper, save=True))
     return saved
 
 

@@ -131,7 +131,9 @@ class Engine:
     def _generate_logged(self, job: GenerationJob) -> GenerationResult:
         loaded = self.loaded
         if job.capture is None:
-            return run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
+            return run_generation(
+                loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
+            )
         capture = job.capture
         try:
             result = run_generation(
@@ -160,25 +162,31 @@ class Engine:
         return await self._run(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
 
     async def capture_prompt(
-        self, prompt_ids: list[int], plan: CapturePlan, open_writer: Callable[[], CaptureWriter], **manifest
+        self,
+        prompt_ids: list[int],
+        plan: CapturePlan,
+        open_writer: Callable[[], CaptureWriter],
+        edits: tuple = (),
+        **manifest,
     ) -> dict:
         """Trace the prompt once, store every planned value, write the manifest; returns it.
 
         The writer is opened on the worker, when the capture runs; a failure (or an
         out-of-memory error) removes everything this capture wrote.
         """
-        return await self._run(self._capture_prompt_sync, prompt_ids, plan, open_writer, manifest)
+        return await self._run(self._capture_prompt_sync, prompt_ids, plan, open_writer, edits, manifest)
 
     def _capture_prompt_sync(
         self,
         prompt_ids: list[int],
         plan: CapturePlan,
         open_writer: Callable[[], CaptureWriter],
+        edits: tuple,
         manifest: dict,
     ) -> dict:
         writer = open_writer()
         try:
-            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module)
+            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module, edits)
             return write_prompt_capture(saved, plan, prompt_ids, self.vocabulary.text, writer, **manifest)
         except BaseException:
             writer.abort()

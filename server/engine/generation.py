@@ -38,6 +38,7 @@ from transformers import (
 )
 
 from .capture import GenerationCapture
+from .steps import StepPlan
 from .text import CompletionText
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class GenerationJob:
     on_delta: Callable[[ChoiceDelta], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     capture: GenerationCapture | None = None  # read activations at every step (capture mode "generate")
+    edits: tuple = ()  # interventions (steps.Edit), applied at every step through nnsight
     steps: int = 0  # decode steps run so far (written by the worker)
 
 
@@ -258,8 +260,9 @@ def run_generation(
     """
     params = job.params
     capture = job.capture
-    if capture is not None and wrapper is None:
-        raise ValueError("a capturing job needs the nnsight wrapper")
+    traced = capture is not None or bool(job.edits)
+    if traced and wrapper is None:
+        raise ValueError("a job that captures or intervenes needs the nnsight wrapper")
     device = next(hf_model.parameters()).device
     input_ids = torch.tensor([job.prompt_ids] * params.n, dtype=torch.long, device=device)
     recorder = _LogprobRecorder(params.logprobs) if params.logprobs is not None else None
@@ -273,13 +276,13 @@ def run_generation(
             logits_processor=LogitsProcessorList([recorder] if recorder else []),
         )
         if params.seed is None or params.greedy:
-            _generate(hf_model, wrapper, input_ids, kwargs, capture)
+            _generate(hf_model, wrapper, input_ids, kwargs, job)
         else:
             # manual_seed reseeds every CUDA device, so every one is restored afterwards.
             devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(params.seed)
-                _generate(hf_model, wrapper, input_ids, kwargs, capture)
+                _generate(hf_model, wrapper, input_ids, kwargs, job)
     if job.cancelled.is_set():
         logger.info("generation cancelled after %d step(s) of %d", job.steps, params.max_tokens)
     monitor.finish_unfinished()
@@ -296,15 +299,18 @@ def run_generation(
     return GenerationResult(choices=choices, prompt_tokens=len(job.prompt_ids))
 
 
-def _generate(hf_model, wrapper, input_ids: torch.Tensor, kwargs: dict, capture) -> None:
-    if capture is None:
+def _generate(hf_model, wrapper, input_ids: torch.Tensor, kwargs: dict, job: GenerationJob) -> None:
+    capture = job.capture
+    if capture is None and not job.edits:
         hf_model.generate(input_ids=input_ids, **kwargs)
         return
-    points = capture.plan.points
+    steps = StepPlan(capture.plan.points if capture else (), job.edits, input_ids.shape[1])
     with warnings.catch_warnings():
         # The loop below is open-ended by design (the run decides how many steps there are);
         # nnsight warns when such a loop is cut short by the end of generation.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with wrapper.generate(input_ids, **kwargs) as tracer:
             for _ in tracer.all():
-                capture.on_step({p.name: getattr(wrapper.get(p.module_path), p.kind) for p in points})
+                values = steps.run_step(wrapper)
+                if capture is not None:
+                    capture.on_step(values)

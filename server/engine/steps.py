@@ -1,0 +1,119 @@
+"""One forward step's planned reads and edits, through nnsight, in execution order.
+
+A request may both change values (interventions) and record them (capture). Both
+name hook points; :class:`StepPlan` merges them by module and side, sorts them by
+the order the model runs them (nnsight refuses a read the model has passed), and
+at each forward step reads every planned value once, applies the edits planned for
+it (writing the result back into the model's forward), and hands the values to be
+recorded: so a capture records values *after* the interventions.
+
+Positions are absolute: the prompt forward covers ``[0, P)``, each later step one
+position. ``Edit.positions``: ``all``; ``prompt`` (< P); ``generated`` (>= P);
+``last`` (the newest position of each step: the last prompt token, then every
+generated one); or a list of absolute positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from interventions import apply_operation
+
+from .hooks import HookPoint
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One resolved intervention at one hook point."""
+
+    point: HookPoint
+    operation: str  # see interventions.ops.OPERATIONS
+    positions: str | tuple[int, ...] = "all"
+    vector: torch.Tensor | None = None  # [width], on the model's device and dtype
+    scale: float = 1.0
+    factor: float = 1.0
+    value: float = 0.0
+
+    def indexes(self, start: int, length: int, prompt_len: int) -> list[int]:
+        """Which of this step's positions (0 .. length-1) the edit touches."""
+        absolute = range(start, start + length)
+        if self.positions == "all":
+            chosen = absolute
+        elif self.positions == "prompt":
+            chosen = [p for p in absolute if p < prompt_len]
+        elif self.positions == "generated":
+            chosen = [p for p in absolute if p >= prompt_len]
+        elif self.positions == "last":
+            chosen = [start + length - 1]
+        else:
+            wanted = set(self.positions)
+            chosen = [p for p in absolute if p in wanted]
+        return [p - start for p in chosen]
+
+    def arguments(self) -> dict:
+        return {"vector": self.vector, "scale": self.scale, "factor": self.factor, "value": self.value}
+
+
+def edit_value(value, edits: list[Edit], start: int, length: int, prompt_len: int):
+    """The value with every edit applied at its positions; a tuple keeps its other elements."""
+    if isinstance(value, tuple):
+        return (edit_value(value[0], edits, start, length, prompt_len), *value[1:])
+    result = value
+    for edit in edits:
+        index = edit.indexes(start, length, prompt_len)
+        if not index:
+            continue
+        if result is value:
+            result = value.clone()
+        selected = result[:, index]
+        result[:, index] = apply_operation(edit.operation, selected, **edit.arguments()).to(selected.dtype)
+    return result
+
+
+@dataclass
+class _Entry:
+    path: str
+    kind: str
+    order: int
+    capture_names: list[str] = field(default_factory=list)
+    edits: list[Edit] = field(default_factory=list)
+
+
+class StepPlan:
+    """Reads, edits and hands over the planned values of each forward step in turn."""
+
+    def __init__(
+        self, capture_points: tuple[HookPoint, ...], edits: tuple[Edit, ...], prompt_len: int
+    ) -> None:
+        entries: dict[tuple[str, str], _Entry] = {}
+        for point in capture_points:
+            entry = entries.setdefault(
+                (point.module_path, point.kind), _Entry(point.module_path, point.kind, point.order)
+            )
+            entry.capture_names.append(point.name)
+        for edit in edits:
+            point = edit.point
+            entry = entries.setdefault(
+                (point.module_path, point.kind), _Entry(point.module_path, point.kind, point.order)
+            )
+            entry.edits.append(edit)
+        self.entries = sorted(entries.values(), key=lambda e: e.order)
+        self.prompt_len = prompt_len
+        self.start = 0  # absolute position of the current step's first token
+
+    def run_step(self, wrapper, save: bool = False) -> dict:
+        """Inside a trace: one step's reads and edits; returns the values to record, by name."""
+        length = self.prompt_len if self.start == 0 else 1
+        values = {}
+        for entry in self.entries:
+            envoy = wrapper.get(entry.path)
+            value = getattr(envoy, entry.kind)
+            if entry.edits:
+                value = edit_value(value, entry.edits, self.start, length, self.prompt_len)
+                setattr(envoy, entry.kind, value)
+            for name in entry.capture_names:
+                values[name] = value.save() if save else value
+        self.start += length
+        return values
