@@ -116,6 +116,30 @@ class CaptureRequest(StrictModel):
     )
 
 
+class InterventionRequest(StrictModel):
+    """One change to the model's values while it answers (extension field ``interventions``)."""
+
+    type: Literal["add", "scale", "ablate", "project_out", "clamp"]
+    layer: int | None = Field(None, description="One layer (negative counts from the end).")
+    layers: list[int] | Literal["all"] | None = Field(None, description="Several layers, or all.")
+    hook_point: Annotated[str, Field(max_length=200)] | None = Field(
+        None, description="Per-layer name, as in capture: resid_post, mlp_out, mlp.down_proj.input, ..."
+    )
+    module: Annotated[str, Field(max_length=300)] | None = Field(
+        None, description="Absolute module path with .input/.output, instead of layer + hook_point."
+    )
+    positions: (
+        Literal["all", "prompt", "generated", "last"] | Annotated[list[int], Field(max_length=100_000)]
+    ) = "all"
+    vector: Annotated[list[float], Field(max_length=1_000_000)] | None = Field(
+        None,
+        description="add: the direction to add; project_out/clamp: the direction; ablate: a mean to set.",
+    )
+    scale: float = Field(1.0, description="add: the multiple of the vector added.")
+    factor: float | None = Field(None, description="scale: the factor to multiply by.")
+    value: float = Field(0.0, description="clamp: the component along the direction is set to this.")
+
+
 class ServerCaptureConfig(StrictModel):
     """Server-wide capture settings (``POST /v1/interventions``), for clients of the earlier server.
 
@@ -184,6 +208,9 @@ class _SamplingFields(OpenAIModel):
     )
     ndif: NdifOverrides | None = Field(
         None, description="Overrides save_dir / per_request_subdir of the server-wide capture settings."
+    )
+    interventions: Annotated[list[InterventionRequest], Field(max_length=64)] | None = Field(
+        None, description="Changes to the model's values while it answers (steering, ablation, ...)."
     )
 
     def _check_unsupported(self) -> None:

@@ -23,10 +23,12 @@ from ..engine.generation import GenerationJob, GenerationResult
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
 from ..engine.memory import estimate, format_size
+from ..engine.steps import Edit
 from ..errors import APIError
 from ..protocol import (
     ActivationsRef,
     CaptureRequest,
+    InterventionRequest,
     ModelCard,
     ModelList,
     NdifOverrides,
@@ -231,6 +233,51 @@ class Serving:
         logger.info("server-wide capture settings: %s", config.model_dump())
         return config
 
+    def resolve_interventions(self, items: list[InterventionRequest] | None) -> tuple[Edit, ...]:
+        """The request's interventions as edits on resolved hook points, refused with 400 if invalid."""
+        edits: list[Edit] = []
+        engine = self.engine
+        for i, item in enumerate(items or ()):
+            param = f"interventions[{i}]"
+            if (item.module is None) == (item.hook_point is None):
+                raise APIError("name either hook_point (with layer or layers) or module", param=param)
+            if item.layer is not None and item.layers is not None:
+                raise APIError("name layer or layers, not both", param=f"{param}.layers")
+            layers = [item.layer] if item.layer is not None else item.layers
+            try:
+                if item.module is not None:
+                    points = engine.hooks.resolve(layers=None, hook_points=None, modules=[item.module])
+                else:
+                    if layers is None:
+                        raise APIError("hook_point needs layer or layers", param=f"{param}.layer")
+                    points = engine.hooks.resolve(layers=layers, hook_points=[item.hook_point], modules=None)
+            except HookError as exc:
+                field = {"hook_points": "hook_point", "modules": "module"}.get(
+                    exc.param.split("[")[0], "layers"
+                )
+                raise APIError(str(exc), param=f"{param}.{field}") from exc
+            needs_vector = item.type in ("add", "project_out", "clamp")
+            if needs_vector and item.vector is None:
+                raise APIError(f"{item.type} needs a vector", param=f"{param}.vector")
+            if item.type == "scale" and item.factor is None:
+                raise APIError("scale needs a factor", param=f"{param}.factor")
+            for point in points:
+                vector = None
+                if item.vector is not None:
+                    if len(item.vector) != point.width:
+                        raise APIError(
+                            f"vector has {len(item.vector)} values; {point.name} has {point.width}",
+                            param=f"{param}.vector",
+                        )
+                    vector = torch.tensor(item.vector, dtype=engine.loaded.dtype, device=engine.loaded.device)
+                    if item.type in ("project_out", "clamp") and not bool(vector.norm() > 0):
+                        raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
+                positions = item.positions if isinstance(item.positions, str) else tuple(item.positions)
+                edits.append(
+                    Edit(point, item.type, positions, vector, item.scale, item.factor or 1.0, item.value)
+                )
+        return tuple(edits)
+
     def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
         """Validate a request's ``capture`` block against the served model, before any work."""
         if capture is None:
@@ -338,7 +385,7 @@ class Serving:
             job.capture = GenerationCapture(plan, open_writer, len(job.prompt_ids), **facts)
             return None
         try:
-            manifest = await self.engine.capture_prompt(job.prompt_ids, plan, open_writer, **facts)
+            manifest = await self.engine.capture_prompt(job.prompt_ids, plan, open_writer, job.edits, **facts)
         except (torch.OutOfMemoryError, OSError, UnsafeSaveDir) as exc:
             raise engine_error(exc) from exc
         return self.activations_ref(manifest)

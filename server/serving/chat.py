@@ -65,7 +65,9 @@ class ChatServing(Serving):
             prompt_param="messages",
             max_tokens_param=param,
         )
-        job = GenerationJob(prompt_ids=prompt_ids, params=params)
+        job = GenerationJob(
+            prompt_ids=prompt_ids, params=params, edits=self.resolve_interventions(request.interventions)
+        )
         return PreparedChat(request, job, plan, completion_id("chatcmpl"))
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:

@@ -46,6 +46,12 @@ class CompletionServing(Serving):
         capture = self.effective_capture(request.capture, request.ndif)
         plan = self.capture_plan(capture, request.n)
         prepared: list[CompletionPrompt] = []
+        edits = self.resolve_interventions(request.interventions)
+        if edits and request.echo and request.logprobs is not None:
+            raise APIError(
+                "echo with logprobs scores the prompt without interventions; send one or the other",
+                param="interventions",
+            )
         prompts = request.prompts()  # refuses an empty list
         if plan is not None and len(prompts) > 1:
             raise APIError(
@@ -76,7 +82,7 @@ class CompletionServing(Serving):
                 prompt_param=param,
                 max_tokens_param="max_tokens",
             )
-            job = GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n)
+            job = GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n, edits=edits)
             echo = None
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
