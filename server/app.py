@@ -19,7 +19,8 @@ from .engine.memory import format_size
 from .errors import install_error_handlers
 from .routes import router
 from .serving import ChatServing, CompletionServing, ServerCapture
-from .storage import ActivationStore
+from .serving.vectors import VectorServing
+from .storage import ActivationStore, VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,11 @@ def create_app(settings: Settings) -> FastAPI:
         store = ActivationStore(settings.activations_dir)
         app.state.store = store
         server_capture = ServerCapture()
-        app.state.chat = ChatServing(engine, settings, store, server_capture)
-        app.state.completions = CompletionServing(engine, settings, store, server_capture)
+        vectors = VectorStore(settings.vectors_dir)
+        shared = (engine, settings, store, server_capture, vectors)
+        app.state.chat = ChatServing(*shared)
+        app.state.completions = CompletionServing(*shared)
+        app.state.vectors = VectorServing(*shared)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         budget = settings.memory_budget

@@ -56,4 +56,6 @@ class Settings(BaseSettings):
     activations_dir: Path = Field(
         Path("activations"), description="Root of the activation store; client save_dirs stay inside it."
     )
+    vectors_dir: Path = Field(Path("vectors"), description="Root of the vector store.")
+    max_vectors: int = Field(10_000, ge=1, description="Most vectors the store keeps.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

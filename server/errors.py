@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .storage import UnknownActivation
+from .storage import UnknownActivation, UnknownVector
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unknown_activation(_: Request, exc: UnknownActivation) -> JSONResponse:
         return APIError(
             f"no stored activations named {exc.args[0]!r}", status=HTTPStatus.NOT_FOUND, code="not_found"
+        ).response()
+
+    @app.exception_handler(UnknownVector)
+    async def _unknown_vector(_: Request, exc: UnknownVector) -> JSONResponse:
+        return APIError(
+            f"no stored vector named {exc.args[0]!r}",
+            status=HTTPStatus.NOT_FOUND,
+            param="name",
+            code="not_found",
         ).response()
 
     @app.exception_handler(RequestValidationError)

@@ -131,13 +131,41 @@ class InterventionRequest(StrictModel):
     positions: (
         Literal["all", "prompt", "generated", "last"] | Annotated[list[int], Field(max_length=100_000)]
     ) = "all"
-    vector: Annotated[list[float], Field(max_length=1_000_000)] | None = Field(
+    vector: (
+        Annotated[list[float], Field(max_length=1_000_000)] | Annotated[str, Field(max_length=100)] | None
+    ) = Field(
         None,
-        description="add: the direction to add; project_out/clamp: the direction; ablate: a mean to set.",
+        description="The numbers, or the name of a stored vector (POST /v1/vectors). add: the direction "
+        "to add; project_out/clamp: the direction; ablate: a mean to set.",
     )
     scale: float = Field(1.0, description="add: the multiple of the vector added.")
     factor: float | None = Field(None, description="scale: the factor to multiply by.")
     value: float = Field(0.0, description="clamp: the component along the direction is set to this.")
+
+
+class VectorCreate(StrictModel):
+    """POST /v1/vectors: a named vector from numbers or a base64 safetensors file holding one tensor."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    values: Annotated[list[float], Field(min_length=1, max_length=1_000_000)] | None = None
+    safetensors_base64: Annotated[str, Field(max_length=8_000_000)] | None = None
+    layer: int | None = Field(None, description="The layer the vector is meant for (checked, recorded).")
+    hook_point: Annotated[str, Field(max_length=200)] | None = Field(
+        None, description="The hook point it is meant for; its width must equal the vector's size."
+    )
+    description: Annotated[str, Field(max_length=2000)] | None = None
+
+
+class ContrastiveCreate(StrictModel):
+    """POST /v1/vectors/contrastive: one vector per layer from positive and negative examples."""
+
+    name: Annotated[str, Field(min_length=1, max_length=90)]
+    positive: Annotated[list[Text | list[ChatMessage]], Field(min_length=1, max_length=256)]
+    negative: Annotated[list[Text | list[ChatMessage]], Field(min_length=1, max_length=256)]
+    layers: list[int] | Literal["all"]
+    hook_point: Annotated[str, Field(max_length=200)] = "resid_post"
+    position: Literal["last", "mean"] = Field("last", description="Each example's last token, or its mean.")
+    method: Literal["mean_diff", "pca"] = "mean_diff"
 
 
 class ServerCaptureConfig(StrictModel):

@@ -15,10 +15,12 @@ from .protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ContrastiveCreate,
     Health,
     ModelList,
     ServerCaptureConfig,
     ServerCaptureResponse,
+    VectorCreate,
 )
 from .serving import sse_stream
 
@@ -127,3 +129,28 @@ async def delete_activation(activation_id: str, request: Request) -> dict:
 
 def _store(request: Request):
     return request.app.state.store
+
+
+@router.post("/v1/vectors", responses=_ERROR_RESPONSES)
+async def create_vector(body: VectorCreate, request: Request) -> dict:
+    return await request.app.state.vectors.register(body)
+
+
+@router.post("/v1/vectors/contrastive", responses=_ERROR_RESPONSES)
+async def create_contrastive_vectors(body: ContrastiveCreate, request: Request) -> dict:
+    return await request.app.state.vectors.contrastive(body)
+
+
+@router.get("/v1/vectors")
+async def list_vectors(request: Request) -> dict:
+    return await asyncio.to_thread(request.app.state.vectors.listing)
+
+
+@router.get("/v1/vectors/{name}", responses=_ERROR_RESPONSES)
+async def read_vector(name: str, request: Request) -> dict:
+    return await asyncio.to_thread(request.app.state.vectors.read, name)
+
+
+@router.delete("/v1/vectors/{name}", responses=_ERROR_RESPONSES)
+async def delete_vector(name: str, request: Request) -> dict:
+    return await asyncio.to_thread(request.app.state.vectors.delete, name)

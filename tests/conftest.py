@@ -61,7 +61,13 @@ def activations_dir(tmp_path_factory) -> Path:
 def settings(tiny_model_dir, activations_dir):
     from server.config import Settings
 
-    return Settings(model=str(tiny_model_dir), max_tokens_cap=64, max_n=4, activations_dir=activations_dir)
+    return Settings(
+        model=str(tiny_model_dir),
+        max_tokens_cap=64,
+        max_n=4,
+        activations_dir=activations_dir,
+        vectors_dir=activations_dir.parent / f"{activations_dir.name}-vectors",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ class CapturePlan:
         return torch.randperm(width, generator=generator)[: self.sample_hidden].sort().values
 
 
-def _first_tensor(value) -> torch.Tensor:
+def first_tensor(value) -> torch.Tensor:
     while isinstance(value, (tuple, list)) and value:
         value = value[0]
     if not isinstance(value, torch.Tensor):
@@ -58,7 +58,7 @@ def reduce_value(
     value, plan: CapturePlan, positions: slice
 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """[1, pos, ...] value -> (stored [pos', ...] CPU tensor, original shape, kept unit indices)."""
-    tensor = _first_tensor(value).detach()
+    tensor = first_tensor(value).detach()
     original = list(tensor.shape)
     if tensor.dim() < 2 or tensor.shape[0] != 1:
         raise ValueError(f"expected a [1, pos, ...] tensor, got shape {original}")
@@ -183,7 +183,7 @@ class GenerationCapture:
     def on_step(self, values: dict) -> None:
         length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
         for name, value in values.items():
-            if _first_tensor(value).shape[1] != length:
+            if first_tensor(value).shape[1] != length:
                 raise ValueError(
                     f"{name} does not hold one value per position fed in (shape {list(value.shape)})"
                 )

@@ -29,9 +29,9 @@ from typing import TypeVar
 import torch
 
 from ..storage import CaptureWriter
-from .capture import CapturePlan, capture_prompt, write_prompt_capture
+from .capture import CapturePlan, capture_prompt, first_tensor, write_prompt_capture
 from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
-from .hooks import HookResolver
+from .hooks import HookPoint, HookResolver
 from .loading import LoadedModel, load_model
 from .memory import MemoryLog, ModelShape
 from .scoring import score_prompt
@@ -191,6 +191,25 @@ class Engine:
         except BaseException:
             writer.abort()
             raise
+
+    async def collect(
+        self, prompts: list[list[int]], points: tuple[HookPoint, ...], position: str
+    ) -> dict[str, torch.Tensor]:
+        """Per hook point, one row per prompt: its value at the last token ("last") or averaged
+        over the prompt ("mean"), as float32 on the CPU. For building contrastive vectors."""
+        return await self._run(self._collect_sync, prompts, points, position)
+
+    def _collect_sync(
+        self, prompts: list[list[int]], points: tuple, position: str
+    ) -> dict[str, torch.Tensor]:
+        plan = CapturePlan(points=points)
+        rows: dict[str, list[torch.Tensor]] = {p.name: [] for p in points}
+        for prompt_ids in prompts:
+            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module)
+            for point in points:
+                value = first_tensor(saved[point.name])[0].float()  # [positions, width]
+                rows[point.name].append(value[-1] if position == "last" else value.mean(0))
+        return {name: torch.stack(values).cpu() for name, values in rows.items()}
 
     async def stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult]:
         """Deltas as the worker produces them, then the final result.

@@ -37,7 +37,7 @@ from ..protocol import (
     dump,
     now,
 )
-from ..storage import ActivationStore, UnknownActivation, UnsafeSaveDir
+from ..storage import ActivationStore, UnknownActivation, UnknownVector, UnsafeSaveDir, VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +121,18 @@ class Serving:
     """Shared by the endpoint families: model identity, budget checks, engine calls."""
 
     def __init__(
-        self, engine: Engine, settings: Settings, store: ActivationStore, server_capture: ServerCapture
+        self,
+        engine: Engine,
+        settings: Settings,
+        store: ActivationStore,
+        server_capture: ServerCapture,
+        vectors: VectorStore,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.store = store
         self.server_capture = server_capture
+        self.vectors = vectors
         self.created = now()
         self._model_names = {engine.model_id, settings.model, engine.loaded.source}
 
@@ -261,15 +267,16 @@ class Serving:
                 raise APIError(f"{item.type} needs a vector", param=f"{param}.vector")
             if item.type == "scale" and item.factor is None:
                 raise APIError("scale needs a factor", param=f"{param}.factor")
+            values = self._vector_values(item.vector, f"{param}.vector")
             for point in points:
                 vector = None
-                if item.vector is not None:
-                    if len(item.vector) != point.width:
+                if values is not None:
+                    if values.numel() != point.width:
                         raise APIError(
-                            f"vector has {len(item.vector)} values; {point.name} has {point.width}",
+                            f"vector has {values.numel()} values; {point.name} has {point.width}",
                             param=f"{param}.vector",
                         )
-                    vector = torch.tensor(item.vector, dtype=engine.loaded.dtype, device=engine.loaded.device)
+                    vector = values.to(dtype=engine.loaded.dtype, device=engine.loaded.device)
                     if item.type in ("project_out", "clamp") and not bool(vector.norm() > 0):
                         raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
                 positions = item.positions if isinstance(item.positions, str) else tuple(item.positions)
@@ -277,6 +284,24 @@ class Serving:
                     Edit(point, item.type, positions, vector, item.scale, item.factor or 1.0, item.value)
                 )
         return tuple(edits)
+
+    def _vector_values(self, vector: list[float] | str | None, param: str) -> torch.Tensor | None:
+        """Inline numbers, or a stored vector by name (made for this model)."""
+        if vector is None:
+            return None
+        if not isinstance(vector, str):
+            return torch.tensor(vector, dtype=torch.float32)
+        try:
+            meta = self.vectors.metadata(vector)
+            values = self.vectors.vector(vector)
+        except UnknownVector:
+            raise APIError(f"no stored vector named {vector!r} (see GET /v1/vectors)", param=param) from None
+        if meta.get("model") not in (None, self.engine.model_id):
+            raise APIError(
+                f"vector {vector!r} was made for model {meta['model']!r}, not {self.engine.model_id!r}",
+                param=param,
+            )
+        return values
 
     def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
         """Validate a request's ``capture`` block against the served model, before any work."""

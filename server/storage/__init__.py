@@ -1,5 +1,13 @@
-"""On-disk stores under the server's own roots (activations now; vectors with issue 4)."""
+"""On-disk stores under the server's own roots: captured activations and named vectors."""
 
 from .activations import ActivationStore, CaptureWriter, UnknownActivation, UnsafeSaveDir
+from .vectors import UnknownVector, VectorStore
 
-__all__ = ["ActivationStore", "CaptureWriter", "UnsafeSaveDir", "UnknownActivation"]
+__all__ = [
+    "ActivationStore",
+    "CaptureWriter",
+    "UnknownActivation",
+    "UnknownVector",
+    "UnsafeSaveDir",
+    "VectorStore",
+]

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import torch
+
+from .files import write_atomically as _write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,6 @@ class UnsafeSaveDir(ValueError):
 
 class UnknownActivation(KeyError):
     """No capture with this id (or no tensor with this name in it)."""
-
-
-def _write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``; the temporary file never outlives a failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_tensor(path: Path, name: str, tensor: torch.Tensor, fmt: str) -> None:

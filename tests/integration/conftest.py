@@ -62,7 +62,14 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory):
-    args = ["--max-tokens-cap", "256", "--activations-dir", str(tmp_path_factory.mktemp("activations"))]
+    args = [
+        "--max-tokens-cap",
+        "256",
+        "--activations-dir",
+        str(tmp_path_factory.mktemp("activations")),
+        "--vectors-dir",
+        str(tmp_path_factory.mktemp("vectors")),
+    ]
     server = RunningServer(args, tmp_path_factory.mktemp("logs") / "server.log")
     try:
         server.wait_healthy()

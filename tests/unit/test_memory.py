@@ -27,6 +27,7 @@ def settings(tiny_model_dir, activations_dir, weight_bytes):
         max_tokens_cap=64,
         max_n=4,
         activations_dir=activations_dir,
+        vectors_dir=activations_dir / "vectors",
         memory_budget=weight_bytes + 300_000,
     )
 
