@@ -219,3 +219,111 @@ def test_captured_residual_stream_equals_hf_hidden_states(embedded_server, oai, 
             f"{embedded_server.url}/v1/activations/{activations['id']}/{name}", timeout=30
         ).content
         torch.testing.assert_close(load(raw)[name], hidden[layer + 1][0], rtol=1e-3, atol=1e-4)
+
+
+POSITIVE = [
+    "I love this, it is wonderful and great.",
+    "What a fantastic, delightful day.",
+    "This is excellent and I am so happy.",
+    "Absolutely brilliant, I adore it.",
+]
+NEGATIVE = [
+    "I hate this, it is awful and terrible.",
+    "What a horrible, miserable day.",
+    "This is dreadful and I am so sad.",
+    "Absolutely disgusting, I loathe it.",
+]
+
+
+def next_token_logits(server, interventions=None) -> torch.Tensor:
+    """Logits after "I think this movie is", read by capturing lm_head.output (with any steering)."""
+    from safetensors.torch import load
+
+    body = {
+        "prompt": "I think this movie is",
+        "max_tokens": 1,
+        "capture": {"modules": ["lm_head.output"], "positions": "last"},
+    }
+    if interventions:
+        body["interventions"] = interventions
+    activations = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["activations"]
+    raw = httpx.get(f"{server.url}/v1/activations/{activations['id']}/lm_head.output", timeout=30).content
+    return load(raw)["lm_head.output"][0]
+
+
+def test_contrastive_vector_moves_the_next_token_logits(embedded_server):
+    from transformers import AutoTokenizer
+
+    from server.engine.loading import embedded_model_dir
+
+    made = httpx.post(
+        f"{embedded_server.url}/v1/vectors/contrastive",
+        timeout=300,
+        json={"name": "sentiment", "positive": POSITIVE, "negative": NEGATIVE, "layers": [10]},
+    )
+    assert made.status_code == 200, made.text
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    good = [tokenizer.encode(w)[0] for w in (" good", " great")]
+    bad = [tokenizer.encode(w)[0] for w in (" bad", " terrible")]
+
+    def preference(scale: float | None) -> float:
+        steer = (
+            None
+            if scale is None
+            else [
+                {
+                    "type": "add",
+                    "layer": 10,
+                    "hook_point": "resid_post",
+                    "vector": "sentiment-layer10",
+                    "scale": scale,
+                }
+            ]
+        )
+        logits = next_token_logits(embedded_server, steer)
+        return (logits[good].mean() - logits[bad].mean()).item()
+
+    neutral = preference(None)
+    assert preference(2.0) > neutral + 1.0  # towards the positive examples
+    assert preference(-2.0) < neutral - 1.0  # and away from them
+
+
+def test_steer_a_streamed_answer_and_capture_the_steered_residual_stream(embedded_server, oai, model_id):
+    """The issue's 'done when': build, steer a stream, capture it, all from the openai client."""
+    from safetensors.torch import load
+
+    httpx.post(
+        f"{embedded_server.url}/v1/vectors/contrastive",
+        timeout=300,
+        json={"name": "mood", "positive": POSITIVE, "negative": NEGATIVE, "layers": [10]},
+    ).raise_for_status()
+    capture = {"mode": "generate", "layers": [10], "hook_points": ["resid_post"]}
+    steer = [{"type": "add", "layer": 10, "hook_point": "resid_post", "vector": "mood-layer10", "scale": 4.0}]
+    question = [{"role": "user", "content": "How was your day?"}]
+
+    def stream(extra):
+        chunks = list(
+            oai.chat.completions.create(
+                model=model_id, messages=question, max_tokens=24, temperature=0, stream=True, extra_body=extra
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        activations = chunks[-1].model_extra["activations"]
+        raw = httpx.get(
+            f"{embedded_server.url}/v1/activations/{activations['id']}/layers.10.resid_post", timeout=30
+        ).content
+        return text, load(raw)["layers.10.resid_post"]
+
+    plain_text, plain_resid = stream({"capture": capture})
+    steered_text, steered_resid = stream({"capture": capture, "interventions": steer})
+    assert steered_text != plain_text
+    vector = torch.tensor(
+        httpx.get(f"{embedded_server.url}/v1/vectors/mood-layer10", timeout=30).json()["values"]
+    )
+    prompt_len = oai.chat.completions.create(
+        model=model_id, messages=question, max_tokens=1
+    ).usage.prompt_tokens
+    # the capture holds the values after the steering: the prompt positions moved by exactly 4 x vector
+    torch.testing.assert_close(
+        steered_resid[:prompt_len], plain_resid[:prompt_len] + 4.0 * vector, rtol=1e-4, atol=1e-3
+    )
