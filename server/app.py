@@ -20,7 +20,7 @@ from .errors import install_error_handlers
 from .routes import router
 from .serving import ChatServing, CompletionServing, ServerCapture
 from .serving.vectors import VectorServing
-from .storage import ActivationStore, VectorStore
+from .storage import ActivationStore, PresetStore, VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.store = store
         server_capture = ServerCapture()
         vectors = VectorStore(settings.vectors_dir)
-        shared = (engine, settings, store, server_capture, vectors)
+        presets = PresetStore(settings.vectors_dir / "presets")
+        shared = (engine, settings, store, server_capture, vectors, presets)
         app.state.chat = ChatServing(*shared)
         app.state.completions = CompletionServing(*shared)
         app.state.vectors = VectorServing(*shared)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .storage import UnknownActivation, UnknownVector
+from .storage import UnknownActivation, UnknownPreset, UnknownVector
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,12 @@ def install_error_handlers(app: FastAPI) -> None:
             status=HTTPStatus.NOT_FOUND,
             param="name",
             code="not_found",
+        ).response()
+
+    @app.exception_handler(UnknownPreset)
+    async def _unknown_preset(_: Request, exc: UnknownPreset) -> JSONResponse:
+        return APIError(
+            f"no preset named {exc.args[0]!r}", status=HTTPStatus.NOT_FOUND, param="name", code="not_found"
         ).response()
 
     @app.exception_handler(RequestValidationError)

@@ -119,7 +119,7 @@ class CaptureRequest(StrictModel):
 class InterventionRequest(StrictModel):
     """One change to the model's values while it answers (extension field ``interventions``)."""
 
-    type: Literal["add", "scale", "ablate", "project_out", "clamp"]
+    type: Literal["add", "scale", "ablate", "project_out", "clamp", "patch"]
     layer: int | None = Field(None, description="One layer (negative counts from the end).")
     layers: list[int] | Literal["all"] | None = Field(None, description="Several layers, or all.")
     hook_point: Annotated[str, Field(max_length=200)] | None = Field(
@@ -141,6 +141,16 @@ class InterventionRequest(StrictModel):
     scale: float = Field(1.0, description="add: the multiple of the vector added.")
     factor: float | None = Field(None, description="scale: the factor to multiply by.")
     value: float = Field(0.0, description="clamp: the component along the direction is set to this.")
+    activation_id: Annotated[str, Field(max_length=40)] | None = Field(
+        None, description="patch: the id of an earlier capture (act-...)."
+    )
+    tensor: Annotated[str, Field(max_length=300)] | None = Field(
+        None, description="patch: the captured tensor's name, e.g. layers.3.resid_post."
+    )
+    steps: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)] | None = Field(
+        None,
+        description="[first, end): the forward steps to act on; step 0 is the prompt, step k the k-th token.",
+    )
 
 
 class VectorCreate(StrictModel):
@@ -166,6 +176,13 @@ class ContrastiveCreate(StrictModel):
     hook_point: Annotated[str, Field(max_length=200)] = "resid_post"
     position: Literal["last", "mean"] = Field("last", description="Each example's last token, or its mean.")
     method: Literal["mean_diff", "pca"] = "mean_diff"
+
+
+class PresetCreate(StrictModel):
+    """POST /v1/interventions/presets: a named list of intervention items."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    items: Annotated[list[InterventionRequest], Field(min_length=1, max_length=64)]
 
 
 class ServerCaptureConfig(StrictModel):
@@ -239,6 +256,9 @@ class _SamplingFields(OpenAIModel):
     )
     interventions: Annotated[list[InterventionRequest], Field(max_length=64)] | None = Field(
         None, description="Changes to the model's values while it answers (steering, ablation, ...)."
+    )
+    presets: Annotated[list[Annotated[str, Field(max_length=100)]], Field(max_length=16)] | None = Field(
+        None, description="Names of stored intervention presets, applied before `interventions`."
     )
 
     def _check_unsupported(self) -> None:

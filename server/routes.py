@@ -18,6 +18,7 @@ from .protocol import (
     ContrastiveCreate,
     Health,
     ModelList,
+    PresetCreate,
     ServerCaptureConfig,
     ServerCaptureResponse,
     VectorCreate,
@@ -98,6 +99,27 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return _sse(service.chunks(prepared))
     return await cancel_on_disconnect(request, service.respond(prepared))
+
+
+@router.post("/v1/interventions/presets", responses=_ERROR_RESPONSES)
+async def create_preset(body: PresetCreate, request: Request) -> dict:
+    return await request.app.state.vectors.create_preset(body)
+
+
+@router.get("/v1/interventions/presets")
+async def list_presets(request: Request) -> dict:
+    return await asyncio.to_thread(request.app.state.vectors.preset_listing)
+
+
+@router.get("/v1/interventions/presets/{name}", responses=_ERROR_RESPONSES)
+async def read_preset(name: str, request: Request) -> dict:
+    return await asyncio.to_thread(request.app.state.vectors.presets.get, name)
+
+
+@router.delete("/v1/interventions/presets/{name}", responses=_ERROR_RESPONSES)
+async def delete_preset(name: str, request: Request) -> dict:
+    await asyncio.to_thread(request.app.state.vectors.presets.delete, name)
+    return {"name": name, "deleted": True}
 
 
 @router.get("/v1/interventions", response_model=ServerCaptureResponse)

@@ -10,7 +10,12 @@ recorded: so a capture records values *after* the interventions.
 Positions are absolute: the prompt forward covers ``[0, P)``, each later step one
 position. ``Edit.positions``: ``all``; ``prompt`` (< P); ``generated`` (>= P);
 ``last`` (the newest position of each step: the last prompt token, then every
-generated one); or a list of absolute positions.
+generated one); or a list of absolute positions. ``Edit.steps`` (``[first, end)``)
+limits an edit to some forward steps: step 0 is the prompt forward, step k feeds
+the k-th generated token.
+
+``patch`` replaces the value at each chosen position with the row an earlier capture
+recorded for that same absolute position (positions the capture lacks are left alone).
 """
 
 from __future__ import annotations
@@ -35,9 +40,14 @@ class Edit:
     scale: float = 1.0
     factor: float = 1.0
     value: float = 0.0
+    steps: tuple[int, int] | None = None  # [first, end) forward steps; None: every step
+    source: torch.Tensor | None = None  # patch: [captured positions, width]
+    source_positions: tuple[int, ...] = ()  # patch: the absolute position of each source row
 
-    def indexes(self, start: int, length: int, prompt_len: int) -> list[int]:
+    def indexes(self, start: int, length: int, prompt_len: int, step: int = 0) -> list[int]:
         """Which of this step's positions (0 .. length-1) the edit touches."""
+        if self.steps is not None and not self.steps[0] <= step < self.steps[1]:
+            return []
         absolute = range(start, start + length)
         if self.positions == "all":
             chosen = absolute
@@ -50,25 +60,34 @@ class Edit:
         else:
             wanted = set(self.positions)
             chosen = [p for p in absolute if p in wanted]
+        if self.operation == "patch":
+            available = set(self.source_positions)
+            chosen = [p for p in chosen if p in available]
         return [p - start for p in chosen]
 
-    def arguments(self) -> dict:
-        return {"vector": self.vector, "scale": self.scale, "factor": self.factor, "value": self.value}
+    def new_values(self, selected: torch.Tensor, start: int, index: list[int]) -> torch.Tensor:
+        """The replacement for ``selected`` (``[rows, len(index), ...]``)."""
+        if self.operation == "patch":
+            row_of = {p: i for i, p in enumerate(self.source_positions)}
+            rows = self.source[[row_of[start + j] for j in index]]
+            return rows.unsqueeze(0).expand_as(selected)
+        arguments = {"vector": self.vector, "scale": self.scale, "factor": self.factor, "value": self.value}
+        return apply_operation(self.operation, selected, **arguments)
 
 
-def edit_value(value, edits: list[Edit], start: int, length: int, prompt_len: int):
+def edit_value(value, edits: list[Edit], start: int, length: int, prompt_len: int, step: int = 0):
     """The value with every edit applied at its positions; a tuple keeps its other elements."""
     if isinstance(value, tuple):
-        return (edit_value(value[0], edits, start, length, prompt_len), *value[1:])
+        return (edit_value(value[0], edits, start, length, prompt_len, step), *value[1:])
     result = value
     for edit in edits:
-        index = edit.indexes(start, length, prompt_len)
+        index = edit.indexes(start, length, prompt_len, step)
         if not index:
             continue
         if result is value:
             result = value.clone()
         selected = result[:, index]
-        result[:, index] = apply_operation(edit.operation, selected, **edit.arguments()).to(selected.dtype)
+        result[:, index] = edit.new_values(selected, start, index).to(selected.dtype)
     return result
 
 
@@ -102,6 +121,7 @@ class StepPlan:
         self.entries = sorted(entries.values(), key=lambda e: e.order)
         self.prompt_len = prompt_len
         self.start = 0  # absolute position of the current step's first token
+        self.step = 0  # 0: the prompt forward; k: the step feeding the k-th generated token
 
     def run_step(self, wrapper, save: bool = False) -> dict:
         """Inside a trace: one step's reads and edits; returns the values to record, by name."""
@@ -111,9 +131,10 @@ class StepPlan:
             envoy = wrapper.get(entry.path)
             value = getattr(envoy, entry.kind)
             if entry.edits:
-                value = edit_value(value, entry.edits, self.start, length, self.prompt_len)
+                value = edit_value(value, entry.edits, self.start, length, self.prompt_len, self.step)
                 setattr(envoy, entry.kind, value)
             for name in entry.capture_names:
                 values[name] = value.save() if save else value
         self.start += length
+        self.step += 1
         return values

@@ -37,7 +37,8 @@ from ..protocol import (
     dump,
     now,
 )
-from ..storage import ActivationStore, UnknownActivation, UnknownVector, UnsafeSaveDir, VectorStore
+from ..storage import ActivationStore, PresetStore, UnknownActivation, UnsafeSaveDir, VectorStore
+from .interventions import resolve_interventions
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ class Serving:
         store: ActivationStore,
         server_capture: ServerCapture,
         vectors: VectorStore,
+        presets: PresetStore,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.store = store
         self.server_capture = server_capture
         self.vectors = vectors
+        self.presets = presets
         self.created = now()
         self._model_names = {engine.model_id, settings.model, engine.loaded.source}
 
@@ -239,69 +242,11 @@ class Serving:
         logger.info("server-wide capture settings: %s", config.model_dump())
         return config
 
-    def resolve_interventions(self, items: list[InterventionRequest] | None) -> tuple[Edit, ...]:
-        """The request's interventions as edits on resolved hook points, refused with 400 if invalid."""
-        edits: list[Edit] = []
-        engine = self.engine
-        for i, item in enumerate(items or ()):
-            param = f"interventions[{i}]"
-            if (item.module is None) == (item.hook_point is None):
-                raise APIError("name either hook_point (with layer or layers) or module", param=param)
-            if item.layer is not None and item.layers is not None:
-                raise APIError("name layer or layers, not both", param=f"{param}.layers")
-            layers = [item.layer] if item.layer is not None else item.layers
-            try:
-                if item.module is not None:
-                    points = engine.hooks.resolve(layers=None, hook_points=None, modules=[item.module])
-                else:
-                    if layers is None:
-                        raise APIError("hook_point needs layer or layers", param=f"{param}.layer")
-                    points = engine.hooks.resolve(layers=layers, hook_points=[item.hook_point], modules=None)
-            except HookError as exc:
-                field = {"hook_points": "hook_point", "modules": "module"}.get(
-                    exc.param.split("[")[0], "layers"
-                )
-                raise APIError(str(exc), param=f"{param}.{field}") from exc
-            needs_vector = item.type in ("add", "project_out", "clamp")
-            if needs_vector and item.vector is None:
-                raise APIError(f"{item.type} needs a vector", param=f"{param}.vector")
-            if item.type == "scale" and item.factor is None:
-                raise APIError("scale needs a factor", param=f"{param}.factor")
-            values = self._vector_values(item.vector, f"{param}.vector")
-            for point in points:
-                vector = None
-                if values is not None:
-                    if values.numel() != point.width:
-                        raise APIError(
-                            f"vector has {values.numel()} values; {point.name} has {point.width}",
-                            param=f"{param}.vector",
-                        )
-                    vector = values.to(dtype=engine.loaded.dtype, device=engine.loaded.device)
-                    if item.type in ("project_out", "clamp") and not bool(vector.norm() > 0):
-                        raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
-                positions = item.positions if isinstance(item.positions, str) else tuple(item.positions)
-                edits.append(
-                    Edit(point, item.type, positions, vector, item.scale, item.factor or 1.0, item.value)
-                )
-        return tuple(edits)
-
-    def _vector_values(self, vector: list[float] | str | None, param: str) -> torch.Tensor | None:
-        """Inline numbers, or a stored vector by name (made for this model)."""
-        if vector is None:
-            return None
-        if not isinstance(vector, str):
-            return torch.tensor(vector, dtype=torch.float32)
-        try:
-            meta = self.vectors.metadata(vector)
-            values = self.vectors.vector(vector)
-        except UnknownVector:
-            raise APIError(f"no stored vector named {vector!r} (see GET /v1/vectors)", param=param) from None
-        if meta.get("model") not in (None, self.engine.model_id):
-            raise APIError(
-                f"vector {vector!r} was made for model {meta['model']!r}, not {self.engine.model_id!r}",
-                param=param,
-            )
-        return values
+    def resolve_interventions(
+        self, items: list[InterventionRequest] | None, presets: list[str] | None = None
+    ) -> tuple[Edit, ...]:
+        """A request's presets, then its interventions, as edits; refused with 400 if invalid."""
+        return resolve_interventions(self.engine, self.vectors, self.store, self.presets, items, presets)
 
     def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
         """Validate a request's ``capture`` block against the served model, before any work."""

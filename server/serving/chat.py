@@ -66,7 +66,9 @@ class ChatServing(Serving):
             max_tokens_param=param,
         )
         job = GenerationJob(
-            prompt_ids=prompt_ids, params=params, edits=self.resolve_interventions(request.interventions)
+            prompt_ids=prompt_ids,
+            params=params,
+            edits=self.resolve_interventions(request.interventions, request.presets),
         )
         return PreparedChat(request, job, plan, completion_id("chatcmpl"))
 

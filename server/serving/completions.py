@@ -46,7 +46,7 @@ class CompletionServing(Serving):
         capture = self.effective_capture(request.capture, request.ndif)
         plan = self.capture_plan(capture, request.n)
         prepared: list[CompletionPrompt] = []
-        edits = self.resolve_interventions(request.interventions)
+        edits = self.resolve_interventions(request.interventions, request.presets)
         if edits and request.echo and request.logprobs is not None:
             raise APIError(
                 "echo with logprobs scores the prompt without interventions; send one or the other",

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 
 from ..engine.hooks import HookError
 from ..errors import APIError
-from ..protocol import ChatMessage, ContrastiveCreate, VectorCreate
+from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
 from .base import Serving, engine_error
 
 
@@ -108,6 +108,26 @@ class VectorServing(Serving):
     def delete(self, name: str) -> dict:
         self.vectors.delete(name)
         return {"name": name, "deleted": True}
+
+    async def create_preset(self, body: PresetCreate) -> dict:
+        """Validate the items against the served model (as a request would), then store them."""
+        if not self.vectors.valid_name(body.name):
+            raise APIError("name: letters, digits, '_', '-', '.', at most 100 characters", param="name")
+        try:
+            self.resolve_interventions(body.items)
+        except APIError as error:
+            raise APIError(
+                error.message, param=(error.param or "").replace("interventions", "items", 1)
+            ) from None
+        items = [item.model_dump(exclude_none=True) for item in body.items]
+        try:
+            await asyncio.to_thread(self.presets.put, body.name, items)
+        except OSError as exc:
+            raise engine_error(exc) from exc
+        return {"name": body.name, "items": items}
+
+    def preset_listing(self) -> dict:
+        return {"object": "list", "data": [self.presets.get(name) for name in self.presets.names()]}
 
     async def contrastive(self, body: ContrastiveCreate) -> dict:
         self._check_name(body.name)

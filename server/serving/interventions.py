@@ -1,0 +1,169 @@
+"""Turning a request's ``interventions`` (and named ``presets``) into edits on resolved hook points.
+
+Everything a client can get wrong is refused here with a 400 naming the field
+(``interventions[i].<field>``, ``presets[i]``): unknown hook points, layers out of range,
+vectors of the wrong size or made for another model, unknown vectors, presets or
+activation ids, tensors that cannot be patched in. The edits themselves are applied by
+``server/engine/steps.py``.
+
+Presets (``server/storage/presets.py``) are validated against the model when they are
+saved and again when they are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..engine.engine import Engine
+from ..engine.hooks import HookError
+from ..engine.steps import Edit
+from ..errors import APIError
+from ..protocol import InterventionRequest
+from ..storage import (
+    ActivationStore,
+    PresetStore,
+    UnknownActivation,
+    UnknownPreset,
+    UnknownVector,
+    VectorStore,
+)
+
+
+def resolve_interventions(
+    engine: Engine,
+    vectors: VectorStore,
+    activations: ActivationStore,
+    presets: PresetStore,
+    items: list[InterventionRequest] | None,
+    preset_names: list[str] | None = None,
+) -> tuple[Edit, ...]:
+    edits: list[Edit] = []
+    for j, name in enumerate(preset_names or ()):
+        try:
+            stored = presets.get(name)["items"]
+        except UnknownPreset:
+            raise APIError(
+                f"no preset named {name!r} (see GET /v1/interventions/presets)", param=f"presets[{j}]"
+            ) from None
+        for i, raw in enumerate(stored):
+            item = InterventionRequest.model_validate(raw)
+            edits += _resolve_item(engine, vectors, activations, item, f"presets[{j}].items[{i}]")
+    for i, item in enumerate(items or ()):
+        edits += _resolve_item(engine, vectors, activations, item, f"interventions[{i}]")
+    return tuple(edits)
+
+
+def _resolve_item(
+    engine: Engine, vectors: VectorStore, activations: ActivationStore, item: InterventionRequest, param: str
+) -> list[Edit]:
+    points = _points(engine, item, param)
+    positions = item.positions if isinstance(item.positions, str) else tuple(item.positions)
+    steps = tuple(item.steps) if item.steps is not None else None
+    if item.type == "patch":
+        if len(points) != 1:
+            raise APIError("patch takes one layer (or one module)", param=f"{param}.layers")
+        source, source_positions = _patch_source(engine, activations, item, points[0], param)
+        return [
+            Edit(points[0], "patch", positions, steps=steps, source=source, source_positions=source_positions)
+        ]
+    if item.type in ("add", "project_out", "clamp") and item.vector is None:
+        raise APIError(f"{item.type} needs a vector", param=f"{param}.vector")
+    if item.type == "scale" and item.factor is None:
+        raise APIError("scale needs a factor", param=f"{param}.factor")
+    values = _vector_values(engine, vectors, item.vector, f"{param}.vector")
+    edits = []
+    for point in points:
+        vector = None
+        if values is not None:
+            if values.numel() != point.width:
+                raise APIError(
+                    f"vector has {values.numel()} values; {point.name} has {point.width}",
+                    param=f"{param}.vector",
+                )
+            vector = values.to(dtype=engine.loaded.dtype, device=engine.loaded.device)
+            if item.type in ("project_out", "clamp") and not bool(vector.norm() > 0):
+                raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
+        edits.append(
+            Edit(point, item.type, positions, vector, item.scale, item.factor or 1.0, item.value, steps=steps)
+        )
+    return edits
+
+
+def _points(engine: Engine, item: InterventionRequest, param: str):
+    if (item.module is None) == (item.hook_point is None):
+        raise APIError("name either hook_point (with layer or layers) or module", param=param)
+    if item.layer is not None and item.layers is not None:
+        raise APIError("name layer or layers, not both", param=f"{param}.layers")
+    layers = [item.layer] if item.layer is not None else item.layers
+    try:
+        if item.module is not None:
+            return engine.hooks.resolve(layers=None, hook_points=None, modules=[item.module])
+        if layers is None:
+            raise APIError("hook_point needs layer or layers", param=f"{param}.layer")
+        return engine.hooks.resolve(layers=layers, hook_points=[item.hook_point], modules=None)
+    except HookError as exc:
+        field = {"hook_points": "hook_point", "modules": "module"}.get(exc.param.split("[")[0], "layers")
+        raise APIError(str(exc), param=f"{param}.{field}") from exc
+
+
+def _vector_values(engine: Engine, vectors: VectorStore, vector, param: str) -> torch.Tensor | None:
+    """Inline numbers, or a stored vector by name (made for this model)."""
+    if vector is None:
+        return None
+    if not isinstance(vector, str):
+        return torch.tensor(vector, dtype=torch.float32)
+    try:
+        meta = vectors.metadata(vector)
+        values = vectors.vector(vector)
+    except UnknownVector:
+        raise APIError(f"no stored vector named {vector!r} (see GET /v1/vectors)", param=param) from None
+    if meta.get("model") not in (None, engine.model_id):
+        raise APIError(
+            f"vector {vector!r} was made for model {meta['model']!r}, not {engine.model_id!r}", param=param
+        )
+    return values
+
+
+def _patch_source(engine: Engine, activations: ActivationStore, item: InterventionRequest, point, param: str):
+    """The captured tensor to patch in, and the absolute positions its rows hold."""
+    if item.activation_id is None or item.tensor is None:
+        raise APIError(
+            "patch needs activation_id and tensor (from an earlier capture)", param=f"{param}.activation_id"
+        )
+    try:
+        manifest = activations.manifest(item.activation_id)
+        path = activations.tensor_file(item.activation_id, item.tensor)
+    except UnknownActivation:
+        raise APIError(
+            f"no captured tensor {item.tensor!r} under activation id {item.activation_id!r}",
+            param=f"{param}.activation_id",
+        ) from None
+    entry = next(t for t in manifest["tensors"] if t["name"] == item.tensor)
+    if manifest.get("model") not in (None, engine.model_id):
+        raise APIError("that capture was made with another model", param=f"{param}.activation_id")
+    if entry.get("unit_indices") is not None:
+        raise APIError(
+            "cannot patch from a capture with sample_hidden (units are missing)", param=f"{param}.tensor"
+        )
+    source = _load_tensor(path, manifest["format"], item.tensor)
+    if source.dim() != 2 or source.shape[-1] != point.width:
+        raise APIError(
+            f"the captured tensor has shape {list(source.shape)}; "
+            f"{point.name} needs [positions, {point.width}]",
+            param=f"{param}.tensor",
+        )
+    return source.to(dtype=engine.loaded.dtype, device=engine.loaded.device), tuple(entry["positions"])
+
+
+def _load_tensor(path: Path, fmt: str, name: str) -> torch.Tensor:
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))[name]
+    if fmt == "npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    return torch.load(path, weights_only=True)
