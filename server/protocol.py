@@ -129,7 +129,8 @@ class InterventionRequest(StrictModel):
         None, description="Absolute module path with .input/.output, instead of layer + hook_point."
     )
     positions: (
-        Literal["all", "prompt", "generated", "last"] | Annotated[list[int], Field(max_length=100_000)]
+        Literal["all", "prompt", "generated", "last"]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=100_000)]
     ) = "all"
     vector: (
         Annotated[list[float], Field(max_length=1_000_000)] | Annotated[str, Field(max_length=100)] | None
@@ -151,6 +152,12 @@ class InterventionRequest(StrictModel):
         None,
         description="[first, end): the forward steps to act on; step 0 is the prompt, step k the k-th token.",
     )
+
+    @model_validator(mode="after")
+    def _steps_in_order(self):
+        if self.steps is not None and self.steps[0] >= self.steps[1]:
+            raise ValueError("steps is [first, end) with first < end")
+        return self
 
 
 class VectorCreate(StrictModel):

@@ -47,6 +47,7 @@ class HookPoint:
     hook: str  # what the client asked for: "resid_post", "mlp.down_proj.input", ...
     order: int  # position of this read in one forward pass
     width: int  # elements per token of the value (its size divided by batch x positions)
+    floating: bool = True  # a floating-point value (activations), not integers (token ids)
 
 
 class HookResolver:
@@ -55,7 +56,7 @@ class HookResolver:
     def __init__(self, model: torch.nn.Module, layout: LayerLayout) -> None:
         self.layout = layout
         self._modules = dict(model.named_modules())
-        self._order, self._width = _execution_order(model)
+        self._order, self._width, self._floating = _execution_order(model)
         logits = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # The module computing the logits: generation computes them for the last position only.
         self.logits_module = next((name for name, m in self._modules.items() if m is logits), None)
@@ -103,7 +104,9 @@ class HookResolver:
 
     def _point(self, name: str, path: str, kind: str, layer: int | None, hook: str) -> HookPoint:
         key = (path, kind)
-        return HookPoint(name, path, kind, layer, hook, self._order[key], self._width[key])
+        return HookPoint(
+            name, path, kind, layer, hook, self._order[key], self._width[key], self._floating[key]
+        )
 
     def _split(self, full: str, param: str, asked: str) -> tuple[str, str]:
         path, _, kind = full.rpartition(".")
@@ -135,6 +138,7 @@ def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int]
     ``[batch, pos, ...]`` tensor, e.g. a model output object)."""
     order: dict[tuple[str, str], int] = {}
     width: dict[tuple[str, str], int] = {}
+    floating: dict[tuple[str, str], bool] = {}
     handles = []
     positions = 2
 
@@ -148,6 +152,7 @@ def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int]
             isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (1, positions)
         )
         width[key] = value.numel() // positions if per_position else 0
+        floating[key] = per_position and value.is_floating_point()
 
     def first_input(args: tuple, kwargs: dict):
         """What nnsight's ``.input`` is: the first positional argument, else the first keyword one."""
@@ -172,4 +177,4 @@ def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int]
     finally:
         for handle in handles:
             handle.remove()
-    return order, width
+    return order, width, floating

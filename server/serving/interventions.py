@@ -59,6 +59,12 @@ def _resolve_item(
     engine: Engine, vectors: VectorStore, activations: ActivationStore, item: InterventionRequest, param: str
 ) -> list[Edit]:
     points = _points(engine, item, param)
+    for point in points:
+        if not point.floating:
+            raise APIError(
+                f"{point.name} holds integers (token ids, positions), not activations: it cannot be edited",
+                param=f"{param}.{'module' if item.module else 'hook_point'}",
+            )
     positions = item.positions if isinstance(item.positions, str) else tuple(item.positions)
     steps = tuple(item.steps) if item.steps is not None else None
     if item.type == "patch":
@@ -86,7 +92,16 @@ def _resolve_item(
             if item.type in ("project_out", "clamp") and not bool(vector.norm() > 0):
                 raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
         edits.append(
-            Edit(point, item.type, positions, vector, item.scale, item.factor or 1.0, item.value, steps=steps)
+            Edit(
+                point,
+                item.type,
+                positions,
+                vector,
+                item.scale,
+                1.0 if item.factor is None else item.factor,
+                item.value,
+                steps=steps,
+            )
         )
     return edits
 

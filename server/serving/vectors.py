@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 
 import torch
 from safetensors import SafetensorError
@@ -26,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from ..engine.hooks import HookError
 from ..errors import APIError
 from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
+from ..storage import UnknownPreset, UnknownVector
 from .base import Serving, engine_error
 
 
@@ -100,7 +102,11 @@ class VectorServing(Serving):
         return tensor.float()
 
     def listing(self) -> dict:
-        return {"object": "list", "data": [self.vectors.metadata(name) for name in self.vectors.names()]}
+        data = []
+        for name in self.vectors.names():
+            with contextlib.suppress(UnknownVector):  # deleted while listing
+                data.append(self.vectors.metadata(name))
+        return {"object": "list", "data": data}
 
     def read(self, name: str) -> dict:
         return {**self.vectors.metadata(name), "values": self.vectors.vector(name).tolist()}
@@ -127,7 +133,11 @@ class VectorServing(Serving):
         return {"name": body.name, "items": items}
 
     def preset_listing(self) -> dict:
-        return {"object": "list", "data": [self.presets.get(name) for name in self.presets.names()]}
+        data = []
+        for name in self.presets.names():
+            with contextlib.suppress(UnknownPreset):  # deleted while listing
+                data.append(self.presets.get(name))
+        return {"object": "list", "data": data}
 
     async def contrastive(self, body: ContrastiveCreate) -> dict:
         self._check_name(body.name)
@@ -141,7 +151,8 @@ class VectorServing(Serving):
             ) from exc
         if body.method == "pca" and min(len(body.positive), len(body.negative)) < 2:
             raise APIError("pca needs at least two positive and two negative examples", param="method")
-        self._check_room(len(points))
+        existing = set(self.vectors.names())
+        self._check_room(sum(f"{body.name}-layer{p.layer}" not in existing for p in points))
         positive = [await self._prompt(example, f"positive[{i}]") for i, example in enumerate(body.positive)]
         negative = [await self._prompt(example, f"negative[{i}]") for i, example in enumerate(body.negative)]
         try:

@@ -181,7 +181,7 @@ class ActivationStore:
         self._index: dict[str, Path] = {}
         self._lock = threading.Lock()
         for manifest in self.root.rglob(MANIFEST):
-            if _ID.match(manifest.parent.name):
+            if _ID.fullmatch(manifest.parent.name):
                 self._index[manifest.parent.name] = manifest.parent
         self._remove_leftovers()
 
@@ -189,10 +189,10 @@ class ActivationStore:
         """Temporary files and manifest-less capture directories of a run that died mid-write."""
         for pattern in (".*.tmp", ".*.part"):
             for tmp in self.root.rglob(pattern):
-                if tmp.is_file() and _ID.match(tmp.parent.name):  # only ours, inside capture directories
+                if tmp.is_file() and _ID.fullmatch(tmp.parent.name):  # only ours, inside capture directories
                     tmp.unlink(missing_ok=True)
         for directory in self.root.rglob("act-*"):
-            if directory.is_dir() and _ID.match(directory.name) and not (directory / MANIFEST).exists():
+            if directory.is_dir() and _ID.fullmatch(directory.name) and not (directory / MANIFEST).exists():
                 shutil.rmtree(directory, ignore_errors=True)
 
     def resolve_subdir(self, subdir: str | None) -> Path:
@@ -201,7 +201,7 @@ class ActivationStore:
             return self.root
         parts = subdir.split("/")
         for part in parts:
-            if not _DIR_NAME.match(part) or part.startswith("act-"):
+            if not _DIR_NAME.fullmatch(part) or part.startswith("act-"):
                 raise UnsafeSaveDir(
                     f"save_dir {subdir!r}: use a relative path of plain names (letters, digits, '_', '-', "
                     "'.', not starting with '.', at most 100 characters each, none starting with 'act-')"
@@ -233,7 +233,7 @@ class ActivationStore:
         self._index[request_id] = directory
 
     def directory(self, request_id: str) -> Path:
-        directory = self._index.get(request_id) if _ID.match(request_id) else None
+        directory = self._index.get(request_id) if _ID.fullmatch(request_id) else None
         if directory is None or not (directory / MANIFEST).is_file():
             raise UnknownActivation(request_id)
         return directory

@@ -27,7 +27,7 @@ class PresetStore:
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> Path:
-        if not NAME.match(name) or name.endswith(".json"):
+        if not NAME.fullmatch(name) or name.endswith(".json"):
             raise UnknownPreset(name)
         return self.root / f"{name}.json"
 
@@ -45,7 +45,7 @@ class PresetStore:
             raise UnknownPreset(name) from None
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.json") if NAME.match(p.stem))
+        return sorted(p.stem for p in self.root.glob("*.json") if NAME.fullmatch(p.stem))
 
     def delete(self, name: str) -> None:
         path = self._path(name)

@@ -35,7 +35,7 @@ class VectorStore:
 
     @staticmethod
     def valid_name(name: str) -> bool:
-        return bool(NAME.match(name)) and not name.endswith((".json", ".safetensors"))
+        return bool(NAME.fullmatch(name)) and not name.endswith((".json", ".safetensors"))
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         if not self.valid_name(name):

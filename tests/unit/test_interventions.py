@@ -279,3 +279,31 @@ def test_non_finite_vectors_are_refused(client):
     response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["param"].startswith("interventions[0].vector")
+
+
+def test_scale_by_zero_is_applied(client, tiny_tokenizer, reference_model):
+    expected = reference_greedy(
+        reference_model, prompt_ids(tiny_tokenizer), "model.layers.0.mlp", lambda h: h * 0
+    )
+    got = text(client, [{"type": "scale", "layer": 0, "hook_point": "mlp_out", "factor": 0}])
+    assert got == tiny_tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        ({"type": "scale", "module": "model.embed_tokens.input", "factor": 2.0}, "interventions[0].module"),
+        (
+            {"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": 2.0, "steps": [3, 1]},
+            "interventions[0]",
+        ),
+        (
+            {"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": 2.0, "positions": [-1]},
+            "interventions[0].positions",
+        ),
+    ],
+)
+def test_more_refusals(client, item, param):
+    response = client.post("/v1/chat/completions", json={"messages": HELLO, "interventions": [item]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

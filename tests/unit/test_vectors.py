@@ -198,3 +198,8 @@ def test_the_store_has_a_limit(client, monkeypatch):
     )
     response = make(client, "one-too-many", [1.0])
     assert response.status_code == 400 and "--max-vectors" in response.json()["error"]["message"]
+
+
+def test_names_with_a_trailing_newline_are_refused(client):
+    response = make(client, "abc\n", [1.0, 2.0])
+    assert response.status_code == 400 and response.json()["error"]["param"] == "name"
