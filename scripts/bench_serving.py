@@ -21,8 +21,8 @@ ratios measured together mean anything):
    n=4, logprobs, completions, a 1,500-token prompt), against the weights'
    byte size and against a baseline process that imports the same libraries
    but loads no model. Weights load as a memory map of the safetensors file,
-   so RSS right after load is low and the first request pages every weight
-   in; from then on one copy of the weights shows as
+   paged in by the server's start-up pass over the model (which measures the
+   hook points' execution order); one copy of the weights shows as
    (server RSS - baseline RSS) / weight bytes a little above 1 (activations
    and allocator caches come on top); two copies would be 2 or more. The
    file-backed part of RSS (the mapped weights and shared libraries) is
@@ -289,9 +289,7 @@ def main() -> None:
     print(f"| same text from all three | {'yes' if same_text else 'NO'} |")
     print(f"| weights | {weights / mib:.0f} MiB |")
     print(f"| baseline process (libraries, no model) | {baseline / mib:.0f} MiB |")
-    print(
-        f"| server RSS right after load (weights mapped, not yet paged in) | {rss_after_load / mib:.0f} MiB |"
-    )
+    print(f"| server RSS right after load | {rss_after_load / mib:.0f} MiB |")
     print(
         f"| server RSS after the first request | {rss_after_first / mib:.0f} MiB "
         f"({result['weight_copies_after_first_request']:.2f} x weights above baseline) |"

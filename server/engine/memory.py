@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import resource
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -172,6 +173,7 @@ class MemoryLog:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.before = self._now()
+        self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,10 +184,11 @@ class MemoryLog:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         extra = " ".join(f"{key}={value}" for key, value in self.fields.items())
         logger.info(
-            "[memory] %s: before=%dMiB after=%dMiB peak=%dMiB %s",
+            "[memory] %s: before=%dMiB after=%dMiB peak=%dMiB %s seconds=%.3f",
             self.what,
             self.before // MIB,
             after // MIB,
             peak // MIB,
             extra,
+            time.perf_counter() - self.started,
         )
