@@ -52,7 +52,7 @@ class StrictModel(BaseModel):
 class OpenAIModel(StrictModel):
     """Base for requests: extra fields allowed and logged, never silently used."""
 
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")  # strict and finite, as StrictModel
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):

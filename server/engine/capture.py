@@ -21,8 +21,6 @@ import torch
 
 from .hooks import HookPoint
 
-POSITIONS = ("all", "prompt", "generated", "last")
-
 
 @dataclass(frozen=True)
 class CapturePlan:

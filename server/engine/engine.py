@@ -243,7 +243,6 @@ class Engine:
         model = self.loaded.hf_model
         config = model.config
         layout = self.layout
-        params = list(model.parameters())
         return {
             "model": self.model_id,
             "source": self.loaded.source,
@@ -251,11 +250,11 @@ class Engine:
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
             "device": str(self.loaded.device),
             "num_layers": layout.count,
-            "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
+            "hidden_size": self.shape.hidden,
             "vocab_size": config.vocab_size,
             "context_length": self.context_length,
-            "num_parameters": sum(p.numel() for p in params),
-            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "parameter_bytes": self.shape.weight_bytes,
             "layers_path": layout.path,
             "hook_points": {
                 "layer_path_template": f"{layout.path}.{{layer}}",

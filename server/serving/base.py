@@ -8,6 +8,7 @@ limit gets whatever fits, up to the cap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -101,6 +102,14 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 def extra_step(plan: CapturePlan | None) -> int:
     """1 when a capture feeds the final generated token through the model (generate mode)."""
     return int(plan is not None and plan.mode == "generate")
+
+
+def closing_chunk(base: dict, usage_: Usage | None, activations: ActivationsRef | None) -> dict | None:
+    """The last chunk of a stream, with no choices: the usage (if asked) and a generate-mode capture."""
+    extra = activation_fields(activations)
+    if usage_ is not None:
+        extra["usage"] = dump(usage_)
+    return {**base, "choices": [], **extra} if extra else None
 
 
 def activation_fields(ref: ActivationsRef | None) -> dict:
@@ -242,11 +251,18 @@ class Serving:
         logger.info("server-wide capture settings: %s", config.model_dump())
         return config
 
-    def resolve_interventions(
+    async def resolve_interventions(
         self, items: list[InterventionRequest] | None, presets: list[str] | None = None
     ) -> tuple[Edit, ...]:
-        """A request's presets, then its interventions, as edits; refused with 400 if invalid."""
-        return resolve_interventions(self.engine, self.vectors, self.store, self.presets, items, presets)
+        """A request's presets, then its interventions, as edits; refused with 400 if invalid.
+
+        In a thread: stored vectors, presets and patch sources are read from disk.
+        """
+        if not items and not presets:
+            return ()
+        return await asyncio.to_thread(
+            resolve_interventions, self.engine, self.vectors, self.store, self.presets, items, presets
+        )
 
     def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
         """Validate a request's ``capture`` block against the served model, before any work."""

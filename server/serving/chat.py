@@ -22,7 +22,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, activation_fields, extra_step, usage
+from .base import Serving, activation_fields, closing_chunk, extra_step, usage
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,8 @@ class ChatServing(Serving):
             prompt_param="messages",
             max_tokens_param=param,
         )
-        job = GenerationJob(
-            prompt_ids=prompt_ids,
-            params=params,
-            edits=self.resolve_interventions(request.interventions, request.presets),
-        )
+        edits = await self.resolve_interventions(request.interventions, request.presets)
+        job = GenerationJob(prompt_ids=prompt_ids, params=params, edits=edits)
         return PreparedChat(request, job, plan, completion_id("chatcmpl"))
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
@@ -135,13 +132,11 @@ class ChatServing(Serving):
                 if item.finish_reason:
                     yield chunk(item.index, {}, None, item.finish_reason)
             else:  # the final GenerationResult
-                extra = {}
-                if request.include_usage:
-                    extra["usage"] = dump(usage(item.prompt_tokens, item.completion_tokens))
-                if item.capture_manifest is not None:  # generate mode: known only now
-                    extra.update(activation_fields(self.activations_ref(item.capture_manifest)))
-                if extra:
-                    yield {**base, "choices": [], **extra}
+                totals = usage(item.prompt_tokens, item.completion_tokens) if request.include_usage else None
+                captured = item.capture_manifest  # generate mode: known only now
+                last = closing_chunk(base, totals, captured and self.activations_ref(captured))
+                if last is not None:
+                    yield last
 
     async def _begin_capture(self, prepared: PreparedChat):
         return await self.begin_capture(prepared.job, prepared.capture, prepared.id)

@@ -19,7 +19,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, activation_fields, extra_step, out_of_memory, usage
+from .base import Serving, activation_fields, closing_chunk, extra_step, out_of_memory, usage
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class CompletionServing(Serving):
         capture = self.effective_capture(request.capture, request.ndif)
         plan = self.capture_plan(capture, request.n)
         prepared: list[CompletionPrompt] = []
-        edits = self.resolve_interventions(request.interventions, request.presets)
+        edits = await self.resolve_interventions(request.interventions, request.presets)
         if edits and request.echo and request.logprobs is not None:
             raise APIError(
                 "echo with logprobs scores the prompt without interventions; send one or the other",
@@ -192,13 +192,11 @@ class CompletionServing(Serving):
                     offsets[item.index] = _end_offset(logprobs, start)
                 if item.text or logprobs or item.finish_reason:
                     yield chunk(item.index, item.text, logprobs, item.finish_reason)
-        extra = {}
-        if request.include_usage:
-            extra["usage"] = dump(usage(prompt_tokens, completion_tokens))
-        if activations is not None and prepared.capture.mode == "generate":
-            extra.update(activation_fields(activations))
-        if extra:
-            yield {**base, "choices": [], **extra}
+        totals = usage(prompt_tokens, completion_tokens) if request.include_usage else None
+        generated = activations if prepared.capture and prepared.capture.mode == "generate" else None
+        last = closing_chunk(base, totals, generated)
+        if last is not None:
+            yield last
 
     def _logprobs(self, logprobs: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
         """OpenAI's completions shape; text_offset is the summed length of the tokens' texts before."""

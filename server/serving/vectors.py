@@ -120,7 +120,7 @@ class VectorServing(Serving):
         if not self.vectors.valid_name(body.name):
             raise APIError("name: letters, digits, '_', '-', '.', at most 100 characters", param="name")
         try:
-            self.resolve_interventions(body.items)
+            await self.resolve_interventions(body.items)
         except APIError as error:
             raise APIError(
                 error.message, param=(error.param or "").replace("interventions", "items", 1)
