@@ -18,7 +18,7 @@ from .engine.engine import Engine
 from .engine.memory import format_size
 from .errors import install_error_handlers
 from .routes import router
-from .serving import ChatServing, CompletionServing, ServerCapture
+from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture
 from .serving.vectors import VectorServing
 from .storage import ActivationStore, PresetStore, VectorStore
 
@@ -39,13 +39,14 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.chat = ChatServing(*shared)
         app.state.completions = CompletionServing(*shared)
         app.state.vectors = VectorServing(*shared)
+        app.state.lda = LdaServing(*shared)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         budget = settings.memory_budget
-        if budget is not None and engine.shape.weight_bytes >= budget:
+        if budget is not None and engine.resident_weight_bytes >= budget:
             logger.warning(
                 "the weights alone (%s) exceed --memory-budget (%s): every request will be refused",
-                format_size(engine.shape.weight_bytes),
+                format_size(engine.resident_weight_bytes),
                 format_size(budget),
             )
         try:

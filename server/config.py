@@ -58,4 +58,15 @@ class Settings(BaseSettings):
     )
     vectors_dir: Path = Field(Path("vectors"), description="Root of the vector store.")
     max_vectors: int = Field(10_000, ge=1, description="Most vectors the store keeps.")
+    adapter: Path | None = Field(
+        None,
+        description="PEFT (LoRA) adapter folder injected into the served weights; LDA can switch it off.",
+    )
+    lda_before: str | None = Field(
+        None, description="A second checkpoint (same vocabulary) for LDA's before side."
+    )
+    lda_max_alpha: float = Field(
+        50.0, gt=0, allow_inf_nan=False, description="Largest |alpha| an LDA request may ask for."
+    )
+    lda_max_batch_size: int = Field(32, ge=1, description="Most prompts in one LDA request.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -23,6 +23,14 @@ from .protocol import (
     ServerCaptureResponse,
     VectorCreate,
 )
+from .protocol_lda import (
+    GenerateLdaBatchRequest,
+    GenerateLdaBatchResponse,
+    GenerateLdaRequest,
+    GenerateLdaResponse,
+    LdaRequest,
+    LdaResponse,
+)
 from .serving import sse_stream
 
 logger = logging.getLogger(__name__)
@@ -99,6 +107,21 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return _sse(service.chunks(prepared))
     return await cancel_on_disconnect(request, service.respond(prepared))
+
+
+@router.post("/v1/lda", response_model=LdaResponse, responses=_ERROR_RESPONSES)
+async def lda(body: LdaRequest, request: Request):
+    return await cancel_on_disconnect(request, request.app.state.lda.lda(body))
+
+
+@router.post("/generate_lda", response_model=GenerateLdaResponse, responses=_ERROR_RESPONSES)
+async def generate_lda(body: GenerateLdaRequest, request: Request):
+    return await cancel_on_disconnect(request, request.app.state.lda.generate_one(body))
+
+
+@router.post("/generate_lda_batch", response_model=GenerateLdaBatchResponse, responses=_ERROR_RESPONSES)
+async def generate_lda_batch(body: GenerateLdaBatchRequest, request: Request):
+    return await cancel_on_disconnect(request, request.app.state.lda.generate_batch(body))
 
 
 @router.post("/v1/interventions/presets", responses=_ERROR_RESPONSES)

@@ -32,7 +32,8 @@ from ..storage import CaptureWriter
 from .capture import CapturePlan, capture_prompt, first_tensor, write_prompt_capture
 from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
 from .hooks import HookPoint, HookResolver
-from .loading import LoadedModel, load_model
+from .lda import LdaJob, LdaResult, run_lda
+from .loading import LoadedModel, check_same_vocabulary, load_model
 from .memory import MemoryLog, ModelShape
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
@@ -46,12 +47,18 @@ T = TypeVar("T")
 class Engine:
     """One served model, one worker thread."""
 
-    def __init__(self, loaded: LoadedModel, *, max_model_len: int | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, max_model_len: int | None = None, before: LoadedModel | None = None
+    ) -> None:
         self.loaded = loaded
+        self.before = before  # LDA's second checkpoint, if one was loaded (same vocabulary)
         self.model_id = loaded.model_id
         self.layout = find_layers(loaded.hf_model)
         self.hooks = HookResolver(loaded.hf_model, self.layout)
         self.shape = ModelShape.of(loaded.hf_model, self.layout.count)
+        self.before_shape = (
+            ModelShape.of(before.hf_model, find_layers(before.hf_model).count) if before else None
+        )
         self.context_length = context_length(loaded.hf_model.config, loaded.tokenizer, max_model_len)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
@@ -66,8 +73,23 @@ class Engine:
             device=settings.device,
             served_model_name=settings.served_model_name,
             cache_dir=settings.cache_dir,
+            adapter=settings.adapter,
         )
-        return cls(loaded, max_model_len=settings.max_model_len)
+        before = None
+        if settings.lda_before:
+            before = load_model(
+                settings.lda_before,
+                dtype=str(loaded.dtype).removeprefix("torch."),
+                device=str(loaded.device),
+                cache_dir=settings.cache_dir,
+            )
+            check_same_vocabulary(loaded, before)
+        return cls(loaded, max_model_len=settings.max_model_len, before=before)
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        """Bytes of every loaded checkpoint's weights (the served one and LDA's before model)."""
+        return self.shape.weight_bytes + (self.before_shape.weight_bytes if self.before_shape else 0)
 
     def close(self) -> None:
         self._prompt_executor.shutdown(wait=True, cancel_futures=True)
@@ -85,12 +107,22 @@ class Engine:
     async def render_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the reply."""
 
-        def render() -> list[int]:
-            text = self.prompt_tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-            # The template already holds any BOS text; don't add a second one.
-            return self.prompt_tokenizer.encode(text, add_special_tokens=False)
+        return (await self.format_prompt(messages, None))[1]
+
+    async def format_prompt(self, messages: list[dict] | None, text: str | None) -> tuple[str, list[int]]:
+        """The text the model will see and its token ids: ``messages`` in the chat template, or
+        ``text`` encoded as is (with the tokenizer's own special tokens, e.g. BOS)."""
+
+        def render() -> tuple[str, list[int]]:
+            tokenizer = self.prompt_tokenizer
+            if messages is not None:
+                formatted = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+                # The template already holds any BOS text; don't add a second one.
+                return formatted, tokenizer.encode(formatted, add_special_tokens=False)
+            ids = tokenizer.encode(text)
+            return tokenizer.decode(ids), ids
 
         return await self._on_prompt_thread(render)
 
@@ -156,6 +188,18 @@ class Engine:
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+
+    async def lda(self, job: LdaJob) -> LdaResult:
+        """Run an LDA job (both sides, every row); a cancelled caller stops it at its next step."""
+        try:
+            return await self._run(self._lda_sync, job)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+
+    def _lda_sync(self, job: LdaJob) -> LdaResult:
+        with MemoryLog(self.loaded.device, "lda", rows=job.rows, max_new_tokens=job.params.max_tokens):
+            return run_lda(job, self.loaded.tokenizer, self.loaded.eos_token_ids)
 
     async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (see ``scoring.py``)."""
@@ -263,4 +307,6 @@ class Engine:
             },
             "modules": module_tree(model),
             "checkpoint_generation_config": self.loaded.checkpoint_generation_config,
+            "adapter": self.loaded.adapter,
+            "lda_before": None if self.before is None else self.before.model_id,
         }

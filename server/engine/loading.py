@@ -10,7 +10,12 @@ This module owns everything between a ``--model`` string and a ready
   folder in a cache directory, written to a temporary folder and renamed into
   place, so an interrupted conversion never leaves a half-written model;
 * dtype and device resolution (``auto`` means float32 on CPU, bfloat16 on CUDA
-  where supported, else float16).
+  where supported, else float16);
+* an optional PEFT (LoRA) adapter injected into the served weights
+  (``--adapter``): requests run with it on; LDA's "adapter off" side switches it
+  off on the same weights;
+* an optional second checkpoint for LDA's "before" side (``--lda-before``),
+  refused unless its vocabulary is the served model's.
 
 Invariant: the weights are loaded exactly once. The HF module is wrapped by
 nnsight and the wrapper is the only owner; plain generation calls the wrapped
@@ -61,6 +66,7 @@ class LoadedModel:
     load_seconds: float
     eos_token_ids: frozenset[int]  # any of these ends a choice (unless ignore_eos)
     checkpoint_generation_config: dict  # what the checkpoint suggested; reported, not applied
+    adapter: str | None = None  # folder of the PEFT adapter injected into the weights, if any
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -204,8 +210,10 @@ def load_model(
     device: str = "auto",
     served_model_name: str | None = None,
     cache_dir: Path | None = None,
+    adapter: Path | None = None,
 ) -> LoadedModel:
-    """Load the weights once, wrap them in nnsight, and return the wrapper with its metadata."""
+    """Load the weights once (with ``adapter`` injected, if given), wrap them in nnsight, and
+    return the wrapper with its metadata."""
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,6 +230,8 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
     hf_model.to(torch_device).eval()
+    if adapter is not None:
+        _inject_adapter(hf_model, adapter)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoders pad on the left for batched generation
@@ -241,7 +251,43 @@ def load_model(
         load_seconds=elapsed,
         eos_token_ids=eos_token_ids,
         checkpoint_generation_config=checkpoint_generation_config,
+        adapter=str(adapter) if adapter is not None else None,
     )
+
+
+def _inject_adapter(hf_model: torch.nn.Module, adapter: Path) -> None:
+    """Load a PEFT adapter folder into ``hf_model`` in place; refuse one whose weights do not land."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        info = hf_model.load_adapter(str(adapter), adapter_name="adapter")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"--adapter {adapter}: could not load it: {exc}") from exc
+    missing = sorted(getattr(info, "missing_keys", ()) or ())
+    unexpected = sorted(getattr(info, "unexpected_keys", ()) or ())
+    mismatched = sorted(getattr(info, "mismatched_keys", ()) or ())
+    if missing or unexpected or mismatched:
+        raise ModelLoadError(
+            f"--adapter {adapter}: its weights do not fit this model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, mismatched {mismatched[:3]})"
+        )
+    hf_model.eval()
+    logger.info("adapter %s injected into the served weights", adapter)
+
+
+def check_same_vocabulary(served: LoadedModel, other: LoadedModel, flag: str = "--lda-before") -> None:
+    """LDA subtracts logits token by token: both models must mean the same thing by every id."""
+    served_vocab, other_vocab = served.tokenizer.get_vocab(), other.tokenizer.get_vocab()
+    served_width = served.hf_model.get_output_embeddings().weight.shape[0]
+    other_width = other.hf_model.get_output_embeddings().weight.shape[0]
+    if served_vocab != other_vocab or served_width != other_width:
+        differing = sorted(set(served_vocab.items()) ^ set(other_vocab.items()))[:3]
+        raise ModelLoadError(
+            f"{flag} {other.source}: its vocabulary differs from the served model's "
+            f"({len(other_vocab)} tokens and {other_width} logits vs {len(served_vocab)} and {served_width}"
+            + (f"; e.g. {differing}" if differing else "")
+            + "): LDA needs the same tokenizer on both sides"
+        )
 
 
 def _eos_token_ids(generation_config, tokenizer) -> frozenset[int]:

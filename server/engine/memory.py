@@ -134,8 +134,11 @@ def estimate(
     capture_widths: tuple[int, ...] = (),
     capture_positions: int = 0,
     scoring: bool = False,
+    resident_weights: int | None = None,
 ) -> MemoryEstimate:
-    """Peak bytes for one request on the model's device (see the module docstring)."""
+    """Peak bytes for one request on the model's device (see the module docstring).
+
+    ``resident_weights``: every loaded checkpoint's weights (default: this model's)."""
     b = shape.dtype_bytes
     tokens = prompt_tokens + max_tokens
     kv = n * tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * b
@@ -148,7 +151,35 @@ def estimate(
         prompt_tokens * shape.vocab * b + min(prompt_tokens, 256) * shape.vocab * 4 if scoring else 0
     )
     capture = sum(capture_widths) * capture_positions * b
-    return MemoryEstimate(shape.weight_bytes, kv, activations, scoring_bytes, capture)
+    weights = shape.weight_bytes if resident_weights is None else resident_weights
+    return MemoryEstimate(weights, kv, activations, scoring_bytes, capture)
+
+
+def estimate_lda(
+    after: ModelShape,
+    before: ModelShape,
+    *,
+    rows: int,
+    after_prompt: int,
+    before_prompt: int,
+    max_tokens: int,
+    resident_weights: int,
+) -> MemoryEstimate:
+    """Peak bytes of an LDA request: both sides' KV caches for every row, the larger prompt
+    forward (the sides run one after the other), and a handful of ``[rows, vocab]`` float32
+    tensors (both sides' logits, the amplified logits, probabilities, log-softmaxes)."""
+    sides = [(after, after_prompt), (before, before_prompt)]
+    kv = sum(
+        rows * (prompt + max_tokens) * shape.layers * 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+        for shape, prompt in sides
+    )
+    activations = max(
+        rows * prompt * (4 * shape.hidden + 2 * shape.intermediate) * shape.dtype_bytes
+        + rows * shape.heads * prompt * prompt * shape.dtype_bytes
+        for shape, prompt in sides
+    )
+    activations += 8 * rows * after.vocab * 4
+    return MemoryEstimate(resident_weights, kv, activations, 0, 0)
 
 
 class MemoryLog:

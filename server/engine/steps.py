@@ -48,7 +48,7 @@ class Edit:
         """Which of this step's positions (0 .. length-1) the edit touches."""
         if self.steps is not None and not self.steps[0] <= step < self.steps[1]:
             return []
-        absolute = range(start, start + length)
+        absolute = range(max(start, 0), start + length)  # negative: left padding, never touched
         if self.positions == "all":
             chosen = absolute
         elif self.positions == "prompt":
@@ -75,19 +75,56 @@ class Edit:
         return apply_operation(self.operation, selected, **arguments)
 
 
-def edit_value(value, edits: list[Edit], start: int, length: int, prompt_len: int, step: int = 0):
-    """The value with every edit applied at its positions; a tuple keeps its other elements."""
+def edit_value(
+    value,
+    edits: list[Edit],
+    start: int,
+    length: int,
+    prompt_len: int,
+    step: int = 0,
+    pads: tuple[int, ...] = (),
+):
+    """The value with every edit applied at its positions; a tuple keeps its other elements.
+
+    ``pads``: the left padding of each row of a padded batch. Column ``c`` of row ``r``
+    holds that row's absolute position ``c - pads[r]``, so rows with different padding
+    are edited separately; an empty tuple means no padding.
+    """
     if isinstance(value, tuple):
-        return (edit_value(value[0], edits, start, length, prompt_len, step), *value[1:])
+        return (edit_value(value[0], edits, start, length, prompt_len, step, pads), *value[1:])
+    kept = value.shape[1]
+    if kept < length:  # computed for the last positions only (logits, with logits_to_keep)
+        start, length = start + length - kept, kept
+    groups: dict[int, list[int]] = {}
+    for row, pad in enumerate(pads):
+        groups.setdefault(pad, []).append(row)
+    if len(groups) <= 1:  # every row aligned: one edit over the whole batch
+        pad = next(iter(groups), 0)
+        return _edit_rows(value, edits, None, start - pad, length, prompt_len - pad, step)
+    result = value
+    for pad, rows in groups.items():
+        result = _edit_rows(result, edits, rows, start - pad, length, prompt_len - pad, step, value)
+    return result
+
+
+def _edit_rows(value, edits, rows, start, length, prompt_len, step, original=None):
+    """Apply ``edits`` to ``rows`` (None: all) of ``value``, cloning it once before the first write."""
+    original = value if original is None else original
     result = value
     for edit in edits:
         index = edit.indexes(start, length, prompt_len, step)
         if not index:
             continue
-        if result is value:
-            result = value.clone()
-        selected = result[:, index]
-        result[:, index] = edit.new_values(selected, start, index).to(selected.dtype)
+        if result is original:
+            result = original.clone()
+        if rows is None:
+            selected = result[:, index]
+            result[:, index] = edit.new_values(selected, start, index).to(selected.dtype)
+        else:
+            row_index = torch.tensor(rows, device=result.device)[:, None]
+            col_index = torch.tensor(index, device=result.device)[None, :]
+            selected = result[row_index, col_index]
+            result[row_index, col_index] = edit.new_values(selected, start, index).to(selected.dtype)
     return result
 
 
@@ -119,7 +156,8 @@ class StepPlan:
             )
             entry.edits.append(edit)
         self.entries = sorted(entries.values(), key=lambda e: e.order)
-        self.prompt_len = prompt_len
+        self.prompt_len = prompt_len  # of a padded batch: its width
+        self.pads: tuple[int, ...] = ()  # left padding of each row of a padded batch (see edit_value)
         self.start = 0  # absolute position of the current step's first token
         self.step = 0  # 0: the prompt forward; k: the step feeding the k-th generated token
 
@@ -131,7 +169,9 @@ class StepPlan:
             envoy = wrapper.get(entry.path)
             value = getattr(envoy, entry.kind)
             if entry.edits:
-                value = edit_value(value, entry.edits, self.start, length, self.prompt_len, self.step)
+                value = edit_value(
+                    value, entry.edits, self.start, length, self.prompt_len, self.step, self.pads
+                )
                 setattr(envoy, entry.kind, value)
             for name in entry.capture_names:
                 values[name] = value.save() if save else value

@@ -252,7 +252,10 @@ class Serving:
         return config
 
     async def resolve_interventions(
-        self, items: list[InterventionRequest] | None, presets: list[str] | None = None
+        self,
+        items: list[InterventionRequest] | None,
+        presets: list[str] | None = None,
+        field: str = "interventions",
     ) -> tuple[Edit, ...]:
         """A request's presets, then its interventions, as edits; refused with 400 if invalid.
 
@@ -261,7 +264,7 @@ class Serving:
         if not items and not presets:
             return ()
         return await asyncio.to_thread(
-            resolve_interventions, self.engine, self.vectors, self.store, self.presets, items, presets
+            resolve_interventions, self.engine, self.vectors, self.store, self.presets, items, presets, field
         )
 
     def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
@@ -326,6 +329,7 @@ class Serving:
                 capture_widths=tuple(p.width for p in points),
                 capture_positions=prompt_tokens if points else 0,
                 scoring=scoring,
+                resident_weights=self.engine.resident_weight_bytes,
             )
 
         full = need()

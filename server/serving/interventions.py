@@ -38,7 +38,9 @@ def resolve_interventions(
     presets: PresetStore,
     items: list[InterventionRequest] | None,
     preset_names: list[str] | None = None,
+    field: str = "interventions",
 ) -> tuple[Edit, ...]:
+    """``field``: the request field the items came from, for error messages."""
     edits: list[Edit] = []
     for j, name in enumerate(preset_names or ()):
         try:
@@ -51,7 +53,7 @@ def resolve_interventions(
             item = InterventionRequest.model_validate(raw)
             edits += _resolve_item(engine, vectors, activations, item, f"presets[{j}].items[{i}]")
     for i, item in enumerate(items or ()):
-        edits += _resolve_item(engine, vectors, activations, item, f"interventions[{i}]")
+        edits += _resolve_item(engine, vectors, activations, item, f"{field}[{i}]")
     return tuple(edits)
 
 
@@ -119,7 +121,8 @@ def _points(engine: Engine, item: InterventionRequest, param: str):
             raise APIError("hook_point needs layer or layers", param=f"{param}.layer")
         return engine.hooks.resolve(layers=layers, hook_points=[item.hook_point], modules=None)
     except HookError as exc:
-        field = {"hook_points": "hook_point", "modules": "module"}.get(exc.param.split("[")[0], "layers")
+        layer_field = "layer" if item.layer is not None else "layers"  # the field the client sent
+        field = {"hook_points": "hook_point", "modules": "module"}.get(exc.param.split("[")[0], layer_field)
         raise APIError(str(exc), param=f"{param}.{field}") from exc
 
 

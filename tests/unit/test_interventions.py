@@ -236,7 +236,7 @@ def test_capture_records_values_after_the_interventions(client, direction, mode)
     ("item", "param"),
     [
         ({"type": "steer", "layer": 0, "hook_point": "resid_post"}, "interventions[0].type"),
-        ({"type": "scale", "layer": 5, "hook_point": "resid_post", "factor": 2.0}, "interventions[0].layers"),
+        ({"type": "scale", "layer": 5, "hook_point": "resid_post", "factor": 2.0}, "interventions[0].layer"),
         (
             {"type": "scale", "layer": 0, "hook_point": "resid_mid", "factor": 2.0},
             "interventions[0].hook_point",

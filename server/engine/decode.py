@@ -1,0 +1,105 @@
+"""A left-padded batch of rows decoded one token at a time over the nnsight wrapper.
+
+:class:`DecodeBatch` holds one side of a hand-written decode loop: the rows'
+pending input ids, the attention mask (0 on left padding), position ids derived
+from the mask (``mask.cumsum(-1) - 1``, so every row counts its own tokens from
+0 whatever its padding), and one ``DynamicCache``. :meth:`DecodeBatch.forward`
+runs one traced step (the padded prompts first, then one token per row) and
+returns the last position's logits in float32; :meth:`DecodeBatch.append`
+feeds the chosen tokens; :meth:`DecodeBatch.keep` drops rows that finished, so
+they stop costing compute (their cache rows go too).
+
+Interventions ride along as a :class:`~server.engine.steps.StepPlan` whose
+``pads`` follow the batch, so an edit at absolute position ``p`` lands on
+column ``p + pad`` of each row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import DynamicCache
+
+from .steps import StepPlan
+
+
+class DecodeBatch:
+    def __init__(
+        self,
+        wrapper,
+        prompts: list[list[int]],
+        pad_token_id: int,
+        *,
+        edits: tuple = (),
+        adapter_enabled: bool = True,
+    ) -> None:
+        self.wrapper = wrapper
+        self.adapter_enabled = adapter_enabled
+        device = next(wrapper._module.parameters()).device
+        width = max(len(row) for row in prompts)
+        pads = [width - len(row) for row in prompts]
+        self.input_ids = torch.tensor(
+            [[pad_token_id] * pad + row for pad, row in zip(pads, prompts, strict=True)], device=device
+        )
+        self.mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache()
+        self.plan = StepPlan((), tuple(edits), width) if edits else None
+        if self.plan is not None:
+            self.plan.pads = tuple(pads)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        """One traced step over the pending input; the next-token logits ``[rows, vocab]`` (float32)."""
+        wrapper = self.wrapper
+        with self._adapter(), torch.no_grad():
+            with wrapper.trace(
+                self.input_ids,
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ):
+                if self.plan is not None:
+                    self.plan.run_step(wrapper)
+                logits = wrapper.output.logits[:, -1].save()
+        return logits.float()
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Make ``tokens`` (one per row) the next step's input."""
+        self.input_ids = tokens.reshape(-1, 1).to(self.mask.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.input_ids)], dim=-1)
+        self.positions = self.mask.sum(-1, keepdim=True) - 1
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indexes into the current batch), in that order."""
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        self.input_ids = self.input_ids[index]
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        self.cache.batch_select_indices(index)
+        if self.plan is not None:
+            self.plan.pads = tuple(self.plan.pads[i] for i in rows)
+
+    def _adapter(self):
+        """Run with the served LoRA adapter switched off when this side asks for it."""
+        if self.adapter_enabled:
+            return contextlib.nullcontext()
+        return adapter_disabled(self.wrapper._module)
+
+
+@contextlib.contextmanager
+def adapter_disabled(hf_model: torch.nn.Module):
+    """The same weights without the PEFT adapter, for the duration of the block."""
+    hf_model.disable_adapters()
+    try:
+        yield
+    finally:
+        hf_model.enable_adapters()
