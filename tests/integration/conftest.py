@@ -61,6 +61,12 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
+def server_process():
+    """The class that starts ``python -m server`` with given flags, for tests that need their own."""
+    return RunningServer
+
+
+@pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory):
     args = [
         "--max-tokens-cap",
