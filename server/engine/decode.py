@@ -44,7 +44,9 @@ class DecodeBatch:
         )
         self.mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=device)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = DynamicCache()
+        # With the config, each layer gets the cache its kind needs (sliding-window layers keep
+        # only their window), as in HF generate.
+        self.cache = DynamicCache(config=wrapper._module.config)
         self.plan = StepPlan((), tuple(edits), width) if edits else None
         if self.plan is not None:
             self.plan.pads = tuple(pads)

@@ -60,6 +60,9 @@ class Engine:
             ModelShape.of(before.hf_model, find_layers(before.hf_model).count) if before else None
         )
         self.context_length = context_length(loaded.hf_model.config, loaded.tokenizer, max_model_len)
+        self.before_context_length = (
+            context_length(before.hf_model.config, before.tokenizer, max_model_len) if before else None
+        )
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import jinja2
 import torch
 
 from ..engine.generation import FINISH_STOP
@@ -56,7 +57,7 @@ class _Ran:
 
     prompts: list[str]
     formatted: list[str]
-    prompt_ids: list[list[int]]
+    prompt_ids: list[list[int]]  # after and before side
     result: LdaResult
     model_after: str
     model_before: str
@@ -109,7 +110,7 @@ class LdaServing(Serving):
                     tokens=tokens,
                 )
             )
-        prompt_tokens = sum(len(ids) for ids in ran.prompt_ids)
+        prompt_tokens = sum(len(ids) for ids in ran.prompt_ids)  # both sides read a prompt
         completion_tokens = sum(len(row.token_ids) for row in ran.result.rows)
         return LdaResponse(
             id=completion_id("lda"),
@@ -174,18 +175,30 @@ class LdaServing(Serving):
             )
 
         after_rendered = [
-            await self._format(request, prompt, request.system_prompt, "") for prompt in prompts
+            await self._format(request, prompt, request.system_prompt, "", "system_prompt")
+            for prompt in prompts
         ]
         if before.kind in ("system_prompt", "prefix"):
             system = before.system_prompt if before.kind == "system_prompt" else request.system_prompt
+            blame = "before.system_prompt" if before.kind == "system_prompt" else "system_prompt"
             prefix = before.prefix or ""
-            before_ids = [(await self._format(request, prompt, system, prefix))[1] for prompt in prompts]
+            before_ids = [
+                (await self._format(request, prompt, system, prefix, blame))[1] for prompt in prompts
+            ]
         else:
             before_ids = [ids for _, ids in after_rendered]
         after_ids = [ids for _, ids in after_rendered]
         longest = max(len(ids) for ids in after_ids + before_ids)
-        max_tokens = self.token_budget(longest, requested_tokens, tokens_param, prompts_param)
-        self._check_memory(len(prompts), after_ids, before_ids, max_tokens, tokens_param, prompts_param)
+        # A before checkpoint with a shorter context window than the served one bounds both sides.
+        shorter = 0
+        if before.kind == "model" and self.engine.before_context_length is not None:
+            shorter = max(0, self.engine.context_length - self.engine.before_context_length)
+        max_tokens = self.token_budget(
+            longest, requested_tokens, tokens_param, prompts_param, reserve=shorter
+        )
+        self._check_memory(
+            len(prompts), after_ids, before_ids, max_tokens, tokens_param, prompts_param, before.kind
+        )
 
         edits = ()
         if before.kind == "interventions":
@@ -208,7 +221,7 @@ class LdaServing(Serving):
         return _Ran(
             prompts=prompts,
             formatted=[text for text, _ in after_rendered],
-            prompt_ids=after_ids,
+            prompt_ids=after_ids + before_ids,
             result=result,
             model_after=self._after_name(),
             model_before=self._before_name(before),
@@ -245,13 +258,19 @@ class LdaServing(Serving):
         return before
 
     async def _format(
-        self, request: LdaFields, prompt: str, system_prompt: str | None, prefix: str
+        self, request: LdaFields, prompt: str, system_prompt: str | None, prefix: str, system_param: str
     ) -> tuple[str, list[int]]:
         if not request.apply_chat_template:
             return await self.engine.format_prompt(None, prefix + prompt)
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         messages.append({"role": "user", "content": prefix + prompt})
-        return await self.engine.format_prompt(messages, None)
+        try:
+            return await self.engine.format_prompt(messages, None)
+        except jinja2.TemplateError as exc:  # e.g. a template without a system role
+            raise APIError(
+                f"the model's chat template rejected this prompt: {exc}",
+                param=system_param if system_prompt is not None else "apply_chat_template",
+            ) from exc
 
     def _check_memory(
         self,
@@ -261,16 +280,18 @@ class LdaServing(Serving):
         max_tokens: int,
         tokens_param: str,
         prompts_param: str,
+        before_kind: str,
     ) -> None:
         budget = self.settings.memory_budget
         if budget is None:
             return
         engine = self.engine
+        before_shape = engine.before_shape if before_kind == "model" else engine.shape
 
         def need(rows: int = rows, tokens: int = max_tokens):
             return estimate_lda(
                 engine.shape,
-                engine.before_shape or engine.shape,
+                before_shape,
                 rows=rows,
                 after_prompt=max(map(len, after_ids)),
                 before_prompt=max(map(len, before_ids)),

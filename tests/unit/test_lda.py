@@ -477,3 +477,104 @@ def test_adapter_on_and_off_equal_peft_and_the_base_model(
 def test_an_adapter_folder_that_is_not_one_is_refused(tiny_model_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="adapter_config.json"):
         load_model(str(tiny_model_dir), adapter=tmp_path)
+
+
+def test_position_specific_interventions_land_on_each_rows_own_positions(client):
+    """With left padding, absolute position p of a row is column p + its padding: a batch with
+    position-specific edits must equal the same prompts run one by one."""
+    steer = [
+        {
+            "type": "add",
+            "layer": 0,
+            "hook_point": "resid_post",
+            "vector": [1.0] * 64,
+            "scale": 6.0,
+            "positions": [0, 2],
+        },
+        {"type": "scale", "layer": 1, "hook_point": "mlp_out", "factor": 0.0, "positions": "prompt"},
+    ]
+    body = {
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+        "apply_chat_template": False,
+        "alpha": 1.0,
+        "before": {"interventions": steer},
+    }
+    batch = lda(client, prompt=TEXTS, **body)["results"]
+    singles = [lda(client, prompt=text, **body)["results"][0] for text in TEXTS]
+    assert [r["token_ids"] for r in batch] == [r["token_ids"] for r in singles]
+
+
+def test_stop_strings_end_a_row_before_the_stop(client):
+    body = {
+        "prompt": TEXTS[0],
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "before": {"prefix": "x "},
+    }
+    full = lda(client, **body)["results"][0]
+    stop = full["completion"][3:6]
+    assert stop and full["completion"].find(stop) == 3
+    cut = lda(client, stop=stop, **body)["results"][0]
+    assert cut["completion"] == full["completion"][:3]
+    assert cut["finish_reason"] == "stop" and cut["tokens_generated"] < 8
+
+
+def test_a_run_cancelled_midway_stops_at_the_next_step(loaded, other_loaded, prompts, monkeypatch):
+    import server.engine.lda as lda_module
+
+    job = LdaJob(
+        after=LdaSide(loaded.wrapper, tuple(map(tuple, prompts))),
+        before=LdaSide(other_loaded.wrapper, tuple(map(tuple, prompts))),
+        alpha=1.0,
+        params=SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True),
+    )
+    choose = lda_module.choose_tokens
+
+    def choose_then_cancel(*args):
+        if job.steps == 2:
+            job.cancelled.set()  # as Engine.lda does when the client goes away
+        return choose(*args)
+
+    monkeypatch.setattr(lda_module, "choose_tokens", choose_then_cancel)
+    result = run_lda(job, loaded.tokenizer, loaded.eos_token_ids)
+    assert result.steps == 3 and all(len(row.token_ids) == 3 for row in result.rows)
+
+
+def test_the_adapter_is_back_on_after_a_failing_before_side(tiny_model_dir, adapter_dir, prompts):
+    from server.engine.decode import adapter_disabled
+
+    loaded = load_model(str(tiny_model_dir), adapter=adapter_dir)
+    model = loaded.hf_model
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        on = model(ids).logits
+        with pytest.raises(RuntimeError, match="boom"):
+            with adapter_disabled(model):
+                off = model(ids).logits
+                raise RuntimeError("boom")
+        again = model(ids).logits
+    assert not torch.allclose(on, off)
+    assert torch.equal(on, again)
+
+
+def test_an_adapter_for_another_model_is_refused(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bigger = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=400,
+            hidden_size=96,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(bigger, config).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="--adapter"):
+        load_model(str(tiny_model_dir), adapter=tmp_path)
