@@ -69,4 +69,14 @@ class Settings(BaseSettings):
         50.0, gt=0, allow_inf_nan=False, description="Largest |alpha| an LDA request may ask for."
     )
     lda_max_batch_size: int = Field(32, ge=1, description="Most prompts in one LDA request.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Most rows (choices of concurrent requests) decoded together; 1: one at a time."
+    )
+    batch_window_ms: float = Field(
+        10.0, ge=0, le=10_000, description="How long a batch waits for more requests to join it."
+    )
+    max_queue: int = Field(64, ge=1, description="Most requests waiting for the model; past it: 429.")
+    request_timeout: float = Field(
+        600.0, ge=0, description="Seconds a request may wait and run before a 504 (0: no limit)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,14 +1,16 @@
 """The engine: owns THE one nnsight-wrapped model and the one thread that touches it.
 
 The engine knows nothing about HTTP. It takes :class:`GenerationJob` objects,
-runs them one at a time on its worker thread (never on the asyncio event
-loop, so ``/health`` answers while a long generation runs), and hands back a
+queues them for its worker thread (never the asyncio event loop, so ``/health``
+answers while a long generation runs), which runs concurrent plain jobs together
+in batches (:mod:`~server.engine.scheduler`), and hands back a
 :class:`GenerationResult`, or a stream of :class:`ChoiceDelta` followed by the
-result.
+result. A job that waits or runs past the request timeout is cancelled and
+raises :class:`RequestTimedOut`.
 
 Threading contract:
 
-* the worker thread alone runs the model and decodes generated tokens
+* the worker thread (the scheduler's) alone runs the model and decodes generated tokens
   (with the model's tokenizer);
 * a second thread renders, encodes and decodes prompts with its own copy of
   the tokenizer (``prompt_tokenizer``): a fast tokenizer is not safe to share
@@ -29,12 +31,14 @@ from typing import TypeVar
 import torch
 
 from ..storage import CaptureWriter
+from .batched import run_batched_generation
 from .capture import CapturePlan, capture_prompt, first_tensor, write_prompt_capture
 from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
 from .hooks import HookPoint, HookResolver
 from .lda import LdaJob, LdaResult, run_lda
 from .loading import LoadedModel, check_same_vocabulary, load_model
 from .memory import MemoryLog, ModelShape
+from .scheduler import Scheduler
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
 from .vocab import Vocabulary, build_vocabulary
@@ -44,11 +48,24 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class RequestTimedOut(TimeoutError):
+    """A request waited and ran longer than --request-timeout; its job was cancelled."""
+
+
 class Engine:
     """One served model, one worker thread."""
 
     def __init__(
-        self, loaded: LoadedModel, *, max_model_len: int | None = None, before: LoadedModel | None = None
+        self,
+        loaded: LoadedModel,
+        *,
+        max_model_len: int | None = None,
+        before: LoadedModel | None = None,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.01,
+        max_queue: int = 64,
+        request_timeout: float | None = None,
+        memory_room: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.before = before  # LDA's second checkpoint, if one was loaded (same vocabulary)
@@ -65,7 +82,15 @@ class Engine:
         )
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.request_timeout = request_timeout
+        self.scheduler = Scheduler(
+            self._generate_sync,
+            self._generate_batch_sync,
+            max_batch_size=max_batch_size,
+            batch_window_s=batch_window_s,
+            max_queue=max_queue,
+            memory_room=memory_room,
+        )
         self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
     @classmethod
@@ -87,7 +112,18 @@ class Engine:
                 cache_dir=settings.cache_dir,
             )
             check_same_vocabulary(loaded, before)
-        return cls(loaded, max_model_len=settings.max_model_len, before=before)
+        engine = cls(
+            loaded,
+            max_model_len=settings.max_model_len,
+            before=before,
+            max_batch_size=settings.max_batch_size,
+            batch_window_s=settings.batch_window_ms / 1000,
+            max_queue=settings.max_queue,
+            request_timeout=settings.request_timeout or None,
+        )
+        if settings.memory_budget is not None:  # what a batch's jobs may add together
+            engine.scheduler.memory_room = max(0, settings.memory_budget - engine.resident_weight_bytes)
+        return engine
 
     @property
     def resident_weight_bytes(self) -> int:
@@ -96,7 +132,7 @@ class Engine:
 
     def close(self) -> None:
         self._prompt_executor.shutdown(wait=True, cancel_futures=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.close()
 
     # -- prompts (the prompt thread) ------------------------------------------------
 
@@ -148,16 +184,15 @@ class Engine:
     # -- model work (worker side) -------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.wrap_future(self._executor.submit(self._guarded, fn, *args))
+        """Run model work (not a generation job) on the worker, after what is queued before it."""
+        return await asyncio.wrap_future(self.scheduler.submit_call(fn, *args))
 
-    def _guarded(self, fn: Callable[..., T], *args) -> T:
-        try:
-            return fn(*args)
-        except torch.OutOfMemoryError:
-            logger.exception("out of memory; freeing the accelerator cache")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise
+    def _generate_batch_sync(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
+        longest = max(job.params.max_tokens for job in jobs)
+        rows = sum(job.params.n for job in jobs)
+        with MemoryLog(self.loaded.device, "generate", batch=len(jobs), rows=rows, max_new_tokens=longest):
+            loaded = self.loaded
+            return run_batched_generation(loaded.wrapper, loaded.tokenizer, loaded.eos_token_ids, jobs)
 
     def _generate_sync(self, job: GenerationJob) -> GenerationResult:
         with MemoryLog(self.loaded.device, "generate", max_new_tokens=job.params.max_tokens):
@@ -185,20 +220,29 @@ class Engine:
             raise
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
-        """Run a job; if the caller is cancelled (client gone), the job stops at its next token."""
+        """Run a job; if the caller is cancelled (client gone) or the request times out, the job
+        stops at its next token (or never starts)."""
+        return await self._wait(asyncio.wrap_future(self.scheduler.submit_job(job)), job)
+
+    async def _wait(self, future: asyncio.Future, job: GenerationJob | LdaJob):
+        """Await a job within the request timeout; past it, or if the caller goes away (a
+        disconnected client), the job is cancelled: it stops at its next step, or never starts."""
         try:
-            return await self._run(self._generate_sync, job)
-        except asyncio.CancelledError:
+            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
             job.cancelled.set()
-            raise
+            future.add_done_callback(_retrieve)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise RequestTimedOut(self._timeout_message(job)) from None
+
+    def _timeout_message(self, job: GenerationJob | LdaJob) -> str:
+        where = f"after {job.steps} generated token(s)" if job.steps else "before it started"
+        return f"the request took longer than --request-timeout ({self.request_timeout:g} s); stopped {where}"
 
     async def lda(self, job: LdaJob) -> LdaResult:
-        """Run an LDA job (both sides, every row); a cancelled caller stops it at its next step."""
-        try:
-            return await self._run(self._lda_sync, job)
-        except asyncio.CancelledError:
-            job.cancelled.set()
-            raise
+        """Run an LDA job (both sides, every row), within the request timeout."""
+        return await self._wait(asyncio.wrap_future(self.scheduler.submit_call(self._lda_sync, job)), job)
 
     def _lda_sync(self, job: LdaJob) -> LdaResult:
         with MemoryLog(self.loaded.device, "lda", rows=job.rows, max_new_tokens=job.params.max_tokens):
@@ -267,7 +311,8 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
         job.on_delta = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
-        future = asyncio.ensure_future(self._run(self._generate_sync, job))
+        future = asyncio.wrap_future(self.scheduler.submit_job(job))
+        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
 
         def finished(task: asyncio.Future) -> None:
             if not task.cancelled():
@@ -276,7 +321,14 @@ class Engine:
 
         future.add_done_callback(finished)
         try:
-            while (item := await queue.get()) is not done:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise RequestTimedOut(self._timeout_message(job)) from None
+                if item is done:
+                    break
                 yield item
             yield future.result()
         finally:
@@ -313,3 +365,9 @@ class Engine:
             "adapter": self.loaded.adapter,
             "lda_before": None if self.before is None else self.before.model_id,
         }
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Read the outcome of a job nobody waits for any more, so asyncio logs nothing about it."""
+    if not future.cancelled():
+        future.exception()

@@ -117,6 +117,7 @@ class GenerationJob:
     capture: GenerationCapture | None = None  # read activations at every step (capture mode "generate")
     edits: tuple = ()  # interventions (steps.Edit), applied at every step through nnsight
     steps: int = 0  # decode steps run so far (written by the worker)
+    memory_bytes: int = 0  # estimated bytes it adds while it runs (KV cache, activations), for batching
 
 
 class _LogprobRecorder(LogitsProcessor):

@@ -19,11 +19,12 @@ import torch
 
 from ..config import Settings
 from ..engine.capture import CapturePlan, GenerationCapture
-from ..engine.engine import Engine
+from ..engine.engine import Engine, RequestTimedOut
 from ..engine.generation import GenerationJob, GenerationResult
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
 from ..engine.memory import estimate, format_size
+from ..engine.scheduler import QueueFull
 from ..engine.steps import Edit
 from ..errors import APIError
 from ..protocol import (
@@ -68,10 +69,26 @@ def storage_error(exc: OSError) -> APIError:
     )
 
 
+RETRY_AFTER_S = 1
+
+
+def queue_full(message: str) -> APIError:
+    return APIError(
+        f"the server is busy: {message}; retry shortly",
+        status=HTTPStatus.TOO_MANY_REQUESTS,
+        code="queue_full",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def engine_error(exc: BaseException) -> APIError | None:
     """The client-facing error for a failure of model or storage work, where there is one."""
     if isinstance(exc, torch.OutOfMemoryError):
         return out_of_memory(exc)
+    if isinstance(exc, QueueFull):
+        return queue_full(str(exc))
+    if isinstance(exc, RequestTimedOut):
+        return APIError(str(exc), status=HTTPStatus.GATEWAY_TIMEOUT, code="timeout")
     if isinstance(exc, UnsafeSaveDir):
         return APIError(str(exc), param="capture.save_dir")
     if isinstance(exc, OSError):
@@ -313,11 +330,12 @@ class Serving:
         scoring: bool,
         prompt_param: str,
         max_tokens_param: str,
-    ) -> None:
-        """Refuse, before it runs, a request whose estimated peak exceeds --memory-budget."""
+    ) -> int:
+        """Refuse, before it runs, a request whose estimated peak exceeds --memory-budget.
+
+        Returns the bytes the request adds beyond the resident weights (the scheduler keeps a
+        batch's sum within the budget)."""
         budget = self.settings.memory_budget
-        if budget is None:
-            return
 
         def need(tokens: int = max_tokens, rows: int = n, capture: CapturePlan | None = plan):
             points = capture.points if capture else ()
@@ -333,8 +351,8 @@ class Serving:
             )
 
         full = need()
-        if full.total <= budget:
-            return
+        if budget is None or full.total <= budget:
+            return full.total - full.weights
         # Name the first knob whose reduction alone would make the request fit, else the prompt.
         fixes = [
             ("capture", plan is not None, lambda: need(capture=None)),
@@ -394,8 +412,16 @@ class Serving:
             tensors=[entry["name"] for entry in manifest["tensors"]],
         )
 
+    def check_queue(self, jobs: int = 1) -> None:
+        """429 now, before a stream starts, when the engine's queue has no room for ``jobs`` more."""
+        scheduler = self.engine.scheduler
+        if scheduler.depth + jobs > scheduler.max_queue:
+            raise queue_full(
+                f"{scheduler.depth} requests are already waiting (--max-queue {scheduler.max_queue})"
+            )
+
     async def generate(self, job: GenerationJob) -> GenerationResult:
         try:
             return await self.engine.generate(job)
-        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir) as exc:
+        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir, QueueFull, RequestTimedOut) as exc:
             raise engine_error(exc) from exc

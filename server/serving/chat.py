@@ -56,7 +56,8 @@ class ChatServing(Serving):
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
         )
-        self.check_memory(
+        self.check_queue()
+        memory_bytes = self.check_memory(
             prompt_tokens=len(prompt_ids),
             max_tokens=max_tokens,
             n=params.n,
@@ -66,7 +67,7 @@ class ChatServing(Serving):
             max_tokens_param=param,
         )
         edits = await self.resolve_interventions(request.interventions, request.presets)
-        job = GenerationJob(prompt_ids=prompt_ids, params=params, edits=edits)
+        job = GenerationJob(prompt_ids=prompt_ids, params=params, edits=edits, memory_bytes=memory_bytes)
         return PreparedChat(request, job, plan, completion_id("chatcmpl"))
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:

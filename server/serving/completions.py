@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ class CompletionServing(Serving):
             params = request.sampling_params(
                 max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
             )
-            self.check_memory(
+            memory_bytes = self.check_memory(
                 prompt_tokens=len(prompt_ids),
                 max_tokens=max_tokens,
                 n=params.n,
@@ -82,11 +83,18 @@ class CompletionServing(Serving):
                 prompt_param=param,
                 max_tokens_param="max_tokens",
             )
-            job = GenerationJob(prompt_ids=prompt_ids, params=params, first_index=i * request.n, edits=edits)
+            job = GenerationJob(
+                prompt_ids=prompt_ids,
+                params=params,
+                first_index=i * request.n,
+                edits=edits,
+                memory_bytes=memory_bytes,
+            )
             echo = None
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
             prepared.append(CompletionPrompt(job, echo))
+        self.check_queue(len(prepared))
         return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
 
     async def _begin_capture(self, prepared: PreparedCompletion):
@@ -107,15 +115,22 @@ class CompletionServing(Serving):
 
     async def respond(self, prepared: PreparedCompletion) -> CompletionResponse:
         activations = await self._begin_capture(prepared)
+
+        async def answer(prompt: CompletionPrompt):
+            return await self._echo_logprobs(prompt), await self.generate(prompt.job)
+
+        # Every prompt is queued at once, so the scheduler can batch them together.
+        tasks = [asyncio.ensure_future(answer(prompt)) for prompt in prepared.prompts]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()  # a cancelled task cancels its job
+            self.discard(activations)  # the client will never learn this capture's id
+            raise
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
-        for prompt in prepared.prompts:
-            try:
-                echoed = await self._echo_logprobs(prompt)
-                result = await self.generate(prompt.job)
-            except BaseException:
-                self.discard(activations)  # the client will never learn this capture's id
-                raise
+        for prompt, (echoed, result) in zip(prepared.prompts, answers, strict=True):
             if result.capture_manifest is not None:
                 activations = self.activations_ref(result.capture_manifest)
             prompt_tokens += result.prompt_tokens

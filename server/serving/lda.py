@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import jinja2
 import torch
 
+from ..engine.engine import RequestTimedOut
 from ..engine.generation import FINISH_STOP
 from ..engine.lda import LdaJob, LdaResult, LdaSide
 from ..engine.memory import estimate_lda, format_size
+from ..engine.scheduler import QueueFull
 from ..errors import APIError
 from ..protocol import completion_id, now
 from ..protocol_lda import (
@@ -150,6 +152,7 @@ class LdaServing(Serving):
         token_stats: bool = False,
     ) -> _Ran:
         self.check_model(request.model)
+        self.check_queue()
         settings = self.settings
         if abs(request.alpha) > settings.lda_max_alpha:
             raise APIError(
@@ -216,7 +219,7 @@ class LdaServing(Serving):
         )
         try:
             result = await self.engine.lda(job)
-        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir) as exc:
+        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir, QueueFull, RequestTimedOut) as exc:
             raise engine_error(exc) from exc
         return _Ran(
             prompts=prompts,

@@ -1,0 +1,112 @@
+"""Several plain generation jobs decoded together, each as if it ran alone.
+
+:func:`run_batched_generation` runs the jobs of one batch through one
+:class:`~server.engine.decode.DecodeBatch` over the served wrapper (left padding,
+one KV cache, position ids from the mask). Every job keeps what makes it itself:
+
+* its own :class:`~server.engine.generation._DecodeMonitor` (EOS, stop strings,
+  ``max_tokens``, cancellation, text, streamed deltas) and, when logprobs are asked
+  for, its own log-softmax of the raw logits: the same objects as a job alone;
+* its own sampling: HF's warpers with its own temperature, top-p and top-k, then one
+  ``torch.multinomial`` draw over its ``n`` rows from its own generator (seeded
+  ``seed``), exactly as HF ``generate`` draws for that job alone after
+  ``torch.manual_seed(seed)``. A job's rows stay in the batch until all of them are
+  done (HF keeps finished rows of a batch too), so its draws consume its generator
+  exactly as they would alone.
+
+A job leaves the batch (its rows and their cache rows go) as soon as it is done, so
+it stops costing compute; jobs that arrive meanwhile wait for the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .decode import DecodeBatch
+from .generation import Choice, GenerationJob, GenerationResult, _DecodeMonitor, _LogprobRecorder
+from .sampling import warp
+
+logger = logging.getLogger(__name__)
+
+
+class _Member:
+    """One job's place in the batch and its per-job decoding state."""
+
+    def __init__(self, job: GenerationJob, tokenizer, eos_ids: frozenset[int], device: torch.device) -> None:
+        params = job.params
+        self.job = job
+        self.recorder = _LogprobRecorder(params.logprobs) if params.logprobs is not None else None
+        self.monitor = _DecodeMonitor(job, tokenizer, eos_ids, self.recorder)
+        self.generator = None
+        if params.seed is not None and not params.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """This job's next token for each of its rows, from its rows' float32 logits."""
+        params = self.job.params
+        if self.recorder is not None:
+            self.recorder(None, logits)
+        if params.greedy:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(warp(logits, params), dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+    def result(self) -> GenerationResult:
+        job = self.job
+        choices = [
+            Choice(
+                index=job.first_index + i,
+                text=row.text.text,
+                token_ids=row.token_ids,
+                finish_reason=row.finish_reason,
+                logprobs=row.logprobs if self.recorder else None,
+            )
+            for i, row in enumerate(self.monitor.rows)
+        ]
+        return GenerationResult(choices=choices, prompt_tokens=len(job.prompt_ids))
+
+
+def batchable(job: GenerationJob) -> bool:
+    """Whether a job can share a batch: plain generation (no capture, no interventions)."""
+    return job.capture is None and not job.edits and job.params.max_tokens > 0
+
+
+def run_batched_generation(
+    wrapper, tokenizer, eos_ids: frozenset[int], jobs: list[GenerationJob]
+) -> list[GenerationResult]:
+    """Run plain jobs together on the calling (worker) thread; one result per job, in order."""
+    if not all(batchable(job) for job in jobs):
+        raise ValueError("only plain jobs (no capture, no interventions) are batched")
+    device = next(wrapper._module.parameters()).device
+    members = [_Member(job, tokenizer, eos_ids, device) for job in jobs]
+    active = [m for m in members if not m.job.cancelled.is_set()]  # gone while it waited
+    if active:
+        prompts = [m.job.prompt_ids for m in active for _ in range(m.job.params.n)]
+        batch = DecodeBatch(wrapper, prompts, tokenizer.pad_token_id)
+    while active:
+        logits = batch.forward()
+        tokens, still, start = [], [], 0
+        for member in active:
+            n = member.job.params.n
+            chosen = member.choose(logits[start : start + n])
+            done = member.monitor(chosen[:, None], None)
+            tokens.append(chosen)
+            if not bool(done.all()):
+                still.append((member, start))
+            start += n
+        next_tokens = torch.cat(tokens)
+        if len(still) < len(active):
+            keep = [r for member, s in still for r in range(s, s + member.job.params.n)]
+            if keep:
+                batch.keep(keep)
+                next_tokens = next_tokens[keep]
+            active = [member for member, _ in still]
+        if active:
+            batch.append(next_tokens)
+    results = []
+    for member in members:
+        member.monitor.finish_unfinished()
+        results.append(member.result())
+    return results

@@ -1,0 +1,225 @@
+"""The engine's one worker thread and the bounded queue in front of it.
+
+Everything that touches the model goes through :class:`Scheduler`: generation
+jobs, and any other model work (prompt capture, scoring, LDA, contrastive
+vectors) as plain calls. One thread runs them, so the model is never touched
+concurrently and the asyncio event loop never runs model code.
+
+Batching strategy. The worker takes the oldest item. If it is a batchable
+generation job (plain: no capture, no interventions; see ``batched.batchable``),
+it gathers more batchable jobs from the queue, in arrival order, until the batch
+holds ``max_batch_size`` rows (a job of ``n`` choices is ``n`` rows) or its
+memory estimates fill ``memory_room``; while the queue is empty it waits up to
+``batch_window_s`` for more. Other items keep their place in the queue. A batch
+runs to completion: a job that finishes early leaves it at once (it stops costing
+compute), but jobs that arrive while it runs wait for the next batch (no joining a
+running batch: their prompts would need a prefill step of their own while the
+others decode). A batch of one job runs the single-job path (HF ``generate``).
+
+Limits: at most ``max_queue`` items wait before a generation job is refused
+(:class:`QueueFull`, a 429 with ``Retry-After``); a job cancelled while it waits
+is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .batched import batchable
+from .generation import GenerationJob, GenerationResult
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+@dataclass
+class _Item:
+    future: Future
+    job: GenerationJob | None = None  # a generation job, or
+    call: Callable | None = None  # any other model work, run alone
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return self.job.params.n if self.job is not None else 0
+
+
+@dataclass
+class BatchStats:
+    """What the worker has done: batches run and the rows in each (read by tests and benchmarks)."""
+
+    batches: int = 0
+    rows: int = 0
+    largest: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size (jobs) -> how many batches
+
+    def record(self, jobs: int, rows: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        self.largest = max(self.largest, jobs)
+        self.sizes[jobs] = self.sizes.get(jobs, 0) + 1
+
+
+class Scheduler:
+    def __init__(
+        self,
+        run_one: Callable[[GenerationJob], GenerationResult],
+        run_batch: Callable[[list[GenerationJob]], list[GenerationResult]],
+        *,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.01,
+        max_queue: int = 64,
+        memory_room: int | None = None,
+    ) -> None:
+        self._run_one = run_one
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.max_queue = max_queue
+        self.memory_room = memory_room  # bytes a batch's jobs may add together (None: no limit)
+        self.stats = BatchStats()
+        self._queue: deque[_Item] = deque()
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- submitting (any thread) ---------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not counting what runs)."""
+        return len(self._queue)
+
+    def submit_job(self, job: GenerationJob) -> Future:
+        """Queue a generation job; :class:`QueueFull` when ``max_queue`` items already wait."""
+        return self._put(_Item(Future(), job=job), bounded=True)
+
+    def submit_call(self, fn: Callable, *args) -> Future:
+        """Queue other model work. Never refused: the serving layer admits requests
+        (``Serving.check_queue``) before their work is queued."""
+        return self._put(_Item(Future(), call=functools.partial(fn, *args)), bounded=False)
+
+    def _put(self, item: _Item, bounded: bool) -> Future:
+        with self._condition:
+            if self._closing:
+                raise RuntimeError("the engine is shut down")
+            if bounded and len(self._queue) >= self.max_queue:
+                self._drop_cancelled()
+            if bounded and len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting (--max-queue)")
+            self._queue.append(item)
+            self._condition.notify()
+        return item.future
+
+    def _drop_cancelled(self) -> None:
+        """Forget waiting jobs whose requests are gone (timed out, disconnected)."""
+        for item in [i for i in self._queue if i.job is not None and i.job.cancelled.is_set()]:
+            self._queue.remove(item)
+            item.future.cancel()
+
+    def close(self) -> None:
+        """Stop taking work, fail what waits, and let the running item finish."""
+        with self._condition:
+            self._closing = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._condition.notify_all()
+        for item in waiting:
+            item.future.set_exception(RuntimeError("the engine shut down before this request ran"))
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._closing:
+                    self._condition.wait()
+                if self._closing:
+                    return
+                first = self._queue.popleft()
+            if first.call is not None:
+                self._run(first.future, first.call)
+                continue
+            batch = self._gather(first)
+            if len(batch) == 1:
+                self.stats.record(1, first.rows)
+                self._run(first.future, functools.partial(self._run_one, first.job))
+            else:
+                self._run_together(batch)
+
+    def _gather(self, first: _Item) -> list[_Item]:
+        """``first`` plus batchable jobs that are waiting or arrive within the window."""
+        batch = [first]
+        if not batchable(first.job) or first.rows >= self.max_batch_size:
+            return batch
+        rows, memory = first.rows, first.job.memory_bytes
+        deadline = time.monotonic() + self.batch_window_s
+        with self._condition:
+            while rows < self.max_batch_size:
+                taken = False
+                for item in list(self._queue):
+                    if item.job is None or not batchable(item.job):
+                        continue
+                    if rows + item.rows > self.max_batch_size:
+                        continue
+                    if self.memory_room is not None and memory + item.job.memory_bytes > self.memory_room:
+                        continue
+                    self._queue.remove(item)
+                    batch.append(item)
+                    rows += item.rows
+                    memory += item.job.memory_bytes
+                    taken = True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    break
+                if not taken:
+                    self._condition.wait(remaining)
+        return batch
+
+    def _run(self, future: Future, work: Callable) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(_guarded(work))
+        except BaseException as exc:  # handed to the waiting request
+            future.set_exception(exc)
+
+    def _run_together(self, batch: list[_Item]) -> None:
+        live = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        jobs = [item.job for item in live]
+        self.stats.record(len(jobs), sum(item.rows for item in live))
+        try:
+            results = _guarded(lambda: self._run_batch(jobs))
+        except BaseException as exc:
+            for item in live:
+                item.future.set_exception(exc)
+            return
+        for item, result in zip(live, results, strict=True):
+            item.future.set_result(result)
+
+
+def _guarded(work: Callable):
+    try:
+        return work()
+    except torch.OutOfMemoryError:
+        logger.exception("out of memory; freeing the accelerator cache")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise

@@ -1,0 +1,259 @@
+"""The request scheduler: concurrent jobs batched together, each answered as if alone.
+
+References: each job run alone through the single-job path (the wrapped module's own HF
+``generate``), on the same engine, before or after the batched runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+from server.engine.engine import Engine, RequestTimedOut
+from server.engine.generation import GenerationJob, SamplingParams, run_generation
+from server.engine.loading import load_model
+from server.engine.scheduler import QueueFull
+
+TEXTS = ["The quick brown fox", "What is the capital of France? The capital", "Count", "Numbers 0 1 2 3"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def params_mix() -> list[SamplingParams]:
+    """Different lengths, sampling settings, seeds, n, stop strings and logprobs."""
+    return [
+        SamplingParams(max_tokens=10, temperature=0),
+        SamplingParams(max_tokens=7, temperature=0.9, top_p=0.9, seed=3, n=3, logprobs=2),
+        SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=5, stop=("e",)),
+        SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0),
+        SamplingParams(max_tokens=5, temperature=0.7, seed=11, n=2),
+    ]
+
+
+def jobs(tokenizer) -> list[GenerationJob]:
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    return [GenerationJob(prompts[i % len(prompts)], p) for i, p in enumerate(params_mix())]
+
+
+def alone(loaded, job: GenerationJob):
+    return run_generation(
+        loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
+    )
+
+
+def summary(result):
+    return [
+        (c.token_ids, c.text, c.finish_reason, [round(lp.logprob, 4) for lp in c.logprobs or ()])
+        for c in result.choices
+    ]
+
+
+def run_together(engine: Engine, batch: list[GenerationJob]):
+    async def scenario():
+        return await asyncio.gather(*(engine.generate(job) for job in batch))
+
+    return asyncio.run(scenario())
+
+
+def test_batched_jobs_get_exactly_what_they_get_alone(loaded):
+    expected = [summary(alone(loaded, job)) for job in jobs(loaded.tokenizer)]
+    engine = Engine(loaded, max_batch_size=16, batch_window_s=0.5)
+    try:
+        results = run_together(engine, jobs(loaded.tokenizer))
+    finally:
+        engine.close()
+    assert engine.scheduler.stats.largest == len(params_mix())  # all in one batch
+    assert [summary(r) for r in results] == expected
+
+
+def test_max_batch_size_splits_by_rows(loaded):
+    engine = Engine(loaded, max_batch_size=4, batch_window_s=0.5)
+    try:
+        results = run_together(engine, jobs(loaded.tokenizer))
+    finally:
+        engine.close()
+    stats = engine.scheduler.stats
+    assert stats.rows == sum(p.n for p in params_mix()) and stats.batches > 1
+    assert [summary(r) for r in results] == [summary(alone(loaded, j)) for j in jobs(loaded.tokenizer)]
+
+
+def test_a_stream_in_a_batch_and_a_cancelled_neighbour(loaded):
+    """One job streams, one is cancelled after its first token, the rest are untouched."""
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = [summary(alone(loaded, GenerationJob(p, long))) for p in prompts]
+    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.5)
+
+    async def scenario():
+        batch = [GenerationJob(p, long) for p in prompts]
+        streamed, cancelled = batch[0], batch[1]
+        plain = [asyncio.ensure_future(engine.generate(job)) for job in batch[2:]]
+
+        async def stream_all():
+            text, result = "", None
+            async for item in engine.stream(streamed):
+                if hasattr(item, "choices"):
+                    result = item
+                else:
+                    text += item.text
+            return text, result
+
+        async def cancel_soon():
+            stream = engine.stream(cancelled)
+            async for _ in stream:
+                break
+            await stream.aclose()
+
+        (text, result), _ = await asyncio.gather(stream_all(), cancel_soon())
+        return text, result, cancelled, await asyncio.gather(*plain)
+
+    try:
+        text, result, cancelled, plain = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.scheduler.stats.largest == 4
+    assert summary(result) == expected[0] and text == result.choices[0].text
+    assert cancelled.cancelled.is_set() and cancelled.steps < 40
+    assert [summary(r) for r in plain] == expected[2:]
+
+
+def hold_the_worker(engine: Engine) -> threading.Event:
+    """Keep the engine's worker busy until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+    engine.scheduler.submit_call(lambda: (started.set(), release.wait(30)))
+    assert started.wait(10)
+    return release
+
+
+def test_a_full_queue_refuses_and_a_timed_out_job_never_runs(loaded):
+    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.0, max_queue=1, request_timeout=0.3)
+    release = hold_the_worker(engine)
+
+    async def scenario():
+        waiting = GenerationJob([1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
+        task = asyncio.ensure_future(engine.generate(waiting))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            engine.scheduler.submit_job(GenerationJob([1], SamplingParams(max_tokens=1)))
+        with pytest.raises(RequestTimedOut, match="before it started"):
+            await task
+        return waiting
+
+    try:
+        waiting = asyncio.run(scenario())
+        release.set()
+        after = asyncio.run(
+            engine.generate(GenerationJob([1, 2], SamplingParams(max_tokens=2, temperature=0)))
+        )
+    finally:
+        release.set()
+        engine.close()
+    assert waiting.cancelled.is_set() and waiting.steps == 0
+    assert len(after.choices[0].token_ids) == 2
+
+
+def test_jobs_with_capture_or_interventions_run_alone_and_stay_correct(loaded):
+    from server.engine.hooks import HookResolver
+    from server.engine.steps import Edit
+    from server.engine.structure import find_layers
+
+    point = HookResolver(loaded.hf_model, find_layers(loaded.hf_model)).resolve(
+        layers=[0], hook_points=["resid_post"], modules=None
+    )[0]
+    edit = Edit(point=point, operation="add", vector=torch.full((64,), 0.5), scale=4.0)
+    tokenizer = loaded.tokenizer
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+    def batch():
+        prompts = [tokenizer.encode(t) for t in TEXTS]
+        return [GenerationJob(prompts[0], params, edits=(edit,))] + [
+            GenerationJob(p, params) for p in prompts[1:]
+        ]
+
+    expected = [summary(alone(loaded, job)) for job in batch()]
+    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.5)
+    try:
+        results = run_together(engine, batch())
+    finally:
+        engine.close()
+    assert [summary(r) for r in results] == expected
+    assert expected[0] != summary(alone(loaded, GenerationJob(tokenizer.encode(TEXTS[0]), params)))
+    assert engine.scheduler.stats.sizes == {1: 1, 3: 1}  # the steered job alone, the plain ones together
+
+
+def test_the_memory_room_limits_a_batch(loaded):
+    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.3, memory_room=1000)
+    batch = jobs(loaded.tokenizer)[:3]
+    for job in batch:
+        job.memory_bytes = 600  # two never fit together
+    try:
+        run_together(engine, batch)
+    finally:
+        engine.close()
+    assert engine.scheduler.stats.largest == 1
+
+
+def test_http_queue_full_is_429_with_retry_after_and_timeout_is_504(tiny_model_dir, tmp_path):
+    settings = Settings(
+        model=str(tiny_model_dir),
+        activations_dir=tmp_path / "a",
+        vectors_dir=tmp_path / "v",
+        max_queue=1,
+        request_timeout=0.5,
+        batch_window_ms=0,
+    )
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine
+        release = hold_the_worker(engine)
+        try:
+            timed_out = client.post("/v1/chat/completions", json=body)
+            assert timed_out.status_code == 504, timed_out.text
+            assert timed_out.json()["error"]["code"] == "timeout"
+            engine.scheduler.submit_job(GenerationJob([1], SamplingParams(max_tokens=1)))  # fills the queue
+            full = client.post("/v1/chat/completions", json={**body, "stream": True})
+            assert full.status_code == 429 and full.headers["retry-after"] == "1"
+            assert full.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            release.set()
+        ok = client.post("/v1/chat/completions", json=body)
+        assert ok.status_code == 200, ok.text
+
+
+def test_concurrent_http_requests_are_batched_and_answered_as_alone(tiny_model_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = Settings(
+        model=str(tiny_model_dir),
+        activations_dir=tmp_path / "a",
+        vectors_dir=tmp_path / "v",
+        batch_window_ms=300,
+    )
+    bodies = [
+        {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 6 + i,
+            "temperature": 0.8 * (i % 2),
+            "seed": i,
+        }
+        for i, text in enumerate(TEXTS)
+    ]
+    with TestClient(create_app(settings)) as client:
+        solo = [client.post("/v1/chat/completions", json=body).json()["choices"] for body in bodies]
+        before = client.app.state.engine.scheduler.stats.largest
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(
+                pool.map(lambda b: client.post("/v1/chat/completions", json=b).json()["choices"], bodies)
+            )
+        assert before == 1 and client.app.state.engine.scheduler.stats.largest > 1
+    assert together == solo
