@@ -1,4 +1,4 @@
-"""Several plain generation jobs decoded together, each as if it ran alone.
+"""Several generation jobs decoded together, each as if it ran alone.
 
 :func:`run_batched_generation` runs the jobs of one batch through one
 :class:`~server.engine.decode.DecodeBatch` over the served wrapper (left padding,
@@ -7,6 +7,10 @@ one KV cache, position ids from the mask). Every job keeps what makes it itself:
 * its own :class:`~server.engine.generation._DecodeMonitor` (EOS, stop strings,
   ``max_tokens``, cancellation, text, streamed deltas) and, when logprobs are asked
   for, its own log-softmax of the raw logits: the same objects as a job alone;
+* its own interventions, applied to its rows only at its rows' own positions, and its
+  own generate-mode capture, fed its row's values without the padding
+  (:class:`~server.engine.steps.BatchStepPlan`); a capturing job runs one extra step
+  so its final token is captured too, as alone;
 * its own sampling: HF's warpers with its own temperature, top-p and top-k, then one
   ``torch.multinomial`` draw over its ``n`` rows from its own generator (seeded
   ``seed``), exactly as HF ``generate`` draws for that job alone after
@@ -27,6 +31,7 @@ import torch
 from .decode import DecodeBatch
 from .generation import Choice, GenerationJob, GenerationResult, _DecodeMonitor, _LogprobRecorder
 from .sampling import warp
+from .steps import BatchMember, BatchStepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,9 @@ class _Member:
         params = job.params
         self.job = job
         self.recorder = _LogprobRecorder(params.logprobs) if params.logprobs is not None else None
-        self.monitor = _DecodeMonitor(job, tokenizer, eos_ids, self.recorder)
+        self.monitor = _DecodeMonitor(
+            job, tokenizer, eos_ids, self.recorder, extra_step=job.capture is not None
+        )
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -69,8 +76,8 @@ class _Member:
 
 
 def batchable(job: GenerationJob) -> bool:
-    """Whether a job can share a batch: plain generation (no capture, no interventions)."""
-    return job.capture is None and not job.edits and job.params.max_tokens > 0
+    """Whether a job can share a batch: anything that generates (a capture records one choice)."""
+    return job.params.max_tokens > 0 and (job.capture is None or job.params.n == 1)
 
 
 def run_batched_generation(
@@ -78,13 +85,13 @@ def run_batched_generation(
 ) -> list[GenerationResult]:
     """Run plain jobs together on the calling (worker) thread; one result per job, in order."""
     if not all(batchable(job) for job in jobs):
-        raise ValueError("only plain jobs (no capture, no interventions) are batched")
+        raise ValueError("a job that generates nothing, or captures several choices, runs alone")
     device = next(wrapper._module.parameters()).device
     members = [_Member(job, tokenizer, eos_ids, device) for job in jobs]
     active = [m for m in members if not m.job.cancelled.is_set()]  # gone while it waited
     if active:
         prompts = [m.job.prompt_ids for m in active for _ in range(m.job.params.n)]
-        batch = DecodeBatch(wrapper, prompts, tokenizer.pad_token_id)
+        batch = DecodeBatch(wrapper, prompts, tokenizer.pad_token_id, plan=_plan(active, prompts))
     while active:
         logits = batch.forward()
         tokens, still, start = [], [], 0
@@ -110,3 +117,17 @@ def run_batched_generation(
         member.monitor.finish_unfinished()
         results.append(member.result())
     return results
+
+
+def _plan(active: list[_Member], prompts: list[list[int]]) -> BatchStepPlan | None:
+    """Each job's edits and capture on its own rows, or None when no job has any."""
+    if all(m.job.capture is None and not m.job.edits for m in active):
+        return None
+    members, start = [], 0
+    for m in active:
+        n = m.job.params.n
+        members.append(
+            BatchMember(rows=list(range(start, start + n)), edits=m.job.edits, capture=m.job.capture)
+        )
+        start += n
+    return BatchStepPlan(members, max(len(p) for p in prompts))

@@ -33,7 +33,10 @@ class DecodeBatch:
         *,
         edits: tuple = (),
         adapter_enabled: bool = True,
+        plan=None,
     ) -> None:
+        """``edits`` apply to every row; a ``plan`` (``steps.BatchStepPlan``) instead brings each
+        row's own edits and captures. At most one of the two."""
         self.wrapper = wrapper
         self.adapter_enabled = adapter_enabled
         device = next(wrapper._module.parameters()).device
@@ -47,7 +50,7 @@ class DecodeBatch:
         # With the config, each layer gets the cache its kind needs (sliding-window layers keep
         # only their window), as in HF generate.
         self.cache = DynamicCache(config=wrapper._module.config)
-        self.plan = StepPlan((), tuple(edits), width) if edits else None
+        self.plan = plan if plan is not None else StepPlan((), tuple(edits), width) if edits else None
         if self.plan is not None:
             self.plan.pads = tuple(pads)
 
@@ -88,7 +91,7 @@ class DecodeBatch:
         self.positions = self.positions[index]
         self.cache.batch_select_indices(index)
         if self.plan is not None:
-            self.plan.pads = tuple(self.plan.pads[i] for i in rows)
+            self.plan.keep(rows)
 
     def _adapter(self):
         """Run with the served LoRA adapter switched off when this side asks for it."""

@@ -187,12 +187,26 @@ class Engine:
         """Run model work (not a generation job) on the worker, after what is queued before it."""
         return await asyncio.wrap_future(self.scheduler.submit_call(fn, *args))
 
-    def _generate_batch_sync(self, jobs: list[GenerationJob]) -> list[GenerationResult]:
+    def _generate_batch_sync(self, jobs: list[GenerationJob]) -> list[GenerationResult | BaseException]:
         longest = max(job.params.max_tokens for job in jobs)
         rows = sum(job.params.n for job in jobs)
         with MemoryLog(self.loaded.device, "generate", batch=len(jobs), rows=rows, max_new_tokens=longest):
             loaded = self.loaded
-            return run_batched_generation(loaded.wrapper, loaded.tokenizer, loaded.eos_token_ids, jobs)
+            try:
+                results = run_batched_generation(loaded.wrapper, loaded.tokenizer, loaded.eos_token_ids, jobs)
+            except BaseException:
+                for job in jobs:
+                    if job.capture is not None:
+                        job.capture.abort()
+                raise
+        outcomes: list[GenerationResult | BaseException] = []
+        for job, result in zip(jobs, results, strict=True):
+            try:  # one job's storage failure is that job's alone
+                self._finish_capture(job, result)
+                outcomes.append(result)
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _generate_sync(self, job: GenerationJob) -> GenerationResult:
         with MemoryLog(self.loaded.device, "generate", max_new_tokens=job.params.max_tokens):
@@ -200,21 +214,28 @@ class Engine:
 
     def _generate_logged(self, job: GenerationJob) -> GenerationResult:
         loaded = self.loaded
-        if job.capture is None:
-            return run_generation(
-                loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
-            )
-        capture = job.capture
         try:
             result = run_generation(
                 loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
             )
+        except BaseException:
+            if job.capture is not None:
+                job.capture.abort()
+            raise
+        self._finish_capture(job, result)
+        return result
+
+    def _finish_capture(self, job: GenerationJob, result: GenerationResult) -> None:
+        """Write a generate-mode capture's manifest, or remove it if its request is gone."""
+        capture = job.capture
+        if capture is None:
+            return
+        try:
             if job.cancelled.is_set():
                 capture.abort()  # nobody will read it; leave nothing behind
-                return result
+                return
             token_ids = job.prompt_ids + result.choices[0].token_ids
             result.capture_manifest = capture.finish(token_ids, [self.vocabulary.text(t) for t in token_ids])
-            return result
         except BaseException:
             capture.abort()
             raise

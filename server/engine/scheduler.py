@@ -6,7 +6,7 @@ vectors) as plain calls. One thread runs them, so the model is never touched
 concurrently and the asyncio event loop never runs model code.
 
 Batching strategy. The worker takes the oldest item. If it is a batchable
-generation job (plain: no capture, no interventions; see ``batched.batchable``),
+generation job (anything that generates; see ``batched.batchable``),
 it gathers more batchable jobs from the queue, in arrival order, until the batch
 holds ``max_batch_size`` rows (a job of ``n`` choices is ``n`` rows) or its
 memory estimates fill ``memory_room``; while the queue is empty it waits up to
@@ -76,7 +76,7 @@ class Scheduler:
     def __init__(
         self,
         run_one: Callable[[GenerationJob], GenerationResult],
-        run_batch: Callable[[list[GenerationJob]], list[GenerationResult]],
+        run_batch: Callable[[list[GenerationJob]], list[GenerationResult | BaseException]],
         *,
         max_batch_size: int = 8,
         batch_window_s: float = 0.01,
@@ -212,7 +212,10 @@ class Scheduler:
                 item.future.set_exception(exc)
             return
         for item, result in zip(live, results, strict=True):
-            item.future.set_result(result)
+            if isinstance(result, BaseException):  # that job alone failed
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
 
 
 def _guarded(work: Callable):

@@ -26,6 +26,7 @@ import torch
 
 from interventions import apply_operation
 
+from .capture import first_tensor
 from .hooks import HookPoint
 
 
@@ -178,3 +179,92 @@ class StepPlan:
         self.start += length
         self.step += 1
         return values
+
+    def keep(self, rows: list[int]) -> None:
+        """The batch kept only ``rows`` (in that order)."""
+        self.pads = tuple(self.pads[i] for i in rows)
+
+
+@dataclass
+class BatchMember:
+    """One job's rows in a batch, and what it reads and changes there."""
+
+    rows: list[int]  # its rows in the current batch
+    edits: tuple[Edit, ...] = ()
+    capture: object | None = None  # capture.GenerationCapture (one row: n == 1)
+
+
+class BatchStepPlan:
+    """:class:`StepPlan` for a batch of jobs that bring their own edits and captures.
+
+    Each hook point any job names is read once per step, in execution order; each job's
+    edits are applied to its own rows only (at its rows' own absolute positions, see
+    :func:`edit_value`), and each capturing job gets its row's values, without the left
+    padding, handed to its capture inside the trace.
+    """
+
+    def __init__(self, members: list[BatchMember], width: int) -> None:
+        self.members = members
+        self.width = width
+        self.pads: tuple[int, ...] = ()  # set by the batch
+        self.start = 0
+        self.step = 0
+        entries: dict[tuple[str, str], _Entry] = {}
+        self._uses: dict[tuple[str, str], list[tuple[BatchMember, list[str], list[Edit]]]] = {}
+        for member in members:
+            points = member.capture.plan.points if member.capture is not None else ()
+            by_entry: dict[tuple[str, str], tuple[list[str], list[Edit]]] = {}
+            for point in points:
+                key = (point.module_path, point.kind)
+                entries.setdefault(key, _Entry(point.module_path, point.kind, point.order))
+                by_entry.setdefault(key, ([], []))[0].append(point.name)
+            for edit in member.edits:
+                key = (edit.point.module_path, edit.point.kind)
+                entries.setdefault(key, _Entry(edit.point.module_path, edit.point.kind, edit.point.order))
+                by_entry.setdefault(key, ([], []))[1].append(edit)
+            for key, (names, edits) in by_entry.items():
+                self._uses.setdefault(key, []).append((member, names, edits))
+        self.entries = sorted(entries.values(), key=lambda e: e.order)
+
+    def run_step(self, wrapper) -> None:
+        """Inside a trace: one step's reads and edits; each capture gets its row's values."""
+        length = self.width if self.start == 0 else 1
+        captured: dict[int, dict] = {}
+        for entry in self.entries:
+            envoy = wrapper.get(entry.path)
+            value = getattr(envoy, entry.kind)
+            uses = self._uses[(entry.path, entry.kind)]
+            tensor, cloned = first_tensor(value), False
+            for member, _, edits in uses:
+                if not edits or not member.rows:
+                    continue
+                index = torch.tensor(member.rows, device=tensor.device)
+                part = tensor.index_select(0, index)
+                pads = tuple(self.pads[r] for r in member.rows)
+                new = edit_value(part, edits, self.start, length, self.width, self.step, pads)
+                if new is part:  # no edit falls on this step
+                    continue
+                if not cloned:
+                    tensor, cloned = tensor.clone(), True
+                tensor[index] = new.to(tensor.dtype)
+            if cloned:
+                setattr(envoy, entry.kind, (tensor, *value[1:]) if isinstance(value, tuple) else tensor)
+            for member, names, _ in uses:
+                if names and member.rows:
+                    row = member.rows[0]
+                    cut = (
+                        tensor[row : row + 1, self.pads[row] :] if self.start == 0 else tensor[row : row + 1]
+                    )
+                    captured.setdefault(id(member), {}).update(dict.fromkeys(names, cut))
+        for member in self.members:
+            if member.capture is not None and member.rows:
+                member.capture.on_step(captured.get(id(member), {}))
+        self.start += length
+        self.step += 1
+
+    def keep(self, rows: list[int]) -> None:
+        """The batch kept only ``rows`` (in that order): renumber every job's rows."""
+        new_index = {old: new for new, old in enumerate(rows)}
+        self.pads = tuple(self.pads[i] for i in rows)
+        for member in self.members:
+            member.rows = [new_index[r] for r in member.rows if r in new_index]

@@ -162,33 +162,71 @@ def test_a_full_queue_refuses_and_a_timed_out_job_never_runs(loaded):
     assert len(after.choices[0].token_ids) == 2
 
 
-def test_jobs_with_capture_or_interventions_run_alone_and_stay_correct(loaded):
+def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded, tmp_path):
+    """Steered, capturing, steered-and-capturing and plain jobs decoded together: each job's
+    tokens and captured values equal its solo run's; nothing crosses between rows."""
+    from safetensors.torch import load_file
+
+    from server.engine.capture import CapturePlan, GenerationCapture
     from server.engine.hooks import HookResolver
     from server.engine.steps import Edit
     from server.engine.structure import find_layers
+    from server.storage import ActivationStore
 
-    point = HookResolver(loaded.hf_model, find_layers(loaded.hf_model)).resolve(
-        layers=[0], hook_points=["resid_post"], modules=None
-    )[0]
-    edit = Edit(point=point, operation="add", vector=torch.full((64,), 0.5), scale=4.0)
+    resolver = HookResolver(loaded.hf_model, find_layers(loaded.hf_model))
+    points = tuple(resolver.resolve(layers=[0, 1], hook_points=["resid_post"], modules=None))
+    layer0 = points[0]
+    steer = Edit(point=layer0, operation="add", vector=torch.full((64,), 0.5), scale=4.0)
+    early = Edit(point=layer0, operation="add", vector=torch.full((64,), -1.0), scale=3.0, positions=(0, 2))
+    store = ActivationStore(tmp_path / "store")
     tokenizer = loaded.tokenizer
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [tokenizer.encode(t) for t in TEXTS]
 
     def batch():
-        prompts = [tokenizer.encode(t) for t in TEXTS]
-        return [GenerationJob(prompts[0], params, edits=(edit,))] + [
-            GenerationJob(p, params) for p in prompts[1:]
+        plan = CapturePlan(points=points, mode="generate")
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        sampled = SamplingParams(max_tokens=6, temperature=0.9, seed=4)
+        made = [
+            GenerationJob(prompts[0], params, edits=(steer,)),
+            GenerationJob(prompts[1], params),
+            GenerationJob(prompts[2], sampled, edits=(early,)),
+            GenerationJob(prompts[3], params),
         ]
+        for job in made[1:3]:
+            job.capture = GenerationCapture(
+                plan, lambda: store.create(None, "safetensors"), len(job.prompt_ids)
+            )
+        return made
 
-    expected = [summary(alone(loaded, job)) for job in batch()]
-    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.5)
-    try:
-        results = run_together(engine, batch())
-    finally:
-        engine.close()
-    assert [summary(r) for r in results] == expected
-    assert expected[0] != summary(alone(loaded, GenerationJob(tokenizer.encode(TEXTS[0]), params)))
-    assert engine.scheduler.stats.sizes == {1: 1, 3: 1}  # the steered job alone, the plain ones together
+    def run(max_batch_size):
+        engine = Engine(loaded, max_batch_size=max_batch_size, batch_window_s=0.5)
+        try:
+            results = run_together(engine, batch())
+        finally:
+            engine.close()
+        captures = [
+            load_file(store.tensor_file(r.capture_manifest["id"], "layers.0.resid_post"))
+            if r.capture_manifest
+            else None
+            for r in results
+        ]
+        return engine.scheduler.stats, results, captures
+
+    solo_stats, solo, solo_captures = run(1)
+    stats, together, captures = run(8)
+    assert solo_stats.largest == 1 and stats.sizes == {4: 1}
+    assert [summary(r) for r in together] == [summary(r) for r in solo]
+    for mine, theirs in zip(captures, solo_captures, strict=True):
+        if theirs is None:
+            assert mine is None
+            continue
+        ((name, value),) = theirs.items()
+        assert value.shape == mine[name].shape  # prompt + completion, no padding
+        torch.testing.assert_close(mine[name], value, atol=1e-5, rtol=1e-5)
+    plain = summary(
+        alone(loaded, GenerationJob(prompts[0], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
+    )
+    assert summary(together[0]) != plain  # the steering did something, to its own row only
 
 
 def test_the_memory_room_limits_a_batch(loaded):
