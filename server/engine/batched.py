@@ -46,6 +46,8 @@ class _Member:
         self.monitor = _DecodeMonitor(
             job, tokenizer, eos_ids, self.recorder, extra_step=job.capture is not None
         )
+        self.step_member = None  # its steps.BatchMember when the batch has a plan
+        self.error: BaseException | None = None
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -82,8 +84,12 @@ def batchable(job: GenerationJob) -> bool:
 
 def run_batched_generation(
     wrapper, tokenizer, eos_ids: frozenset[int], jobs: list[GenerationJob]
-) -> list[GenerationResult]:
-    """Run plain jobs together on the calling (worker) thread; one result per job, in order."""
+) -> list[GenerationResult | BaseException]:
+    """Run jobs together on the calling (worker) thread; one result per job, in order.
+
+    A job whose own part fails (its capture cannot be written, its stream is gone) leaves the
+    batch and gets its exception in its slot; the others go on. A failure of the forward pass
+    itself (out of memory) fails the whole batch."""
     if not all(batchable(job) for job in jobs):
         raise ValueError("a job that generates nothing, or captures several choices, runs alone")
     device = next(wrapper._module.parameters()).device
@@ -91,16 +97,25 @@ def run_batched_generation(
     active = [m for m in members if not m.job.cancelled.is_set()]  # gone while it waited
     if active:
         prompts = [m.job.prompt_ids for m in active for _ in range(m.job.params.n)]
-        batch = DecodeBatch(wrapper, prompts, tokenizer.pad_token_id, plan=_plan(active, prompts))
+        plan = _plan(active, prompts)
+        batch = DecodeBatch(wrapper, prompts, tokenizer.pad_token_id, plan=plan)
+        if plan is not None:
+            for member, step_member in zip(active, plan.members, strict=True):
+                member.step_member = step_member
     while active:
         logits = batch.forward()
         tokens, still, start = [], [], 0
         for member in active:
             n = member.job.params.n
             chosen = member.choose(logits[start : start + n])
-            done = member.monitor(chosen[:, None], None)
             tokens.append(chosen)
-            if not bool(done.all()):
+            member.error = member.error or (member.step_member and member.step_member.error)
+            if member.error is None:
+                try:
+                    done = bool(member.monitor(chosen[:, None], None).all())
+                except Exception as exc:  # e.g. its stream's event loop is gone: this job alone fails
+                    member.error, done = exc, True
+            if member.error is None and not done:
                 still.append((member, start))
             start += n
         next_tokens = torch.cat(tokens)
@@ -112,8 +127,11 @@ def run_batched_generation(
             active = [member for member, _ in still]
         if active:
             batch.append(next_tokens)
-    results = []
+    results: list[GenerationResult | BaseException] = []
     for member in members:
+        if member.error is not None:
+            results.append(member.error)
+            continue
         member.monitor.finish_unfinished()
         results.append(member.result())
     return results

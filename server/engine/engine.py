@@ -37,7 +37,7 @@ from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogpr
 from .hooks import HookPoint, HookResolver
 from .lda import LdaJob, LdaResult, run_lda
 from .loading import LoadedModel, check_same_vocabulary, load_model
-from .memory import MemoryLog, ModelShape
+from .memory import MemoryLog, ModelShape, estimate
 from .scheduler import Scheduler
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
@@ -90,6 +90,7 @@ class Engine:
             batch_window_s=batch_window_s,
             max_queue=max_queue,
             memory_room=memory_room,
+            batch_memory=self._batch_memory,
         )
         self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
@@ -187,6 +188,16 @@ class Engine:
         """Run model work (not a generation job) on the worker, after what is queued before it."""
         return await asyncio.wrap_future(self.scheduler.submit_call(fn, *args))
 
+    def _batch_memory(self, jobs: list[GenerationJob]) -> int:
+        """Bytes a batch adds beside the weights: every row padded to the longest prompt."""
+        padded = estimate(
+            self.shape,
+            prompt_tokens=max(len(job.prompt_ids) for job in jobs),
+            max_tokens=max(job.params.max_tokens for job in jobs) + 1,
+            n=sum(job.params.n for job in jobs),
+        )
+        return max(padded.total - padded.weights, sum(job.memory_bytes for job in jobs))
+
     def _generate_batch_sync(self, jobs: list[GenerationJob]) -> list[GenerationResult | BaseException]:
         longest = max(job.params.max_tokens for job in jobs)
         rows = sum(job.params.n for job in jobs)
@@ -201,6 +212,11 @@ class Engine:
                 raise
         outcomes: list[GenerationResult | BaseException] = []
         for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):  # this job alone failed
+                if job.capture is not None:
+                    job.capture.abort()
+                outcomes.append(result)
+                continue
             try:  # one job's storage failure is that job's alone
                 self._finish_capture(job, result)
                 outcomes.append(result)
@@ -251,6 +267,8 @@ class Engine:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+            if future.done() and not future.cancelled():
+                return future.result()  # the job's own outcome (even its own TimeoutError), not ours
             job.cancelled.set()
             future.add_done_callback(_retrieve)
             if isinstance(exc, asyncio.CancelledError):

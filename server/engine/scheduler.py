@@ -82,8 +82,12 @@ class Scheduler:
         batch_window_s: float = 0.01,
         max_queue: int = 64,
         memory_room: int | None = None,
+        batch_memory: Callable[[list[GenerationJob]], int] | None = None,
     ) -> None:
         self._run_one = run_one
+        # Bytes a batch of jobs adds beside the weights (rows padded to the longest prompt);
+        # default: the sum of the jobs' own estimates.
+        self._batch_memory = batch_memory or (lambda jobs: sum(job.memory_bytes for job in jobs))
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
@@ -102,6 +106,12 @@ class Scheduler:
     def depth(self) -> int:
         """Items waiting (not counting what runs)."""
         return len(self._queue)
+
+    def room(self) -> int:
+        """How many more generation jobs the queue takes now (requests that are gone don't count)."""
+        with self._condition:
+            self._drop_cancelled()
+            return max(0, self.max_queue - len(self._queue))
 
     def submit_job(self, job: GenerationJob) -> Future:
         """Queue a generation job; :class:`QueueFull` when ``max_queue`` items already wait."""
@@ -125,8 +135,13 @@ class Scheduler:
         return item.future
 
     def _drop_cancelled(self) -> None:
-        """Forget waiting jobs whose requests are gone (timed out, disconnected)."""
-        for item in [i for i in self._queue if i.job is not None and i.job.cancelled.is_set()]:
+        """Forget waiting work whose requests are gone (timed out, disconnected)."""
+        gone = [
+            item
+            for item in self._queue
+            if item.future.cancelled() or (item.job is not None and item.job.cancelled.is_set())
+        ]
+        for item in gone:
             self._queue.remove(item)
             item.future.cancel()
 
@@ -138,7 +153,8 @@ class Scheduler:
             self._queue.clear()
             self._condition.notify_all()
         for item in waiting:
-            item.future.set_exception(RuntimeError("the engine shut down before this request ran"))
+            if item.future.set_running_or_notify_cancel():  # not already cancelled
+                item.future.set_exception(RuntimeError("the engine shut down before this request ran"))
         if self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -161,13 +177,14 @@ class Scheduler:
                 self._run(first.future, functools.partial(self._run_one, first.job))
             else:
                 self._run_together(batch)
+            del first, batch  # an idle worker keeps nothing of the last batch alive
 
     def _gather(self, first: _Item) -> list[_Item]:
         """``first`` plus batchable jobs that are waiting or arrive within the window."""
         batch = [first]
         if not batchable(first.job) or first.rows >= self.max_batch_size:
             return batch
-        rows, memory = first.rows, first.job.memory_bytes
+        rows = first.rows
         deadline = time.monotonic() + self.batch_window_s
         with self._condition:
             while rows < self.max_batch_size:
@@ -177,12 +194,13 @@ class Scheduler:
                         continue
                     if rows + item.rows > self.max_batch_size:
                         continue
-                    if self.memory_room is not None and memory + item.job.memory_bytes > self.memory_room:
+                    if self.memory_room is not None and (
+                        self._batch_memory([i.job for i in batch] + [item.job]) > self.memory_room
+                    ):
                         continue
                     self._queue.remove(item)
                     batch.append(item)
                     rows += item.rows
-                    memory += item.job.memory_bytes
                     taken = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closing:

@@ -185,6 +185,13 @@ class StepPlan:
         self.pads = tuple(self.pads[i] for i in rows)
 
 
+def replace_first(value, tensor: torch.Tensor):
+    """``value`` with its first tensor (see ``capture.first_tensor``) replaced by ``tensor``."""
+    if isinstance(value, (tuple, list)) and value:
+        return type(value)([replace_first(value[0], tensor), *value[1:]])
+    return tensor
+
+
 @dataclass
 class BatchMember:
     """One job's rows in a batch, and what it reads and changes there."""
@@ -192,6 +199,7 @@ class BatchMember:
     rows: list[int]  # its rows in the current batch
     edits: tuple[Edit, ...] = ()
     capture: object | None = None  # capture.GenerationCapture (one row: n == 1)
+    error: BaseException | None = None  # its capture failed (e.g. disk full): it leaves the batch
 
 
 class BatchStepPlan:
@@ -248,7 +256,7 @@ class BatchStepPlan:
                     tensor, cloned = tensor.clone(), True
                 tensor[index] = new.to(tensor.dtype)
             if cloned:
-                setattr(envoy, entry.kind, (tensor, *value[1:]) if isinstance(value, tuple) else tensor)
+                setattr(envoy, entry.kind, replace_first(value, tensor))
             for member, names, _ in uses:
                 if names and member.rows:
                     row = member.rows[0]
@@ -257,8 +265,11 @@ class BatchStepPlan:
                     )
                     captured.setdefault(id(member), {}).update(dict.fromkeys(names, cut))
         for member in self.members:
-            if member.capture is not None and member.rows:
-                member.capture.on_step(captured.get(id(member), {}))
+            if member.capture is not None and member.rows and member.error is None:
+                try:
+                    member.capture.on_step(captured.get(id(member), {}))
+                except Exception as exc:  # this job's failure, not the batch's
+                    member.error = exc
         self.start += length
         self.step += 1
 

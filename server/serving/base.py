@@ -413,12 +413,13 @@ class Serving:
         )
 
     def check_queue(self, jobs: int = 1) -> None:
-        """429 now, before a stream starts, when the engine's queue has no room for ``jobs`` more."""
+        """429 now, before a stream starts, when the engine's queue has no room for ``jobs`` more
+        (a request that arrives in the meantime can still take the last place)."""
         scheduler = self.engine.scheduler
-        if scheduler.depth + jobs > scheduler.max_queue:
-            raise queue_full(
-                f"{scheduler.depth} requests are already waiting (--max-queue {scheduler.max_queue})"
-            )
+        room = scheduler.room()
+        if room < jobs:
+            waiting = scheduler.max_queue - room
+            raise queue_full(f"{waiting} requests are already waiting (--max-queue {scheduler.max_queue})")
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         try:

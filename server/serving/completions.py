@@ -94,7 +94,13 @@ class CompletionServing(Serving):
             if request.echo:
                 echo = prompt if isinstance(prompt, str) else await self.engine.decode(prompt_ids)
             prepared.append(CompletionPrompt(job, echo))
-        self.check_queue(len(prepared))
+        if len(prepared) > self.settings.max_queue:
+            raise APIError(
+                f"{len(prepared)} prompts in one request; this server queues at most "
+                f"{self.settings.max_queue} (--max-queue): split them",
+                param="prompt",
+            )
+        self.check_queue(1 if request.stream else len(prepared))  # a stream queues its prompts in turn
         return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
 
     async def _begin_capture(self, prepared: PreparedCompletion):

@@ -295,3 +295,58 @@ def test_concurrent_http_requests_are_batched_and_answered_as_alone(tiny_model_d
             )
         assert before == 1 and client.app.state.engine.scheduler.stats.largest > 1
     assert together == solo
+
+
+def test_a_failing_capture_fails_its_own_job_only(loaded, tmp_path):
+    from server.engine.capture import CapturePlan, GenerationCapture
+    from server.engine.hooks import HookResolver
+    from server.engine.structure import find_layers
+
+    points = tuple(
+        HookResolver(loaded.hf_model, find_layers(loaded.hf_model)).resolve(
+            layers=[0], hook_points=["resid_post"], modules=None
+        )
+    )
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    tokenizer = loaded.tokenizer
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    batch = [GenerationJob(tokenizer.encode(t), params) for t in TEXTS]
+    batch[1].capture = GenerationCapture(
+        CapturePlan(points=points, mode="generate"), disk_full, len(batch[1].prompt_ids)
+    )
+    expected = [summary(alone(loaded, GenerationJob(job.prompt_ids, params))) for job in batch]
+    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.5)
+
+    async def scenario():
+        return await asyncio.gather(*(engine.generate(job) for job in batch), return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.scheduler.stats.sizes == {4: 1}
+    assert isinstance(outcomes[1], OSError)
+    assert [summary(outcomes[i]) for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+
+
+def test_closing_the_scheduler_resolves_everything_that_waits():
+    from concurrent.futures import CancelledError
+
+    from server.engine.scheduler import Scheduler
+
+    started, release = threading.Event(), threading.Event()
+    scheduler = Scheduler(lambda job: None, lambda jobs: [], max_queue=8)
+    running = scheduler.submit_call(lambda: (started.set(), release.wait(10)))
+    assert started.wait(10)
+    waiting = [scheduler.submit_call(lambda: "never") for _ in range(3)]
+    waiting[0].cancel()
+    release.set()
+    scheduler.close()
+    assert running.result(timeout=10)[1] is True
+    with pytest.raises(CancelledError):
+        waiting[0].result(timeout=1)
+    for future in waiting[1:]:  # either ran before the close or was told why it did not
+        assert future.done()
