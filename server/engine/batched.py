@@ -25,6 +25,7 @@ it stops costing compute; jobs that arrive meanwhile wait for the next batch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -83,69 +84,141 @@ def batchable(job: GenerationJob) -> bool:
 
 
 def run_batched_generation(
-    wrapper, tokenizer, eos_ids: frozenset[int], jobs: list[GenerationJob]
+    wrapper,
+    tokenizer,
+    eos_ids: frozenset[int],
+    jobs: list[GenerationJob],
+    *,
+    on_done: Callable[[GenerationJob, GenerationResult | BaseException], None] | None = None,
+    take_more: Callable[[int], list[GenerationJob]] | None = None,
+    max_rows: int | None = None,
 ) -> list[GenerationResult | BaseException]:
-    """Run jobs together on the calling (worker) thread; one result per job, in order.
+    """Run jobs together on the calling (worker) thread; returns every job's outcome, in order.
+
+    ``on_done(job, outcome)`` is called as soon as a job ends, so its request is answered then,
+    not when the batch ends. Before each step, ``take_more(free_rows)`` may hand over jobs that
+    arrived meanwhile (at most ``max_rows`` rows in all): they run their prompts as a batch of
+    their own for that step, then join this batch (``DecodeBatch.merge``).
 
     A job whose own part fails (its capture cannot be written, its stream is gone) leaves the
-    batch and gets its exception in its slot; the others go on. A failure of the forward pass
-    itself (out of memory) fails the whole batch."""
-    if not all(batchable(job) for job in jobs):
-        raise ValueError("a job that generates nothing, or captures several choices, runs alone")
+    batch with its exception as its outcome; the others go on. A failure of the forward pass
+    itself (out of memory) fails every job still in the batch."""
     device = next(wrapper._module.parameters()).device
-    members = [_Member(job, tokenizer, eos_ids, device) for job in jobs]
-    active = [m for m in members if not m.job.cancelled.is_set()]  # gone while it waited
-    if active:
-        prompts = [m.job.prompt_ids for m in active for _ in range(m.job.params.n)]
-        plan = _plan(active, prompts)
-        batch = DecodeBatch(wrapper, prompts, tokenizer.pad_token_id, plan=plan)
-        if plan is not None:
-            for member, step_member in zip(active, plan.members, strict=True):
-                member.step_member = step_member
-    while active:
-        logits = batch.forward()
-        tokens, still, start = [], [], 0
-        for member in active:
+    outcomes: dict[int, GenerationResult | BaseException] = {}
+    order: list[GenerationJob] = []
+
+    def finish(member: _Member) -> None:
+        if member.error is None:
+            member.monitor.finish_unfinished()
+        outcome = member.error if member.error is not None else member.result()
+        outcomes[id(member.job)] = outcome
+        if on_done is not None:
+            on_done(member.job, outcome)
+
+    def start(new_jobs: list[GenerationJob]) -> _Group | None:
+        if not all(batchable(job) for job in new_jobs):
+            raise ValueError("a job that generates nothing, or captures several choices, runs alone")
+        order.extend(new_jobs)
+        members = [_Member(job, tokenizer, eos_ids, device) for job in new_jobs]
+        for member in members:
+            if member.job.cancelled.is_set():  # gone while it waited
+                finish(member)
+        live = [m for m in members if not m.job.cancelled.is_set()]
+        return _Group(wrapper, tokenizer.pad_token_id, live) if live else None
+
+    group = start(jobs)
+    try:
+        while group is not None:
+            free = (max_rows or 0) - group.rows
+            newcomers = take_more(free) if take_more is not None and free > 0 and group.can_merge else []
+            for member in group.step():
+                finish(member)
+            joining = start(newcomers) if newcomers else None
+            if joining is not None:
+                for member in joining.step():
+                    finish(member)
+            group = _Group.combine(group, joining)
+    except BaseException as exc:
+        for job in order:
+            if id(job) not in outcomes:
+                outcomes[id(job)] = exc
+                if on_done is not None:
+                    on_done(job, exc)
+        raise
+    return [outcomes[id(job)] for job in order]
+
+
+class _Group:
+    """Jobs decoding together: one DecodeBatch, the jobs' rows in order."""
+
+    def __init__(self, wrapper, pad_token_id: int, members: list[_Member]) -> None:
+        prompts = [m.job.prompt_ids for m in members for _ in range(m.job.params.n)]
+        plan = _plan(members, prompts)
+        self.batch = DecodeBatch(wrapper, prompts, pad_token_id, plan=plan)
+        for member, step_member in zip(members, plan.members, strict=True):
+            member.step_member = step_member
+        self.members = members
+
+    @property
+    def rows(self) -> int:
+        return self.batch.rows
+
+    @property
+    def can_merge(self) -> bool:
+        return self.batch.can_merge
+
+    def step(self) -> list[_Member]:
+        """One forward step and each job's next tokens; returns the jobs that ended (gone from it)."""
+        logits = self.batch.forward()
+        tokens, still, ended, start = [], [], [], 0
+        for member in self.members:
             n = member.job.params.n
             chosen = member.choose(logits[start : start + n])
             tokens.append(chosen)
-            member.error = member.error or (member.step_member and member.step_member.error)
+            member.error = member.error or member.step_member.error
+            done = True
             if member.error is None:
                 try:
                     done = bool(member.monitor(chosen[:, None], None).all())
                 except Exception as exc:  # e.g. its stream's event loop is gone: this job alone fails
-                    member.error, done = exc, True
-            if member.error is None and not done:
-                still.append((member, start))
+                    member.error = exc
+            (ended if done else still).append((member, start))
             start += n
         next_tokens = torch.cat(tokens)
-        if len(still) < len(active):
+        if ended:
             keep = [r for member, s in still for r in range(s, s + member.job.params.n)]
             if keep:
-                batch.keep(keep)
+                self.batch.keep(keep)
                 next_tokens = next_tokens[keep]
-            active = [member for member, _ in still]
-        if active:
-            batch.append(next_tokens)
-    results: list[GenerationResult | BaseException] = []
-    for member in members:
-        if member.error is not None:
-            results.append(member.error)
-            continue
-        member.monitor.finish_unfinished()
-        results.append(member.result())
-    return results
+            self.members = [member for member, _ in still]
+        if self.members:
+            self.batch.append(next_tokens)
+        return [member for member, _ in ended]
+
+    @staticmethod
+    def combine(group: _Group | None, joining: _Group | None) -> _Group | None:
+        """One group of whatever is still running in either."""
+        group = group if group is not None and group.members else None
+        joining = joining if joining is not None and joining.members else None
+        if group is None or joining is None:
+            return group or joining
+        group.batch.merge(joining.batch)
+        group.members += joining.members
+        return group
 
 
-def _plan(active: list[_Member], prompts: list[list[int]]) -> BatchStepPlan | None:
-    """Each job's edits and capture on its own rows, or None when no job has any."""
-    if all(m.job.capture is None and not m.job.edits for m in active):
-        return None
+def _plan(active: list[_Member], prompts: list[list[int]]) -> BatchStepPlan:
+    """Each job's edits and capture on its own rows (a job with neither reads nothing)."""
     members, start = [], 0
     for m in active:
         n = m.job.params.n
         members.append(
-            BatchMember(rows=list(range(start, start + n)), edits=m.job.edits, capture=m.job.capture)
+            BatchMember(
+                rows=list(range(start, start + n)),
+                edits=m.job.edits,
+                capture=m.job.capture,
+                prompt_len=len(m.job.prompt_ids),
+            )
         )
         start += n
     return BatchStepPlan(members, max(len(p) for p in prompts))

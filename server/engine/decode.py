@@ -93,11 +93,42 @@ class DecodeBatch:
         if self.plan is not None:
             self.plan.keep(rows)
 
+    @property
+    def can_merge(self) -> bool:
+        """Whether other rows can join this batch: every cache layer a plain growing one."""
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+
+    def merge(self, other: DecodeBatch) -> None:
+        """Take ``other``'s rows (after this batch's), both having just had ``append`` called.
+
+        The shorter history is left-padded (zeros in the cache, 0 in the mask) so that every
+        row's columns line up; a row's absolute positions are unchanged (its padding grew).
+        """
+        width, other_width = self.mask.shape[1], other.mask.shape[1]
+        mine, theirs = max(0, other_width - width), max(0, width - other_width)
+        for layer, other_layer in zip(self.cache.layers, other.cache.layers, strict=True):
+            layer.keys = torch.cat([_left_pad(layer.keys, mine), _left_pad(other_layer.keys, theirs)])
+            layer.values = torch.cat([_left_pad(layer.values, mine), _left_pad(other_layer.values, theirs)])
+        self.mask = torch.cat([_left_pad(self.mask, mine, dim=1), _left_pad(other.mask, theirs, dim=1)])
+        self.input_ids = torch.cat([self.input_ids, other.input_ids])
+        self.positions = self.mask.sum(-1, keepdim=True) - 1
+        if self.plan is not None:
+            self.plan.merge(other.plan, mine, theirs)
+
     def _adapter(self):
         """Run with the served LoRA adapter switched off when this side asks for it."""
         if self.adapter_enabled:
             return contextlib.nullcontext()
         return adapter_disabled(self.wrapper._module)
+
+
+def _left_pad(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:
+    """``count`` zeros before ``tensor``'s entries along ``dim`` (the sequence dimension)."""
+    if count == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 @contextlib.contextmanager

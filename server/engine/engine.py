@@ -188,42 +188,6 @@ class Engine:
         """Run model work (not a generation job) on the worker, after what is queued before it."""
         return await asyncio.wrap_future(self.scheduler.submit_call(fn, *args))
 
-    def _batch_memory(self, jobs: list[GenerationJob]) -> int:
-        """Bytes a batch adds beside the weights: every row padded to the longest prompt."""
-        padded = estimate(
-            self.shape,
-            prompt_tokens=max(len(job.prompt_ids) for job in jobs),
-            max_tokens=max(job.params.max_tokens for job in jobs) + 1,
-            n=sum(job.params.n for job in jobs),
-        )
-        return max(padded.total - padded.weights, sum(job.memory_bytes for job in jobs))
-
-    def _generate_batch_sync(self, jobs: list[GenerationJob]) -> list[GenerationResult | BaseException]:
-        longest = max(job.params.max_tokens for job in jobs)
-        rows = sum(job.params.n for job in jobs)
-        with MemoryLog(self.loaded.device, "generate", batch=len(jobs), rows=rows, max_new_tokens=longest):
-            loaded = self.loaded
-            try:
-                results = run_batched_generation(loaded.wrapper, loaded.tokenizer, loaded.eos_token_ids, jobs)
-            except BaseException:
-                for job in jobs:
-                    if job.capture is not None:
-                        job.capture.abort()
-                raise
-        outcomes: list[GenerationResult | BaseException] = []
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, BaseException):  # this job alone failed
-                if job.capture is not None:
-                    job.capture.abort()
-                outcomes.append(result)
-                continue
-            try:  # one job's storage failure is that job's alone
-                self._finish_capture(job, result)
-                outcomes.append(result)
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
-
     def _generate_sync(self, job: GenerationJob) -> GenerationResult:
         with MemoryLog(self.loaded.device, "generate", max_new_tokens=job.params.max_tokens):
             return self._generate_logged(job)
@@ -255,6 +219,50 @@ class Engine:
         except BaseException:
             capture.abort()
             raise
+
+    def _batch_memory(self, jobs: list[GenerationJob]) -> int:
+        """Bytes a batch adds beside the weights: every row padded to the longest prompt."""
+        padded = estimate(
+            self.shape,
+            prompt_tokens=max(len(job.prompt_ids) for job in jobs),
+            max_tokens=max(job.params.max_tokens for job in jobs) + 1,
+            n=sum(job.params.n for job in jobs),
+        )
+        return max(padded.total - padded.weights, sum(job.memory_bytes for job in jobs))
+
+    def _generate_batch_sync(
+        self,
+        jobs: list[GenerationJob],
+        on_done: Callable[[GenerationJob, GenerationResult | BaseException], None],
+        take_more: Callable[[int], list[GenerationJob]],
+    ) -> None:
+        """Decode ``jobs`` (and the jobs ``take_more`` hands over) together; each ends through
+        ``on_done`` with its result (its capture finished) or its own error."""
+
+        def done(job: GenerationJob, outcome: GenerationResult | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                if job.capture is not None:
+                    job.capture.abort()
+            else:
+                try:  # one job's storage failure is that job's alone
+                    self._finish_capture(job, outcome)
+                except Exception as exc:
+                    outcome = exc
+            on_done(job, outcome)
+
+        loaded = self.loaded
+        longest = max(job.params.max_tokens for job in jobs)
+        rows = sum(job.params.n for job in jobs)
+        with MemoryLog(self.loaded.device, "generate", batch=len(jobs), rows=rows, max_new_tokens=longest):
+            run_batched_generation(
+                loaded.wrapper,
+                loaded.tokenizer,
+                loaded.eos_token_ids,
+                jobs,
+                on_done=done,
+                take_more=take_more,
+                max_rows=self.scheduler.max_batch_size,
+            )
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """Run a job; if the caller is cancelled (client gone) or the request times out, the job

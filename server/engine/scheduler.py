@@ -12,9 +12,10 @@ holds ``max_batch_size`` rows (a job of ``n`` choices is ``n`` rows) or its
 memory estimates fill ``memory_room``; while the queue is empty it waits up to
 ``batch_window_s`` for more. Other items keep their place in the queue. A batch
 runs to completion: a job that finishes early leaves it at once (it stops costing
-compute), but jobs that arrive while it runs wait for the next batch (no joining a
-running batch: their prompts would need a prefill step of their own while the
-others decode). A batch of one job runs the single-job path (HF ``generate``).
+compute), and jobs that arrive while it runs join it at the next step, while it has
+rows to spare (their prompts run as a batch of their own for one step, then the two
+merge: ``DecodeBatch.merge``). A batch of one job runs the single-job path (HF
+``generate``), which nothing can join: jobs that arrive during it wait for it.
 
 Limits: at most ``max_queue`` items wait before a generation job is refused
 (:class:`QueueFull`, a 429 with ``Retry-After``); a job cancelled while it waits
@@ -64,10 +65,13 @@ class BatchStats:
     rows: int = 0
     largest: int = 0
     sizes: dict[int, int] = field(default_factory=dict)  # batch size (jobs) -> how many batches
+    joined: int = 0  # jobs that joined a batch already running
+    peak_rows: int = 0  # most rows decoding at once
 
     def record(self, jobs: int, rows: int) -> None:
         self.batches += 1
         self.rows += rows
+        self.peak_rows = max(self.peak_rows, rows)
         self.largest = max(self.largest, jobs)
         self.sizes[jobs] = self.sizes.get(jobs, 0) + 1
 
@@ -76,7 +80,7 @@ class Scheduler:
     def __init__(
         self,
         run_one: Callable[[GenerationJob], GenerationResult],
-        run_batch: Callable[[list[GenerationJob]], list[GenerationResult | BaseException]],
+        run_batch: Callable[[list[GenerationJob], Callable, Callable[[int], list[GenerationJob]]], None],
         *,
         max_batch_size: int = 8,
         batch_window_s: float = 0.01,
@@ -218,22 +222,53 @@ class Scheduler:
             future.set_exception(exc)
 
     def _run_together(self, batch: list[_Item]) -> None:
+        """Run a batch; each job's future is set the moment that job ends. Jobs that arrive
+        meanwhile join it (``_take_more``) while it has rows to spare."""
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
         if not live:
             return
-        jobs = [item.job for item in live]
-        self.stats.record(len(jobs), sum(item.rows for item in live))
-        try:
-            results = _guarded(lambda: self._run_batch(jobs))
-        except BaseException as exc:
-            for item in live:
-                item.future.set_exception(exc)
-            return
-        for item, result in zip(live, results, strict=True):
-            if isinstance(result, BaseException):  # that job alone failed
-                item.future.set_exception(result)
+        running = {id(item.job): item for item in live}
+        self.stats.record(len(live), sum(item.rows for item in live))
+
+        def on_done(job: GenerationJob, outcome) -> None:
+            item = running.pop(id(job))
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
             else:
-                item.future.set_result(result)
+                item.future.set_result(outcome)
+
+        def take_more(free_rows: int) -> list[GenerationJob]:
+            joined = self._take_more(free_rows, [item.job for item in running.values()])
+            for item in joined:
+                running[id(item.job)] = item
+            if joined:
+                self.stats.joined += len(joined)
+                self.stats.rows += sum(item.rows for item in joined)
+                self.stats.peak_rows = max(self.stats.peak_rows, sum(i.rows for i in running.values()))
+            return [item.job for item in joined]
+
+        try:
+            _guarded(lambda: self._run_batch([item.job for item in live], on_done, take_more))
+        except BaseException as exc:  # the forward pass failed: every job still in the batch
+            for item in running.values():
+                item.future.set_exception(exc)
+
+    def _take_more(self, free_rows: int, running: list[GenerationJob]) -> list[_Item]:
+        """Waiting batchable jobs that fit in ``free_rows`` (and the memory room), marked running."""
+        taken: list[_Item] = []
+        with self._condition:
+            for item in list(self._queue):
+                if item.job is None or not batchable(item.job) or item.rows > free_rows:
+                    continue
+                jobs = running + [i.job for i in taken] + [item.job]
+                if self.memory_room is not None and self._batch_memory(jobs) > self.memory_room:
+                    continue
+                self._queue.remove(item)
+                if not item.future.set_running_or_notify_cancel():
+                    continue  # cancelled while it waited
+                taken.append(item)
+                free_rows -= item.rows
+        return taken
 
 
 def _guarded(work: Callable):

@@ -200,6 +200,8 @@ class BatchMember:
     edits: tuple[Edit, ...] = ()
     capture: object | None = None  # capture.GenerationCapture (one row: n == 1)
     error: BaseException | None = None  # its capture failed (e.g. disk full): it leaves the batch
+    step: int = 0  # its own forward steps so far (0: its prompt); jobs that joined later differ
+    prompt_len: int = 0  # its prompt's length (all its rows share the prompt, hence the padding)
 
 
 class BatchStepPlan:
@@ -248,8 +250,8 @@ class BatchStepPlan:
                     continue
                 index = torch.tensor(member.rows, device=tensor.device)
                 part = tensor.index_select(0, index)
-                pads = tuple(self.pads[r] for r in member.rows)
-                new = edit_value(part, edits, self.start, length, self.width, self.step, pads)
+                pad = self.pads[member.rows[0]]  # column c holds absolute position c - pad
+                new = edit_value(part, edits, self.start - pad, length, member.prompt_len, member.step)
                 if new is part:  # no edit falls on this step
                     continue
                 if not cloned:
@@ -270,8 +272,24 @@ class BatchStepPlan:
                     member.capture.on_step(captured.get(id(member), {}))
                 except Exception as exc:  # this job's failure, not the batch's
                     member.error = exc
+            member.step += 1
         self.start += length
-        self.step += 1
+
+    def merge(self, other: BatchStepPlan, mine: int, theirs: int) -> None:
+        """Take ``other``'s jobs (their rows after this batch's); each side's rows were
+        left-padded by ``mine`` / ``theirs`` more columns (see ``DecodeBatch.merge``)."""
+        offset = len(self.pads)
+        self.pads = tuple(p + mine for p in self.pads) + tuple(p + theirs for p in other.pads)
+        self.start = max(self.start + mine, other.start + theirs)
+        for member in other.members:
+            member.rows = [r + offset for r in member.rows]
+        self.members += other.members
+        for entry in other.entries:
+            key = (entry.path, entry.kind)
+            if key not in self._uses:
+                self.entries.append(entry)
+            self._uses.setdefault(key, []).extend(other._uses[key])
+        self.entries.sort(key=lambda e: e.order)
 
     def keep(self, rows: list[int]) -> None:
         """The batch kept only ``rows`` (in that order): renumber every job's rows."""

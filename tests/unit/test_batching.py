@@ -82,7 +82,8 @@ def test_max_batch_size_splits_by_rows(loaded):
     finally:
         engine.close()
     stats = engine.scheduler.stats
-    assert stats.rows == sum(p.n for p in params_mix()) and stats.batches > 1
+    assert stats.rows == sum(p.n for p in params_mix()) and stats.peak_rows <= 4
+    assert stats.joined > 0 or stats.batches > 1
     assert [summary(r) for r in results] == [summary(alone(loaded, j)) for j in jobs(loaded.tokenizer)]
 
 
@@ -350,3 +351,61 @@ def test_closing_the_scheduler_resolves_everything_that_waits():
         waiting[0].result(timeout=1)
     for future in waiting[1:]:  # either ran before the close or was told why it did not
         assert future.done()
+
+
+def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
+    """A batch is running; steered, capturing and plain jobs (other prompt lengths) arrive
+    several steps in, join it, and still get exactly their solo answers and captures."""
+    from safetensors.torch import load_file
+
+    from server.engine.capture import CapturePlan, GenerationCapture
+    from server.engine.hooks import HookResolver
+    from server.engine.steps import Edit
+    from server.engine.structure import find_layers
+    from server.storage import ActivationStore
+
+    resolver = HookResolver(loaded.hf_model, find_layers(loaded.hf_model))
+    points = tuple(resolver.resolve(layers=[0, 1], hook_points=["resid_post"], modules=None))
+    edit = Edit(
+        point=points[1], operation="add", vector=torch.full((64,), 0.7), scale=3.0, positions="generated"
+    )
+    store = ActivationStore(tmp_path / "store")
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_tokens=8, temperature=0.8, seed=2, ignore_eos=True)
+
+    def make():
+        first = [GenerationJob(prompts[0], long), GenerationJob(prompts[3], long)]
+        later = [GenerationJob(prompts[1], short, edits=(edit,)), GenerationJob(prompts[2], short)]
+        later.append(GenerationJob(prompts[1], SamplingParams(max_tokens=5, temperature=0, n=2)))
+        later[1].capture = GenerationCapture(
+            CapturePlan(points=points, mode="generate"),
+            lambda: store.create(None, "safetensors"),
+            len(prompts[2]),
+        )
+        return first, later
+
+    def run(engine):
+        first, later = make()
+
+        async def scenario():
+            running = [asyncio.ensure_future(engine.generate(job)) for job in first]
+            while first[0].steps < 4:  # the batch is well under way
+                await asyncio.sleep(0.005)
+            joined = await asyncio.gather(*(engine.generate(job) for job in later))
+            return list(await asyncio.gather(*running)) + list(joined)
+
+        try:
+            results = asyncio.run(scenario())
+        finally:
+            engine.close()
+        captured = load_file(store.tensor_file(results[3].capture_manifest["id"], "layers.1.resid_post"))
+        return engine.scheduler.stats, results, captured["layers.1.resid_post"]
+
+    solo_stats, solo, solo_capture = run(Engine(loaded, max_batch_size=1, batch_window_s=0))
+    stats, together, capture = run(Engine(loaded, max_batch_size=8, batch_window_s=0.05))
+    assert solo_stats.largest == 1 and stats.joined == 3 and stats.peak_rows == 6
+    assert [summary(r) for r in together] == [summary(r) for r in solo]
+    assert capture.shape == solo_capture.shape
+    torch.testing.assert_close(capture, solo_capture, atol=1e-5, rtol=1e-5)
