@@ -66,7 +66,10 @@ class Engine:
         max_queue: int = 64,
         request_timeout: float | None = None,
         memory_room: int | None = None,
+        scheduler: Scheduler | None = None,
     ) -> None:
+        """``scheduler``: the one this engine's model was loaded on (``from_settings``); by
+        default a new one."""
         self.loaded = loaded
         self.before = before  # LDA's second checkpoint, if one was loaded (same vocabulary)
         self.model_id = loaded.model_id
@@ -83,19 +86,40 @@ class Engine:
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
         self.request_timeout = request_timeout
-        self.scheduler = Scheduler(
-            self._generate_sync,
-            self._generate_batch_sync,
-            max_batch_size=max_batch_size,
-            batch_window_s=batch_window_s,
-            max_queue=max_queue,
-            memory_room=memory_room,
-            batch_memory=self._batch_memory,
-        )
+        if scheduler is None:
+            scheduler = Scheduler(
+                max_batch_size=max_batch_size,
+                batch_window_s=batch_window_s,
+                max_queue=max_queue,
+                memory_room=memory_room,
+            )
+        scheduler.bind(self._generate_sync, self._generate_batch_sync, self._batch_memory)
+        self.scheduler = scheduler
         self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
     @classmethod
     def from_settings(cls, settings) -> Engine:
+        """Load the model(s) and build the engine, all on the engine's own worker thread.
+
+        torch runs CPU ops on OpenMP thread teams, one per OS thread that ever ran a parallel
+        op, living as long as that thread. A second team in the process made every later
+        decode step on a 2-core machine 1.65x slower (measured: one forward pass, or one large
+        tensor copy, on any other long-lived thread). So the worker is the only thread that
+        loads, measures and runs the model, and other threads keep to small tensor work or
+        numpy (``docs/architecture.md``)."""
+        scheduler = Scheduler(
+            max_batch_size=settings.max_batch_size,
+            batch_window_s=settings.batch_window_ms / 1000,
+            max_queue=settings.max_queue,
+        )
+        try:
+            return scheduler.submit_call(cls._build, settings, scheduler).result()
+        except BaseException:
+            scheduler.close()
+            raise
+
+    @classmethod
+    def _build(cls, settings, scheduler: Scheduler) -> Engine:
         loaded = load_model(
             settings.model,
             dtype=settings.dtype,
@@ -117,10 +141,8 @@ class Engine:
             loaded,
             max_model_len=settings.max_model_len,
             before=before,
-            max_batch_size=settings.max_batch_size,
-            batch_window_s=settings.batch_window_ms / 1000,
-            max_queue=settings.max_queue,
             request_timeout=settings.request_timeout or None,
+            scheduler=scheduler,
         )
         if settings.memory_budget is not None:  # what a batch's jobs may add together
             engine.scheduler.memory_room = max(0, settings.memory_budget - engine.resident_weight_bytes)
@@ -183,6 +205,10 @@ class Engine:
         return self.loaded.hf_model.config.vocab_size
 
     # -- model work (worker side) -------------------------------------------------
+
+    async def compute(self, fn: Callable[..., T], *args) -> T:
+        """Tensor math for the serving layer (e.g. a contrastive vector's SVD), on the worker."""
+        return await self._run(fn, *args)
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         """Run model work (not a generation job) on the worker, after what is queued before it."""

@@ -79,8 +79,9 @@ class BatchStats:
 class Scheduler:
     def __init__(
         self,
-        run_one: Callable[[GenerationJob], GenerationResult],
-        run_batch: Callable[[list[GenerationJob], Callable, Callable[[int], list[GenerationJob]]], None],
+        run_one: Callable[[GenerationJob], GenerationResult] | None = None,
+        run_batch: Callable[[list[GenerationJob], Callable, Callable[[int], list[GenerationJob]]], None]
+        | None = None,
         *,
         max_batch_size: int = 8,
         batch_window_s: float = 0.01,
@@ -103,6 +104,13 @@ class Scheduler:
         self._closing = False
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
         self._thread.start()
+
+    def bind(self, run_one, run_batch, batch_memory=None) -> None:
+        """Set how generation jobs run (an engine built on this scheduler's own thread calls it)."""
+        self._run_one = run_one
+        self._run_batch = run_batch
+        if batch_memory is not None:
+            self._batch_memory = batch_memory
 
     # -- submitting (any thread) ---------------------------------------------------------
 

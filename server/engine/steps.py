@@ -37,7 +37,7 @@ class Edit:
     point: HookPoint
     operation: str  # see interventions.ops.OPERATIONS
     positions: str | tuple[int, ...] = "all"
-    vector: torch.Tensor | None = None  # [width], on the model's device and dtype
+    vector: torch.Tensor | None = None  # [width]; moved to the value's device and dtype where used
     scale: float = 1.0
     factor: float = 1.0
     value: float = 0.0
@@ -70,9 +70,10 @@ class Edit:
         """The replacement for ``selected`` (``[rows, len(index), ...]``)."""
         if self.operation == "patch":
             row_of = {p: i for i, p in enumerate(self.source_positions)}
-            rows = self.source[[row_of[start + j] for j in index]]
+            rows = self.source[[row_of[start + j] for j in index]].to(selected.device, selected.dtype)
             return rows.unsqueeze(0).expand_as(selected)
-        arguments = {"vector": self.vector, "scale": self.scale, "factor": self.factor, "value": self.value}
+        vector = None if self.vector is None else self.vector.to(selected.device, selected.dtype)
+        arguments = {"vector": vector, "scale": self.scale, "factor": self.factor, "value": self.value}
         return apply_operation(self.operation, selected, **arguments)
 
 

@@ -90,8 +90,10 @@ def _resolve_item(
                     f"vector has {values.numel()} values; {point.name} has {point.width}",
                     param=f"{param}.vector",
                 )
-            vector = values.to(dtype=engine.loaded.dtype, device=engine.loaded.device)
-            if item.type in ("project_out", "clamp") and not bool(vector.norm() > 0):
+            # Kept float32 on the CPU: it reaches the model's device and dtype on the engine's worker
+            # (steps.Edit), the one thread that may run torch's thread pool (docs/architecture.md).
+            vector = values
+            if item.type in ("project_out", "clamp") and not vector.numpy().any():
                 raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
         edits.append(
             Edit(
@@ -172,7 +174,7 @@ def _patch_source(engine: Engine, activations: ActivationStore, item: Interventi
             f"{point.name} needs [positions, {point.width}]",
             param=f"{param}.tensor",
         )
-    return source.to(dtype=engine.loaded.dtype, device=engine.loaded.device), tuple(entry["positions"])
+    return source, tuple(entry["positions"])  # converted where used, on the engine's worker
 
 
 def _load_tensor(path: Path, fmt: str, name: str) -> torch.Tensor:

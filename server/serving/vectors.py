@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -55,7 +56,7 @@ class VectorServing(Serving):
             if body.values is not None
             else self._decode_safetensors(body.safetensors_base64)
         )
-        if not bool(torch.isfinite(vector).all()):
+        if not np.isfinite(vector.numpy()).all():  # numpy: off the worker, no torch thread team
             raise APIError("the vector holds NaN or infinite values", param="safetensors_base64")
         if body.hook_point is not None or body.layer is not None:
             if body.hook_point is None or body.layer is None:
@@ -162,7 +163,10 @@ class VectorServing(Serving):
             raise engine_error(exc) from exc
         made = []
         for point in points:
-            vector = contrastive_vector(pos[point.name], neg[point.name], body.method)
+            # On the engine's worker: the one thread that may run torch's thread pool.
+            vector = await self.engine.compute(
+                contrastive_vector, pos[point.name], neg[point.name], body.method
+            )
             meta = {
                 "model": self.engine.model_id,
                 "layer": point.layer,

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -48,7 +49,7 @@ class VectorStore:
         meta = {
             "name": name,
             "size": vector.numel(),
-            "norm": float(vector.norm()),
+            "norm": float(np.sqrt(np.square(vector.numpy(), dtype=np.float64).sum())),  # numpy, not torch
             "created": time.time(),
             **metadata,
         }
