@@ -259,12 +259,15 @@ def test_http_queue_full_is_429_with_retry_after_and_timeout_is_504(tiny_model_d
             timed_out = client.post("/v1/chat/completions", json=body)
             assert timed_out.status_code == 504, timed_out.text
             assert timed_out.json()["error"]["code"] == "timeout"
-            engine.scheduler.submit_job(GenerationJob([1], SamplingParams(max_tokens=1)))  # fills the queue
+            filler = engine.scheduler.submit_job(
+                GenerationJob([1], SamplingParams(max_tokens=1))
+            )  # queue full
             full = client.post("/v1/chat/completions", json={**body, "stream": True})
             assert full.status_code == 429 and full.headers["retry-after"] == "1"
             assert full.json()["error"]["type"] == "rate_limit_error"
         finally:
             release.set()
+        filler.result(timeout=30)  # the queue has room again
         ok = client.post("/v1/chat/completions", json=body)
         assert ok.status_code == 200, ok.text
 
