@@ -19,7 +19,8 @@ one KV cache, position ids from the mask). Every job keeps what makes it itself:
   exactly as they would alone.
 
 A job leaves the batch (its rows and their cache rows go) as soon as it is done, so
-it stops costing compute; jobs that arrive meanwhile wait for the next batch.
+it stops costing compute, and is answered then; jobs that arrive meanwhile join at the
+next step (``take_more``; see :func:`run_batched_generation`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ class _Member:
         self.generator = None
         if params.seed is not None and not params.greedy:
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
+
+    def choose_or_fail(self, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`choose`, or (its own failure, e.g. NaN logits from its edits) a placeholder
+        token with the error kept: this job leaves, the others go on."""
+        try:
+            return self.choose(logits)
+        except Exception as exc:
+            self.error = self.error or exc
+            return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """This job's next token for each of its rows, from its rows' float32 logits."""
@@ -105,20 +115,28 @@ def run_batched_generation(
     itself (out of memory) fails every job still in the batch."""
     device = next(wrapper._module.parameters()).device
     outcomes: dict[int, GenerationResult | BaseException] = {}
-    order: list[GenerationJob] = []
+    order: list[GenerationJob] = []  # kept only without on_done
+    running: dict[int, GenerationJob] = {}  # jobs that have not ended
 
     def finish(member: _Member) -> None:
         if member.error is None:
-            member.monitor.finish_unfinished()
+            try:
+                member.monitor.finish_unfinished()
+            except Exception as exc:  # e.g. its stream's event loop is gone
+                member.error = exc
         outcome = member.error if member.error is not None else member.result()
-        outcomes[id(member.job)] = outcome
-        if on_done is not None:
+        running.pop(id(member.job), None)
+        if on_done is None:  # with on_done nothing is kept: a batch may live on for hours
+            outcomes[id(member.job)] = outcome
+        else:
             on_done(member.job, outcome)
 
     def start(new_jobs: list[GenerationJob]) -> _Group | None:
         if not all(batchable(job) for job in new_jobs):
             raise ValueError("a job that generates nothing, or captures several choices, runs alone")
-        order.extend(new_jobs)
+        if on_done is None:
+            order.extend(new_jobs)
+        running.update((id(job), job) for job in new_jobs)
         members = [_Member(job, tokenizer, eos_ids, device) for job in new_jobs]
         for member in members:
             if member.job.cancelled.is_set():  # gone while it waited
@@ -139,11 +157,10 @@ def run_batched_generation(
                     finish(member)
             group = _Group.combine(group, joining)
     except BaseException as exc:
-        for job in order:
-            if id(job) not in outcomes:
-                outcomes[id(job)] = exc
-                if on_done is not None:
-                    on_done(job, exc)
+        for key, job in list(running.items()):
+            outcomes[key] = exc
+            if on_done is not None:
+                on_done(job, exc)
         raise
     return [outcomes[id(job)] for job in order]
 
@@ -173,7 +190,7 @@ class _Group:
         tokens, still, ended, start = [], [], [], 0
         for member in self.members:
             n = member.job.params.n
-            chosen = member.choose(logits[start : start + n])
+            chosen = member.choose_or_fail(logits[start : start + n])
             tokens.append(chosen)
             member.error = member.error or member.step_member.error
             done = True

@@ -92,6 +92,7 @@ class DecodeBatch:
         self.cache.batch_select_indices(index)
         if self.plan is not None:
             self.plan.keep(rows)
+        self._trim()
 
     @property
     def can_merge(self) -> bool:
@@ -114,6 +115,22 @@ class DecodeBatch:
         self.positions = self.mask.sum(-1, keepdim=True) - 1
         if self.plan is not None:
             self.plan.merge(other.plan, mine, theirs)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row (left by rows that left), so a
+        batch that lives on under steady traffic does not grow with its history."""
+        if self.mask.shape[1] <= 1 or not self.can_merge:
+            return
+        unused = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # the smallest left padding
+        if unused == 0 or unused >= self.mask.shape[1] - 1:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, unused:]
+            layer.values = layer.values[:, :, unused:]
+        self.mask = self.mask[:, unused:]
+        if self.plan is not None:
+            self.plan.shift(unused)
 
     def _adapter(self):
         """Run with the served LoRA adapter switched off when this side asks for it."""

@@ -266,11 +266,19 @@ class Scheduler:
         taken: list[_Item] = []
         with self._condition:
             for item in list(self._queue):
+                # In arrival order, and only up to the first item that cannot join: work that
+                # waits (a call, a job that runs alone or does not fit) is never overtaken for
+                # long; the batch drains and it runs.
                 if item.job is None or not batchable(item.job) or item.rows > free_rows:
-                    continue
+                    break
                 jobs = running + [i.job for i in taken] + [item.job]
-                if self.memory_room is not None and self._batch_memory(jobs) > self.memory_room:
-                    continue
+                try:
+                    too_big = self.memory_room is not None and self._batch_memory(jobs) > self.memory_room
+                except Exception:
+                    logger.exception("estimating a batch's memory failed; not joining more")
+                    break
+                if too_big:
+                    break
                 self._queue.remove(item)
                 if not item.future.set_running_or_notify_cancel():
                     continue  # cancelled while it waited

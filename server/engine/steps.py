@@ -185,6 +185,11 @@ class StepPlan:
         """The batch kept only ``rows`` (in that order)."""
         self.pads = tuple(self.pads[i] for i in rows)
 
+    def shift(self, columns: int) -> None:
+        """The batch dropped its first ``columns`` (padding in every row)."""
+        self.pads = tuple(p - columns for p in self.pads)
+        self.start -= columns
+
 
 def replace_first(value, tensor: torch.Tensor):
     """``value`` with its first tensor (see ``capture.first_tensor``) replaced by ``tensor``."""
@@ -293,8 +298,20 @@ class BatchStepPlan:
         self.entries.sort(key=lambda e: e.order)
 
     def keep(self, rows: list[int]) -> None:
-        """The batch kept only ``rows`` (in that order): renumber every job's rows."""
+        """The batch kept only ``rows`` (in that order): renumber every job's rows, and forget
+        the jobs that left (nothing of theirs is read or kept any more)."""
         new_index = {old: new for new, old in enumerate(rows)}
         self.pads = tuple(self.pads[i] for i in rows)
         for member in self.members:
             member.rows = [new_index[r] for r in member.rows if r in new_index]
+        self.members = [m for m in self.members if m.rows]
+        for key, uses in list(self._uses.items()):
+            uses[:] = [use for use in uses if use[0].rows]
+            if not uses:
+                del self._uses[key]
+        self.entries = [e for e in self.entries if (e.path, e.kind) in self._uses]
+
+    def shift(self, columns: int) -> None:
+        """The batch dropped its first ``columns`` (padding in every row)."""
+        self.pads = tuple(p - columns for p in self.pads)
+        self.start -= columns

@@ -412,3 +412,38 @@ def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
     assert [summary(r) for r in together] == [summary(r) for r in solo]
     assert capture.shape == solo_capture.shape
     torch.testing.assert_close(capture, solo_capture, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_that_lives_on_does_not_grow_with_its_history(loaded, monkeypatch):
+    """Jobs join one per step and leave after 3 tokens: the batch never empties, yet its KV
+    cache stays as wide as its longest live row (columns of padding in every row are dropped),
+    and each job still gets its solo answer."""
+    from server.engine import decode
+    from server.engine.batched import run_batched_generation
+
+    tokenizer = loaded.tokenizer
+    prompts = [tokenizer.encode(TEXTS[i % len(TEXTS)]) for i in range(16)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    jobs = [GenerationJob(p, params) for p in prompts]
+    waiting = list(jobs[1:])
+    widths = []
+    merge = decode.DecodeBatch.merge
+
+    def recording_merge(self, other):
+        merge(self, other)
+        widths.append(self.mask.shape[1])
+
+    monkeypatch.setattr(decode.DecodeBatch, "merge", recording_merge)
+    done = {}
+    run_batched_generation(
+        loaded.wrapper,
+        tokenizer,
+        loaded.eos_token_ids,
+        jobs[:1],
+        on_done=lambda job, outcome: done.__setitem__(id(job), outcome),
+        take_more=lambda free: [waiting.pop(0)] if waiting else [],
+        max_rows=8,
+    )
+    assert len(widths) == 15 and max(widths) <= max(map(len, prompts)) + 3
+    expected = [summary(alone(loaded, GenerationJob(p, params))) for p in prompts]
+    assert [summary(done[id(job)]) for job in jobs] == expected
