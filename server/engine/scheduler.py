@@ -9,8 +9,9 @@ Batching strategy. The worker takes the oldest item. If it is a batchable
 generation job (anything that generates; see ``batched.batchable``),
 it gathers more batchable jobs from the queue, in arrival order, until the batch
 holds ``max_batch_size`` rows (a job of ``n`` choices is ``n`` rows) or its
-memory estimates fill ``memory_room``; while the queue is empty it waits up to
-``batch_window_s`` for more. Other items keep their place in the queue. A batch
+memory estimate fills ``memory_room``; until the batch is full it waits up to
+``batch_window_s`` for more. Other items keep their place in the queue and run
+after the batch (joining stops at the first of them, so the batch drains). A batch
 runs to completion: a job that finishes early leaves it at once (it stops costing
 compute), and jobs that arrive while it runs join it at the next step, while it has
 rows to spare (their prompts run as a batch of their own for one step, then the two
