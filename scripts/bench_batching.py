@@ -26,17 +26,18 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_common import start_server  # noqa: E402
 
 TOPICS = ["volcanoes", "the moon", "jazz", "bridges", "whales", "clocks", "maps", "kites", "honey", "rain"]
 
@@ -54,41 +55,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="--max-batch-size of the batching server")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_batching.json")
     return parser.parse_args()
-
-
-def start_server(args, *flags: str) -> tuple[subprocess.Popen, str]:
-    from integration.conftest import free_port  # the tests' own helper
-
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "server",
-        "--port",
-        str(port),
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--log-level",
-        "warning",
-        *flags,
-    ]
-    process = subprocess.Popen(command, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("server did not become healthy in 300 s")
 
 
 def prompt(client: int, request: int) -> str:

@@ -49,6 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_common import start_server  # noqa: E402
 
 PROMPTS = [
     "Explain what a residual stream is in a transformer.",
@@ -61,40 +64,6 @@ BASELINE_SNIPPET = (
     "import psutil, server.app, server.engine.loading, nnsight, transformers, torch, uvicorn;"
     "print(psutil.Process().memory_info().rss)"
 )
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    from integration.conftest import free_port  # the tests' own helper
-
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--port",
-        str(port),
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-        "--log-level",
-        "warning",
-    ]
-    process = subprocess.Popen(cmd, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("server did not become healthy in 300 s")
 
 
 def rss(pid: int) -> int:

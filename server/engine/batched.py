@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from .decode import DecodeBatch
-from .generation import Choice, GenerationJob, GenerationResult, _DecodeMonitor, _LogprobRecorder
+from .generation import GenerationJob, GenerationResult, _DecodeMonitor, _LogprobRecorder
 from .sampling import warp
 from .steps import BatchMember, BatchStepPlan
 
@@ -74,18 +74,7 @@ class _Member:
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
 
     def result(self) -> GenerationResult:
-        job = self.job
-        choices = [
-            Choice(
-                index=job.first_index + i,
-                text=row.text.text,
-                token_ids=row.token_ids,
-                finish_reason=row.finish_reason,
-                logprobs=row.logprobs if self.recorder else None,
-            )
-            for i, row in enumerate(self.monitor.rows)
-        ]
-        return GenerationResult(choices=choices, prompt_tokens=len(job.prompt_ids))
+        return self.monitor.result(with_logprobs=self.recorder is not None)
 
 
 def batchable(job: GenerationJob) -> bool:

@@ -218,6 +218,20 @@ class _DecodeMonitor(StoppingCriteria):
         if text or logprobs or row.finish_reason:
             self.job.on_delta(ChoiceDelta(self.job.first_index + i, text, logprobs, row.finish_reason))
 
+    def result(self, with_logprobs: bool) -> GenerationResult:
+        """The job's choices as they ended."""
+        choices = [
+            Choice(
+                index=self.job.first_index + i,
+                text=row.text.text,
+                token_ids=row.token_ids,
+                finish_reason=row.finish_reason,
+                logprobs=row.logprobs if with_logprobs else None,
+            )
+            for i, row in enumerate(self.rows)
+        ]
+        return GenerationResult(choices=choices, prompt_tokens=len(self.job.prompt_ids))
+
     def finish_unfinished(self) -> None:
         """Rows HF stopped without our say (its own max length): they ran out of tokens."""
         for i, row in enumerate(self.rows):
@@ -287,17 +301,7 @@ def run_generation(
     if job.cancelled.is_set():
         logger.info("generation cancelled after %d step(s) of %d", job.steps, params.max_tokens)
     monitor.finish_unfinished()
-    choices = [
-        Choice(
-            index=job.first_index + i,
-            text=row.text.text,
-            token_ids=row.token_ids,
-            finish_reason=row.finish_reason,
-            logprobs=row.logprobs if recorder else None,
-        )
-        for i, row in enumerate(monitor.rows)
-    ]
-    return GenerationResult(choices=choices, prompt_tokens=len(job.prompt_ids))
+    return monitor.result(with_logprobs=recorder is not None)
 
 
 def _generate(hf_model, wrapper, input_ids: torch.Tensor, kwargs: dict, job: GenerationJob) -> None:
