@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -70,6 +71,7 @@ class Engine:
     ) -> None:
         """``scheduler``: the one this engine's model was loaded on (``from_settings``); by
         default a new one."""
+        self.built_on_thread = threading.get_ident()  # from_settings: the worker (see there)
         self.loaded = loaded
         self.before = before  # LDA's second checkpoint, if one was loaded (same vocabulary)
         self.model_id = loaded.model_id

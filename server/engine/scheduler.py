@@ -116,6 +116,11 @@ class Scheduler:
     # -- submitting (any thread) ---------------------------------------------------------
 
     @property
+    def thread_id(self) -> int | None:
+        """The worker thread's identifier: the one thread that runs the model."""
+        return self._thread.ident
+
+    @property
     def depth(self) -> int:
         """Items waiting (not counting what runs)."""
         return len(self._queue)

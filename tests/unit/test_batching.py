@@ -447,3 +447,15 @@ def test_a_batch_that_lives_on_does_not_grow_with_its_history(loaded, monkeypatc
     assert len(widths) == 15 and max(widths) <= max(map(len, prompts)) + 3
     expected = [summary(alone(loaded, GenerationJob(p, params))) for p in prompts]
     assert [summary(done[id(job)]) for job in jobs] == expected
+
+
+def test_the_model_is_loaded_and_run_on_the_worker_thread(tiny_model_dir, tmp_path):
+    """A second thread that ever ran a torch parallel op slows every decode step for good
+    (docs/architecture.md): the engine is built, probed and run on its worker alone."""
+    settings = Settings(model=str(tiny_model_dir), activations_dir=tmp_path / "a", vectors_dir=tmp_path / "v")
+    engine = Engine.from_settings(settings)
+    try:
+        ran_on = asyncio.run(engine.compute(threading.get_ident))
+    finally:
+        engine.close()
+    assert engine.built_on_thread == engine.scheduler.thread_id == ran_on != threading.get_ident()
