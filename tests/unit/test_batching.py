@@ -459,3 +459,25 @@ def test_the_model_is_loaded_and_run_on_the_worker_thread(tiny_model_dir, tmp_pa
     finally:
         engine.close()
     assert engine.built_on_thread == engine.scheduler.thread_id == ran_on != threading.get_ident()
+
+
+def test_a_running_job_past_the_timeout_leaves_its_batch(loaded):
+    engine = Engine(loaded, max_batch_size=8, batch_window_s=0.2, request_timeout=0.3)
+    tokenizer = loaded.tokenizer
+    slow = GenerationJob(
+        tokenizer.encode(TEXTS[0]), SamplingParams(max_tokens=240, temperature=0, ignore_eos=True)
+    )
+    quick = GenerationJob(tokenizer.encode(TEXTS[1]), SamplingParams(max_tokens=4, temperature=0))
+
+    async def scenario():
+        return await asyncio.gather(engine.generate(slow), engine.generate(quick), return_exceptions=True)
+
+    try:
+        slow_outcome, quick_outcome = asyncio.run(scenario())
+        engine.scheduler.submit_call(lambda: None).result(timeout=30)  # the worker is free again
+    finally:
+        engine.close()
+    assert engine.scheduler.stats.largest == 2
+    assert isinstance(slow_outcome, RequestTimedOut) and "after" in str(slow_outcome)
+    assert slow.cancelled.is_set() and 0 < slow.steps < 600
+    assert summary(quick_outcome) == summary(alone(loaded, GenerationJob(quick.prompt_ids, quick.params)))
