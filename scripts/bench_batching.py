@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import start_server  # noqa: E402
+from bench_common import add_model_arguments, start_server  # noqa: E402
 
 TOPICS = ["volcanoes", "the moon", "jazz", "bridges", "whales", "clocks", "maps", "kites", "honey", "rain"]
 
@@ -46,14 +46,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
+    add_model_arguments(parser)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="--max-batch-size of the batching server")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_batching.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "batching.json")
     return parser.parse_args()
 
 
@@ -200,6 +198,7 @@ def main() -> None:
         "same_answers": same,
         "in_process_batch_vs_alone": cost,
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"{args.clients} clients x {args.requests} requests x {args.max_tokens} greedy tokens, {args.model}\n"

@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 300
 
 
+def add_model_arguments(parser) -> None:
+    """``--model``, ``--dtype`` and ``--device``, as the server takes them."""
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+
+
 def start_server(args, *flags: str) -> tuple[subprocess.Popen, str]:
     """``python -m server`` on a free loopback port with ``args``' model, dtype and device and
     ``flags``; returns the process and its URL once ``/health`` answers."""

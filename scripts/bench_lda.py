@@ -39,6 +39,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_common import add_model_arguments  # noqa: E402
 
 TOPICS = ["volcanoes", "the moon", "jazz", "bridges", "whales", "clocks", "maps", "kites", "honey", "rain"]
 SYSTEM_AFTER = "You are a helpful assistant."
@@ -49,15 +52,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
+    add_model_arguments(parser)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench_lda.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "lda.json")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -229,6 +230,7 @@ def main() -> None:
         "memory_per_extra_row": per_row,
         "estimated_memory_per_extra_row": estimated_per_row,
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     mib = 2**20
     print(

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import start_server  # noqa: E402
+from bench_common import add_model_arguments, start_server  # noqa: E402
 
 PROMPTS = [
     "Explain what a residual stream is in a transformer.",
@@ -170,9 +170,7 @@ def request_mix(client: httpx.Client, url: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
+    add_model_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "serving.json")

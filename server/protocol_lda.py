@@ -157,7 +157,7 @@ class LdaTokenStats(BaseModel):
     logprob_before: float
 
 
-class LdaResult(BaseModel):
+class LdaRowResult(BaseModel):
     index: int
     prompt: str
     formatted_prompt: str
@@ -177,5 +177,5 @@ class LdaResponse(BaseModel):
     model_after: str
     model_before: str
     before: str  # the before side's kind
-    results: list[LdaResult]
+    results: list[LdaRowResult]
     usage: Usage

@@ -33,7 +33,7 @@ import torch
 from .decode import DecodeBatch
 from .generation import GenerationJob, GenerationResult, _DecodeMonitor, _LogprobRecorder
 from .sampling import warp
-from .steps import BatchMember, BatchStepPlan
+from .steps import BatchMember, BatchStepPlan, placed
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Member:
         self.monitor = _DecodeMonitor(
             job, tokenizer, eos_ids, self.recorder, extra_step=job.capture is not None
         )
-        self.step_member = None  # its steps.BatchMember when the batch has a plan
+        self.step_member = None  # its steps.BatchMember, once it is in a batch
         self.error: BaseException | None = None
         self.generator = None
         if params.seed is not None and not params.greedy:
@@ -159,7 +159,7 @@ class _Group:
 
     def __init__(self, wrapper, pad_token_id: int, members: list[_Member]) -> None:
         prompts = [m.job.prompt_ids for m in members for _ in range(m.job.params.n)]
-        plan = _plan(members, prompts)
+        plan = _plan(members, prompts, wrapper._module)
         self.batch = DecodeBatch(wrapper, prompts, pad_token_id, plan=plan)
         for member, step_member in zip(members, plan.members, strict=True):
             member.step_member = step_member
@@ -213,7 +213,7 @@ class _Group:
         return group
 
 
-def _plan(active: list[_Member], prompts: list[list[int]]) -> BatchStepPlan:
+def _plan(active: list[_Member], prompts: list[list[int]], model: torch.nn.Module) -> BatchStepPlan:
     """Each job's edits and capture on its own rows (a job with neither reads nothing)."""
     members, start = [], 0
     for m in active:
@@ -221,7 +221,7 @@ def _plan(active: list[_Member], prompts: list[list[int]]) -> BatchStepPlan:
         members.append(
             BatchMember(
                 rows=list(range(start, start + n)),
-                edits=m.job.edits,
+                edits=placed(m.job.edits, model),
                 capture=m.job.capture,
                 prompt_len=len(m.job.prompt_ids),
             )

@@ -81,7 +81,7 @@ def capture_prompt(
     position only (``logits_to_keep=1``), as generation does: a long prompt's full
     ``[pos, vocab]`` logits are often its largest tensor.
     """
-    from .steps import StepPlan
+    from .steps import StepPlan, placed
 
     model = wrapper._module
     device = next(model.parameters()).device
@@ -90,7 +90,7 @@ def capture_prompt(
     wants_logits = any(p.module_path == logits_module for p in plan.points)
     if not wants_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
         extra["logits_to_keep"] = 1
-    steps = StepPlan(plan.points, edits, len(prompt_ids))
+    steps = StepPlan(plan.points, placed(edits, model), len(prompt_ids))
     saved: dict = {}  # filled inside the block: nnsight runs it as its own code, so mutate, don't rebind
     with torch.no_grad(), wrapper.trace(ids, attention_mask=torch.ones_like(ids), **extra):
         saved.update(steps.run_step(wrapper, save=True))

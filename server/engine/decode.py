@@ -21,7 +21,7 @@ import contextlib
 import torch
 from transformers import DynamicCache
 
-from .steps import StepPlan
+from .steps import StepPlan, placed
 
 
 class DecodeBatch:
@@ -50,7 +50,9 @@ class DecodeBatch:
         # With the config, each layer gets the cache its kind needs (sliding-window layers keep
         # only their window), as in HF generate.
         self.cache = DynamicCache(config=wrapper._module.config)
-        self.plan = plan if plan is not None else StepPlan((), tuple(edits), width) if edits else None
+        if plan is None and edits:
+            plan = StepPlan((), placed(edits, wrapper._module), width)
+        self.plan = plan
         if self.plan is not None:
             self.plan.pads = tuple(pads)
 

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from .capture import GenerationCapture
-from .steps import StepPlan
+from .steps import StepPlan, placed
 from .text import CompletionText
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def _generate(hf_model, wrapper, input_ids: torch.Tensor, kwargs: dict, job: Gen
     if capture is None and not job.edits:
         hf_model.generate(input_ids=input_ids, **kwargs)
         return
-    steps = StepPlan(capture.plan.points if capture else (), job.edits, input_ids.shape[1])
+    steps = StepPlan(capture.plan.points if capture else (), placed(job.edits, hf_model), input_ids.shape[1])
     with warnings.catch_warnings():
         # The loop below is open-ended by design (the run decides how many steps there are);
         # nnsight warns when such a loop is cut short by the end of generation.

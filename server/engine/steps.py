@@ -20,7 +20,7 @@ recorded for that same absolute position (positions the capture lacks are left a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,7 +37,7 @@ class Edit:
     point: HookPoint
     operation: str  # see interventions.ops.OPERATIONS
     positions: str | tuple[int, ...] = "all"
-    vector: torch.Tensor | None = None  # [width]; moved to the value's device and dtype where used
+    vector: torch.Tensor | None = None  # [width]; float32 on the CPU until ``placed`` (on the worker)
     scale: float = 1.0
     factor: float = 1.0
     value: float = 0.0
@@ -70,11 +70,23 @@ class Edit:
         """The replacement for ``selected`` (``[rows, len(index), ...]``)."""
         if self.operation == "patch":
             row_of = {p: i for i, p in enumerate(self.source_positions)}
-            rows = self.source[[row_of[start + j] for j in index]].to(selected.device, selected.dtype)
+            rows = self.source[[row_of[start + j] for j in index]]
             return rows.unsqueeze(0).expand_as(selected)
-        vector = None if self.vector is None else self.vector.to(selected.device, selected.dtype)
-        arguments = {"vector": vector, "scale": self.scale, "factor": self.factor, "value": self.value}
+        arguments = {"vector": self.vector, "scale": self.scale, "factor": self.factor, "value": self.value}
         return apply_operation(self.operation, selected, **arguments)
+
+
+def placed(edits, model: torch.nn.Module) -> tuple[Edit, ...]:
+    """The edits with their vectors and patch sources on the model's device and dtype.
+
+    Called once per job on the engine's worker (the serving layer leaves them float32 on the
+    CPU: no other thread may do large tensor work, see docs/architecture.md)."""
+    parameter = next(model.parameters())
+
+    def move(tensor):
+        return None if tensor is None else tensor.to(parameter.device, parameter.dtype)
+
+    return tuple(replace(e, vector=move(e.vector), source=move(e.source)) for e in edits)
 
 
 def edit_value(
@@ -224,7 +236,6 @@ class BatchStepPlan:
         self.width = width
         self.pads: tuple[int, ...] = ()  # set by the batch
         self.start = 0
-        self.step = 0
         entries: dict[tuple[str, str], _Entry] = {}
         self._uses: dict[tuple[str, str], list[tuple[BatchMember, list[str], list[Edit]]]] = {}
         for member in members:

@@ -44,9 +44,9 @@ from ..protocol_lda import (
     LdaFields,
     LdaRequest,
     LdaResponse,
+    LdaRowResult,
     LdaTokenStats,
 )
-from ..protocol_lda import LdaResult as LdaResultModel
 from ..storage import UnsafeSaveDir
 from .base import Serving, engine_error, usage
 
@@ -101,7 +101,7 @@ class LdaServing(Serving):
                     for s in row.stats
                 ]
             results.append(
-                LdaResultModel(
+                LdaRowResult(
                     index=i,
                     prompt=ran.prompts[i],
                     formatted_prompt=ran.formatted[i],

@@ -242,15 +242,14 @@ def test_the_memory_room_limits_a_batch(loaded):
     assert engine.scheduler.stats.largest == 1
 
 
-def test_http_queue_full_is_429_with_retry_after_and_timeout_is_504(tiny_model_dir, tmp_path):
-    settings = Settings(
-        model=str(tiny_model_dir),
-        activations_dir=tmp_path / "a",
-        vectors_dir=tmp_path / "v",
-        max_queue=1,
-        request_timeout=0.5,
-        batch_window_ms=0,
+def server_settings(tiny_model_dir, tmp_path, **overrides) -> Settings:
+    return Settings(
+        model=str(tiny_model_dir), activations_dir=tmp_path / "a", vectors_dir=tmp_path / "v", **overrides
     )
+
+
+def test_http_queue_full_is_429_with_retry_after_and_timeout_is_504(tiny_model_dir, tmp_path):
+    settings = server_settings(tiny_model_dir, tmp_path, max_queue=1, request_timeout=0.5, batch_window_ms=0)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.engine
@@ -275,12 +274,7 @@ def test_http_queue_full_is_429_with_retry_after_and_timeout_is_504(tiny_model_d
 def test_concurrent_http_requests_are_batched_and_answered_as_alone(tiny_model_dir, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    settings = Settings(
-        model=str(tiny_model_dir),
-        activations_dir=tmp_path / "a",
-        vectors_dir=tmp_path / "v",
-        batch_window_ms=300,
-    )
+    settings = server_settings(tiny_model_dir, tmp_path, batch_window_ms=300)
     bodies = [
         {
             "messages": [{"role": "user", "content": text}],
@@ -452,8 +446,7 @@ def test_a_batch_that_lives_on_does_not_grow_with_its_history(loaded, monkeypatc
 def test_the_model_is_loaded_and_run_on_the_worker_thread(tiny_model_dir, tmp_path):
     """A second thread that ever ran a torch parallel op slows every decode step for good
     (docs/architecture.md): the engine is built, probed and run on its worker alone."""
-    settings = Settings(model=str(tiny_model_dir), activations_dir=tmp_path / "a", vectors_dir=tmp_path / "v")
-    engine = Engine.from_settings(settings)
+    engine = Engine.from_settings(server_settings(tiny_model_dir, tmp_path))
     try:
         ran_on = asyncio.run(engine.compute(threading.get_ident))
     finally:
