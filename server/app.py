@@ -17,6 +17,8 @@ from .config import Settings
 from .engine.engine import Engine
 from .engine.memory import format_size
 from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import FrontDoor
 from .routes import router
 from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture
 from .serving.vectors import VectorServing
@@ -32,6 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.engine = engine
         store = ActivationStore(settings.activations_dir)
         app.state.store = store
+        metrics.watch(engine, store)
         server_capture = ServerCapture()
         vectors = VectorStore(settings.vectors_dir)
         presets = PresetStore(settings.vectors_dir / "presets")
@@ -54,6 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             engine.close()
 
+    metrics = Metrics()
     app = FastAPI(
         title="nnsight-server",
         summary="OpenAI-compatible serving of one nnsight-wrapped model for interpretability research",
@@ -61,6 +65,15 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(
+        FrontDoor,
+        api_key=api_key,
+        max_body_size=settings.max_body_size,
+        metrics=metrics,
+        routes=router.routes,
+    )
     install_error_handlers(app)
     app.include_router(router)
     return app

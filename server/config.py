@@ -11,12 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine.memory import parse_size
 
 ENV_PREFIX = "NNSIGHT_SERVER_"
+
+
+def _empty_is_none(value):
+    return None if value == "" else value
 
 
 class Settings(BaseSettings):
@@ -35,8 +39,16 @@ class Settings(BaseSettings):
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA where supported, else float16."
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda|cuda:N")
-    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address; loopback unless told otherwise (reach it through an ssh tunnel).",
+    )
     port: int = Field(8000, ge=0, le=65535)
+    api_key: Annotated[SecretStr | None, BeforeValidator(_empty_is_none)] = Field(
+        None,
+        description="Require `Authorization: Bearer <key>` on every endpoint but /health. Prefer the "
+        "environment variable: a flag's value shows in `ps`.",
+    )
     max_tokens_cap: int = Field(
         4096, ge=1, description="Most tokens one request may generate; past it: 400 naming max_tokens."
     )
@@ -44,6 +56,22 @@ class Settings(BaseSettings):
         None, ge=1, description="Context window override (default: the model's own)."
     )
     max_n: int = Field(16, ge=1, description="Most choices (`n`) per request.")
+    max_body_size: Annotated[int, BeforeValidator(parse_size)] = Field(
+        32 * 2**20, ge=1, description="Largest request body, e.g. 32MiB (the default); past it: 413."
+    )
+    max_messages: int = Field(1024, ge=1, description="Most chat messages per request.")
+    max_prompt_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most characters of prompt text per request (all messages, prompts, "
+        "system prompt and prefix together).",
+    )
+    max_capture_bytes: Annotated[int, BeforeValidator(parse_size)] = Field(
+        4 * 2**30,
+        ge=1,
+        description="Most bytes of activations one request may write, e.g. 4GiB (the default); "
+        "estimated before it runs.",
+    )
     cache_dir: Path | None = Field(
         None, description="Where the embedded model is converted to (default ~/.cache/nnsight-server)."
     )
@@ -78,5 +106,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Most requests waiting for the model; past it: 429.")
     request_timeout: float = Field(
         600.0, ge=0, description="Seconds a request may wait and run before a 504 (0: no limit)."
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, seconds running requests get to finish before they are cancelled.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -139,7 +139,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error.response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:  # raised by the front door's receive
+            from .middleware import body_too_large
+
+            return body_too_large(request.app.state.settings.max_body_size).response()
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return APIError(detail, status=exc.status_code).response()
 

@@ -24,8 +24,7 @@ from .protocol import (
     Usage,
 )
 
-MAX_PROMPT_CHARS = 200_000
-Prompt = Annotated[Text, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+Prompt = Annotated[Text, Field(min_length=1)]  # how long: --max-prompt-chars, for the whole request
 BEFORE_KINDS = ("model", "adapter", "interventions", "system_prompt", "prefix")
 
 
@@ -42,12 +41,10 @@ class LdaBefore(StrictModel):
         None,
         description="The after side runs with these interventions, the before side without them.",
     )
-    system_prompt: Annotated[Text, Field(max_length=MAX_PROMPT_CHARS)] | None = Field(
+    system_prompt: Text | None = Field(
         None, description="The before side's system prompt (the after side has the request's)."
     )
-    prefix: Annotated[Text, Field(max_length=MAX_PROMPT_CHARS)] | None = Field(
-        None, description="Text put before each prompt on the before side only."
-    )
+    prefix: Text | None = Field(None, description="Text put before each prompt on the before side only.")
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -80,9 +77,7 @@ class LdaFields(OpenAIModel):
     apply_chat_template: bool = Field(
         True, description="Put each prompt in a user message of the chat template."
     )
-    system_prompt: Annotated[Text, Field(max_length=MAX_PROMPT_CHARS)] | None = Field(
-        None, description="System message (with apply_chat_template)."
-    )
+    system_prompt: Text | None = Field(None, description="System message (with apply_chat_template).")
     before: LdaBefore | None = Field(
         None, description="The before side; default: the server's (--lda-before, else --adapter off)."
     )

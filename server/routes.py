@@ -81,6 +81,12 @@ async def health(request: Request) -> Health:
     return Health(model=request.app.state.engine.model_id)
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     return request.app.state.chat.models()

@@ -44,6 +44,27 @@ class CapturePlan:
         return torch.randperm(width, generator=generator)[: self.sample_hidden].sort().values
 
 
+def stored_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int, model_dtype: torch.dtype) -> int:
+    """Bytes of tensor data a capture writes at most (file headers and manifest aside).
+
+    Trace mode reads the prompt; generate mode every token fed in, the final generated one
+    included (prompt + max_tokens positions when no choice ends early).
+    """
+    generated = max_tokens if plan.mode == "generate" else 0
+    positions = {
+        "all": prompt_len + generated,
+        "prompt": prompt_len,
+        "generated": generated,
+        "last": 1,
+    }[plan.positions]
+    itemsize = (plan.dtype or model_dtype).itemsize
+
+    def kept(width: int) -> int:  # sample_hidden keeps that many units of the last dimension
+        return width if plan.sample_hidden is None else min(width, plan.sample_hidden)
+
+    return sum(kept(point.width) for point in plan.points) * positions * itemsize
+
+
 def first_tensor(value) -> torch.Tensor:
     while isinstance(value, (tuple, list)) and value:
         value = value[0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class GenerationJob:
     capture: GenerationCapture | None = None  # read activations at every step (capture mode "generate")
     edits: tuple = ()  # interventions (steps.Edit), applied at every step through nnsight
     steps: int = 0  # decode steps run so far (written by the worker)
+    first_token_at: float | None = None  # time.monotonic() when the first token was chosen
     memory_bytes: int = 0  # estimated bytes it adds while it runs (KV cache, activations), for batching
 
 
@@ -169,6 +171,8 @@ class _DecodeMonitor(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         self.job.steps += 1
+        if self.job.first_token_at is None:
+            self.job.first_token_at = time.monotonic()
         new_tokens = input_ids[:, -1]
         step_logprobs = self._step_logprobs(new_tokens)
         new_tokens = new_tokens.tolist()

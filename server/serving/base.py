@@ -18,15 +18,16 @@ from http import HTTPStatus
 import torch
 
 from ..config import Settings
-from ..engine.capture import CapturePlan, GenerationCapture
+from ..engine.capture import CapturePlan, GenerationCapture, stored_bytes
 from ..engine.engine import Engine, RequestTimedOut
-from ..engine.generation import GenerationJob, GenerationResult
+from ..engine.generation import ChoiceDelta, GenerationJob, GenerationResult
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
 from ..engine.memory import estimate, format_size
 from ..engine.scheduler import QueueFull
 from ..engine.steps import Edit
 from ..errors import APIError
+from ..middleware import note_first_token, note_tokens
 from ..protocol import (
     ActivationsRef,
     CaptureRequest,
@@ -331,10 +332,13 @@ class Serving:
         prompt_param: str,
         max_tokens_param: str,
     ) -> int:
-        """Refuse, before it runs, a request whose estimated peak exceeds --memory-budget.
+        """Refuse, before it runs, a request whose estimated peak exceeds --memory-budget (or
+        whose capture would write more than --max-capture-bytes).
 
         Returns the bytes the request adds beyond the resident weights (the scheduler keeps a
         batch's sum within the budget)."""
+        if plan is not None:
+            self.check_capture_size(plan, prompt_tokens, max_tokens)
         budget = self.settings.memory_budget
 
         def need(tokens: int = max_tokens, rows: int = n, capture: CapturePlan | None = plan):
@@ -370,6 +374,29 @@ class Serving:
             param=blame,
             code="memory_budget_exceeded",
         )
+
+    def check_capture_size(self, plan: CapturePlan, prompt_tokens: int, max_tokens: int) -> None:
+        limit = self.settings.max_capture_bytes
+        size = stored_bytes(plan, prompt_tokens, max_tokens, self.engine.loaded.dtype)
+        if size > limit:
+            raise APIError(
+                f"this capture would write up to {format_size(size)}, more than this server's "
+                f"--max-capture-bytes of {format_size(limit)}. Capture fewer layers or hook points, "
+                "fewer positions, sample_hidden, a smaller dtype, or generate fewer tokens.",
+                param="capture",
+                code="capture_too_large",
+            )
+
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """Refuse a request with more prompt text than --max-prompt-chars, before tokenizing it."""
+        limit = self.settings.max_prompt_chars
+        if chars > limit:
+            raise APIError(
+                f"{chars} characters of prompt text in one request; this server takes at most "
+                f"{limit} (--max-prompt-chars)",
+                param=param,
+                code="prompt_too_long",
+            )
 
     async def begin_capture(
         self, job: GenerationJob, plan: CapturePlan | None, request_id: str
@@ -423,6 +450,17 @@ class Serving:
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         try:
-            return await self.engine.generate(job)
+            result = await self.engine.generate(job)
         except (torch.OutOfMemoryError, OSError, UnsafeSaveDir, QueueFull, RequestTimedOut) as exc:
             raise engine_error(exc) from exc
+        note_first_token(job.first_token_at)
+        note_tokens(result.prompt_tokens, result.completion_tokens)
+        return result
+
+    async def stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult]:
+        """The engine's stream (deltas, then the result), counted toward the request's metrics."""
+        async for item in self.engine.stream(job):
+            note_first_token(job.first_token_at)
+            if isinstance(item, GenerationResult):
+                note_tokens(item.prompt_tokens, item.completion_tokens)
+            yield item

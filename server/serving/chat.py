@@ -37,6 +37,15 @@ class ChatServing(Serving):
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Everything that can be refused is refused here, before any model work."""
         self.check_model(request.model)
+        if len(request.messages) > self.settings.max_messages:
+            raise APIError(
+                f"{len(request.messages)} messages in one request; this server takes at most "
+                f"{self.settings.max_messages} (--max-messages)",
+                param="messages",
+                code="too_many_messages",
+            )
+        messages = request.template_messages()
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         capture = self.effective_capture(request.capture, request.ndif)
         plan = self.capture_plan(capture, request.n)
         if not self.engine.has_chat_template:
@@ -44,7 +53,7 @@ class ChatServing(Serving):
                 f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
             )
         try:
-            prompt_ids = await self.engine.render_chat(request.template_messages())
+            prompt_ids = await self.engine.render_chat(messages)
         except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
             raise APIError(
                 f"the model's chat template rejected these messages: {exc}", param="messages"
@@ -125,7 +134,7 @@ class ChatServing(Serving):
             if index == 0:
                 first.update(activation_fields(activations))
             yield first
-        async for item in self.engine.stream(job):
+        async for item in self.stream(job):
             if isinstance(item, ChoiceDelta):
                 logprobs = dump(self._logprobs(list(item.logprobs))) if item.logprobs else None
                 if item.text or logprobs:

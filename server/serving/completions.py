@@ -54,6 +54,7 @@ class CompletionServing(Serving):
                 param="interventions",
             )
         prompts = request.prompts()  # refuses an empty list
+        self.check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         if plan is not None and len(prompts) > 1:
             raise APIError(
                 "capture works on one prompt per request; send the prompts separately", param="prompt"
@@ -199,7 +200,7 @@ class CompletionServing(Serving):
                 for index in range(job.first_index, job.first_index + job.params.n):
                     offsets[index] = _end_offset(logprobs, 0)
                     yield chunk(index, prompt.echo, logprobs, None)
-            async for item in self.engine.stream(job):
+            async for item in self.stream(job):
                 if isinstance(item, GenerationResult):
                     prompt_tokens += item.prompt_tokens
                     completion_tokens += item.completion_tokens

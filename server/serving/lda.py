@@ -34,6 +34,7 @@ from ..engine.lda import LdaJob, LdaResult, LdaSide
 from ..engine.memory import estimate_lda, format_size
 from ..engine.scheduler import QueueFull
 from ..errors import APIError
+from ..middleware import note_tokens
 from ..protocol import completion_id, now
 from ..protocol_lda import (
     GenerateLdaBatchRequest,
@@ -167,6 +168,8 @@ class LdaServing(Serving):
                 param=prompts_param,
             )
         before = self._before(request.before)
+        texts = [*prompts, request.system_prompt or "", before.system_prompt or "", before.prefix or ""]
+        self.check_prompt_chars(sum(map(len, texts)), prompts_param)
         if request.apply_chat_template and not self.engine.has_chat_template:
             raise APIError(
                 "this model has no chat template: send apply_chat_template false",
@@ -221,6 +224,9 @@ class LdaServing(Serving):
             result = await self.engine.lda(job)
         except (torch.OutOfMemoryError, OSError, UnsafeSaveDir, QueueFull, RequestTimedOut) as exc:
             raise engine_error(exc) from exc
+        note_tokens(
+            sum(len(ids) for ids in after_ids + before_ids), sum(len(row.token_ids) for row in result.rows)
+        )
         return _Ran(
             prompts=prompts,
             formatted=[text for text, _ in after_rendered],

@@ -165,7 +165,8 @@ class CaptureWriter:
         }
         text = json.dumps(body, indent=2)
         _write_atomically(self.directory / MANIFEST, lambda tmp: tmp.write_text(text))
-        self.store.register(self.request_id, self.directory)
+        written = sum(entry["bytes"] for entry in self.entries) + len(text.encode())
+        self.store.register(self.request_id, self.directory, written)
         return body
 
     def abort(self) -> None:
@@ -180,6 +181,8 @@ class ActivationStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, Path] = {}
         self._lock = threading.Lock()
+        self.captures_written = 0  # since start, for /metrics
+        self.bytes_written = 0
         for manifest in self.root.rglob(MANIFEST):
             if _ID.fullmatch(manifest.parent.name):
                 self._index[manifest.parent.name] = manifest.parent
@@ -229,8 +232,12 @@ class ActivationStore:
             raise UnsafeSaveDir(f"save_dir {subdir!r} cannot be a directory: {exc.strerror}") from exc
         return CaptureWriter(self, request_id, directory, fmt)
 
-    def register(self, request_id: str, directory: Path) -> None:
-        self._index[request_id] = directory
+    def register(self, request_id: str, directory: Path, written: int) -> None:
+        """A finished capture: findable by id from now on, and counted."""
+        with self._lock:
+            self._index[request_id] = directory
+            self.captures_written += 1
+            self.bytes_written += written
 
     def directory(self, request_id: str) -> Path:
         directory = self._index.get(request_id) if _ID.fullmatch(request_id) else None

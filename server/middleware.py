@@ -1,0 +1,214 @@
+"""The front door every HTTP request passes first: request id, API key, access log, request metrics.
+
+* **Request id**: a client's ``X-Request-ID`` is kept when it is a plain token (letters,
+  digits, ``._:-``, at most 128), otherwise one is made (``req-<hex>``); either way it
+  is sent back in the ``X-Request-ID`` response header and names the request in the log.
+* **API key** (``--api-key``): every path but ``/health`` needs ``Authorization: Bearer
+  <key>`` (what the ``openai`` client sends); otherwise a 401 in the OpenAI error shape.
+  Keys are compared in constant time, as SHA-256 digests (so not even their lengths
+  leak), and never logged.
+* **Body size** (``--max-body-size``): a declared ``Content-Length`` above the limit is
+  refused with a 413 in the OpenAI shape before a byte is read; a body sent without one
+  (chunked) is cut off as it arrives, the moment it passes the limit (an HTTPException
+  from ``receive``, which FastAPI passes on to the error handlers unchanged).
+* **Access log**: one line per request as it ends, on the ``server.access`` logger
+  (``/health`` and ``/metrics`` at DEBUG: pollers would drown the rest).
+* **Metrics**: the same facts go to :class:`~server.metrics.Metrics`.
+
+Serving code adds tokens and the first token's time to the current request's
+:class:`RequestRecord` through :func:`note_tokens` and :func:`note_first_token`; the
+record travels in a context variable, which tasks and threads started for the request
+inherit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError
+from .metrics import Metrics
+
+access_log = logging.getLogger("server.access")
+
+OPEN_PATHS = frozenset({"/health"})
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class RequestRecord:
+    """What the access log and the metrics say about one request."""
+
+    id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the first generated token
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+_current: ContextVar[RequestRecord | None] = ContextVar("nnsight_server_request", default=None)
+
+
+def note_tokens(prompt_tokens: int, completion_tokens: int) -> None:
+    """Count a finished generation's tokens toward the current request (if any)."""
+    record = _current.get()
+    if record is not None:
+        record.prompt_tokens += prompt_tokens
+        record.completion_tokens += completion_tokens
+
+
+def note_first_token(at: float | None) -> None:
+    """The earliest first-token time of the current request's jobs (``time.monotonic()``)."""
+    record = _current.get()
+    if (
+        record is not None
+        and at is not None
+        and (record.first_token_at is None or at < record.first_token_at)
+    ):
+        record.first_token_at = at
+
+
+def request_id(given: str | None) -> str:
+    if given and _CLIENT_REQUEST_ID.fullmatch(given):
+        return given
+    return f"req-{uuid.uuid4().hex[:24]}"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def unauthorized(reason: str) -> APIError:
+    return APIError(
+        f"{reason}: send this server's API key as `Authorization: Bearer <key>`.",
+        status=HTTPStatus.UNAUTHORIZED,
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(
+        f"the request body is larger than this server's limit of {limit} bytes (--max-body-size)",
+        status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        code="request_too_large",
+    )
+
+
+class FrontDoor:
+    """Pure ASGI middleware (no response buffering: streams pass through untouched)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_size: int,
+        metrics: Metrics,
+        routes: Sequence[BaseRoute] = (),
+    ) -> None:
+        self.app = app
+        self.routes = routes  # to name the endpoint of a request refused before routing
+        self._key_digest = None if api_key is None else _digest(api_key)
+        self.max_body_size = max_body_size
+        self.metrics = metrics
+
+    def _refusal(self, scope: Scope, headers: Headers) -> APIError | None:
+        if self._key_digest is not None and scope["path"] not in OPEN_PATHS:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not given.strip():
+                return unauthorized("missing API key")
+            if not hmac.compare_digest(_digest(given.strip()), self._key_digest):
+                return unauthorized("incorrect API key")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_size:
+            return body_too_large(self.max_body_size)
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        record = RequestRecord(request_id(headers.get("x-request-id")), scope["method"], scope["path"])
+
+        received = 0
+
+        async def receive_within_limit() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_size:
+                    raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", record.id.encode())]
+            await send(message)
+
+        token = _current.set(record)
+        self.metrics.in_progress.inc()
+        try:
+            refusal = self._refusal(scope, headers)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive_within_limit, send_with_id)
+        except BaseException:
+            if record.status is None:
+                record.status = HTTPStatus.INTERNAL_SERVER_ERROR
+            raise
+        finally:
+            self.metrics.in_progress.dec()
+            _current.reset(token)
+            self._finish(record, scope)
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template the request matched, also for one refused before routing (401, 413)."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or "unmatched"
+
+    def _finish(self, record: RequestRecord, scope: Scope) -> None:
+        endpoint = self._endpoint(scope)
+        duration = record.elapsed()
+        self.metrics.observe(record, endpoint, duration)
+        level = logging.DEBUG if record.path in QUIET_PATHS else logging.INFO
+        if access_log.isEnabledFor(level):
+            client = scope.get("client")
+            access_log.log(
+                level,
+                "%s %s %s %s client=%s prompt_tokens=%d completion_tokens=%d duration=%.3fs",
+                record.id,
+                record.method,
+                record.path,
+                record.status,
+                f"{client[0]}:{client[1]}" if client else "-",
+                record.prompt_tokens,
+                record.completion_tokens,
+                duration,
+            )
