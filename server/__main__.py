@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the logging configured above
-        timeout_graceful_shutdown=10,
+        access_log=False,  # one line per request comes from server.middleware, with its id
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
 
 

@@ -55,7 +55,11 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            engine.close()
+            # Shutdown: uvicorn has given running requests --shutdown-timeout to finish and
+            # cancelled the rest (their jobs stop at the next token, captures removed); the
+            # worker gets as long again to get there.
+            await asyncio.to_thread(engine.close, settings.shutdown_timeout)
+            logger.info("engine stopped")
 
     metrics = Metrics()
     app = FastAPI(

@@ -155,9 +155,10 @@ class Engine:
         """Bytes of every loaded checkpoint's weights (the served one and LDA's before model)."""
         return self.shape.weight_bytes + (self.before_shape.weight_bytes if self.before_shape else 0)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Fail queued work; give the running batch ``timeout`` seconds to end (see Scheduler.close)."""
         self._prompt_executor.shutdown(wait=True, cancel_futures=True)
-        self.scheduler.close()
+        self.scheduler.close(timeout)
 
     # -- prompts (the prompt thread) ------------------------------------------------
 

@@ -163,8 +163,10 @@ class Scheduler:
             self._queue.remove(item)
             item.future.cancel()
 
-    def close(self) -> None:
-        """Stop taking work, fail what waits, and let the running item finish."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking work, fail what waits, and give the running item ``timeout`` seconds to finish
+        (None: as long as it takes). The worker is a daemon thread: one still running then ends
+        with the process."""
         with self._condition:
             self._closing = True
             waiting = list(self._queue)
@@ -174,7 +176,9 @@ class Scheduler:
             if item.future.set_running_or_notify_cancel():  # not already cancelled
                 item.future.set_exception(RuntimeError("the engine shut down before this request ran"))
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("the model worker did not stop within %.0f s; exiting without it", timeout)
 
     # -- the worker --------------------------------------------------------------------
 

@@ -61,6 +61,12 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
+def pick_port():
+    """A function that returns a loopback port free now."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
 def server_process():
     """The class that starts ``python -m server`` with given flags, for tests that need their own."""
     return RunningServer
@@ -71,6 +77,8 @@ def embedded_server(tmp_path_factory):
     args = [
         "--max-tokens-cap",
         "256",
+        "--max-prompt-chars",  # a 5-million-character prompt tests tokenizing off the event loop
+        "6000000",
         "--activations-dir",
         str(tmp_path_factory.mktemp("activations")),
         "--vectors-dir",

@@ -1,0 +1,291 @@
+"""Operations end to end on the embedded model: start_server.sh's cycle (tmux and the background
+fallback), the refusals of start, deploy_remote.sh's dry run, and SIGTERM during requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.probe import port_free
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "sk-ops-test-7f3a9c"
+
+
+class Script:
+    """start_server.sh with its state, log and tmux session in a test's own places."""
+
+    def __init__(self, tmp_path: Path, port: int, *, tmux: bool) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.session = f"nnsight-test-{self.port}"
+        self.log = tmp_path / "logs" / "server.log"
+        self.state = tmp_path / "state"
+        self.activations = tmp_path / "activations"
+        self.env = {
+            **os.environ,
+            "NNSIGHT_SERVER_VENV": sys.prefix,  # the environment running the tests
+            "NNSIGHT_SERVER_STATE_DIR": str(self.state),
+            "NNSIGHT_SERVER_LOG": str(self.log),
+            "NNSIGHT_SERVER_SESSION": self.session,
+            "NNSIGHT_SERVER_NO_TMUX": "" if tmux else "1",
+        }
+        self.env.pop("NNSIGHT_SERVER_API_KEY", None)
+
+    def __call__(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(ROOT / "start_server.sh"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def pid(self) -> int:
+        lines = (self.state / f"{self.session}.state").read_text().splitlines()
+        return int(dict(line.split("=", 1) for line in lines)["pid"])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def command_lines() -> str:
+    """Every process's command line on this machine (where a secret must not appear)."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            out.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return "\n".join(out)
+
+
+def tmux_sessions() -> str:
+    listed = subprocess.run(
+        ["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True, text=True
+    )
+    return listed.stdout
+
+
+@pytest.mark.parametrize(
+    "tmux",
+    [
+        pytest.param(True, id="tmux", marks=pytest.mark.skipif(not shutil.which("tmux"), reason="no tmux")),
+        pytest.param(False, id="background"),
+    ],
+)
+def test_start_status_stop_cycle(tmp_path, pick_port, tmux):
+    script = Script(tmp_path, pick_port(), tmux=tmux)
+    started = script(
+        "start", "--port", str(script.port), "--api-key", KEY, "--activations-dir", str(script.activations)
+    )
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"healthy: {script.url}" in started.stdout
+        pid = script.pid()
+        assert alive(pid)
+        if tmux:
+            assert script.session in tmux_sessions()
+        assert KEY not in command_lines()  # handed over in the environment, not on a command line
+
+        # Only key holders are served; /health is open.
+        assert httpx.get(f"{script.url}/health").status_code == 200
+        assert httpx.get(f"{script.url}/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=f"{script.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert reply.usage.completion_tokens == 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{script.url}/v1", api_key="nope", max_retries=0).models.list()
+
+        status = script("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"running, pid {pid}" in status.stdout and "health: 200" in status.stdout
+        script.env["NNSIGHT_SERVER_API_KEY"] = KEY  # status reads /metrics with the key, as clients do
+        status = script("status")
+        assert "tokens: " in status.stdout and "queue: 0 waiting of 64" in status.stdout
+
+        again = script("start", "--port", str(script.port))
+        assert again.returncode == 1 and "already running" in again.stderr
+        logs = script("logs", "-n", "200")
+        assert logs.returncode == 0 and "POST /v1/chat/completions 200" in logs.stdout
+    finally:
+        stopped = script("stop")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not alive(pid)
+    assert not (script.state / f"{script.session}.state").exists()
+    assert list(script.state.iterdir()) == []  # no pid file, no environment file left behind
+    if tmux:
+        assert script.session not in tmux_sessions()
+    assert port_free("127.0.0.1", script.port)  # as a new server would bind it
+    assert KEY not in script.log.read_text()
+    status = script("status")
+    assert status.returncode == 3 and "not running" in status.stdout
+    assert script("stop").returncode == 0  # stopping nothing is fine
+
+
+def test_start_refuses_a_port_in_use_and_leaves_nothing(tmp_path, pick_port):
+    script = Script(tmp_path, pick_port(), tmux=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", script.port))
+        busy.listen()
+        result = script("start", "--port", str(script.port))
+    assert result.returncode == 1 and f"port {script.port} on 127.0.0.1 is in use" in result.stderr
+    assert not (script.state / f"{script.session}.state").exists()
+
+
+def test_a_server_that_dies_on_start_up_is_reported_with_its_log(tmp_path, pick_port):
+    script = Script(tmp_path, pick_port(), tmux=False)
+    result = script("start", "--port", str(script.port), "--model", str(tmp_path / "no-such-model"))
+    assert result.returncode == 1
+    assert "exited during start-up" in result.stderr and "no such model folder" in result.stderr
+    assert not (script.state / f"{script.session}.state").exists()
+
+
+def test_deploy_remote_dry_run_prints_every_step_and_no_secret():
+    env = {**os.environ, "NNSIGHT_SERVER_API_KEY": KEY}
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "deploy_remote.sh"), "--dry-run", "gpu-box", "--port", "8001",
+         "--local-port", "9001", "--dir", "srv/nn", "--",
+         "--model", "Qwen/Qwen3-0.6B", "--dtype", "bfloat16"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert commands[0].startswith("ssh gpu-box mkdir")
+    assert commands[1].startswith("rsync -az --delete") and commands[1].endswith("gpu-box:srv/nn/")
+    assert "restart --session nnsight-server --port 8001 --model Qwen/Qwen3-0.6B --dtype bfloat16" in (
+        commands[2].replace("\\ ", " ")
+    )
+    assert "read -r NNSIGHT_SERVER_API_KEY" in commands[2].replace("\\ ", " ")
+    assert "-L 9001:127.0.0.1:8001 gpu-box" in commands[3]
+    assert "ready: http://127.0.0.1:9001/v1" in result.stdout
+    assert KEY not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [([], "HOST is missing"), (["a", "b"], "one HOST only"), (["h", "--", "--port", "1"], "--port")],
+)
+def test_deploy_remote_refuses_bad_arguments(args, message):
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "deploy_remote.sh"), "--dry-run", *args],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr
+
+
+# -- SIGTERM ---------------------------------------------------------------------------------------
+
+
+def _stream_until_first_token(url: str, body: dict, chunks: list, first: threading.Event, errors: list):
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    if '"content":"' in line and '"content":""' not in line:
+                        first.set()
+    except httpx.HTTPError as exc:
+        errors.append(exc)
+    finally:
+        first.set()
+
+
+def _no_partial_files(root: Path) -> None:
+    for directory in root.rglob("act-*"):
+        assert (directory / "manifest.json").is_file(), f"{directory} has no manifest"
+    assert not [p for p in root.rglob(".*") if p.suffix in (".tmp", ".part")]
+
+
+def _generate_with_capture(max_tokens: int) -> dict:
+    return {
+        "messages": [{"role": "user", "content": "Count to a hundred."}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "capture": {"hook_points": ["resid_post"], "layers": [0, 15], "mode": "generate"},
+    }
+
+
+def test_sigterm_lets_a_running_request_finish_and_takes_no_new_ones(server_process, tmp_path):
+    activations = tmp_path / "activations"
+    server = server_process(
+        ["--activations-dir", str(activations), "--shutdown-timeout", "120"], tmp_path / "server.log"
+    )
+    try:
+        server.wait_healthy()
+        chunks, errors, first = [], [], threading.Event()
+        worker = threading.Thread(
+            target=_stream_until_first_token,
+            args=(server.url, _generate_with_capture(48), chunks, first, errors),
+        )
+        worker.start()
+        assert first.wait(120)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # the listening socket is closed
+            httpx.get(f"{server.url}/health", timeout=5)
+        worker.join(240)
+        returncode = server.process.wait(120)
+    finally:
+        server.stop()
+    assert not errors
+    assert chunks[-1] == "[DONE]"
+    events = [json.loads(chunk) for chunk in chunks[:-1]]
+    finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["length"]
+    activations_ref = next(e["activations"] for e in events if e.get("activations"))
+    assert (activations / activations_ref["directory"] / "manifest.json").is_file()
+    _no_partial_files(activations)
+    assert returncode in (0, -signal.SIGTERM)
+    log = server.log_path.read_text()
+    assert "engine stopped" in log
+
+
+def test_sigterm_past_the_shutdown_timeout_cancels_and_removes_partial_captures(server_process, tmp_path):
+    activations = tmp_path / "activations"
+    server = server_process(
+        ["--activations-dir", str(activations), "--shutdown-timeout", "1", "--max-tokens-cap", "4096"],
+        tmp_path / "server.log",
+    )
+    try:
+        server.wait_healthy()
+        chunks, errors, first = [], [], threading.Event()
+        worker = threading.Thread(
+            target=_stream_until_first_token,
+            args=(server.url, _generate_with_capture(2000), chunks, first, errors),
+        )
+        worker.start()
+        assert first.wait(120)
+        assert list(activations.rglob("act-*"))  # the capture is being written
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        returncode = server.process.wait(60)
+        took = time.monotonic() - signalled
+        worker.join(30)
+    finally:
+        server.stop()
+    assert returncode in (0, -signal.SIGTERM)
+    assert took < 20  # 1 s of grace, then the job stops at its next token
+    assert "[DONE]" not in chunks or not any('"finish_reason":"length"' in c for c in chunks)
+    assert not list(activations.rglob("act-*"))  # the unfinished capture was removed
+    _no_partial_files(activations)
