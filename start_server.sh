@@ -37,11 +37,51 @@ export PYTHONUNBUFFERED=1
 say() { printf '%s\n' "$*"; }
 fail() { printf 'start_server.sh: %s\n' "$*" >&2; exit 1; }
 
+# What the tmux session (or the background process) runs: _serve ENV_FILE PID_FILE LOG PYTHON [--tee] ARGS.
+# The environment of `start` arrives in ENV_FILE (0600, deleted once read); any NNSIGHT_SERVER_*
+# variable tmux's own environment holds (from an earlier start) is dropped first.
+if [[ "${1:-}" == _serve ]]; then
+    env_file="$2" pid_file="$3" log_file="$4" server_python="$5"
+    shift 5
+    for name in ${!NNSIGHT_SERVER_@}; do unset "$name"; done
+    [[ -r "$env_file" ]] || fail "the environment file $env_file is missing: not starting"
+    # shellcheck disable=SC1090
+    source "$env_file" || true # a read-only variable in it is not worth failing for...
+    rm -f "$env_file"
+    [[ "${_NNSIGHT_SERVER_ENV_READ:-}" == 1 ]] || fail "could not read the environment file: not starting"
+    unset _NNSIGHT_SERVER_ENV_READ
+    if [[ "${1:-}" == --tee ]]; then
+        shift
+        exec > >(trap '' HUP; exec tee -a "$log_file") 2>&1 # tee outlives the pane by a moment
+    fi
+    echo "$$" >"$pid_file"
+    exec "$server_python" -m server "$@"
+fi
+
 command="start"
 case "${1:-}" in
-    start | stop | restart | status | logs | run | _serve) command="$1"; shift ;;
+    start | stop | restart | status | logs | run) command="$1"; shift ;;
     -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
+
+# A key given as --api-key moves to the environment at once: this script re-executes itself
+# without it, so it is not in `ps` while start waits for the server.
+for arg in "$@"; do
+    case "$arg" in
+        --api-key | --api-key=*)
+            rest=()
+            while (($#)); do
+                case "$1" in
+                    --api-key) NNSIGHT_SERVER_API_KEY="${2:-}"; shift 2 || shift ;;
+                    --api-key=*) NNSIGHT_SERVER_API_KEY="${1#*=}"; shift ;;
+                    *) rest+=("$1"); shift ;;
+                esac
+            done
+            export NNSIGHT_SERVER_API_KEY
+            exec bash "$0" "$command" ${rest[@]+"${rest[@]}"}
+            ;;
+    esac
+done
 
 # Split this script's flags from the server's; note where the server will listen.
 server_args=()
@@ -56,8 +96,6 @@ while (($#)); do
         --wait) wait_s="$2"; shift 2 ;;
         --wait=*) wait_s="${1#*=}"; shift ;;
         --no-tmux) no_tmux=1; shift ;;
-        --api-key) export NNSIGHT_SERVER_API_KEY="$2"; shift 2 ;;
-        --api-key=*) export NNSIGHT_SERVER_API_KEY="${1#*=}"; shift ;;
         -f | --follow) follow=1; shift ;;
         -n) lines="$2"; shift 2 ;;
         *)
@@ -89,24 +127,32 @@ ensure_installed() {
 
 # -- the state file: key=value lines written by start, read here (never sourced) -----------------
 read_state() {
-    pid="" started="" tmux_id="" s_url="" s_log="" s_shutdown="$shutdown_s"
+    pid="" started="" tmux_id="" tmux_name="" s_url="" s_log="" s_shutdown="$shutdown_s"
     [[ -f "$state" ]] || return 1
     local key value
     while IFS='=' read -r key value; do
         case "$key" in
-            pid) pid="$value" ;; started) started="$value" ;; tmux) tmux_id="$value" ;;
+            pid) pid="$value" ;; started) started="$value" ;; tmux) tmux_id="$value" ;; session) tmux_name="$value" ;;
             url) s_url="$value" ;; log) s_log="$value" ;; shutdown) s_shutdown="$value" ;;
         esac
     done <"$state"
     return 0
 }
 
-start_time() { ps -o lstart= -p "$1" 2>/dev/null | tr -s ' ' || true; }
+# A process's start time, the same whatever the caller's time zone or locale ("" once it is gone).
+start_time() { LC_ALL=C TZ=UTC ps -o lstart= -p "$1" 2>/dev/null | tr -s ' ' || true; }
 
-# The recorded process is alive and is still the one we started (not a reused pid).
-ours_alive() { [[ -n "$pid" && -n "$started" ]] && [[ "$(start_time "$pid")" == "$started" ]]; }
+# The recorded process is alive (a zombie is not) and is still the one we started (not a reused pid).
+ours_alive() {
+    [[ -n "$pid" && -n "$started" && "$(start_time "$pid")" == "$started" ]] || return 1
+    [[ "$(ps -o stat= -p "$pid" 2>/dev/null || true)" != Z* ]]
+}
 
-tmux_alive() { [[ -n "$tmux_id" ]] && command -v tmux >/dev/null && tmux has-session -t "$tmux_id" 2>/dev/null; }
+# Our tmux session: its id (ids restart with the tmux server) and its name both still match.
+tmux_ours() {
+    [[ -n "$tmux_id" ]] && command -v tmux >/dev/null || return 1
+    [[ "$(tmux display-message -p -t "$tmux_id" '#{session_name}' 2>/dev/null || true)" == "$tmux_name" ]]
+}
 
 # -- start ---------------------------------------------------------------------------------------------
 do_start() {
@@ -121,36 +167,43 @@ do_start() {
         || fail "port $port on $host is in use (another server? see: ss -ltnp 'sport = :$port'); choose another with --port"
     mkdir -p "$state_dir" "$(dirname "$log")"
     chmod 700 "$state_dir"
-    local pid_file="$state_dir/$session.pid" env_file
-    rm -f "$pid_file"
-    # The environment (the API key among it) reaches the server through a file only we can read,
-    # deleted as soon as it is read: nothing secret on a command line or in tmux's environment.
-    env_file="$(umask 077 && mktemp "$state_dir/env.XXXXXX")"
-    export -p >"$env_file"
-    printf '\n=== %s: starting %s on %s (session %s) ===\n' "$(date '+%F %T')" "${server_args[*]:-(defaults)}" "$url" "$session" >>"$log"
-    local serve=(bash "$root/start_server.sh" _serve "$env_file" "$pid_file" "$log")
     if [[ -z "$no_tmux" ]] && ! command -v tmux >/dev/null; then
         say "tmux is not installed (Debian/Ubuntu: sudo apt-get install tmux; macOS: brew install tmux);"
         say "running the server in the background instead"
         no_tmux=1
     fi
+    if [[ -z "$no_tmux" ]] && tmux has-session -t "=$session" 2>/dev/null; then
+        fail "a tmux session named '$session' already exists (not started by this script?): choose --session"
+    fi
+    local pid_file="$state_dir/$session.pid"
+    rm -f "$pid_file"
+    # The environment (the API key among it) reaches the server through a file only this user can
+    # read, deleted as soon as it is read (or when start ends, whatever happens): nothing secret on
+    # a command line or in tmux's environment.
+    env_file="$(umask 077 && mktemp "$state_dir/env.XXXXXX")"
+    trap 'rm -f "$env_file"' EXIT
+    { export -p; echo "_NNSIGHT_SERVER_ENV_READ=1"; } >"$env_file"
+    printf '\n=== %s: starting %s on %s (session %s) ===\n' "$(date '+%F %T')" "${server_args[*]:-(defaults)}" "$url" "$session" >>"$log"
+    local serve=(bash "$root/start_server.sh" _serve "$env_file" "$pid_file" "$log" "$python")
     if [[ -z "$no_tmux" ]]; then
-        tmux has-session -t "=$session" 2>/dev/null \
-            && fail "a tmux session named '$session' already exists (not started by this script?): choose --session"
         # Several arguments: tmux (3.0 and later) runs them directly, not through the user's shell.
-        tmux_id="$(tmux new-session -d -P -F '#{session_id}' -s "$session" -c "$root" \
-            "${serve[@]}" --tee "${server_args[@]}")"
+        # A tmux server started here copies this environment: not the key.
+        tmux_id="$(env -u NNSIGHT_SERVER_API_KEY tmux new-session -d -P -F '#{session_id}' -s "$session" \
+            -c "$root" "${serve[@]}" --tee ${server_args[@]+"${server_args[@]}"})"
     else
         tmux_id=""
-        (cd "$root" && exec setsid nohup "${serve[@]}" "${server_args[@]}" >>"$log" 2>&1 </dev/null &)
+        local detach=()
+        command -v setsid >/dev/null && detach=(setsid) # not on macOS; nohup alone does there
+        (cd "$root" && exec ${detach[@]+"${detach[@]}"} nohup "${serve[@]}" ${server_args[@]+"${server_args[@]}"} \
+            >>"$log" 2>&1 </dev/null &)
     fi
     for _ in $(seq 100); do [[ -s "$pid_file" ]] && break; sleep 0.1; done
-    [[ -s "$pid_file" ]] || { rm -f "$env_file"; fail "the server process did not start; see $log"; }
+    [[ -s "$pid_file" ]] || fail "the server process did not start; see $log"
     pid="$(cat "$pid_file")"
     rm -f "$pid_file"
     started="$(start_time "$pid")"
-    printf 'pid=%s\nstarted=%s\ntmux=%s\nurl=%s\nlog=%s\nshutdown=%s\n' \
-        "$pid" "$started" "$tmux_id" "$url" "$log" "$shutdown_s" >"$state"
+    printf 'pid=%s\nstarted=%s\ntmux=%s\nsession=%s\nurl=%s\nlog=%s\nshutdown=%s\n' \
+        "$pid" "$started" "$tmux_id" "$session" "$url" "$log" "$shutdown_s" >"$state"
     say "started '$session' (pid $pid${tmux_id:+, tmux session $tmux_id}); waiting for $url/health (up to ${wait_s} s)"
     local deadline=$((SECONDS + wait_s))
     while ((SECONDS < deadline)); do
@@ -164,8 +217,8 @@ do_start() {
             say "healthy: $url  (OpenAI base URL: $url/v1)"
             [[ -n "$tmux_id" ]] && say "attach: tmux attach -t $session"
             local named=""
-    [[ "$session" != nnsight-server ]] && named=" --session $session"
-    say "status: $0 status$named   logs: $0 logs -f$named   stop: $0 stop$named"
+            [[ "$session" != nnsight-server ]] && named=" --session $session"
+            say "status: $0 status$named   logs: $0 logs -f$named   stop: $0 stop$named"
             return 0
         fi
         sleep 1
@@ -176,22 +229,6 @@ do_start() {
     exit 1
 }
 
-# -- what the session (or background process) runs ---------------------------------------------------
-do_serve() {
-    local env_file="${server_args[0]}" pid_file="${server_args[1]}" log_file="${server_args[2]}"
-    server_args=("${server_args[@]:3}")
-    # shellcheck disable=SC1090
-    source "$env_file" 2>/dev/null || true # a read-only variable in it is not worth failing for
-    rm -f "$env_file"
-    if [[ "${server_args[0]:-}" == "--tee" ]]; then
-        server_args=("${server_args[@]:1}")
-        exec > >(tee -a "$log_file") 2>&1
-    fi
-    echo "$$" >"$pid_file"
-    cd "$root"
-    exec "$python" -m server "${server_args[@]}"
-}
-
 # -- stop ------------------------------------------------------------------------------------------
 do_stop() {
     if ! read_state; then
@@ -199,9 +236,10 @@ do_stop() {
         return 0
     fi
     if ours_alive; then
-        # The server gets --shutdown-timeout for running requests, then as long for the worker to stop.
+        # The server gets --shutdown-timeout for running requests, then as long (at least 5 s) for
+        # the worker to stop.
         local whole="${s_shutdown%.*}"
-        local grace=$((${whole:-0} * 2 + 15))
+        local grace=$((${whole:-0} * 2 + 20))
         say "stopping '$session' (pid $pid): SIGTERM, up to ${grace} s for running requests"
         kill -TERM "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + grace))
@@ -209,13 +247,14 @@ do_stop() {
         if ours_alive; then
             say "still running after ${grace} s: SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
-            while ours_alive; do sleep 0.1; done
+            deadline=$((SECONDS + 10))
+            while ours_alive && ((SECONDS < deadline)); do sleep 0.1; done
+            ours_alive && fail "pid $pid survived SIGKILL; state kept in $state"
         fi
+        # Its session ends with it; close it if something keeps it open (only ours, by id and name).
+        if tmux_ours; then tmux kill-session -t "$tmux_id"; fi
     else
-        say "'$session' (pid $pid) was not running"
-    fi
-    if tmux_alive; then
-        tmux kill-session -t "$tmux_id"
+        say "'$session' (pid $pid) was not running; tmux sessions left as they are"
     fi
     rm -f "$state"
     say "stopped"
@@ -257,7 +296,6 @@ case "$command" in
     run)
         ensure_installed
         cd "$root"
-        exec "$python" -m server "${server_args[@]}"
+        exec "$python" -m server ${server_args[@]+"${server_args[@]}"}
         ;;
-    _serve) do_serve ;;
 esac

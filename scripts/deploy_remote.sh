@@ -53,8 +53,11 @@ for value in "$port" "$local_port" "$wait_s"; do
 done
 [[ "$session" =~ ^[A-Za-z0-9_.-]+$ ]] || fail "--session must be letters, digits, '_', '.' or '-'"
 [[ "$remote_dir" != *"'"* ]] || fail "--dir must not contain a quote"
-for arg in "${server_args[@]}"; do
-    case "$arg" in --host | --host=* | --port | --port=*) fail "give the port with --port; the server stays on 127.0.0.1 there" ;; esac
+for arg in ${server_args[@]+"${server_args[@]}"}; do
+    case "$arg" in
+        --host | --host=* | --port | --port=*) fail "give the port with --port; the server stays on 127.0.0.1 there" ;;
+        --api-key | --api-key=*) fail "set NNSIGHT_SERVER_API_KEY instead of --api-key: it then travels on ssh's stdin" ;;
+    esac
 done
 
 # Print, or run, one command.
@@ -67,7 +70,7 @@ run() {
 }
 
 key="${NNSIGHT_SERVER_API_KEY:-}"
-control="${TMPDIR:-/tmp}/nnsight-tunnel-${session}-${local_port}.sock"
+control="/tmp/nnsight-tunnel-$(id -u)-$local_port" # short: ssh adds to it, and sockets allow ~100 bytes
 url="http://127.0.0.1:$local_port"
 
 if [[ -z "$dry_run" ]]; then

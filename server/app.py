@@ -57,8 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             # Shutdown: uvicorn has given running requests --shutdown-timeout to finish and
             # cancelled the rest (their jobs stop at the next token, captures removed); the
-            # worker gets as long again to get there.
-            await asyncio.to_thread(engine.close, settings.shutdown_timeout)
+            # worker gets as long again (at least 5 s) to get there.
+            await asyncio.to_thread(engine.close, max(settings.shutdown_timeout, 5.0))
             logger.info("engine stopped")
 
     metrics = Metrics()

@@ -63,6 +63,11 @@ def _default_type(status: int) -> str:
     return "invalid_request_error"
 
 
+def internal_error(exc: BaseException) -> APIError:
+    """What a client sees of a failure nobody expected (the traceback goes to the log)."""
+    return APIError(f"internal error: {type(exc).__name__}", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -151,6 +156,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises after this handler and the server logs the traceback
         # ("Exception in ASGI application"); logging it here too would print it twice.
-        return APIError(
-            f"internal error: {type(exc).__name__}", status=HTTPStatus.INTERNAL_SERVER_ERROR
-        ).response()
+        return internal_error(exc).response()

@@ -42,6 +42,7 @@ PREFIX = "nnsight_server"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Metrics:
@@ -93,7 +94,8 @@ class Metrics:
 
     def observe(self, record: RequestRecord, endpoint: str, duration: float) -> None:
         status = str(record.status if record.status is not None else 500)
-        self.requests.labels(endpoint, record.method, status).inc()
+        method = record.method if record.method in HTTP_METHODS else "other"  # clients choose methods
+        self.requests.labels(endpoint, method, status).inc()
         self.latency.labels(endpoint).observe(duration)
         if record.first_token_at is not None:
             self.time_to_first_token.labels(endpoint).observe(

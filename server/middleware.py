@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError
+from .errors import APIError, internal_error
 from .metrics import Metrics
 
 access_log = logging.getLogger("server.access")
@@ -146,11 +146,17 @@ class FrontDoor:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # no websocket routes; none gets past the key either
+            if self._refusal(scope, Headers(scope=scope)) is not None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        record = RequestRecord(request_id(headers.get("x-request-id")), scope["method"], scope["path"])
+        # The path as sent (percent-encoded, so a log line cannot be forged with an encoded newline).
+        path = scope.get("raw_path", b"").decode("latin-1").partition("?")[0] or scope["path"]
+        record = RequestRecord(request_id(headers.get("x-request-id")), scope["method"], path)
 
         received = 0
 
@@ -177,7 +183,11 @@ class FrontDoor:
                 await refusal.response()(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive_within_limit, send_with_id)
-        except BaseException:
+        except Exception as exc:
+            if record.status is None:  # answer here, so that the 500 carries the request id too
+                await internal_error(exc).response()(scope, receive, send_with_id)
+            raise  # uvicorn logs the traceback
+        except BaseException:  # cancelled: nothing more can be sent
             if record.status is None:
                 record.status = HTTPStatus.INTERNAL_SERVER_ERROR
             raise
@@ -197,7 +207,7 @@ class FrontDoor:
         endpoint = self._endpoint(scope)
         duration = record.elapsed()
         self.metrics.observe(record, endpoint, duration)
-        level = logging.DEBUG if record.path in QUIET_PATHS else logging.INFO
+        level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
         if access_log.isEnabledFor(level):
             client = scope.get("client")
             access_log.log(

@@ -82,7 +82,7 @@ async def health(request: Request) -> Health:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
+def metrics(request: Request) -> Response:  # a plain def: collectors run in the thread pool
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
 

@@ -41,8 +41,19 @@ class Script:
             "NNSIGHT_SERVER_LOG": str(self.log),
             "NNSIGHT_SERVER_SESSION": self.session,
             "NNSIGHT_SERVER_NO_TMUX": "" if tmux else "1",
+            "TMUX_TMPDIR": str(tmp_path),  # a tmux server of the test's own
         }
         self.env.pop("NNSIGHT_SERVER_API_KEY", None)
+        self.env.pop("TMUX", None)
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", *args], env=self.env, capture_output=True, text=True).stdout
+
+    def leftovers(self) -> list[str]:
+        """What start left in the state directory besides a running server's state file."""
+        if not self.state.exists():
+            return []
+        return sorted(p.name for p in self.state.iterdir() if p.name != f"{self.session}.state")
 
     def __call__(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -59,11 +70,12 @@ class Script:
 
 
 def alive(pid: int) -> bool:
+    """Running (an exited process its parent has not reaped yet, a zombie, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def command_lines() -> str:
@@ -77,20 +89,16 @@ def command_lines() -> str:
     return "\n".join(out)
 
 
-def tmux_sessions() -> str:
-    listed = subprocess.run(
-        ["tmux", "list-sessions", "-F", "#{session_name}"], capture_output=True, text=True
-    )
-    return listed.stdout
-
-
-@pytest.mark.parametrize(
+WITH_AND_WITHOUT_TMUX = pytest.mark.parametrize(
     "tmux",
     [
         pytest.param(True, id="tmux", marks=pytest.mark.skipif(not shutil.which("tmux"), reason="no tmux")),
         pytest.param(False, id="background"),
     ],
 )
+
+
+@WITH_AND_WITHOUT_TMUX
 def test_start_status_stop_cycle(tmp_path, pick_port, tmux):
     script = Script(tmp_path, pick_port(), tmux=tmux)
     started = script(
@@ -102,8 +110,10 @@ def test_start_status_stop_cycle(tmp_path, pick_port, tmux):
         pid = script.pid()
         assert alive(pid)
         if tmux:
-            assert script.session in tmux_sessions()
+            assert script.session in script.tmux("list-sessions", "-F", "#{session_name}")
+            assert KEY not in script.tmux("show-environment", "-g")  # the tmux server never saw it
         assert KEY not in command_lines()  # handed over in the environment, not on a command line
+        assert script.leftovers() == []  # the environment file was read and deleted
 
         # Only key holders are served; /health is open.
         assert httpx.get(f"{script.url}/health").status_code == 200
@@ -132,9 +142,9 @@ def test_start_status_stop_cycle(tmp_path, pick_port, tmux):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert not alive(pid)
     assert not (script.state / f"{script.session}.state").exists()
-    assert list(script.state.iterdir()) == []  # no pid file, no environment file left behind
+    assert script.leftovers() == []  # no pid file, no environment file left behind
     if tmux:
-        assert script.session not in tmux_sessions()
+        assert script.session not in script.tmux("list-sessions", "-F", "#{session_name}")
     assert port_free("127.0.0.1", script.port)  # as a new server would bind it
     assert KEY not in script.log.read_text()
     status = script("status")
@@ -150,14 +160,41 @@ def test_start_refuses_a_port_in_use_and_leaves_nothing(tmp_path, pick_port):
         result = script("start", "--port", str(script.port))
     assert result.returncode == 1 and f"port {script.port} on 127.0.0.1 is in use" in result.stderr
     assert not (script.state / f"{script.session}.state").exists()
+    assert script.leftovers() == []
 
 
-def test_a_server_that_dies_on_start_up_is_reported_with_its_log(tmp_path, pick_port):
-    script = Script(tmp_path, pick_port(), tmux=False)
-    result = script("start", "--port", str(script.port), "--model", str(tmp_path / "no-such-model"))
+@WITH_AND_WITHOUT_TMUX
+def test_a_server_that_dies_on_start_up_is_reported_with_its_log(tmp_path, pick_port, tmux):
+    script = Script(tmp_path, pick_port(), tmux=tmux)
+    missing = str(tmp_path / "no-such-model")
+    result = script("start", "--port", str(script.port), "--model", missing, "--api-key", KEY)
     assert result.returncode == 1
     assert "exited during start-up" in result.stderr and "no such model folder" in result.stderr
     assert not (script.state / f"{script.session}.state").exists()
+    assert script.leftovers() == []  # no environment file (with the key) left behind
+
+
+@pytest.mark.skipif(not shutil.which("tmux"), reason="no tmux")
+def test_stop_with_a_stale_state_file_touches_nothing_else(tmp_path, pick_port):
+    """After a reboot, pids and tmux session ids are reused: stop must not act on them."""
+    script = Script(tmp_path, pick_port(), tmux=True)
+    script.tmux("new-session", "-d", "-s", "users-work", "sleep 600")
+    session_id = script.tmux("display-message", "-p", "-t", "users-work", "#{session_id}").strip()
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        script.state.mkdir(mode=0o700)
+        (script.state / f"{script.session}.state").write_text(
+            f"pid={bystander.pid}\nstarted=Mon Jan  1 00:00:00 2001\ntmux={session_id}\n"
+            f"session={script.session}\nurl=http://127.0.0.1:{script.port}\nlog={script.log}\nshutdown=30\n"
+        )
+        stopped = script("stop")
+        assert stopped.returncode == 0 and "was not running" in stopped.stdout
+        assert bystander.poll() is None  # not signalled
+        assert "users-work" in script.tmux("list-sessions", "-F", "#{session_name}")
+        assert not (script.state / f"{script.session}.state").exists()
+    finally:
+        bystander.kill()
+        script.tmux("kill-server")
 
 
 def test_deploy_remote_dry_run_prints_every_step_and_no_secret():
@@ -241,9 +278,16 @@ def test_sigterm_lets_a_running_request_finish_and_takes_no_new_ones(server_proc
         worker.start()
         assert first.wait(120)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.ConnectError):  # the listening socket is closed
-            httpx.get(f"{server.url}/health", timeout=5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the listening socket closes at once
+            try:
+                httpx.get(f"{server.url}/health", timeout=5)
+            except httpx.ConnectError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("still taking connections 30 s after SIGTERM")
+        assert worker.is_alive()  # while the running request goes on
         worker.join(240)
         returncode = server.process.wait(120)
     finally:

@@ -381,3 +381,91 @@ def test_metrics_label_refused_requests_by_their_route(ops):
 def test_each_app_has_its_own_registry(ops, client):
     assert client.app.state.metrics.registry is not ops.app.state.metrics.registry
     assert "nnsight_server_requests_total" in client.get("/metrics").text
+
+
+# -- the front door at the ASGI level --------------------------------------------------------
+
+
+def _drive(
+    app,
+    headers: list[tuple[bytes, bytes]],
+    chunks: list[bytes],
+    method: str = "POST",
+    path: str = "/v1/chat/completions",
+):
+    """Call the app as a server would, body in the given chunks; returns (chunks read, messages sent)."""
+    import asyncio
+
+    read = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal read
+        if read < len(chunks):
+            read += 1
+            return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+        await asyncio.sleep(3600)  # a client that sends nothing more
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"authorization", f"Bearer {KEY}".encode()), *headers],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return read, sent
+
+
+def _status(sent: list[dict]) -> int:
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_a_declared_content_length_over_the_limit_is_refused_without_reading(ops):
+    read, sent = _drive(ops.app, [(b"content-length", b"1000000000")], [b"{}"])
+    assert _status(sent) == 413 and read == 0
+
+
+def test_a_body_without_a_length_is_read_only_up_to_the_limit(ops):
+    read, sent = _drive(ops.app, [(b"content-type", b"application/json")], [b" " * 1000] * 100)
+    assert _status(sent) == 413
+    assert read == LIMITS["max_body_size"] // 1000 + 1  # stopped at the first chunk past 20,000 bytes
+
+
+def test_an_unexpected_failure_is_a_500_with_the_request_id(ops, monkeypatch):
+    def broken():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ops.app.state.chat, "models", broken)
+    plain = TestClient(ops.app, raise_server_exceptions=False)
+    response = plain.get("/v1/models", headers=AUTH)
+    error = error_of(response, 500)
+    assert error["message"] == "internal error: RuntimeError"
+    assert response.headers["X-Request-ID"].startswith("req-")
+
+
+def test_the_log_line_cannot_be_forged_through_the_path(ops, caplog):
+    with caplog.at_level(logging.INFO):
+        ops.get("/v1/models%0A2026-01-01 INFO server.access: forged", headers=AUTH)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.access"]
+    assert "\n" not in line and "%0A" in line
+
+
+def test_methods_outside_http_s_own_do_not_make_new_series(ops):
+    ops.request("BREW", "/v1/models", headers=AUTH)
+    after = metrics(ops)
+    assert (
+        sample(after, "nnsight_server_requests_total", endpoint="/v1/models", method="other", status="405")
+        >= 1
+    )
+    assert not [key for key in after if ("method", "BREW") in key[1]]
