@@ -102,7 +102,15 @@ WITH_AND_WITHOUT_TMUX = pytest.mark.parametrize(
 def test_start_status_stop_cycle(tmp_path, pick_port, tmux):
     script = Script(tmp_path, pick_port(), tmux=tmux)
     started = script(
-        "start", "--port", str(script.port), "--api-key", KEY, "--activations-dir", str(script.activations)
+        "start",
+        "--port",
+        str(script.port),
+        "--api-key",
+        KEY,
+        "--activations-dir",
+        str(script.activations),
+        "--vectors-dir",
+        str(tmp_path / "vectors"),
     )
     try:
         assert started.returncode == 0, started.stdout + started.stderr
