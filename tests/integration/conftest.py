@@ -32,7 +32,7 @@ class RunningServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=log_path.parent,  # default stores (./activations, ./vectors) land beside the log, not in the repo
+            cwd=log_path.parent,  # default stores (./activations, ./vectors) land here, not in the repo
         )
 
     def log_tail(self, lines: int = 40) -> str:

@@ -1,0 +1,125 @@
+"""The emotion-prefix workflow end to end on the embedded model, in miniature: 3 problems x 7
+variants, then the report checked against the per-sample files it was made from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "emotion_prefix_gsm8k" / "deploy_and_evaluate.py"
+LAYERS = [0, 15, 29]
+
+
+@pytest.fixture(scope="module")
+def run(embedded_server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("emotion")
+    config = folder / "config.yaml"
+    config.write_text(
+        f"server: {{url: '{embedded_server.url}'}}\n"
+        "data: {source: bundled, limit: 3, seed: 1}\n"
+        "generation: {max_tokens: 24}\n"
+        f"capture: {{layers: {LAYERS}}}\n"
+        "run: {out_dir: out, concurrency: 4}\n"
+        "analysis: {bootstrap_resamples: 500}\n"
+    )
+
+    def stages(*names: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(SCRIPT), "--config", str(config), "--stages", *names]
+        return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+    first = stages("configure", "generate", "analyze")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return folder / "out", stages
+
+
+def samples(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "samples").glob("*/*.json"))]
+
+
+def test_every_variant_and_problem_has_a_graded_sample_with_its_residuals(run):
+    out, _ = run
+    records = samples(out)
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["problems"]) == 3 and plan["layers"] == LAYERS
+    assert len(records) == 21
+    assert {r["variant"] for r in records} == {
+        "control", "frustration", "impatience", "anxiety", "collaborative", "patience", "calm",
+    }  # fmt: skip
+    for record in records:
+        assert 0 < record["completion_tokens"] <= 24 and record["request_id"]
+        assert record["efficiency_reward"] == 1 - record["completion_tokens"] / 24
+        residual = load_file(out / "samples" / record["variant"] / record["activations"]["file"])["residual"]
+        assert residual.shape == (3, 576) and torch.isfinite(residual).all()
+    control = {r["problem_id"]: r for r in records if r["variant"] == "control"}
+    calm = {r["problem_id"]: r for r in records if r["variant"] == "calm"}
+    assert all(calm[p]["prompt_tokens"] > control[p]["prompt_tokens"] for p in control)  # the prefix is there
+
+
+def test_the_report_agrees_with_the_per_sample_files(run):
+    out, _ = run
+    report = json.loads((out / "report.json").read_text())
+    records = samples(out)
+    for variant, row in report["variants"].items():
+        mine = [r for r in records if r["variant"] == variant]
+        assert row["n"] == len(mine) == 3
+        assert row["correct"] == sum(r["correct"] for r in mine)
+        assert row["accuracy"] == pytest.approx(row["correct"] / 3)
+        assert row["format_rate"] == pytest.approx(sum(r["format_reward"] for r in mine) / 3)
+        assert row["efficiency_mean"] == pytest.approx(sum(r["efficiency_reward"] for r in mine) / 3)
+        assert row["accuracy_ci"][0] <= row["accuracy"] <= row["accuracy_ci"][1]
+    # The residual shift, recomputed from the tensors for one variant and layer.
+    by_problem = {}
+    for record in records:
+        tensor = load_file(out / "samples" / record["variant"] / record["activations"]["file"])["residual"]
+        by_problem[(record["variant"], record["problem_id"])] = tensor
+    problems = sorted({r["problem_id"] for r in records})
+    control = torch.stack([by_problem[("control", p)] for p in problems])
+    anxiety = torch.stack([by_problem[("anxiety", p)] for p in problems])
+    expected = (anxiety - control).mean(0).norm(dim=-1) / control.norm(dim=-1).mean(0)
+    reported = report["residual"]["variants"]["anxiety"]["mean_difference_norm"]
+    assert reported == pytest.approx(expected.tolist(), rel=1e-5)
+    assert reported[2] > 0  # the prefix moves the last layer's residual stream
+    assert (out / "report.md").read_text().count("\n| ") >= 7 + 6
+    for plot in ("accuracy_by_variant.png", "residual_difference_by_layer.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerunning_skips_finished_samples(run):
+    out, stages = run
+    before = {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*/*")}
+    (out / "samples" / "calm").joinpath(
+        sorted(p.name for p in (out / "samples" / "calm").glob("*.json"))[0]
+    ).unlink()
+    again = stages("configure", "generate")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "1 of 21 samples to do (20 already done)" in again.stderr
+    after = {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*/*")}
+    changed = [p.name for p in after if after[p] != before.get(p)]
+    assert len(changed) == 2  # the one sample redone: its JSON and its tensors; nothing else touched
+
+
+def test_a_changed_plan_is_refused_rather_than_mixed(run, tmp_path):
+    out, _ = run
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"server: {{url: '{_url(out)}'}}\n"
+        "data: {source: bundled, limit: 4, seed: 1}\n"
+        f"run: {{out_dir: '{out}'}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config), "--stages", "configure"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "another plan" in result.stderr
+
+
+def _url(out: Path) -> str:
+    config = (out.parent / "config.yaml").read_text()
+    return config.split("url: '")[1].split("'")[0]
