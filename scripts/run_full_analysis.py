@@ -128,16 +128,24 @@ def load_texts(args: argparse.Namespace) -> tuple[list[str], str]:
     if args.texts is not None:
         raw = args.texts.read_text()
         if args.texts.suffix == ".jsonl":
-            texts = [json.loads(line)[args.dataset_field] for line in raw.splitlines() if line.strip()]
+            texts = [str(json.loads(line)[args.dataset_field]) for line in raw.splitlines() if line.strip()]
         else:
-            texts = [line for line in raw.splitlines() if line.strip()]
+            texts = raw.splitlines()
+        texts = [text for text in texts if text.strip()]
         origin = f"file {args.texts}"
     elif args.dataset is not None:
         from datasets import load_dataset  # optional: pip install datasets
 
-        rows = load_dataset(args.dataset, split=args.dataset_split)
-        texts = [row[args.dataset_field] for row in rows if str(row[args.dataset_field]).strip()]
-        origin = f"dataset {args.dataset} ({args.dataset_split}, field {args.dataset_field})"
+        # streamed: N texts need not download the whole split
+        rows = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split, streaming=True)
+        texts = []
+        for row in rows:
+            if str(row[args.dataset_field]).strip():
+                texts.append(str(row[args.dataset_field]))
+            if len(texts) == args.num_samples:
+                break
+        config = args.dataset_config or "default"
+        origin = f"dataset {args.dataset} ({config}, {args.dataset_split}, field {args.dataset_field})"
     else:
         texts, origin = BUILT_IN_TEXTS, "built-in texts (written for this project)"
     if args.num_samples > len(texts):
@@ -232,6 +240,8 @@ class ThroughServer:
             "capture": {"layers": layers, "hook_points": ["resid_post"], "dtype": "float32"},
         }
         response = self.http.post("/v1/completions", json=body)
+        if response.status_code == 507:
+            raise torch.OutOfMemoryError(response.json()["error"]["message"])
         if response.status_code != 200:
             raise SystemExit(f"the server refused a capture: {response.status_code} {response.text}")
         ref = response.json()["activations"]
@@ -278,12 +288,16 @@ class SparseAutoencoder(torch.nn.Module):
         self.decoder /= self.decoder.norm(dim=-1, keepdim=True)
 
 
-def train_sae(activations: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
-    """Train on 90% of the tokens, evaluate on the other 10%."""
+def train_sae(per_text: list[torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict:
+    """Train on the tokens of 90% of the texts, evaluate on the other texts' tokens (tokens of one
+    text are not independent, so the split is by text)."""
+    if len(per_text) < 2:
+        raise SystemExit("the SAE needs at least 2 texts (one to hold out): raise --num-samples")
     generator = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(activations.shape[0], generator=generator)
-    held = max(1, activations.shape[0] // 10)
-    evaluation, training = activations[order[:held]], activations[order[held:]]
+    order = torch.randperm(len(per_text), generator=generator).tolist()
+    held = max(1, len(per_text) // 10)
+    evaluation = torch.cat([per_text[i] for i in order[:held]])
+    training = torch.cat([per_text[i] for i in order[held:]])
     scale = float(training.norm(dim=-1).mean()) / math.sqrt(training.shape[1])  # inputs of norm ~sqrt(hidden)
     training, evaluation = (training / scale).to(device), (evaluation / scale).to(device)
     sae = SparseAutoencoder(training.shape[1], args.sae_expansion * training.shape[1], generator).to(device)
@@ -318,7 +332,11 @@ def train_sae(activations: torch.Tensor, args: argparse.Namespace, device: torch
         error = (reconstruction - evaluation).pow(2).sum(dim=-1)
         variance = (evaluation - evaluation.mean(dim=0)).pow(2).sum(dim=-1)
         active = (features > 0).float()
-        dead = int((active.sum(dim=0) == 0).sum())
+        # dead: never active on any token, training or held out (the held-out ones alone are too few)
+        ever = active.sum(dim=0) > 0
+        for start in range(0, training.shape[0], args.sae_batch_size):
+            ever |= (sae.encode(training[start : start + args.sae_batch_size]) > 0).any(dim=0)
+        dead = int((~ever).sum())
     return {
         "layer": args.sae_layer,
         "features": sae.encoder.shape[1],
@@ -326,7 +344,7 @@ def train_sae(activations: torch.Tensor, args: argparse.Namespace, device: torch
         "eval_tokens": evaluation.shape[0],
         "input_scale": scale,
         "steps": args.sae_steps,
-        "eval_mse": float(error.mean()),
+        "eval_mse": float(error.mean()),  # per token, in the scaled units (inputs of norm ~sqrt(hidden))
         "eval_fraction_of_variance_unexplained": float(error.sum() / variance.sum()),
         "eval_l0": float(active.sum(dim=-1).mean()),
         "dead_features": dead,
@@ -344,7 +362,7 @@ def outlier_features(summaries: dict[int, dict], layer_share: float) -> list[dic
     for layer, summary in summaries.items():
         for unit in summary["units_over_threshold"]:
             layers_of.setdefault(unit, []).append(layer)
-    needed = max(1, math.ceil(layer_share * len(summaries)))
+    needed = max(2, math.ceil(layer_share * len(summaries)))  # "persistent": two layers at the least
     return [
         {"unit": unit, "layers": sorted(layers), "layer_share": len(layers) / len(summaries)}
         for unit, layers in sorted(layers_of.items())
@@ -392,9 +410,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     if not args.skip_sae:
         device = source.loaded.device if isinstance(source, InProcess) else torch.device("cpu")
-        result["sae"] = train_sae(torch.cat(sae_rows), args, device)
-    if torch.cuda.is_available():
-        result["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        result["sae"] = train_sae(sae_rows, args, device)
+    if isinstance(source, InProcess) and source.loaded.device.type == "cuda":
+        result["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(source.loaded.device)
     return result
 
 
@@ -490,7 +508,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     texts = parser.add_argument_group("texts")
     texts.add_argument("--texts", type=Path, default=None, help="a .txt (one text per line) or .jsonl file")
-    texts.add_argument("--dataset", default=None, help="a `datasets` name, e.g. wikitext (needs `datasets`)")
+    texts.add_argument("--dataset", default=None, help="a `datasets` name (needs `datasets`)")
+    texts.add_argument("--dataset-config", default=None, help="its configuration, e.g. wikitext-2-raw-v1")
     texts.add_argument("--dataset-split", default="train")
     texts.add_argument("--dataset-field", default="text", help="the text field (datasets and .jsonl)")
     texts.add_argument("--num-samples", type=int, default=32)
@@ -521,6 +540,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.texts is not None and args.dataset is not None:
         parser.error("--texts and --dataset: choose one")
+    if args.server:
+        ignored = [
+            f"--{name}"
+            for name in ("model", "dtype", "device")
+            if getattr(args, name) != parser.get_default(name)
+        ]
+        if ignored:
+            parser.error(f"{', '.join(ignored)}: the server's own settings apply with --server")
     if args.layers != "all":
         try:
             args.layers = [int(part) for part in args.layers.split(",") if part.strip()]

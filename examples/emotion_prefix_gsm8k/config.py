@@ -6,7 +6,7 @@ See ``config.yaml`` beside this file for every key with its default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,9 +51,13 @@ class DataConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _path_for_jsonl(self):
+    def _only_what_the_source_uses(self):
         if self.source == "jsonl" and self.path is None:
             raise ValueError("data.source jsonl needs data.path")
+        if self.path is not None and self.source not in ("jsonl", "auto"):
+            raise ValueError(f"data.path is not used with data.source {self.source}")
+        if self.split != "test" and self.source not in ("gsm8k", "auto"):
+            raise ValueError(f"data.split is not used with data.source {self.source}")
         return self
 
 
@@ -64,10 +68,16 @@ class GenerationConfig(_Strict):
     seed: int = 0
     samples_per_problem: int = Field(1, ge=1)
 
+    @model_validator(mode="after")
+    def _samples_differ(self):
+        if self.samples_per_problem > 1 and self.temperature == 0:
+            raise ValueError("samples_per_problem > 1 needs temperature > 0 (greedy samples are copies)")
+        return self
+
 
 class CaptureConfig(_Strict):
     enabled: bool = True
-    layers: list[int] | Literal["all"] = "all"
+    layers: Annotated[list[int], Field(min_length=1)] | Literal["all"] = "all"
     hook_point: str = "resid_post"
 
 

@@ -78,7 +78,7 @@ def openai_client(config: Config):
         base_url=f"{config.server.url}/v1",
         api_key=api_key(config) or "none",
         timeout=config.server.timeout_s,
-        max_retries=3,  # 429 (queue full) and connection errors, with backoff
+        max_retries=0,  # a retried request would capture twice; a failed sample is redone by rerunning
     )
 
 
@@ -115,6 +115,31 @@ def stage_deploy(config: Config) -> None:
     subprocess.run(command, check=True)
 
 
+def plan_config(config: Config) -> dict:
+    """What decides the samples (not where they go, how many at once, or how they are analysed)."""
+    return config.model_dump(mode="json", include={"data", "variants", "generation", "capture"})
+
+
+def load_plan(config: Config) -> dict:
+    """The run's plan, refused if the config no longer matches it (samples would be mixed)."""
+    path = config.run.out_dir / "plan.json"
+    if not path.exists():
+        raise ConfigError(f"no {path}: run the configure stage first")
+    plan = json.loads(path.read_text())
+    if plan["config"] != plan_config(config):
+        changed = sorted(k for k in plan["config"] if plan["config"][k] != plan_config(config).get(k))
+        raise ConfigError(
+            f"the config differs from {path} in: {', '.join(changed)}; restore it, or choose another "
+            "run.out_dir to start a new run"
+        )
+    return plan
+
+
+def sample_done(config: Config, path: Path) -> bool:
+    """Its record is written last; with capture on, its tensors must be there too."""
+    return path.exists() and (not config.capture.enabled or path.with_suffix(".safetensors").exists())
+
+
 def stage_configure(config: Config) -> dict:
     out = config.run.out_dir
     with http_client(config) as http:
@@ -129,14 +154,16 @@ def stage_configure(config: Config) -> dict:
         layers: list[int] = []
         if config.capture.enabled:
             count = http.get("/v1/model/structure").json()["num_layers"]
-            layers = list(range(count)) if config.capture.layers == "all" else list(config.capture.layers)
+            # in the order the server returns them: each layer once, ascending
+            layers = (
+                list(range(count)) if config.capture.layers == "all" else sorted(set(config.capture.layers))
+            )
             if any(not 0 <= layer < count for layer in layers):
                 raise ConfigError(f"capture.layers must lie in [0, {count}) for {model}")
     data = config.data
     problems, origin = load_problems(data.source, data.path, data.split, data.limit, data.seed)
     plan = {
-        # what decides the samples (not where they go, how many at once, or how they are analysed)
-        "config": config.model_dump(mode="json", include={"data", "variants", "generation", "capture"}),
+        "config": plan_config(config),
         "model": model,
         "layers": layers,
         "data_origin": origin,
@@ -146,7 +173,8 @@ def stage_configure(config: Config) -> dict:
     if path.exists():
         earlier = json.loads(path.read_text())
         if earlier != plan:
-            changed = sorted(key for key in plan if earlier.get(key) != plan[key])
+            changed = sorted(key for key in plan if key != "config" and earlier.get(key) != plan[key])
+            changed += sorted(k for k in plan["config"] if earlier["config"].get(k) != plan["config"][k])
             raise ConfigError(
                 f"{out} holds a run with another plan (differs in: {', '.join(changed)}); "
                 "choose another run.out_dir, or delete it to start over"
@@ -216,11 +244,16 @@ def _download_capture(http: httpx.Client, ref: dict, plan: dict, sample: Path) -
     from safetensors.torch import load, save
 
     rows = []
-    for name in ref["tensors"]:  # one per layer, in layer order
-        response = http.get(f"/v1/activations/{ref['id']}/{name}")
-        response.raise_for_status()
-        rows.append(load(response.content)[name].reshape(-1).float())
-    http.delete(f"/v1/activations/{ref['id']}").raise_for_status()
+    try:
+        captured = [int(name.split(".")[1]) for name in ref["tensors"]]  # "layers.<i>.<hook point>"
+        if captured != plan["layers"]:
+            raise RuntimeError(f"the server captured layers {captured}, not the planned {plan['layers']}")
+        for name in ref["tensors"]:
+            response = http.get(f"/v1/activations/{ref['id']}/{name}")
+            response.raise_for_status()
+            rows.append(load(response.content)[name].reshape(-1).float())
+    finally:  # the server's copy goes, whatever happened here
+        http.delete(f"/v1/activations/{ref['id']}")
     file = sample.with_suffix(".safetensors")
     write_atomically(file, save({"residual": torch.stack(rows)}))
     return {"file": file.name, "layers": plan["layers"], "tensors": ref["tensors"]}
@@ -235,7 +268,7 @@ def stage_generate(config: Config, plan: dict) -> None:
         for problem in plan["problems"]
         for variant in config.variants
         for k in range(config.generation.samples_per_problem)
-        if not sample_path(out, variant, problem["id"], k).exists()
+        if not sample_done(config, sample_path(out, variant, problem["id"], k))
     ]
     total = len(plan["problems"]) * len(config.variants) * config.generation.samples_per_problem
     log.info("generate: %d of %d samples to do (%d already done)", len(todo), total, total - len(todo))
@@ -243,7 +276,8 @@ def stage_generate(config: Config, plan: dict) -> None:
         return
     client, http = openai_client(config), http_client(config)
     failures = []
-    with http, ThreadPoolExecutor(config.run.concurrency) as pool:
+    pool = ThreadPoolExecutor(config.run.concurrency)
+    try:
         futures = {pool.submit(_generate_one, config, plan, *item, client, http): item for item in todo}
         for future in tqdm(as_completed(futures), total=len(futures), desc="samples"):
             try:
@@ -251,6 +285,12 @@ def stage_generate(config: Config, plan: dict) -> None:
             except Exception as exc:  # one failed sample must not lose the others; rerun to retry
                 variant, problem, k = futures[future]
                 failures.append(f"{variant}/{problem['id']}--{k}: {type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:  # stop now: what is running finishes, what waits is dropped
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        http.close()
     if failures:
         raise RuntimeError(
             f"{len(failures)} sample(s) failed (rerun generate to retry them):\n" + "\n".join(failures)
@@ -266,7 +306,7 @@ def _load_samples(config: Config, plan: dict) -> dict[str, list[dict]]:
         for problem in plan["problems"]:
             for k in range(config.generation.samples_per_problem):
                 path = sample_path(out, variant, problem["id"], k)
-                if path.exists():
+                if sample_done(config, path):
                     samples[variant].append(json.loads(path.read_text()))
                 else:
                     missing += 1
@@ -316,7 +356,19 @@ def stage_analyze(config: Config, plan: dict) -> dict:
 
         z = NormalDist().inv_cdf(0.5 + analysis.confidence / 2)
     boot = {"confidence": analysis.confidence, "resamples": analysis.bootstrap_resamples}
-    control_correct = [float(r["correct"]) for r in samples["control"]]
+    k = config.generation.samples_per_problem
+
+    def per_problem(values: list[float]) -> list[float]:
+        """Each problem's mean over its k samples (records come problem by problem): the unit
+        the intervals resample, since one problem's samples are not independent of each other."""
+        return [sum(values[i : i + k]) / k for i in range(0, len(values), k)]
+
+    def rate_interval(hits: list[float]) -> tuple[float, float]:
+        if k == 1:
+            return wilson_interval(int(sum(hits)), len(hits), z)
+        return bootstrap_mean_interval(per_problem(hits), **boot)
+
+    control_correct = per_problem([float(r["correct"]) for r in samples["control"]])
     variants = {}
     for variant, records in samples.items():
         correct = [float(r["correct"]) for r in records]
@@ -327,16 +379,16 @@ def stage_analyze(config: Config, plan: dict) -> dict:
             "n": n,
             "correct": int(sum(correct)),
             "accuracy": sum(correct) / n,
-            "accuracy_ci": wilson_interval(int(sum(correct)), n, z),
+            "accuracy_ci": rate_interval(correct),
             "format_rate": sum(formatted) / n,
-            "format_ci": wilson_interval(int(sum(formatted)), n, z),
+            "format_ci": rate_interval(formatted),
             "efficiency_mean": sum(efficiency) / n,
-            "efficiency_ci": bootstrap_mean_interval(efficiency, **boot),
+            "efficiency_ci": bootstrap_mean_interval(per_problem(efficiency), **boot),
             "completion_tokens_mean": sum(r["completion_tokens"] for r in records) / n,
             "finished_by_length": sum(r["finish_reason"] == "length" for r in records),
         }
         if variant != "control":
-            mean, low, high = paired_bootstrap_difference(correct, control_correct, **boot)
+            mean, low, high = paired_bootstrap_difference(per_problem(correct), control_correct, **boot)
             row["accuracy_minus_control"] = mean
             row["accuracy_minus_control_ci"] = (low, high)
         variants[variant] = row
@@ -365,8 +417,9 @@ def _markdown(report: dict) -> str:
         f"{report['problems']} problems ({report['data_origin']}) x "
         f"{report['samples_per_problem']} sample(s) "
         f"per variant; max_tokens {report['generation']['max_tokens']}, temperature "
-        f"{report['generation']['temperature']}. Intervals: {pct}% (Wilson for rates, bootstrap for means "
-        "and for the paired difference from control).",
+        f"{report['generation']['temperature']}. Intervals: {pct}% ("
+        + ("Wilson for rates, " if report["samples_per_problem"] == 1 else "")
+        + "bootstrap over problems for the rest, including the paired difference from control).",
         "",
         "| variant | accuracy | vs control | format | efficiency | completion tokens |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -470,10 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 plan = stage_configure(config)
             else:
                 if plan is None:
-                    path = config.run.out_dir / "plan.json"
-                    if not path.exists():
-                        raise ConfigError(f"no {path}: run the configure stage first")
-                    plan = json.loads(path.read_text())
+                    plan = load_plan(config)
                 if stage == "generate":
                     stage_generate(config, plan)
                 else:

@@ -4,7 +4,7 @@
 ``2468/2`` are all 1234; ``3/4``, ``0.75`` and ``\\frac{3}{4}`` are equal; ``1 1/2`` is 1.5.
 Numbers are compared as exact fractions, never as floats.
 
-Rewards: ``format`` is 1 when the completion has an ``Answer:`` line with a number on it;
+Rewards: ``format`` is 1 when the completion ends with an ``Answer:`` line with a number on it;
 ``efficiency`` depends on the completion's own length only (1 for an empty completion, 0 at
 or past the token limit): the prompt's length, which the variant's prefix changes, never
 enters it.
@@ -15,14 +15,20 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_ANSWER_LINE = re.compile(r"^[\s>*_#-]*answer[\s*_]*[:：][\s*_]*(?P<rest>.*)$", re.IGNORECASE | re.MULTILINE)
+_ANSWER_LINE = re.compile(
+    r"^[\s>*_#-]*(?:final\s+)?answer[\s*_]*[:：][\s*_]*(?P<rest>.*)$", re.IGNORECASE | re.MULTILINE
+)
 _FRAC_LATEX = re.compile(r"\\[dt]?frac\{\s*(-?[\d.,]+)\s*\}\{\s*(-?[\d.,]+)\s*\}")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-# A number: optional sign, digits with optional thousands commas, optional decimals; then
-# optionally a mixed fraction ("1 1/2") or a fraction ("3/4").
+# A number, not part of a word ("CO2", "x2"): an optional sign (a minus sign or a hyphen, or an
+# en dash right before the digits), an optional currency sign, digits with optional thousands
+# commas (groups of exactly three), optional decimals; then optionally a mixed fraction
+# ("1 1/2") or a fraction ("3/4"). A number followed by ",<digit>" is a list or a bad grouping.
 _NUMBER = re.compile(
-    r"(?P<sign>[-−–]?)\s*(?P<int>\d{1,3}(?:,\d{3})+|\d+)?(?P<dec>\.\d+)?"
+    r"(?<![\w.,])(?P<sign>[-−]\s*|–(?=[\d$€£¥]))?[$€£¥]?\s*"
+    r"(?P<int>\d{1,3}(?:,\d{3})+(?![\d,])|\d+(?![\d,]))?(?P<dec>\.\d+)?"
     r"(?:(?:\s+(?P<mnum>\d+)\s*/\s*(?P<mden>\d+))|(?:\s*/\s*(?P<den>\d+(?:\.\d+)?)))?"
+    r"(?![\w,]\d)"
 )
 
 
@@ -81,7 +87,9 @@ def grade(completion: str, reference: Fraction) -> dict:
 
 
 def format_reward(completion: str) -> float:
-    return 1.0 if parse_number(extract_answer(completion)) is not None else 0.0
+    """1 when the completion ends with an ``Answer:`` line holding a number (what the system prompt asks)."""
+    lines = [line for line in completion.splitlines() if line.strip()]
+    return 1.0 if lines and parse_number(extract_answer(lines[-1])) is not None else 0.0
 
 
 def efficiency_reward(completion_tokens: int, max_tokens: int) -> float:

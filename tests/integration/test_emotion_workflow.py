@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "emotion_prefix_gsm8k" / "deploy_and_evaluate.py"
-LAYERS = [0, 15, 29]
+LAYERS = [29, 0, 15]  # the plan keeps them in the order the server returns them: ascending
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_every_variant_and_problem_has_a_graded_sample_with_its_residuals(run):
     out, _ = run
     records = samples(out)
     plan = json.loads((out / "plan.json").read_text())
-    assert len(plan["problems"]) == 3 and plan["layers"] == LAYERS
+    assert len(plan["problems"]) == 3 and plan["layers"] == sorted(LAYERS)
     assert len(records) == 21
     assert {r["variant"] for r in records} == {
         "control", "frustration", "impatience", "anxiety", "collaborative", "patience", "calm",
@@ -60,6 +60,32 @@ def test_every_variant_and_problem_has_a_graded_sample_with_its_residuals(run):
     control = {r["problem_id"]: r for r in records if r["variant"] == "control"}
     calm = {r["problem_id"]: r for r in records if r["variant"] == "calm"}
     assert all(calm[p]["prompt_tokens"] > control[p]["prompt_tokens"] for p in control)  # the prefix is there
+
+
+def test_a_stored_residual_is_hf_s_hidden_state_at_the_last_prompt_token(run):
+    """Independent reference: plain HF on the same chat, rendered as the server renders it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.engine.loading import embedded_model_dir
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from variants import messages
+
+    out, _ = run
+    record = next(r for r in samples(out) if r["variant"] == "frustration")
+    folder = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(
+        messages("frustration", record["question"]), add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == record["prompt_tokens"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    stored = load_file(out / "samples" / "frustration" / record["activations"]["file"])["residual"]
+    for row, layer in enumerate(sorted(LAYERS)[:2]):  # the last layer's HF state is after the final norm
+        torch.testing.assert_close(stored[row], hidden[layer + 1][0, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_the_report_agrees_with_the_per_sample_files(run):
@@ -91,33 +117,36 @@ def test_the_report_agrees_with_the_per_sample_files(run):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerunning_skips_finished_samples(run):
+def test_rerunning_redoes_only_unfinished_samples(run):
     out, stages = run
     before = {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*/*")}
-    (out / "samples" / "calm").joinpath(
-        sorted(p.name for p in (out / "samples" / "calm").glob("*.json"))[0]
-    ).unlink()
-    again = stages("configure", "generate")
+    sorted((out / "samples" / "calm").glob("*.json"))[0].unlink()  # no record
+    sorted((out / "samples" / "anxiety").glob("*.safetensors"))[0].unlink()  # a record without its tensors
+    again = stages("generate")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "1 of 21 samples to do (20 already done)" in again.stderr
+    assert "2 of 21 samples to do (19 already done)" in again.stderr
     after = {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*/*")}
-    changed = [p.name for p in after if after[p] != before.get(p)]
-    assert len(changed) == 2  # the one sample redone: its JSON and its tensors; nothing else touched
+    changed = sorted(p.parent.name for p in after if after[p] != before.get(p))
+    assert changed == ["anxiety", "anxiety", "calm", "calm"]  # those two, record and tensors; nothing else
 
 
-def test_a_changed_plan_is_refused_rather_than_mixed(run, tmp_path):
+@pytest.mark.parametrize("stage", ["configure", "generate", "analyze"])
+def test_a_changed_config_is_refused_rather_than_mixed(run, tmp_path, stage):
     out, _ = run
     config = tmp_path / "config.yaml"
     config.write_text(
         f"server: {{url: '{_url(out)}'}}\n"
-        "data: {source: bundled, limit: 4, seed: 1}\n"
+        "data: {source: bundled, limit: 3, seed: 1}\n"
+        "generation: {max_tokens: 25}\n"  # was 24
+        f"capture: {{layers: {LAYERS}}}\n"
         f"run: {{out_dir: '{out}'}}\n"
     )
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(config), "--stages", "configure"],
+        [sys.executable, str(SCRIPT), "--config", str(config), "--stages", stage],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 2 and "another plan" in result.stderr
+    assert result.returncode == 2 and "generation" in result.stderr
+    assert "another plan" in result.stderr or "differs from" in result.stderr
 
 
 def _url(out: Path) -> str:

@@ -71,6 +71,7 @@ def test_the_sae_run_reports_error_l0_and_dead_features(tmp_path):
     assert sae["train_tokens"] + sae["eval_tokens"] > 50
     assert 0 < sae["eval_fraction_of_variance_unexplained"] < 2
     assert 0 <= sae["eval_l0"] <= 576 and 0 <= sae["dead_features"] <= 576
+    assert sae["eval_tokens"] < sae["train_tokens"]  # whole texts held out
     assert sae["curve"][-1]["mse"] < sae["curve"][0]["mse"]  # it learned something
     assert (tmp_path / "sae_training.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -86,12 +87,21 @@ def test_running_out_of_memory_prints_what_to_reduce(monkeypatch, capsys, tmp_pa
     assert not (tmp_path / "analysis.json").exists()
 
 
+def test_an_outlier_feature_needs_two_layers_at_the_least():
+    def layer(units):
+        return {"units_over_threshold": units}
+
+    found = survey.outlier_features({0: layer([5, 7]), 10: layer([7]), 20: layer([])}, layer_share=0.25)
+    assert [o["unit"] for o in found] == [7]  # 5 is over threshold in one layer of three only
+
+
 @pytest.mark.parametrize(
     "args, complaint",
     [
         (["--layers", "a,b"], "comma-separated"),
         (["--num-samples", "0"], "at least 1"),
         (["--num-samples", "999"], "only"),
+        (["--server", "http://127.0.0.1:9", "--dtype", "bfloat16"], "the server's own settings apply"),
     ],
 )
 def test_bad_arguments_are_refused(args, complaint, capsys, tmp_path):

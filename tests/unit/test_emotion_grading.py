@@ -39,6 +39,13 @@ from variants import PREFIXES, SYSTEM_PROMPT, messages  # noqa: E402
         ("Answer: seventy-two", None),
         ("Answer: 5/0", None),
         ("My answer: 8", None),  # "answer:" must start the line
+        ("Final Answer: 42", Fraction(42)),
+        ("Answer: -$5", Fraction(-5)),
+        ("Answer: 1,000,000", Fraction(1_000_000)),
+        ("Answer: 1,0000", None),  # a broken grouping is no number
+        ("Answer: 1,2,3", None),  # nor is a list
+        ("Answer: x2 = 18", Fraction(18)),  # digits inside words are not numbers
+        ("Answer: CO2 weighs 44", Fraction(44)),
     ],
 )
 def test_answers_are_read_from_the_last_answer_line(completion, expected):
@@ -60,6 +67,12 @@ def test_grading_compares_exactly_against_the_reference():
         "correct": True,
         "format_reward": 1.0,
     }
+
+
+def test_format_needs_the_answer_line_last():
+    assert format_reward("Answer: 7\nHope this helps!") == 0.0
+    assert grade("Answer: 7\nHope this helps!", Fraction(7))["correct"]  # still graded
+    assert format_reward("work...\n\nAnswer: 7\n\n") == 1.0
 
 
 def test_efficiency_depends_on_the_completion_length_only():
@@ -112,6 +125,10 @@ def test_the_example_config_loads_and_relative_paths_follow_the_file():
         ("generation:\n  temperature: -1\n", "generation.temperature"),
         ("- just\n- a list\n", "must be a mapping"),
         ("generation: {max_tokens: [\n", "while parsing"),
+        ("data:\n  source: bundled\n  path: x.jsonl\n", "data.path is not used with data.source bundled"),
+        ("data:\n  source: jsonl\n  path: x.jsonl\n  split: train\n", "data.split is not used"),
+        ("generation:\n  samples_per_problem: 2\n", "needs temperature > 0"),
+        ("capture:\n  layers: []\n", "capture.layers"),
     ],
 )
 def test_a_bad_config_is_refused_naming_the_key(tmp_path, text, complaint):
@@ -153,6 +170,8 @@ def test_auto_falls_back_when_gsm8k_cannot_be_reached(monkeypatch):
 
 
 def test_interval_estimates():
+    low, high = wilson_interval(5, 10)  # the textbook value
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and 0.25 < high < 0.35
     low, high = wilson_interval(10, 10)
