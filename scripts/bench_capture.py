@@ -41,16 +41,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import add_model_arguments  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-def build(model: str, root: Path):
+def build(args, root: Path):
     from server.engine.engine import Engine
     from server.engine.loading import load_model
     from server.storage import ActivationStore
 
-    engine = Engine(load_model(model, dtype="auto", device="auto"))
+    engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device))
     return engine, ActivationStore(root)
 
 
@@ -100,7 +102,7 @@ def child(args) -> None:
     from server.storage import ActivationStore
 
     with tempfile.TemporaryDirectory() as warm_root, tempfile.TemporaryDirectory() as root:
-        engine, warm_store = build(args.model, Path(warm_root))
+        engine, warm_store = build(args, Path(warm_root))
         run_once(engine, warm_store, 4, args.capture)  # first-call allocations happen before measuring
         store = ActivationStore(Path(root))
         with RssSampler() as rss:
@@ -121,14 +123,25 @@ def child(args) -> None:
 
 
 def spawn(args, max_tokens: int, capture: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--max-tokens", str(max_tokens)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+    ]
+    cmd += ["--max-tokens", str(max_tokens)]
     out = subprocess.run(cmd + (["--capture"] if capture else []), check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="embedded")
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timing-tokens", type=int, default=128)
     parser.add_argument("--sizes", default="64,256,1024")
@@ -142,7 +155,7 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as root:
-        engine, store = build(args.model, Path(root))
+        engine, store = build(args, Path(root))
         run_once(engine, store, 8, False)  # warm both paths
         run_once(engine, store, 8, True)
         pairs = []

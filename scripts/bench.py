@@ -1,0 +1,226 @@
+#!/usr/bin/env python
+"""Every benchmark in one command: runs each script, then writes one JSON and one markdown table.
+
+    .venv/bin/python scripts/bench.py            # the README's figures: about 20 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench.py --quick    # every script with small sizes: a smoke run (~3 minutes)
+    .venv/bin/python scripts/bench.py --only serving lda --model Qwen/Qwen3-0.6B --dtype bfloat16
+
+The benchmarks (each its own script, each measuring its ratios side by side in one run):
+
+    serving   bench_serving.py   the server's chat path over HTTP vs raw HF generate; resident
+                                 memory vs the weights' bytes
+    capture   bench_capture.py   generation with every layer's resid_post captured vs without;
+                                 peak memory and bytes written as max_tokens grows
+    lda       bench_lda.py       LDA in batches vs one prompt at a time; memory per extra row
+    batching  bench_batching.py  8 concurrent clients, batching vs one request at a time;
+                                 latency against a request served alone
+
+Each writes ``<out-dir>/<name>.json``; this script reads them back and writes
+``<out-dir>/summary.json`` and ``<out-dir>/summary.md`` (the table the README shows), with
+the machine, the model, the dtype, the library versions and the git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+# name -> (script, arguments for the README's figures, arguments for --quick)
+BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
+    "serving": ("bench_serving.py", ["--repeats", "5"], ["--repeats", "1", "--max-tokens", "16"]),
+    "capture": ("bench_capture.py", [], ["--repeats", "1", "--timing-tokens", "16", "--sizes", "16,64"]),
+    "lda": (
+        "bench_lda.py",
+        ["--repeats", "3"],
+        ["--repeats", "1", "--prompts", "8", "--batch-size", "4", "--max-new-tokens", "8"],
+    ),
+    "batching": (
+        "bench_batching.py",
+        [],
+        ["--clients", "4", "--requests", "2", "--max-tokens", "16", "--batch-size", "4"],
+    ),
+}
+MIB = 2**20
+
+
+def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict, float]:
+    script, full, quick = BENCHMARKS[name]
+    out = args.out_dir / f"{name}.json"
+    command = [sys.executable, str(SCRIPTS / script), "--out", str(out), *(quick if args.quick else full)]
+    command += ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
+    print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
+    started = time.monotonic()
+    subprocess.run(command, check=True, cwd=ROOT)
+    return json.loads(out.read_text()), time.monotonic() - started
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def rows(name: str, r: dict) -> list[tuple[str, str]]:
+    """The figures of one benchmark: (what, value) pairs for the table."""
+    if name == "serving":
+        return [
+            ("chat over HTTP vs raw HF `generate`, time (total)", f"{r['time_ratio_total']:.3f}x"),
+            ("server generation function in-process vs raw, time", f"{r['engine_time_ratio_total']:.3f}x"),
+            (
+                "raw / server tokens per second",
+                f"{r['raw_tokens_per_s']:.1f} / {r['server_tokens_per_s']:.1f}",
+            ),
+            ("same text as raw `generate`", "yes" if r["same_text_as_raw_generate"] else "**no**"),
+            (
+                "resident memory above baseline after the first request, in weight copies",
+                f"{r['weight_copies_after_first_request']:.2f} "
+                f"({r['weight_bytes'] / MIB:.0f} MiB of weights)",
+            ),
+            ("the same after a request mix", f"{r['weight_copies_after_mix']:.2f}"),
+        ]
+    if name == "capture":
+        out = [
+            (
+                f"generation with every layer's `resid_post` captured vs without, "
+                f"{r['timing_tokens']} tokens",
+                f"{r['time_ratio_total']:.3f}x",
+            )
+        ]
+        for size in r["sizes"]:
+            capture, plain = size["capture"], size["plain"]
+            out.append(
+                (
+                    f"peak memory increase at max_tokens {size['max_tokens']}: plain / with capture",
+                    f"{plain['peak_rss_increase_bytes'] / MIB:.1f} / "
+                    f"{capture['peak_rss_increase_bytes'] / MIB:.1f} MiB",
+                )
+            )
+            out.append(
+                (
+                    f"capture bytes at max_tokens {size['max_tokens']}: written / manifest / expected",
+                    f"{capture['bytes_written'] / MIB:.2f} / {capture['manifest_bytes'] / MIB:.2f} / "
+                    f"{size['expected_bytes'] / MIB:.2f} MiB",
+                )
+            )
+        return out
+    if name == "lda":
+        return [
+            (
+                f"LDA in batches of {r['batch_size']} vs one at a time, tokens per second",
+                f"{r['throughput_ratio']:.2f}x",
+            ),
+            ("same tokens in both modes", "yes" if r["same_tokens"] else "**no**"),
+            (
+                "memory per extra batch row: measured / estimated",
+                f"{r['memory_per_extra_row'] / MIB:.1f} / "
+                f"{r['estimated_memory_per_extra_row'] / MIB:.1f} MiB",
+            ),
+        ]
+    if name == "batching":
+        on, off, alone = r["batching"], r["one_at_a_time"], r["single_client"]
+        return [
+            (
+                f"{r['clients']} clients, batching vs one at a time, tokens per second",
+                f"{r['throughput_ratio']:.2f}x",
+            ),
+            ("latency p95 under load vs a request alone (p50)", f"{r['p95_over_single_p50']:.2f}x"),
+            (
+                "the machine's floor: a batch step vs a single step, in process",
+                f"{r['in_process_batch_vs_alone']['ratio']:.2f}x",
+            ),
+            (
+                "time to first token p50: batching / one at a time",
+                f"{on['ttft_p50']:.2f} / {off['ttft_p50']:.2f} s",
+            ),
+            (
+                "latency p50: batching / one at a time / alone",
+                f"{on['latency_p50']:.2f} / {off['latency_p50']:.2f} / {alone['latency_p50']:.2f} s",
+            ),
+            ("same answers with and without batching", "yes" if r["same_answers"] else "**no**"),
+        ]
+    raise KeyError(name)
+
+
+def markdown(summary: dict) -> str:
+    machine = summary["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
+    lines = [
+        f"Model {summary['model']} ({summary['dtype']}, device {summary['device']}); {machine['platform']}, "
+        f"{machine['cpus']} CPUs, Python {machine['python']}; {versions}; commit {summary['commit']}; "
+        f"{'--quick sizes' if summary['quick'] else 'full sizes'}.",
+        "",
+        "| benchmark | figure | value |",
+        "| --- | --- | --- |",
+    ]
+    for name, entry in summary["benchmarks"].items():
+        for what, value in rows(name, entry["result"]):
+            lines.append(f"| {name} | {what} | {value} |")
+    lines.append("")
+    lines.append(
+        "Wall time: "
+        + ", ".join(
+            f"{name} {entry['seconds'] / 60:.1f} min" for name, entry in summary["benchmarks"].items()
+        )
+        + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), default=list(BENCHMARKS))
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not figures to quote")
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench_results")
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    import psutil
+    import torch
+
+    benchmarks = {}
+    for name in args.only:
+        result, seconds = run_benchmark(name, args)
+        benchmarks[name] = {"seconds": round(seconds, 1), "result": result}
+    first = next(iter(benchmarks.values()))["result"]
+    summary = {
+        "model": first.get("model", args.model),
+        "dtype": first.get("dtype", args.dtype),
+        "device": "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
+        "quick": args.quick,
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": psutil.cpu_count(),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "nnsight", "fastapi", "uvicorn")},
+        "commit": git_commit(),
+        "benchmarks": benchmarks,
+    }
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    (args.out_dir / "summary.md").write_text(table)
+    print("\n" + table)
+    print(f"written to {args.out_dir / 'summary.json'} and {args.out_dir / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
