@@ -1,0 +1,205 @@
+"""Named bad inputs, one by one: each gets a 4xx in the OpenAI shape naming what is wrong, nothing
+runs on the model, and the server answers the next good request.
+
+(Generated bad inputs, from the OpenAPI schema, are in test_hostile_schema.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.config import Settings
+
+KEY = "hostile-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HELLO = [{"role": "user", "content": "Hello"}]
+HIDDEN = 64  # the tiny model's
+
+
+@pytest.fixture(scope="module")
+def app_client(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    settings = Settings(
+        model=str(tiny_model_dir),
+        api_key=KEY,
+        max_tokens_cap=16,
+        max_n=4,
+        max_messages=8,
+        max_body_size=200_000,
+        activations_dir=root / "activations",
+        vectors_dir=root / "vectors",
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client, root / "activations"
+
+
+def chat(**fields) -> dict:
+    return {"messages": HELLO, "max_tokens": 4, **fields}
+
+
+def raw(text: str) -> bytes:
+    return text.encode()
+
+
+def add(vector) -> dict:
+    return {"type": "add", "layer": 0, "hook_point": "resid_post", "vector": vector}
+
+
+NAN_VECTOR = raw(
+    '{"messages": [{"role": "user", "content": "x"}], '
+    '"interventions": [{"type": "add", "layer": 0, "hook_point": "resid_post", '
+    f'"vector": [NaN{", 0.0" * 63}]}}]}}'
+)
+
+# name: (path, body (dict: JSON; bytes: sent as is), headers beyond the key, status, param or None)
+CASES = {
+    "malformed JSON": (
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "x"}'),
+        {},
+        400,
+        None,
+    ),
+    "not JSON at all": ("/v1/chat/completions", raw("messages=hello"), {}, 400, None),
+    "a JSON array body": ("/v1/chat/completions", raw("[1, 2]"), {}, 400, None),
+    "max_tokens as a string": ("/v1/chat/completions", chat(max_tokens="10"), {}, 400, "max_tokens"),
+    "temperature as a bool": ("/v1/chat/completions", chat(temperature=True), {}, 400, "temperature"),
+    "messages as a string": ("/v1/chat/completions", {"messages": "hello"}, {}, 400, "messages"),
+    "max_tokens huge": ("/v1/chat/completions", chat(max_tokens=10**12), {}, 400, "max_tokens"),
+    "max_tokens negative": ("/v1/chat/completions", chat(max_tokens=-5), {}, 400, "max_tokens"),
+    "n negative": ("/v1/chat/completions", chat(n=-1), {}, 400, "n"),
+    "n above --max-n": ("/v1/chat/completions", chat(n=5), {}, 400, "n"),
+    "temperature 1e308": ("/v1/chat/completions", chat(temperature=1e308), {}, 400, "temperature"),
+    "seed past 64 bits": ("/v1/chat/completions", chat(seed=2**70), {}, 400, "seed"),
+    "NaN temperature": (
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}'),
+        {},
+        400,
+        "temperature",
+    ),
+    "no messages": ("/v1/chat/completions", {"messages": []}, {}, 400, "messages"),
+    "too many messages": ("/v1/chat/completions", {"messages": HELLO * 9}, {}, 400, "messages"),
+    "unknown role": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {},
+        400,
+        "messages[0].role",
+    ),
+    "lone surrogate": (
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+        {},
+        400,
+        "messages[0].content",
+    ),
+    "layer out of range": (
+        "/v1/chat/completions",
+        chat(capture={"layers": [99], "hook_points": ["resid_post"]}),
+        {},
+        400,
+        "capture.layers[0]",
+    ),
+    "unknown hook point": (
+        "/v1/chat/completions",
+        chat(capture={"hook_points": ["resid_middle"]}),
+        {},
+        400,
+        "capture.hook_points[0]",
+    ),
+    "save_dir escaping the root": (
+        "/v1/chat/completions",
+        chat(capture={"hook_points": ["resid_post"], "save_dir": "../../etc"}),
+        {},
+        400,
+        "capture.save_dir",
+    ),
+    "absolute save_dir": (
+        "/v1/chat/completions",
+        chat(capture={"hook_points": ["resid_post"], "save_dir": "/tmp/x"}),
+        {},
+        400,
+        "capture.save_dir",
+    ),
+    "vector of the wrong size": (
+        "/v1/chat/completions",
+        chat(interventions=[add([1.0, 2.0, 3.0])]),
+        {},
+        400,
+        "interventions[0].vector",
+    ),
+    "NaN in a vector": ("/v1/chat/completions", NAN_VECTOR, {}, 400, "interventions[0].vector"),
+    "unknown stored vector": (
+        "/v1/chat/completions",
+        chat(interventions=[add("no-such-vector")]),
+        {},
+        400,
+        "interventions[0].vector",
+    ),
+    "infinite stored values": (
+        "/v1/vectors",
+        raw('{"name": "v", "values": [Infinity' + ", 0.0" * 63 + "]}"),
+        {},
+        400,
+        "values[0]",
+    ),
+    "vector name with a path": (
+        "/v1/vectors",
+        {"name": "../evil", "values": [0.0] * HIDDEN},
+        {},
+        400,
+        "name",
+    ),
+    "LDA alpha NaN": ("/v1/lda", raw('{"prompt": "x", "alpha": NaN}'), {}, 400, "alpha"),
+    "LDA alpha huge": (
+        "/v1/lda",
+        {"prompt": "x", "alpha": 1e9, "before": {"system_prompt": "Be brief."}},
+        {},
+        400,
+        "alpha",
+    ),
+    "oversized body": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x" * 300_000}]},
+        {},
+        413,
+        None,
+    ),
+    "unknown model": ("/v1/chat/completions", chat(model="gpt-9"), {}, 404, "model"),
+    "wrong API key": ("/v1/chat/completions", chat(), {"Authorization": "Bearer wrong"}, 401, None),
+    "activation id with a path": ("/v1/activations/..%2F..%2Fetc", None, {}, 404, None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(app_client, name):
+    client, activations = app_client
+    path, body, headers, status, param = CASES[name]
+    before = client.app.state.engine.scheduler.stats.batches
+    headers = {**AUTH, **headers}
+    if body is None:
+        response = client.get(path, headers=headers)
+    elif isinstance(body, bytes):
+        response = client.post(path, content=body, headers={**headers, "content-type": "application/json"})
+    else:
+        response = client.post(path, json=body, headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert client.app.state.engine.scheduler.stats.batches == before  # nothing ran on the model
+    assert not [p for p in activations.rglob("*") if p.is_file()]  # nothing written
+    good = client.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+
+
+def test_the_cases_cover_what_the_issue_names():
+    names = " ".join(CASES)
+    kinds = ["malformed", "string", "huge", "negative", "no messages", "too many", "role", "layer"]
+    kinds += ["hook", "size", "NaN", "save_dir", "oversized", "model", "key"]
+    for kind in kinds:
+        assert kind in names, kind
