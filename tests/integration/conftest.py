@@ -23,6 +23,7 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, args: list[str], log_path: Path) -> None:
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -34,6 +35,10 @@ class RunningServer:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             cwd=log_path.parent,  # default stores (./activations, ./vectors) land here, not in the repo
         )
+
+    def flag(self, name: str) -> str:
+        """The value it was started with for ``name`` (e.g. ``--activations-dir``)."""
+        return self.args[self.args.index(name) + 1]
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.app import create_app
 from server.config import Settings
@@ -203,3 +205,37 @@ def test_the_cases_cover_what_the_issue_names():
     kinds += ["hook", "size", "NaN", "save_dir", "oversized", "model", "key"]
     for kind in kinds:
         assert kind in names, kind
+
+
+# -- the request models under arbitrary JSON (hypothesis) ---------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELDS = ["messages", "prompt", "prompts", "model", "max_tokens", "n", "temperature", "top_p", "stop", "seed",
+          "stream", "logprobs", "capture", "interventions", "alpha", "before", "name", "values"]  # fmt: skip
+
+
+@given(body=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), JSON_VALUES, max_size=6))
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+def test_request_models_accept_or_refuse_any_json_cleanly(body):
+    """Any JSON object: a model is built, or a ValidationError that becomes a 400 naming a field."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    from server.errors import validation_error
+    from server.protocol import ChatCompletionRequest, CompletionRequest, ContrastiveCreate, VectorCreate
+    from server.protocol_lda import GenerateLdaBatchRequest, LdaRequest
+
+    for model in (ChatCompletionRequest, CompletionRequest, LdaRequest, GenerateLdaBatchRequest, VectorCreate,
+                  ContrastiveCreate):  # fmt: skip
+        try:
+            model.model_validate(body)
+        except ValidationError as exc:
+            located = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            error = validation_error(RequestValidationError(located))
+            assert error.status == 400 and error.message and error.type == "invalid_request_error"

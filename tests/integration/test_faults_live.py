@@ -1,0 +1,45 @@
+"""Faults on the real server: a client that hangs up in the middle of a stream that captures.
+
+The generation stops at the next token, the capture's directory is removed (no partial
+files), and the next request is served. (Injected out-of-memory and storage errors:
+tests/unit/test_faults.py; SIGTERM mid-request: test_server_lifecycle.py.)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+
+def test_a_client_that_hangs_up_mid_stream_leaves_no_capture_behind(embedded_server, model_id):
+    activations = Path(embedded_server.flag("--activations-dir"))
+    before = {p.name for p in activations.rglob("act-*")}
+    body = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": "Count slowly to two hundred."}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "capture": {"mode": "generate", "layers": [0, 10, 20], "hook_points": ["resid_post"]},
+    }
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", f"{embedded_server.url}/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(8)]  # some tokens, then hang up
+        assert any('"content"' in line for line in received)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the worker notices at its next token
+            partial = [p for p in activations.rglob("act-*") if p.name not in before]
+            if not partial:
+                break
+            time.sleep(0.2)
+        assert not partial, f"left behind: {partial}"
+        assert not [p for p in activations.rglob(".*") if p.suffix in (".part", ".tmp")]
+        after = client.post(
+            f"{embedded_server.url}/v1/chat/completions",
+            json={"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        )
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 3
