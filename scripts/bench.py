@@ -188,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench_results")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="put the table into README.md (between its bench markers)",
+    )
     args = parser.parse_args(argv)
+    if args.update_readme and (args.quick or args.only != list(BENCHMARKS)):
+        parser.error("--update-readme takes a full run of every benchmark (no --quick, no --only)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     import psutil
@@ -219,7 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "summary.md").write_text(table)
     print("\n" + table)
     print(f"written to {args.out_dir / 'summary.json'} and {args.out_dir / 'summary.md'}")
+    if args.update_readme:
+        update_readme(table)
     return 0
+
+
+README_START, README_END = "<!-- bench.py table: start -->", "<!-- bench.py table: end -->"
+
+
+def update_readme(table: str) -> None:
+    """Replace the README's table (between its markers) with this run's."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + table + text[end:])
+    print(f"updated the table in {readme}")
 
 
 if __name__ == "__main__":
