@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Every benchmark in one command: runs each script, then writes one JSON and one markdown table.
 
-    .venv/bin/python scripts/bench.py            # the README's figures: about 20 minutes on 2 CPU cores
-    .venv/bin/python scripts/bench.py --quick    # every script with small sizes: a smoke run (~3 minutes)
+    .venv/bin/python scripts/bench.py            # the README's figures: about 16 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench.py --quick    # every script with small sizes: a smoke run (~2 minutes)
     .venv/bin/python scripts/bench.py --only serving lda --model Qwen/Qwen3-0.6B --dtype bfloat16
 
 The benchmarks (each its own script, each measuring its ratios side by side in one run):
@@ -50,11 +50,13 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     ),
 }
 MIB = 2**20
+README_START, README_END = "<!-- bench.py table: start -->", "<!-- bench.py table: end -->"
 
 
 def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict, float]:
     script, full, quick = BENCHMARKS[name]
     out = args.out_dir / f"{name}.json"
+    out.unlink(missing_ok=True)  # an earlier run's figures must not pass for this one's
     command = [sys.executable, str(SCRIPTS / script), "--out", str(out), *(quick if args.quick else full)]
     command += ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
     print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
@@ -66,7 +68,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict, float]:
 def git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -158,13 +160,18 @@ def markdown(summary: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
     lines = [
         f"Model {summary['model']} ({summary['dtype']}, device {summary['device']}); {machine['platform']}, "
-        f"{machine['cpus']} CPUs, Python {machine['python']}; {versions}; commit {summary['commit']}; "
+        f"{machine['cpus']} CPUs{', ' + machine['gpu'] if machine['gpu'] else ''}, "
+        f"Python {machine['python']}; "
+        f"{versions}; commit {summary['commit']}; "
         f"{'--quick sizes' if summary['quick'] else 'full sizes'}.",
         "",
         "| benchmark | figure | value |",
         "| --- | --- | --- |",
     ]
     for name, entry in summary["benchmarks"].items():
+        if "error" in entry:
+            lines.append(f"| {name} | **failed** | {entry['error']} |")
+            continue
         for what, value in rows(name, entry["result"]):
             lines.append(f"| {name} | {what} | {value} |")
     lines.append("")
@@ -194,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         help="put the table into README.md (between its bench markers)",
     )
     args = parser.parse_args(argv)
-    if args.update_readme and (args.quick or args.only != list(BENCHMARKS)):
-        parser.error("--update-readme takes a full run of every benchmark (no --quick, no --only)")
+    if args.update_readme:
+        if args.quick or set(args.only) != set(BENCHMARKS):
+            parser.error("--update-readme takes a full run of every benchmark (no --quick, no --only)")
+        text = (ROOT / "README.md").read_text()
+        if README_START not in text or README_END not in text:
+            parser.error(f"README.md has no {README_START} ... {README_END} markers")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     import psutil
@@ -203,13 +214,21 @@ def main(argv: list[str] | None = None) -> int:
 
     benchmarks = {}
     for name in args.only:
-        result, seconds = run_benchmark(name, args)
-        benchmarks[name] = {"seconds": round(seconds, 1), "result": result}
-    first = next(iter(benchmarks.values()))["result"]
+        started = time.monotonic()
+        try:
+            result, seconds = run_benchmark(name, args)
+            benchmarks[name] = {"seconds": round(seconds, 1), "result": result}
+        except (subprocess.CalledProcessError, OSError, ValueError) as exc:  # the others still run
+            print(f"=== {name} FAILED: {exc}", flush=True)
+            benchmarks[name] = {"seconds": round(time.monotonic() - started, 1), "error": str(exc)}
+    results = [entry["result"] for entry in benchmarks.values() if "result" in entry]
     summary = {
-        "model": first.get("model", args.model),
-        "dtype": first.get("dtype", args.dtype),
-        "device": "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
+        # what the benchmarks themselves report having loaded (not what was asked for)
+        "model": next((r["model"] for r in results if "dtype" in r), args.model),
+        "dtype": next((r["dtype"] for r in results if "dtype" in r), args.dtype),
+        "device": next(
+            (r["machine"]["device"] for r in results if "device" in r.get("machine", {})), args.device
+        ),
         "quick": args.quick,
         "machine": {
             "platform": platform.platform(),
@@ -226,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "summary.md").write_text(table)
     print("\n" + table)
     print(f"written to {args.out_dir / 'summary.json'} and {args.out_dir / 'summary.md'}")
+    failed = [name for name, entry in benchmarks.items() if "error" in entry]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     if args.update_readme:
         update_readme(table)
     return 0
-
-
-README_START, README_END = "<!-- bench.py table: start -->", "<!-- bench.py table: end -->"
 
 
 def update_readme(table: str) -> None:

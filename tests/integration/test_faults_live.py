@@ -38,6 +38,10 @@ def test_a_client_that_hangs_up_mid_stream_leaves_no_capture_behind(embedded_ser
             time.sleep(0.2)
         assert not partial, f"left behind: {partial}"
         assert not [p for p in activations.rglob(".*") if p.suffix in (".part", ".tmp")]
+        cancelled = [line for line in embedded_server.log_path.read_text().splitlines() if "of 200" in line]
+        assert cancelled and "generation cancelled after" in cancelled[-1]
+        steps = int(cancelled[-1].split("generation cancelled after ")[1].split()[0])
+        assert steps < 150  # it stopped soon after the client left, not at the end
         after = client.post(
             f"{embedded_server.url}/v1/chat/completions",
             json={"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},

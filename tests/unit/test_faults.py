@@ -6,6 +6,8 @@ real server: tests/integration/test_faults_live.py and test_server_lifecycle.py.
 from __future__ import annotations
 
 import errno
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +19,25 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 def files_under(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _in_one_batch(client, body: dict, count: int) -> list:
+    """Send ``count`` requests that the worker takes as one batch: it is held busy until all wait."""
+    scheduler = client.app.state.engine.scheduler
+    gate = threading.Event()
+    held = scheduler.submit_call(lambda: gate.wait(30))
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(client.post, "/v1/chat/completions", json=body) for _ in range(count)]
+        deadline = time.monotonic() + 30
+        while scheduler.depth < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert scheduler.depth == count, "the requests never all queued"
+        sizes_before = dict(scheduler.stats.sizes)
+        gate.set()
+        held.result(timeout=30)
+        responses = [f.result() for f in futures]
+    assert scheduler.stats.sizes.get(count, 0) == sizes_before.get(count, 0) + 1  # one batch of them all
+    return responses
 
 
 def test_out_of_memory_inside_a_batch_fails_each_request_clearly_and_the_next_batch_works(
@@ -31,20 +52,11 @@ def test_out_of_memory_inside_a_batch_fails_each_request_clearly_and_the_next_ba
 
     monkeypatch.setattr(engine_module, "run_batched_generation", out_of_memory)
     body = {"messages": HELLO, "max_tokens": 4, "temperature": 0}
-    scheduler = client.app.state.engine.scheduler
-    with ThreadPoolExecutor(4) as pool:  # concurrent: they meet in one batch
-        responses = list(pool.map(lambda _: client.post("/v1/chat/completions", json=body), range(4)))
-    if scheduler.stats.largest < 2:
-        pytest.skip("the requests did not meet in one batch on this machine")
-    statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) <= {200, 507} and 507 in statuses
-    for response in responses:
-        if response.status_code == 507:
-            assert response.json()["error"]["code"] == "out_of_memory"
+    for response in _in_one_batch(client, body, 4):
+        assert response.status_code == 507
+        assert response.json()["error"]["code"] == "out_of_memory"
     monkeypatch.setattr(engine_module, "run_batched_generation", real)
-    with ThreadPoolExecutor(4) as pool:
-        again = list(pool.map(lambda _: client.post("/v1/chat/completions", json=body), range(4)))
-    assert [r.status_code for r in again] == [200] * 4
+    assert [r.status_code for r in _in_one_batch(client, body, 4)] == [200] * 4
 
 
 @pytest.mark.parametrize("failure", [errno.EROFS, errno.ENOSPC, errno.EACCES])
@@ -56,8 +68,13 @@ def test_a_store_that_cannot_be_written_is_507_and_leaves_nothing(
 
     real_save, real_append = storage.save_tensor, storage._Appender.append
 
-    def broken_save(*args, **kwargs):
-        raise OSError(failure, "injected")
+    saved = []
+
+    def broken_save(*args, **kwargs):  # the first tensor lands, the second fails
+        if saved:
+            raise OSError(failure, "injected")
+        saved.append(args)
+        real_save(*args, **kwargs)
 
     def broken_append(self, tensor):
         real_append(self, tensor)
@@ -69,7 +86,7 @@ def test_a_store_that_cannot_be_written_is_507_and_leaves_nothing(
     body = {
         "messages": HELLO,
         "max_tokens": 3,
-        "capture": {"mode": mode, "layers": [0], "hook_points": ["resid_post"]},
+        "capture": {"mode": mode, "layers": [0, 1], "hook_points": ["resid_post"]},
     }
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 507, response.text
@@ -79,4 +96,24 @@ def test_a_store_that_cannot_be_written_is_507_and_leaves_nothing(
     assert not [d for d in activations_dir.rglob("act-*") if not (d / "manifest.json").exists()]
     monkeypatch.setattr(storage, "save_tensor", real_save)
     monkeypatch.setattr(storage._Appender, "append", real_append)
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_a_manifest_that_cannot_be_written_leaves_nothing(client, activations_dir, monkeypatch):
+    from server.storage import activations as storage
+
+    real = storage._write_atomically
+
+    def no_manifest(path, write):
+        if path.name == storage.MANIFEST:
+            raise OSError(errno.ENOSPC, "injected")
+        real(path, write)
+
+    monkeypatch.setattr(storage, "_write_atomically", no_manifest)
+    before = files_under(activations_dir)
+    body = {"messages": HELLO, "max_tokens": 2, "capture": {"layers": [0, 1], "hook_points": ["resid_post"]}}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 507 and response.json()["error"]["code"] == "storage_error"
+    assert files_under(activations_dir) == before  # the tensors written before it are gone too
+    monkeypatch.setattr(storage, "_write_atomically", real)
     assert client.post("/v1/chat/completions", json=body).status_code == 200

@@ -22,7 +22,7 @@ HIDDEN = 64  # the tiny model's
 
 @pytest.fixture(scope="module")
 def app_client(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
+    root = tmp_path_factory.mktemp("hostile") / "stores"
     settings = Settings(
         model=str(tiny_model_dir),
         api_key=KEY,
@@ -34,7 +34,23 @@ def app_client(tiny_model_dir, tmp_path_factory):
         vectors_dir=root / "vectors",
     )
     with TestClient(create_app(settings)) as client:
-        yield client, root / "activations"
+        yield client, root.parent
+
+
+@pytest.fixture
+def model_work(app_client, monkeypatch):
+    """Counts every piece of work handed to the model's worker (generation jobs and calls: LDA, SVD)."""
+    scheduler = app_client[0].app.state.engine.scheduler
+    submitted = []
+    for name in ("submit_job", "submit_call"):
+        real = getattr(scheduler, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            submitted.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(scheduler, name, counted)
+    return submitted
 
 
 def chat(**fields) -> dict:
@@ -172,15 +188,22 @@ CASES = {
     ),
     "unknown model": ("/v1/chat/completions", chat(model="gpt-9"), {}, 404, "model"),
     "wrong API key": ("/v1/chat/completions", chat(), {"Authorization": "Bearer wrong"}, 401, None),
-    "activation id with a path": ("/v1/activations/..%2F..%2Fetc", None, {}, 404, None),
+    "activation id with a path": ("/v1/activations/%2E%2E", None, {}, 404, None),
+    "intervention layer out of range": (
+        "/v1/chat/completions",
+        chat(interventions=[{"type": "ablate", "layer": 99, "hook_point": "resid_post"}]),
+        {},
+        400,
+        "interventions[0].layer",
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(app_client, name):
-    client, activations = app_client
+def test_a_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(app_client, model_work, name):
+    client, folder = app_client
     path, body, headers, status, param = CASES[name]
-    before = client.app.state.engine.scheduler.stats.batches
+    written = sorted(p for p in folder.rglob("*") if p.is_file())
     headers = {**AUTH, **headers}
     if body is None:
         response = client.get(path, headers=headers)
@@ -193,9 +216,11 @@ def test_a_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(app_client, n
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     if param is not None:
         assert error["param"] == param, error
-    assert client.app.state.engine.scheduler.stats.batches == before  # nothing ran on the model
-    assert not [p for p in activations.rglob("*") if p.is_file()]  # nothing written
-    good = client.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    if status == 404 and body is None:
+        assert error["code"] == "not_found"  # refused by the store, not by the router
+    assert model_work == []  # nothing was handed to the model
+    assert sorted(p for p in folder.rglob("*") if p.is_file()) == written  # nothing written anywhere
+    good = client.post("/v1/chat/completions", json=chat(temperature=0, ignore_eos=True), headers=AUTH)
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
 
 
@@ -228,14 +253,30 @@ def test_request_models_accept_or_refuse_any_json_cleanly(body):
     from pydantic import ValidationError
 
     from server.errors import validation_error
-    from server.protocol import ChatCompletionRequest, CompletionRequest, ContrastiveCreate, VectorCreate
-    from server.protocol_lda import GenerateLdaBatchRequest, LdaRequest
+    from server.protocol import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        ContrastiveCreate,
+        PresetCreate,
+        ServerCaptureConfig,
+        VectorCreate,
+    )
+    from server.protocol_lda import GenerateLdaBatchRequest, GenerateLdaRequest, LdaRequest
 
-    for model in (ChatCompletionRequest, CompletionRequest, LdaRequest, GenerateLdaBatchRequest, VectorCreate,
-                  ContrastiveCreate):  # fmt: skip
+    models = [
+        ChatCompletionRequest,
+        CompletionRequest,
+        LdaRequest,
+        GenerateLdaRequest,
+        GenerateLdaBatchRequest,
+    ]
+    models += [VectorCreate, ContrastiveCreate, PresetCreate, ServerCaptureConfig]
+    for model in models:
         try:
             model.model_validate(body)
         except ValidationError as exc:
             located = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             error = validation_error(RequestValidationError(located))
             assert error.status == 400 and error.message and error.type == "invalid_request_error"
+            if any(e["loc"] for e in exc.errors()):  # a field is to blame: the error names one
+                assert error.param, (model.__name__, exc.errors())

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from server.app import create_app
 from server.config import Settings
+from server.protocol import ServerCaptureConfig
 
 EXAMPLES = int(os.environ.get("NNSIGHT_FUZZ_EXAMPLES", "0"))
 
@@ -86,8 +87,17 @@ def _fuzz(fuzzed, label: str, examples: int, derandomize: bool) -> None:
     def run(case):
         _check(client, case)
 
+    client.app.state.chat.server_capture.config = ServerCaptureConfig()  # what a case may have set
     run()
-    assert client.get("/health").status_code == 200  # still serving
+    client.app.state.chat.server_capture.config = ServerCaptureConfig()
+    good = {
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 3,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    after = client.post("/v1/chat/completions", json=good)  # the model still answers
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 3
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
