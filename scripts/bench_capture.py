@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import add_model_arguments  # noqa: E402
+from bench_common import add_model_arguments, model_flags  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
@@ -123,18 +123,7 @@ def child(args) -> None:
 
 
 def spawn(args, max_tokens: int, capture: bool) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
-    ]
-    cmd += ["--max-tokens", str(max_tokens)]
+    cmd = [sys.executable, __file__, "--child", *model_flags(args), "--max-tokens", str(max_tokens)]
     out = subprocess.run(cmd + (["--capture"] if capture else []), check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

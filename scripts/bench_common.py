@@ -20,6 +20,11 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--device", default="auto")
 
 
+def model_flags(args) -> list[str]:
+    """The model arguments again, for a child process (a server or a measuring subprocess)."""
+    return ["--model", args.model, "--dtype", args.dtype, "--device", args.device]
+
+
 def start_server(args, *flags: str) -> tuple[subprocess.Popen, str]:
     """``python -m server`` on a free loopback port with ``args``' model, dtype and device and
     ``flags``; returns the process and its URL once ``/health`` answers."""
@@ -33,12 +38,7 @@ def start_server(args, *flags: str) -> tuple[subprocess.Popen, str]:
         "server",
         "--port",
         str(port),
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
+        *model_flags(args),
         "--log-level",
         "warning",
         *flags,

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_common import add_model_arguments  # noqa: E402
+from bench_common import add_model_arguments, model_flags  # noqa: E402
 
 TOPICS = ["volcanoes", "the moon", "jazz", "bridges", "whales", "clocks", "maps", "kites", "honey", "rain"]
 SYSTEM_AFTER = "You are a helpful assistant."
@@ -142,12 +142,7 @@ def measure_memory(args, rows: int) -> int:
         __file__,
         "--memory-child",
         str(rows),
-        "--model",
-        args.model,
-        "--dtype",
-        args.dtype,
-        "--device",
-        args.device,
+        *model_flags(args),
         "--max-new-tokens",
         str(args.max_new_tokens),
     ]
