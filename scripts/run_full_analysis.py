@@ -177,6 +177,7 @@ class InProcess:
 
     def residuals(self, texts: list[str], layers: list[int]) -> list[dict[int, torch.Tensor]]:
         """Per text: {layer: [positions, hidden] float32 on the CPU}."""
+        from server.engine.capture import first_tensor
         from server.engine.steps import StepPlan
 
         tokenizer = self.loaded.tokenizer
@@ -192,14 +193,8 @@ class InProcess:
             saved.update(StepPlan(tuple(points), (), width).run_step(self.loaded.wrapper, save=True))
         out = []
         for i, row in enumerate(rows):  # right padding: a text's positions are its first len(row)
-            out.append({p.layer: _first(saved[p.name])[i, : len(row)].float().cpu() for p in points})
+            out.append({p.layer: first_tensor(saved[p.name])[i, : len(row)].float().cpu() for p in points})
         return out
-
-
-def _first(value) -> torch.Tensor:
-    while isinstance(value, (tuple, list)):
-        value = value[0]
-    return value
 
 
 # -- activations: through a running server ---------------------------------------------------------

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from server.storage import files
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(HERE.parent)]
@@ -50,11 +52,9 @@ STAGES = ("deploy", "configure", "generate", "analyze")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write under a temporary name, then rename: a reader never sees half a file."""
+    """A reader never sees half a file (the server's own atomic write, under a fresh folder if need be)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    files.write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: Path, value) -> None:
@@ -216,17 +216,18 @@ def _generate_one(config: Config, plan: dict, variant: str, problem: dict, k: in
     seconds = time.monotonic() - started
     choice = completion.choices[0]
     text = choice.message.content or ""
+    reference = reference_answer(problem["answer"])
     record = {
         "variant": variant,
         "problem_id": problem["id"],
         "sample": k,
         "question": problem["question"],
-        "reference": str(reference_answer(problem["answer"])),
+        "reference": str(reference),
         "completion": text,
         "finish_reason": choice.finish_reason,
         "prompt_tokens": completion.usage.prompt_tokens,
         "completion_tokens": completion.usage.completion_tokens,
-        **grade(text, reference_answer(problem["answer"])),
+        **grade(text, reference),
         "efficiency_reward": efficiency_reward(completion.usage.completion_tokens, gen.max_tokens),
         "request_id": raw.headers.get("x-request-id"),
         "seconds": round(seconds, 3),

@@ -56,6 +56,18 @@ class RunningServer:
             time.sleep(0.5)
         raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
 
+    def __enter__(self) -> RunningServer:
+        """``with RunningServer(...) as server``: healthy inside, stopped after, whatever happens."""
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -90,12 +102,8 @@ def embedded_server(tmp_path_factory):
         "--vectors-dir",
         str(tmp_path_factory.mktemp("vectors")),
     ]
-    server = RunningServer(args, tmp_path_factory.mktemp("logs") / "server.log")
-    try:
-        server.wait_healthy()
+    with RunningServer(args, tmp_path_factory.mktemp("logs") / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

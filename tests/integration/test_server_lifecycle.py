@@ -241,6 +241,22 @@ def test_deploy_remote_refuses_bad_arguments(args, message):
 # -- SIGTERM ---------------------------------------------------------------------------------------
 
 
+class StreamInFlight:
+    """A streamed chat request with a generate-mode capture, running in a thread; started once its
+    first generated token has arrived. ``chunks``: the SSE data lines; ``errors``: what broke it."""
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        self.chunks: list[str] = []
+        self.errors: list[Exception] = []
+        first = threading.Event()
+        self.worker = threading.Thread(
+            target=_stream_until_first_token,
+            args=(url, _generate_with_capture(max_tokens), self.chunks, first, self.errors),
+        )
+        self.worker.start()
+        assert first.wait(120), "no first token within 120 s"
+
+
 def _stream_until_first_token(url: str, body: dict, chunks: list, first: threading.Event, errors: list):
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
@@ -273,18 +289,9 @@ def _generate_with_capture(max_tokens: int) -> dict:
 
 def test_sigterm_lets_a_running_request_finish_and_takes_no_new_ones(server_process, tmp_path):
     activations = tmp_path / "activations"
-    server = server_process(
-        ["--activations-dir", str(activations), "--shutdown-timeout", "120"], tmp_path / "server.log"
-    )
-    try:
-        server.wait_healthy()
-        chunks, errors, first = [], [], threading.Event()
-        worker = threading.Thread(
-            target=_stream_until_first_token,
-            args=(server.url, _generate_with_capture(48), chunks, first, errors),
-        )
-        worker.start()
-        assert first.wait(120)
+    args = ["--activations-dir", str(activations), "--shutdown-timeout", "120"]
+    with server_process(args, tmp_path / "server.log") as server:
+        stream = StreamInFlight(server.url, 48)
         server.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # the listening socket closes at once
@@ -295,14 +302,12 @@ def test_sigterm_lets_a_running_request_finish_and_takes_no_new_ones(server_proc
             time.sleep(0.1)
         else:
             pytest.fail("still taking connections 30 s after SIGTERM")
-        assert worker.is_alive()  # while the running request goes on
-        worker.join(240)
+        assert stream.worker.is_alive()  # while the running request goes on
+        stream.worker.join(240)
         returncode = server.process.wait(120)
-    finally:
-        server.stop()
-    assert not errors
-    assert chunks[-1] == "[DONE]"
-    events = [json.loads(chunk) for chunk in chunks[:-1]]
+    assert not stream.errors
+    assert stream.chunks[-1] == "[DONE]"
+    events = [json.loads(chunk) for chunk in stream.chunks[:-1]]
     finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
     assert finishes == ["length"]
     activations_ref = next(e["activations"] for e in events if e.get("activations"))
@@ -315,27 +320,16 @@ def test_sigterm_lets_a_running_request_finish_and_takes_no_new_ones(server_proc
 
 def test_sigterm_past_the_shutdown_timeout_cancels_and_removes_partial_captures(server_process, tmp_path):
     activations = tmp_path / "activations"
-    server = server_process(
-        ["--activations-dir", str(activations), "--shutdown-timeout", "1", "--max-tokens-cap", "4096"],
-        tmp_path / "server.log",
-    )
-    try:
-        server.wait_healthy()
-        chunks, errors, first = [], [], threading.Event()
-        worker = threading.Thread(
-            target=_stream_until_first_token,
-            args=(server.url, _generate_with_capture(2000), chunks, first, errors),
-        )
-        worker.start()
-        assert first.wait(120)
+    args = ["--activations-dir", str(activations), "--shutdown-timeout", "1", "--max-tokens-cap", "4096"]
+    with server_process(args, tmp_path / "server.log") as server:
+        stream = StreamInFlight(server.url, 2000)
         assert list(activations.rglob("act-*"))  # the capture is being written
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         returncode = server.process.wait(60)
         took = time.monotonic() - signalled
-        worker.join(30)
-    finally:
-        server.stop()
+        stream.worker.join(30)
+    chunks = stream.chunks
     assert returncode in (0, -signal.SIGTERM)
     assert took < 20  # 1 s of grace, then the job stops at its next token
     assert "[DONE]" not in chunks or not any('"finish_reason":"length"' in c for c in chunks)

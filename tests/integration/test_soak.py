@@ -124,12 +124,8 @@ def soak(server, requests_per_client: int) -> dict:
 def soak_server(server_process, tmp_path_factory):
     folder = tmp_path_factory.mktemp("soak")
     args = ["--activations-dir", str(folder / "a"), "--vectors-dir", str(folder / "v"), "--max-queue", "64"]
-    server = server_process(args, folder / "server.log")
-    try:
-        server.wait_healthy()
+    with server_process(args, folder / "server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _check(server, result: dict) -> None:
