@@ -2,6 +2,11 @@
 
 Flags override ``NNSIGHT_SERVER_*`` environment variables, which override the
 defaults in :mod:`server.config`. Logging is configured here, once.
+
+Before anything loads, :func:`preflight` refuses what cannot be served (a model folder that
+does not exist, an adapter that peft cannot switch off, a port in use) with one line that
+says what to do; ``start_server.sh`` runs the same checks (``python -m server.probe
+check-flags``) before it starts a session.
 """
 
 from __future__ import annotations
@@ -13,6 +18,13 @@ import sys
 from pydantic import ValidationError
 
 from .config import ENV_PREFIX, Settings
+from .logs import configure_logging
+
+logger = logging.getLogger("server")
+
+
+class StartupRefused(RuntimeError):
+    """The settings cannot be served; the message says why and what to do."""
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -35,17 +47,50 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        parser.error(str(exc))
+        parser.error("; ".join(_flag_error(error) for error in exc.errors()))
         raise  # unreachable: parser.error exits
+
+
+def _flag_error(error: dict) -> str:
+    """One pydantic error as the flag (or variable) it came from: ``--max-tokens-cap: Input should
+    be a valid integer (got 'lots')``."""
+    name = str(error["loc"][0]) if error.get("loc") else ""
+    where = "--" + name.replace("_", "-") if name else "settings"
+    got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"{where} (or {ENV_PREFIX}{name.upper()}): {error['msg']}{got}"
+
+
+def preflight(settings: Settings, *, check_port: bool = True) -> None:
+    """The checks that need no model: the port is free, ``--model`` names something that exists,
+    ``--adapter`` is a PEFT folder that the installed peft and transformers can switch off.
+
+    Raises:
+        StartupRefused: with the reason.
+    """
+    from .engine.loading import ModelLoadError, check_adapter_support, check_model_source
+    from .probe import port_free
+
+    if check_port and not port_free(settings.host, settings.port):
+        raise StartupRefused(
+            f"port {settings.port} on {settings.host} is in use (another server? see: "
+            f"ss -ltnp 'sport = :{settings.port}'); choose another with --port"
+        )
+    try:
+        check_model_source(settings.model)
+        if settings.adapter is not None:
+            check_adapter_support(settings.adapter)
+    except ModelLoadError as exc:
+        raise StartupRefused(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
+    try:
+        preflight(settings)
+    except StartupRefused as exc:
+        logger.error("not starting: %s", exc)
+        sys.exit(1)
     import uvicorn
 
     from .app import create_app

@@ -4,6 +4,10 @@ plus prometheus-client's parser): no model is loaded here.
     python -m server.probe port-free HOST PORT   exit 0 if a server could bind there, 1 if not
     python -m server.probe health URL             exit 0 if URL/health answers 200, else 1
     python -m server.probe summary URL            what the server is doing, from /health and /metrics
+    python -m server.probe check-flags [FLAGS]    the server's flags (and NNSIGHT_SERVER_* variables)
+                                                  checked as `python -m server` checks them before it
+                                                  loads anything, port aside: exit 0 if they would
+                                                  start, 2 for a bad flag, 1 for what cannot be served
 
 ``summary`` sends ``NNSIGHT_SERVER_API_KEY`` (when set) as the bearer key, as clients do.
 """
@@ -93,6 +97,19 @@ def summary(url: str) -> str:
     return "\n".join(lines)
 
 
+def check_flags(flags: list[str]) -> int:
+    """What ``python -m server FLAGS`` would refuse before loading a model (the port aside:
+    ``port-free`` checks that); argparse itself exits 2 with its usage for a bad flag."""
+    from .__main__ import StartupRefused, parse_args, preflight
+
+    try:
+        preflight(parse_args(flags), check_port=False)
+    except StartupRefused as exc:
+        print(f"not starting: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     usage = __doc__.split("\n\n")[1]
     if len(argv) == 3 and argv[0] == "port-free" and argv[2].isdigit():
@@ -102,6 +119,8 @@ def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "summary":
         print(summary(argv[1]))
         return 0
+    if argv and argv[0] == "check-flags":
+        return check_flags(argv[1:])
     print(usage, file=sys.stderr)
     return 2
 

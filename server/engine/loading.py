@@ -138,6 +138,13 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
         return target
     # Converted in a child process: dequantizing holds about twice the model in memory, and
     # a process keeps what its allocator once held, so the server itself never does it.
+    logger.info(
+        "first start: converting the embedded model %s once into %s "
+        "(about 30-70 s on 2 CPU cores; later starts load it in seconds)",
+        gguf.name,
+        target,
+    )
+    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "server.engine.loading", str(gguf), str(target)],
         capture_output=True,
@@ -146,6 +153,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     if result.returncode != 0 or not (target / "config.json").is_file():
         tail = "\n".join((result.stderr or "").strip().splitlines()[-5:])
         raise ModelLoadError(f"converting the embedded model failed:\n{tail}")
+    logger.info("converted the embedded model in %.1f s", time.perf_counter() - started)
     return target
 
 
@@ -159,8 +167,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting embedded model %s once into %s (about 15 s)", gguf.name, target)
-    started = time.perf_counter()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config_dict = loaded.config.to_dict()
@@ -188,7 +194,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    logger.info("converted embedded model in %.1f s", time.perf_counter() - started)
 
 
 def resolve_source(model: str, cache_dir: Path | None = None) -> tuple[str, str]:
@@ -201,6 +206,54 @@ def resolve_source(model: str, cache_dir: Path | None = None) -> tuple[str, str]
     if model.startswith(("/", ".", "~")):
         raise ModelLoadError(f"--model {model}: no such model folder")
     return model, model  # a hub id: transformers resolves (and caches) it
+
+
+def check_model_source(model: str) -> None:
+    """Fail fast (before anything loads) where ``--model`` cannot be served: a folder that does
+    not exist, or the embedded model's package missing. A hub id is not checked here.
+
+    Raises:
+        ModelLoadError: saying what is wrong and what to do.
+    """
+    if model in EMBEDDED_ALIASES:
+        embedded_gguf_path()
+        return
+    path = Path(model).expanduser()
+    if model.startswith(("/", ".", "~")) and not path.is_dir():
+        raise ModelLoadError(
+            f"--model {model}: no such model folder (give a folder with config.json and weights, "
+            "a hub id such as Qwen/Qwen3-0.6B, or `embedded`)"
+        )
+
+
+def check_adapter_support(adapter: Path) -> None:
+    """Fail fast where ``--adapter`` cannot work: no PEFT adapter folder, peft not installed, or a
+    peft release the installed transformers refuses (it would load the adapter, then fail every
+    request that switches it off).
+
+    Raises:
+        ModelLoadError: naming what to install.
+    """
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    import transformers
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    try:
+        peft_version = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"--adapter needs the peft package (>= {MIN_PEFT_VERSION} for transformers "
+            f"{transformers.__version__}): run `bash scripts/install.sh`, which installs the locked versions"
+        ) from None
+    from packaging.version import Version
+
+    if Version(peft_version) < Version(MIN_PEFT_VERSION):
+        raise ModelLoadError(
+            f"--adapter: transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION}, "
+            f"but peft {peft_version} is installed: run `bash scripts/install.sh`, which installs the "
+            "locked, tested pair (requirements.lock)"
+        )
 
 
 def load_model(
@@ -256,9 +309,9 @@ def load_model(
 
 
 def _inject_adapter(hf_model: torch.nn.Module, adapter: Path) -> None:
-    """Load a PEFT adapter folder into ``hf_model`` in place; refuse one whose weights do not land."""
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelLoadError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    """Load a PEFT adapter folder into ``hf_model`` in place; refuse one whose weights do not land
+    or that cannot be switched off and on again (what LDA's "adapter off" side does)."""
+    check_adapter_support(adapter)
     try:
         info = hf_model.load_adapter(str(adapter), adapter_name="adapter")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -271,6 +324,15 @@ def _inject_adapter(hf_model: torch.nn.Module, adapter: Path) -> None:
             f"--adapter {adapter}: its weights do not fit this model "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, mismatched {mismatched[:3]})"
         )
+    try:
+        hf_model.disable_adapters()
+        hf_model.enable_adapters()
+    except (ImportError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"--adapter {adapter}: it loaded but cannot be switched off ({exc}); LDA's "
+            "`before: {adapter: off}` needs that. Run `bash scripts/install.sh` for the locked, tested "
+            "transformers and peft"
+        ) from exc
     hf_model.eval()
     logger.info("adapter %s injected into the served weights", adapter)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,3 +55,28 @@ def test_unknown_local_or_hub_model_fails_clearly(tmp_path):
         load_model(str(tmp_path / "missing-model"), device="cpu")
     with pytest.raises(ModelLoadError, match="could not load model"):
         load_model("no-such-org/no-such-model", device="cpu")  # offline in tests: fails at once
+
+
+def test_the_first_start_says_it_is_converting_the_embedded_model(tmp_path, monkeypatch, caplog):
+    """The conversion runs in a child process whose output is kept for errors only: the server's
+    own log says when it starts, how long it usually takes, and how long it took."""
+    import logging
+    import subprocess
+
+    from server.engine import loading
+
+    def convert(command, **_):  # the child: writes the folder
+        (Path(command[-1]) / "config.json").parent.mkdir(parents=True)
+        (Path(command[-1]) / "config.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(loading.subprocess, "run", convert)
+    with caplog.at_level(logging.INFO, logger="server.engine.loading"):
+        folder = loading.embedded_model_dir(tmp_path)
+        again = loading.embedded_model_dir(tmp_path)  # converted: nothing to say
+    messages = [r.getMessage() for r in caplog.records]
+    assert folder == again and (folder / "config.json").is_file()
+    assert len(messages) == 2
+    assert messages[0].startswith("first start: converting the embedded model SmolLM2-135M-Instruct")
+    assert "on 2 CPU cores" in messages[0]
+    assert messages[1].startswith("converted the embedded model in ")

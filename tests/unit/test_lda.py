@@ -578,3 +578,47 @@ def test_an_adapter_for_another_model_is_refused(tiny_model_dir, tmp_path):
     get_peft_model(bigger, config).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="--adapter"):
         load_model(str(tiny_model_dir), adapter=tmp_path)
+
+
+def test_a_peft_release_transformers_refuses_is_caught_at_start_up(tiny_model_dir, adapter_dir, monkeypatch):
+    """transformers 5.24 wants peft >= 0.22: the adapter loads, then every request that switches
+    it off fails. The server refuses to start instead, saying what to install."""
+    import transformers.integrations.peft as hf_peft
+
+    monkeypatch.setattr(hf_peft, "MIN_PEFT_VERSION", "99.0")  # what a newer transformers asks for
+    with pytest.raises(ModelLoadError, match=r"needs peft >= 99.0, but peft .* is installed.*install.sh"):
+        load_model(str(tiny_model_dir), adapter=adapter_dir)
+
+
+def test_missing_peft_is_caught_at_start_up(adapter_dir, monkeypatch):
+    import importlib.metadata
+
+    from server.engine.loading import check_adapter_support
+
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name == "peft":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    with pytest.raises(ModelLoadError, match="--adapter needs the peft package"):
+        check_adapter_support(adapter_dir)
+
+
+def test_an_adapter_that_cannot_be_switched_off_is_refused_at_start_up(
+    tiny_model_dir, adapter_dir, monkeypatch
+):
+    """Whatever the reason (here: transformers' own check failing as 5.24's does with peft 0.21)."""
+    from transformers.integrations import peft as hf_peft
+
+    def refuse(self):
+        raise ValueError(
+            "The version of PEFT you are using is not compatible, "
+            "please use a version that is greater than 0.22.0"
+        )
+
+    monkeypatch.setattr(hf_peft.PeftAdapterMixin, "disable_adapters", refuse)
+    with pytest.raises(ModelLoadError, match="cannot be switched off .*greater than 0.22.0"):
+        load_model(str(tiny_model_dir), adapter=adapter_dir)
