@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from .config import Settings
 from .engine.engine import Engine
 from .engine.memory import format_size
-from .errors import install_error_handlers
+from .errors import Redactor, install_error_handlers
 from .metrics import Metrics
 from .middleware import FrontDoor
 from .routes import router
@@ -77,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_size=settings.max_body_size,
         metrics=metrics,
         routes=router.routes,
+        redactor=Redactor(secrets=[api_key], roots=[settings.activations_dir, settings.vectors_dir]),
     )
     install_error_handlers(app)
     app.include_router(router)

@@ -4,20 +4,30 @@ Every 4xx/5xx body is ``{"error": {"message", "type", "param", "code"}}`` as in
 the OpenAI API. Code anywhere in the server raises :class:`APIError` (naming
 ``param`` when a field is to blame); FastAPI's validation and HTTP errors are
 translated by the handlers installed with :func:`install_error_handlers`.
+
+A failure nobody expected (:func:`internal_error`) is a 500 whose message names the
+exception's class and message and the request id that names its traceback in the log.
+The message first passes through the current request's :class:`Redactor` (set by the front
+door): the API key and file paths outside the server's own folders never reach a client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from collections.abc import Iterable
+from contextvars import ContextVar
 from http import HTTPStatus
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .logs import request_id
 from .storage import UnknownActivation, UnknownPreset, UnknownVector
 
 logger = logging.getLogger(__name__)
@@ -63,9 +73,52 @@ def _default_type(status: int) -> str:
     return "invalid_request_error"
 
 
+# An absolute POSIX path (or ~/...) inside a message: it starts after a quote, bracket, space,
+# '=' or ':' (or at the start) and runs to the next quote, bracket, comma or space.
+_PATH = re.compile(r"""(?:(?<=[\s'"(\[=:])|^)(~?/[^\s'"()\[\],;]+)""")
+REDACTED_PATH = "<path>"
+REDACTED_SECRET = "<redacted>"
+
+
+class Redactor:
+    """Takes what a client must not see out of an error message: ``secrets`` (the API key) and
+    absolute file paths outside ``roots`` (the activation and vector stores), which become
+    ``<path>``; paths inside a root are kept, since the client named them."""
+
+    def __init__(self, secrets: Iterable[str | None] = (), roots: Iterable[Path] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.roots = [Path(os.path.realpath(root)) for root in roots]
+
+    def _path(self, match: re.Match) -> str:
+        text = match.group(1)
+        resolved = Path(os.path.realpath(os.path.expanduser(text)))
+        inside = any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
+        return text if inside else REDACTED_PATH
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED_SECRET)
+        return _PATH.sub(self._path, text)
+
+
+# The current request's redactor (the front door sets it); outside a request every path goes.
+current_redactor: ContextVar[Redactor | None] = ContextVar("nnsight_server_redactor", default=None)
+
+MAX_INTERNAL_MESSAGE = 500  # characters of the exception's message a client sees
+
+
 def internal_error(exc: BaseException) -> APIError:
-    """What a client sees of a failure nobody expected (the traceback goes to the log)."""
-    return APIError(f"internal error: {type(exc).__name__}", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+    """What a client sees of a failure nobody expected: the exception's class and message (with
+    secrets and outside paths removed) and the request id under which the log has the traceback."""
+    detail = (current_redactor.get() or Redactor())(str(exc).strip())
+    if len(detail) > MAX_INTERNAL_MESSAGE:
+        detail = detail[:MAX_INTERNAL_MESSAGE] + "..."
+    what = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return APIError(
+        f"internal error: {what} (request id {request_id.get()}; the server log has the traceback)",
+        status=HTTPStatus.INTERNAL_SERVER_ERROR,
+        code="internal_error",
+    )
 
 
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
@@ -114,6 +167,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        logger.log(level, "rejected request: %s %s", exc.status, exc.message)
         return exc.response()
 
     @app.exception_handler(UnknownActivation)
@@ -140,7 +195,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         error = validation_error(exc)
-        logger.info("rejected request: %s", error.message)
+        logger.info("rejected request: %s %s", error.status, error.message)
         return error.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -152,8 +207,6 @@ def install_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return APIError(detail, status=exc.status_code).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises after this handler and the server logs the traceback
-        # ("Exception in ASGI application"); logging it here too would print it twice.
-        return internal_error(exc).response()
+    # No handler for Exception: Starlette would answer it in its outermost middleware and then
+    # re-raise, and the server would close the connection. It reaches the front door instead
+    # (server.middleware), which logs it under the request id and answers the 500.

@@ -12,7 +12,14 @@
   (chunked) is cut off as it arrives, the moment it passes the limit (an HTTPException
   from ``receive``, which FastAPI passes on to the error handlers unchanged).
 * **Access log**: one line per request as it ends, on the ``server.access`` logger
-  (``/health`` and ``/metrics`` at DEBUG: pollers would drown the rest).
+  (``/health`` and ``/metrics`` at DEBUG: pollers would drown the rest). The request id
+  is set in :data:`server.logs.request_id` for the whole request, so every line logged
+  about it (refusals, the engine's worker) carries it too.
+* **Unexpected failures**: an exception no handler turned into a response is logged with
+  its traceback and answered here with a 500 (:func:`~server.errors.internal_error`: the
+  exception's message without secrets, and the request id); the connection stays usable.
+  A failure after the response has started cannot be answered: it is re-raised and the
+  server closes the connection.
 * **Metrics**: the same facts go to :class:`~server.metrics.Metrics`.
 
 Serving code adds tokens and the first token's time to the current request's
@@ -39,9 +46,11 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, internal_error
+from .errors import APIError, Redactor, current_redactor, internal_error
+from .logs import request_id as log_request_id
 from .metrics import Metrics
 
+logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
 
 OPEN_PATHS = frozenset({"/health"})
@@ -126,8 +135,10 @@ class FrontDoor:
         max_body_size: int,
         metrics: Metrics,
         routes: Sequence[BaseRoute] = (),
+        redactor: Redactor | None = None,
     ) -> None:
         self.app = app
+        self.redactor = redactor or Redactor(secrets=[api_key])
         self.routes = routes  # to name the endpoint of a request refused before routing
         self._key_digest = None if api_key is None else _digest(api_key)
         self.max_body_size = max_body_size
@@ -175,7 +186,7 @@ class FrontDoor:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", record.id.encode())]
             await send(message)
 
-        token = _current.set(record)
+        tokens = (_current.set(record), log_request_id.set(record.id), current_redactor.set(self.redactor))
         self.metrics.in_progress.inc()
         try:
             refusal = self._refusal(scope, headers)
@@ -184,17 +195,19 @@ class FrontDoor:
             else:
                 await self.app(scope, receive_within_limit, send_with_id)
         except Exception as exc:
-            if record.status is None:  # answer here, so that the 500 carries the request id too
-                await internal_error(exc).response()(scope, receive, send_with_id)
-            raise  # uvicorn logs the traceback
+            logger.exception("unexpected error in %s %s", record.method, record.path)
+            if record.status is not None:  # a response under way cannot be completed
+                raise
+            await internal_error(exc).response()(scope, receive, send_with_id)
         except BaseException:  # cancelled: nothing more can be sent
             if record.status is None:
                 record.status = HTTPStatus.INTERNAL_SERVER_ERROR
             raise
         finally:
             self.metrics.in_progress.dec()
-            _current.reset(token)
             self._finish(record, scope)
+            for var, token in zip((_current, log_request_id, current_redactor), tokens, strict=True):
+                var.reset(token)
 
     def _endpoint(self, scope: Scope) -> str:
         """The route template the request matched, also for one refused before routing (401, 413)."""
@@ -212,8 +225,7 @@ class FrontDoor:
             client = scope.get("client")
             access_log.log(
                 level,
-                "%s %s %s %s client=%s prompt_tokens=%d completion_tokens=%d duration=%.3fs",
-                record.id,
+                "%s %s %s client=%s prompt_tokens=%d completion_tokens=%d duration=%.3fs",
                 record.method,
                 record.path,
                 record.status,

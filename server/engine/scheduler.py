@@ -18,6 +18,10 @@ rows to spare (their prompts run as a batch of their own for one step, then the 
 merge: ``DecodeBatch.merge``). A batch of one job runs the single-job path (HF
 ``generate``), which nothing can join: jobs that arrive during it wait for it.
 
+Log lines: each item runs in the context it was submitted from (``contextvars``), so what
+the worker logs about a request carries that request's id (``server.logs``); a batch runs
+under the ids of all its jobs, joined by ``+``.
+
 Limits: at most ``max_queue`` items wait before a generation job is refused
 (:class:`QueueFull`, a 429 with ``Retry-After``); a job cancelled while it waits
 is skipped.
@@ -25,6 +29,7 @@ is skipped.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import threading
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..logs import request_id
 from .batched import batchable
 from .generation import GenerationJob, GenerationResult
 
@@ -52,6 +58,7 @@ class _Item:
     job: GenerationJob | None = None  # a generation job, or
     call: Callable | None = None  # any other model work, run alone
     enqueued: float = field(default_factory=time.monotonic)
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)  # the submitter's
 
     @property
     def rows(self) -> int:
@@ -191,12 +198,12 @@ class Scheduler:
                     return
                 first = self._queue.popleft()
             if first.call is not None:
-                self._run(first.future, first.call)
+                self._run(first, first.call)
                 continue
             batch = self._gather(first)
             if len(batch) == 1:
                 self.stats.record(1, first.rows)
-                self._run(first.future, functools.partial(self._run_one, first.job))
+                self._run(first, functools.partial(self._run_one, first.job))
             else:
                 self._run_together(batch)
             del first, batch  # an idle worker keeps nothing of the last batch alive
@@ -231,11 +238,12 @@ class Scheduler:
                     self._condition.wait(remaining)
         return batch
 
-    def _run(self, future: Future, work: Callable) -> None:
+    def _run(self, item: _Item, work: Callable) -> None:
+        future = item.future
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(_guarded(work))
+            future.set_result(item.context.run(_guarded, work))
         except BaseException as exc:  # handed to the waiting request
             future.set_exception(exc)
 
@@ -247,6 +255,9 @@ class Scheduler:
             return
         running = {id(item.job): item for item in live}
         self.stats.record(len(live), sum(item.rows for item in live))
+
+        def name_requests() -> None:  # the log lines' request id: every job now in the batch
+            request_id.set("+".join(item.context.get(request_id, "-") for item in running.values()))
 
         def on_done(job: GenerationJob, outcome) -> None:
             item = running.pop(id(job))
@@ -260,13 +271,18 @@ class Scheduler:
             for item in joined:
                 running[id(item.job)] = item
             if joined:
+                name_requests()
                 self.stats.joined += len(joined)
                 self.stats.rows += sum(item.rows for item in joined)
                 self.stats.peak_rows = max(self.stats.peak_rows, sum(i.rows for i in running.values()))
             return [item.job for item in joined]
 
-        try:
+        def run() -> None:
+            name_requests()
             _guarded(lambda: self._run_batch([item.job for item in live], on_done, take_more))
+
+        try:
+            contextvars.copy_context().run(run)
         except BaseException as exc:  # the forward pass failed: every job still in the batch
             for item in running.values():
                 item.future.set_exception(exc)

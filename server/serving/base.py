@@ -26,7 +26,7 @@ from ..engine.loading import DTYPES
 from ..engine.memory import estimate, format_size
 from ..engine.scheduler import QueueFull
 from ..engine.steps import Edit
-from ..errors import APIError
+from ..errors import APIError, internal_error
 from ..middleware import note_first_token, note_tokens
 from ..protocol import (
     ActivationsRef,
@@ -112,7 +112,7 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         error = engine_error(exc)
         if error is None:
             logger.exception("a streamed response failed")
-            error = APIError("internal error during generation", status=HTTPStatus.INTERNAL_SERVER_ERROR)
+            error = internal_error(exc)
         yield f"data: {json.dumps(error.body())}\n\n"
     yield "data: [DONE]\n\n"
 

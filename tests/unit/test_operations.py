@@ -8,6 +8,7 @@ the responses say, a capture's size estimate must equal what lands on disk).
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 
 import openai
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from server.app import create_app
 from server.config import Settings
 from server.engine.capture import CapturePlan, stored_bytes
+from server.logs import RequestIdFilter
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -149,15 +151,15 @@ def test_an_empty_key_in_the_environment_means_no_key(monkeypatch):
 
 
 def test_every_response_carries_a_request_id_named_in_one_log_line(ops, caplog):
+    caplog.handler.addFilter(RequestIdFilter())  # as server.logs.configure_logging does
     with caplog.at_level(logging.DEBUG):
         first = chat(ops)
         second = chat(ops)
     ids = [first.headers["X-Request-ID"], second.headers["X-Request-ID"]]
     assert ids[0] != ids[1] and all(i.startswith("req-") for i in ids)
-    lines = [r.getMessage() for r in caplog.records if r.name == "server.access"]
     usage = first.json()["usage"]
-    (line,) = [line for line in lines if line.startswith(ids[0])]
-    assert " POST /v1/chat/completions 200 " in line
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "server.access" and r.request_id == ids[0]]
+    assert line.startswith("POST /v1/chat/completions 200 ")
     assert f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']}" in line
     assert "duration=" in line
 
@@ -450,8 +452,62 @@ def test_an_unexpected_failure_is_a_500_with_the_request_id(ops, monkeypatch):
     plain = TestClient(ops.app, raise_server_exceptions=False)
     response = plain.get("/v1/models", headers=AUTH)
     error = error_of(response, 500)
-    assert error["message"] == "internal error: RuntimeError"
-    assert response.headers["X-Request-ID"].startswith("req-")
+    request_id = response.headers["X-Request-ID"]
+    assert request_id.startswith("req-")
+    assert error["message"] == (
+        f"internal error: RuntimeError: boom (request id {request_id}; the server log has the traceback)"
+    )
+
+
+def test_an_unexpected_failure_names_its_message_without_secrets(ops, ops_settings, monkeypatch):
+    inside = ops_settings.activations_dir / "act-1" / "manifest.json"
+
+    def broken():
+        raise RuntimeError(f"cannot read /etc/ssl/private/server.pem or ~/.ssh/id_rsa with {KEY}; {inside}")
+
+    monkeypatch.setattr(ops.app.state.chat, "models", broken)
+    # raise_server_exceptions stays on: the front door answers the 500 itself and does not re-raise
+    # (a re-raised error would make the server drop the client's keep-alive connection).
+    response = ops.get("/v1/models", headers=AUTH)
+    message = error_of(response, 500)["message"]
+    assert message.startswith("internal error: RuntimeError: cannot read <path> or <path> with <redacted>; ")
+    assert str(inside) in message  # inside the server's own store: the client may see it
+    assert KEY not in message and "/etc/ssl" not in message and ".ssh" not in message
+    assert ops.get("/v1/models", headers=AUTH).status_code == 500  # and the next request is answered
+
+
+def test_a_stream_that_fails_names_the_error_and_the_request(ops, monkeypatch):
+    def broken(job):
+        raise RuntimeError("the decode step broke")
+
+    monkeypatch.setattr(ops.app.state.engine, "stream", broken)
+    response = chat(ops, stream=True)
+    request_id = response.headers["X-Request-ID"]
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["message"].startswith("internal error: RuntimeError: the decode step broke (request id ")
+    assert request_id in error["message"]
+
+
+def test_every_log_line_about_a_request_names_it(ops, caplog):
+    """The access line, a refusal's line, and lines the engine's worker thread logs (its
+    `[memory]` line per generation) all carry the request's id."""
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level(logging.INFO):
+        served = chat(ops, max_tokens=2)
+        refused = chat(ops, n=99)  # a 400 from validation
+        unauthorized = ops.get("/v1/models")
+    by_request = {}
+    for record in caplog.records:
+        by_request.setdefault(record.request_id, []).append((record.name, record.getMessage()))
+    served_lines = by_request[served.headers["X-Request-ID"]]
+    assert any(name == "server.engine.memory" and "[memory]" in msg for name, msg in served_lines)
+    assert any(name == "server.access" for name, _ in served_lines)
+    refused_lines = by_request[refused.headers["X-Request-ID"]]
+    assert any(msg.startswith("rejected request: 400 ") and "n" in msg for _, msg in refused_lines)
+    assert any(name == "server.access" and " 400 " in msg for name, msg in refused_lines)
+    assert any(" 401 " in msg for _, msg in by_request[unauthorized.headers["X-Request-ID"]])
 
 
 def test_the_log_line_cannot_be_forged_through_the_path(ops, caplog):
