@@ -409,8 +409,21 @@ class Serving:
         def open_writer():  # called on the worker, when the capture really starts
             return self.store.create(plan.save_dir, plan.format)
 
+        params = job.params
         facts = {
             "model": self.engine.model_id,
+            "dtype": str(self.engine.loaded.dtype).removeprefix("torch."),
+            # What it takes to generate the same tokens again (a seed makes sampling repeatable).
+            "sampling": {
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+                "seed": params.seed,
+                "max_tokens": params.max_tokens,
+                "n": params.n,
+                "stop": list(params.stop),
+                "ignore_eos": params.ignore_eos,
+            },
             "completion_id": request_id,
             "sample_hidden": plan.sample_hidden,
             "sample_hidden_method": plan.sample_method,

@@ -574,3 +574,37 @@ def test_a_job_cancelled_before_it_runs_creates_nothing(client, activations_dir)
     before = set(activations_dir.rglob("*"))
     asyncio.run(engine.generate(job))
     assert opened == [] and set(activations_dir.rglob("*")) == before
+
+
+def test_the_manifest_records_what_it_takes_to_reproduce_the_capture(client):
+    """model, dtype and sampling settings in the manifest: a request built from them alone
+    generates the same text and captures the same values."""
+    sampling = {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "seed": 5, "max_tokens": 6}
+    first = client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": HELLO,
+            **sampling,
+            "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+        },
+    ).json()
+    manifest = client.get(first["activations"]["manifest"]).json()
+    assert manifest["model"] == first["model"] and manifest["dtype"] == "float32"
+    recorded = manifest["sampling"]
+    assert recorded == {**sampling, "n": 1, "stop": [], "ignore_eos": False}
+
+    replay = {key: recorded[key] for key in ("temperature", "top_p", "top_k", "seed", "max_tokens", "n")}
+    again = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": manifest["model"],
+            "messages": HELLO,
+            **replay,
+            "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+        },
+    ).json()
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    name = "layers.0.resid_post"
+    torch.testing.assert_close(
+        tensor(client, again["activations"]["id"], name), tensor(client, first["activations"]["id"], name)
+    )
