@@ -192,7 +192,11 @@ def stage_configure(config: Config) -> dict:
     return plan
 
 
-def _generate_one(config: Config, plan: dict, variant: str, problem: dict, k: int, client, http) -> None:
+def _generate_one(
+    config: Config, plan: dict, variant: str, problem: dict, k: int, client, http, progress
+) -> None:
+    """One sample: a streamed chat request (``progress`` moves with each token it generates),
+    graded, its capture downloaded; the record is written last."""
     out = config.run.out_dir
     gen = config.generation
     extra_body = {}
@@ -210,12 +214,25 @@ def _generate_one(config: Config, plan: dict, variant: str, problem: dict, k: in
         temperature=gen.temperature,
         top_p=gen.top_p,
         seed=gen.seed + k,  # the same for every variant: only the prefix differs
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body=extra_body,
     )
-    completion = raw.parse()
+    pieces, finish_reason, usage, activations, counted = [], None, None, None, 0
+    for chunk in raw.parse():  # a capture's reference first, a delta per token, the usage last
+        activations = (chunk.model_extra or {}).get("activations") or activations
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish_reason = choice.finish_reason or finish_reason
+            if counted < gen.max_tokens:
+                progress.update(1)
+                counted += 1
+    if finish_reason is None or usage is None:
+        raise RuntimeError("the stream ended without a finish reason and usage")
+    progress.update(gen.max_tokens - counted)  # a sample counts max_tokens, however early it stopped
     seconds = time.monotonic() - started
-    choice = completion.choices[0]
-    text = choice.message.content or ""
+    text = "".join(pieces)
     reference = reference_answer(problem["answer"])
     record = {
         "variant": variant,
@@ -224,18 +241,20 @@ def _generate_one(config: Config, plan: dict, variant: str, problem: dict, k: in
         "question": problem["question"],
         "reference": str(reference),
         "completion": text,
-        "finish_reason": choice.finish_reason,
-        "prompt_tokens": completion.usage.prompt_tokens,
-        "completion_tokens": completion.usage.completion_tokens,
+        "finish_reason": finish_reason,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
         **grade(text, reference),
-        "efficiency_reward": efficiency_reward(completion.usage.completion_tokens, gen.max_tokens),
+        "efficiency_reward": efficiency_reward(usage.completion_tokens, gen.max_tokens),
         "request_id": raw.headers.get("x-request-id"),
         "seconds": round(seconds, 3),
         "activations": None,
     }
     path = sample_path(out, variant, problem["id"], k)
     if config.capture.enabled:
-        record["activations"] = _download_capture(http, completion.model_extra["activations"], plan, path)
+        if activations is None:
+            raise RuntimeError("the server sent no activations for a request that asked for them")
+        record["activations"] = _download_capture(http, activations, plan, path)
     write_json(path, record)  # last: its presence means the sample is done
 
 
@@ -278,9 +297,16 @@ def stage_generate(config: Config, plan: dict) -> None:
     client, http = openai_client(config), http_client(config)
     failures = []
     pool = ThreadPoolExecutor(config.run.concurrency)
+    # Requests decoded in one batch end together: a bar of samples would jump by the batch. This one
+    # counts tokens as they stream (max_tokens per sample), and names the samples done.
+    progress = tqdm(total=len(todo) * config.generation.max_tokens, unit="tok", desc="generate")
+    progress.set_postfix_str(f"0/{len(todo)} samples")
     try:
-        futures = {pool.submit(_generate_one, config, plan, *item, client, http): item for item in todo}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="samples"):
+        futures = {
+            pool.submit(_generate_one, config, plan, *item, client, http, progress): item for item in todo
+        }
+        for done, future in enumerate(as_completed(futures), start=1):
+            progress.set_postfix_str(f"{done}/{len(todo)} samples")
             try:
                 future.result()
             except Exception as exc:  # one failed sample must not lose the others; rerun to retry
@@ -291,6 +317,7 @@ def stage_generate(config: Config, plan: dict) -> None:
         raise
     finally:
         pool.shutdown(wait=True)
+        progress.close()
         http.close()
     if failures:
         raise RuntimeError(

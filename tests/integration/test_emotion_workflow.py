@@ -4,6 +4,7 @@ variants, then the report checked against the per-sample files it was made from.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def run(embedded_server, tmp_path_factory):
 
     first = stages("configure", "generate", "analyze")
     assert first.returncode == 0, first.stderr[-3000:]
-    return folder / "out", stages
+    return folder / "out", stages, first.stderr
 
 
 def samples(out: Path) -> list[dict]:
@@ -44,7 +45,7 @@ def samples(out: Path) -> list[dict]:
 
 
 def test_every_variant_and_problem_has_a_graded_sample_with_its_residuals(run):
-    out, _ = run
+    out, _, _ = run
     records = samples(out)
     plan = json.loads((out / "plan.json").read_text())
     assert len(plan["problems"]) == 3 and plan["layers"] == sorted(LAYERS)
@@ -71,7 +72,7 @@ def test_a_stored_residual_is_hf_s_hidden_state_at_the_last_prompt_token(run):
     sys.path.insert(0, str(SCRIPT.parent))
     from variants import messages
 
-    out, _ = run
+    out, _, _ = run
     record = next(r for r in samples(out) if r["variant"] == "frustration")
     folder = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -89,7 +90,7 @@ def test_a_stored_residual_is_hf_s_hidden_state_at_the_last_prompt_token(run):
 
 
 def test_the_report_agrees_with_the_per_sample_files(run):
-    out, _ = run
+    out, _, _ = run
     report = json.loads((out / "report.json").read_text())
     records = samples(out)
     for variant, row in report["variants"].items():
@@ -117,8 +118,18 @@ def test_the_report_agrees_with_the_per_sample_files(run):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_progress_bar_moves_with_every_streamed_token(run):
+    """Requests decoded in one batch end together, so a bar of samples would jump by the batch:
+    the generate stage's bar counts tokens as they stream (24 per sample), and the samples done."""
+    _, _, stderr = run
+    shown = [int(n) for n in re.findall(r"\| *(\d+)/504 \[", stderr)]
+    assert shown[0] == 0 and shown[-1] == 504 and shown == sorted(shown)
+    assert len(set(shown)) > 21  # it moved within requests, not once per sample (or batch)
+    assert "21/21 samples" in stderr
+
+
 def test_rerunning_redoes_only_unfinished_samples(run):
-    out, stages = run
+    out, stages, _ = run
     before = {p: p.stat().st_mtime_ns for p in (out / "samples").glob("*/*")}
     sorted((out / "samples" / "calm").glob("*.json"))[0].unlink()  # no record
     sorted((out / "samples" / "anxiety").glob("*.safetensors"))[0].unlink()  # a record without its tensors
@@ -132,7 +143,7 @@ def test_rerunning_redoes_only_unfinished_samples(run):
 
 @pytest.mark.parametrize("stage", ["configure", "generate", "analyze"])
 def test_a_changed_config_is_refused_rather_than_mixed(run, tmp_path, stage):
-    out, _ = run
+    out, _, _ = run
     config = tmp_path / "config.yaml"
     config.write_text(
         f"server: {{url: '{_url(out)}'}}\n"
