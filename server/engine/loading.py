@@ -140,7 +140,7 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     # a process keeps what its allocator once held, so the server itself never does it.
     logger.info(
         "first start: converting the embedded model %s once into %s "
-        "(about 30-70 s on 2 CPU cores; later starts load it in seconds)",
+        "(about 25 s on 2 idle CPU cores, more on a busy machine; later starts load it in seconds)",
         gguf.name,
         target,
     )

@@ -78,5 +78,5 @@ def test_the_first_start_says_it_is_converting_the_embedded_model(tmp_path, monk
     assert folder == again and (folder / "config.json").is_file()
     assert len(messages) == 2
     assert messages[0].startswith("first start: converting the embedded model SmolLM2-135M-Instruct")
-    assert "on 2 CPU cores" in messages[0]
+    assert "about 25 s on 2 idle CPU cores" in messages[0]
     assert messages[1].startswith("converted the embedded model in ")
