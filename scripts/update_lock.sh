@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-resolve requirements.lock, test it in a fresh virtual environment, and keep it only if
+# Re-resolve requirements.lock, test it in a fresh copy of the checkout, and keep it only if
 # the tests pass. For maintainers; users and CI only ever install from the committed lock.
 #
 #   bash scripts/update_lock.sh              # newest releases within pyproject.toml's bounds
@@ -14,8 +14,10 @@
 # local wheel or a PyTorch index. torch itself is held at one release (--torch; default:
 # the lock's current one), since its CPU build is what CI and the docs measure.
 #
-# When the tests fail, requirements.lock is left as it was and the candidate is kept as
-# requirements.lock.failed, with the venv it was tested in, for a look.
+# The candidate is tested as CI tests a submission: `bash .ci/run` (the README's test command:
+# install.sh --dev, then pytest) in a copy of this working tree, its own .venv included. When
+# the tests fail, requirements.lock is left as it was and the candidate is kept as
+# requirements.lock.failed, with the copy it failed in, for a look.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +30,7 @@ while [[ $# -gt 0 ]]; do
         --keep) upgrade=() ;;
         --no-test) run_tests=0 ;;
         --torch) torch_version="${2:?--torch needs a version}"; shift ;;
-        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "update_lock.sh: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -71,7 +73,7 @@ cp "$lock" "$candidate"  # uv keeps the pins it finds there unless --upgrade
 (
     cd "$root"
     "$uv" pip compile pyproject.toml "$work/build.in" --extra dev --universal --python-version 3.10 \
-        --constraint "$work/torch.txt" "${upgrade[@]}" --quiet \
+        --constraint "$work/torch.txt" ${upgrade[@]+"${upgrade[@]}"} --quiet \
         --custom-compile-command "bash scripts/update_lock.sh" -o "$candidate"
 )
 # uv writes the input paths into the header; the temporary ones mean nothing to a reader.
@@ -86,13 +88,17 @@ echo "changes:"
 diff <(grep -E '^[A-Za-z0-9]' "$lock") <(grep -E '^[A-Za-z0-9]' "$candidate") | grep -E '^[<>]' || true
 
 if [[ "$run_tests" == 1 ]]; then
-    echo "installing the candidate into a fresh environment and running the tests"
-    if ! NNSIGHT_SERVER_VENV="$work/venv" NNSIGHT_SERVER_LOCK="$candidate" bash "$root/scripts/install.sh" --dev \
-        || ! (cd "$root" && NNSIGHT_SERVER_LOCK="$candidate" "$work/venv/bin/python" -m pytest -q -p no:cacheprovider); then
+    tree="$work/tree"
+    echo "testing the candidate in a copy of this checkout: $tree (install, then the tests)"
+    mkdir -p "$tree"
+    (cd "$root" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) \
+        | tar -xf - -C "$tree"
+    cp "$candidate" "$tree/requirements.lock"
+    if ! (cd "$tree" && bash .ci/run); then
         cp "$candidate" "$root/requirements.lock.failed"
         keep_work=1
         echo "the candidate failed; requirements.lock is unchanged." >&2
-        echo "candidate: requirements.lock.failed; its environment: $work/venv" >&2
+        echo "candidate: requirements.lock.failed; the copy it failed in: $tree" >&2
         exit 1
     fi
 fi
