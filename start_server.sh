@@ -149,20 +149,26 @@ case "$host" in 0.0.0.0 | "::" | "[::]") probe_host=127.0.0.1 ;; *) probe_host="
 [[ "$probe_host" == *:* ]] && url_host="[$probe_host]" || url_host="$probe_host"
 url="http://$url_host:$port"
 
-# install.sh records the lock it installed; a venv from another lock (or none) is brought in line.
+# install.sh records the lock and the extras it installed; a venv from another lock (or none) is
+# brought in line, with the same extras (a --dev venv keeps its test tools current too).
 ensure_installed() {
-    local lock="${NNSIGHT_SERVER_LOCK:-$root/requirements.lock}"
-    if ! cmp -s "$lock" "$venv/.installed-lock" 2>/dev/null; then
+    if ! cmp -s "$root/requirements.lock" "$venv/.installed-lock" 2>/dev/null; then
+        local extras=()
+        [[ "$(cat "$venv/.installed-extras" 2>/dev/null || true)" == dev ]] && extras=(--dev)
         say "installing into $venv the versions requirements.lock names (a minute or two the first time)"
-        NNSIGHT_SERVER_VENV="$venv" bash "$root/scripts/install.sh"
+        NNSIGHT_SERVER_VENV="$venv" bash "$root/scripts/install.sh" ${extras[@]+"${extras[@]}"}
     fi
 }
+
+# The server's own probes, run where the server runs (relative paths in flags mean the same, and
+# the project's `server` package is the one imported).
+probe() { (cd "$root" && "$python" -m server.probe "$@"); }
 
 # The server's flags as the server itself reads them, before anything starts (no model loads):
 # argparse's usage is long, so only its verdict is shown.
 check_flags() {
     local out rc=0
-    out="$("$python" -m server.probe check-flags ${server_args[@]+"${server_args[@]}"} 2>&1)" || rc=$?
+    out="$(probe check-flags ${server_args[@]+"${server_args[@]}"} 2>&1)" || rc=$?
     case "$rc" in
         0) ;;
         2) refuse "$(printf '%s\n' "$out" | grep -E 'error:' | sed 's/^nnsight-server: error: //' | tail -n 1)" ;;
@@ -171,7 +177,7 @@ check_flags() {
 }
 
 check_port() {
-    "$python" -m server.probe port-free "$host" "$port" \
+    probe port-free "$host" "$port" \
         || fail "port $port on $host is in use (another server? see: ss -ltnp 'sport = :$port'); choose another with --port"
 }
 
@@ -221,8 +227,10 @@ do_start() {
         fi
         rm -f "$state"
     fi
-    ensure_installed
-    check_flags
+    if [[ -z "${checked:-}" ]]; then
+        ensure_installed
+        check_flags
+    fi
     check_port
     mkdir -p "$state_dir" "$(dirname "$log")"
     chmod 700 "$state_dir"
@@ -281,7 +289,7 @@ do_start() {
             tail -n 30 "$log" >&2
             exit 1
         fi
-        if "$python" -m server.probe health "$url"; then
+        if probe health "$url"; then
             say "healthy: $url  (OpenAI base URL: $url/v1)"
             [[ -n "$tmux_id" ]] && say "attach: tmux attach -t $session"
             local named=""
@@ -344,10 +352,10 @@ do_status() {
     if [[ -n "$tmux_id" ]]; then say "tmux: session $session ($tmux_id): tmux attach -t $session"; else say "background process (no tmux)"; fi
     say "url: $s_url   log: $s_log"
     [[ -n "$s_checkout" ]] && say "checkout: $s_checkout"
-    "$python" -m server.probe summary "$s_url" || true
+    probe summary "$s_url" || true
     say "--- the end of the log:"
     tail -n 5 "$s_log" 2>/dev/null || true
-    "$python" -m server.probe health "$s_url" || exit 1
+    probe health "$s_url" || exit 1
 }
 
 do_logs() {
@@ -360,13 +368,17 @@ do_logs() {
 case "$command" in
     start) do_start ;;
     stop) do_stop ;;
-    restart) do_stop && do_start ;;
-    status) do_status ;;
-    logs) do_logs ;;
-    run)
+    restart) # a bad flag is refused before the running server is stopped
         ensure_installed
         check_flags
-        check_port
+        checked=1
+        do_stop && do_start
+        ;;
+    status) do_status ;;
+    logs) do_logs ;;
+    run) # the server checks the port itself before it loads anything
+        ensure_installed
+        check_flags
         cd "$root"
         exec "$python" -m server ${server_args[@]+"${server_args[@]}"}
         ;;

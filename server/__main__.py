@@ -61,8 +61,9 @@ def _flag_error(error: dict) -> str:
 
 
 def preflight(settings: Settings, *, check_port: bool = True) -> None:
-    """The checks that need no model: the port is free, ``--model`` names something that exists,
-    ``--adapter`` is a PEFT folder that the installed peft and transformers can switch off.
+    """The checks that need no model: the port is free, ``--model`` and ``--lda-before`` name
+    something that exists, ``--adapter`` is a PEFT folder the installed peft and transformers
+    can switch off.
 
     Raises:
         StartupRefused: with the reason.
@@ -77,6 +78,8 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         )
     try:
         check_model_source(settings.model)
+        if settings.lda_before:
+            check_model_source(settings.lda_before, "--lda-before")
         if settings.adapter is not None:
             check_adapter_support(settings.adapter)
     except ModelLoadError as exc:

@@ -137,6 +137,7 @@ class Engine:
                 dtype=str(loaded.dtype).removeprefix("torch."),
                 device=str(loaded.device),
                 cache_dir=settings.cache_dir,
+                flag="--lda-before",
             )
             check_same_vocabulary(loaded, before)
         engine = cls(

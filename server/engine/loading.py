@@ -196,34 +196,36 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def resolve_source(model: str, cache_dir: Path | None = None) -> tuple[str, str]:
-    """Map ``--model`` to (folder or hub id to load from, id that clients use)."""
+def check_model_source(model: str, flag: str = "--model") -> None:
+    """Fail fast (before anything loads) where ``model`` cannot be served: a folder that does
+    not exist, or the embedded model's package missing. A hub id is not checked here.
+
+    Raises:
+        ModelLoadError: saying what is wrong and what to do, naming ``flag``.
+    """
+    if model in EMBEDDED_ALIASES:
+        embedded_gguf_path()
+        return
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise ModelLoadError(
+            f"{flag} {model}: no such model folder (give a folder with config.json and weights, "
+            "a hub id such as Qwen/Qwen3-0.6B, or `embedded`)"
+        )
+
+
+def resolve_source(model: str, cache_dir: Path | None = None, flag: str = "--model") -> tuple[str, str]:
+    """Map ``model`` to (folder or hub id to load from, id that clients use).
+
+    Raises:
+        ModelLoadError: as :func:`check_model_source`, or when the embedded model's conversion fails.
+    """
+    check_model_source(model, flag)
     if model in EMBEDDED_ALIASES:
         return str(embedded_model_dir(cache_dir)), EMBEDDED_MODEL_NAME
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path.resolve()), model.rstrip("/")
-    if model.startswith(("/", ".", "~")):
-        raise ModelLoadError(f"--model {model}: no such model folder")
     return model, model  # a hub id: transformers resolves (and caches) it
-
-
-def check_model_source(model: str) -> None:
-    """Fail fast (before anything loads) where ``--model`` cannot be served: a folder that does
-    not exist, or the embedded model's package missing. A hub id is not checked here.
-
-    Raises:
-        ModelLoadError: saying what is wrong and what to do.
-    """
-    if model in EMBEDDED_ALIASES:
-        embedded_gguf_path()
-        return
-    path = Path(model).expanduser()
-    if model.startswith(("/", ".", "~")) and not path.is_dir():
-        raise ModelLoadError(
-            f"--model {model}: no such model folder (give a folder with config.json and weights, "
-            "a hub id such as Qwen/Qwen3-0.6B, or `embedded`)"
-        )
 
 
 def check_adapter_support(adapter: Path) -> None:
@@ -264,16 +266,21 @@ def load_model(
     served_model_name: str | None = None,
     cache_dir: Path | None = None,
     adapter: Path | None = None,
+    flag: str = "--model",
 ) -> LoadedModel:
     """Load the weights once (with ``adapter`` injected, if given), wrap them in nnsight, and
-    return the wrapper with its metadata."""
+    return the wrapper with its metadata. ``flag`` names the setting in error messages.
+
+    Raises:
+        ModelLoadError: the model or the adapter cannot be found, converted or loaded.
+    """
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source, model_id = resolve_source(model, cache_dir)
+    source, model_id = resolve_source(model, cache_dir, flag)
     logger.info("loading %s from %s (dtype=%s, device=%s)", model_id, source, torch_dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -174,10 +174,12 @@ def test_start_refuses_a_port_in_use_and_leaves_nothing(tmp_path, pick_port):
 @WITH_AND_WITHOUT_TMUX
 def test_a_server_that_dies_on_start_up_is_reported_with_its_log(tmp_path, pick_port, tmux):
     script = Script(tmp_path, pick_port(), tmux=tmux)
-    missing = str(tmp_path / "no-such-checkpoint")  # found missing only once the server loads it
-    result = script("start", "--port", str(script.port), "--lda-before", missing, "--api-key", KEY)
+    broken = tmp_path / "broken-adapter"  # looks like one; found broken only when the server loads it
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    result = script("start", "--port", str(script.port), "--adapter", str(broken), "--api-key", KEY)
     assert result.returncode == 1
-    assert "exited during start-up" in result.stderr and "no such model folder" in result.stderr
+    assert "exited during start-up" in result.stderr and "could not load it" in result.stderr
     assert not (script.state / f"{script.session}.state").exists()
     assert script.leftovers() == []  # no environment file (with the key) left behind
 
@@ -251,6 +253,7 @@ def test_the_server_itself_refuses_in_one_line_before_loading(tmp_path, pick_por
         for flags, message in [
             (["--port", str(port)], f"port {port} on 127.0.0.1 is in use"),
             (["--port", str(pick_port()), "--model", str(tmp_path / "nope")], "no such model folder"),
+            (["--port", str(pick_port()), "--lda-before", "./nope"], "--lda-before ./nope: no such model"),
             (["--port", str(pick_port()), "--adapter", str(tmp_path)], "not a PEFT adapter folder"),
         ]:
             result = subprocess.run(
