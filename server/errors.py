@@ -73,9 +73,11 @@ def _default_type(status: int) -> str:
     return "invalid_request_error"
 
 
-# An absolute POSIX path (or ~/...) inside a message: it starts after a quote, bracket, space,
-# '=' or ':' (or at the start) and runs to the next quote, bracket, comma or space.
-_PATH = re.compile(r"""(?:(?<=[\s'"(\[=:])|^)(~?/[^\s'"()\[\],;]+)""")
+# Absolute POSIX paths (or ~/...) inside a message: a quoted one whole (spaces and all), a bare
+# one from a slash that no word character, dot, dash or slash precedes, up to a space, quote,
+# bracket or separator. '//' starts no path, so URLs stay as they are.
+_QUOTED_PATH = re.compile(r"""(?P<quote>['"])(?P<path>~?/(?!/)[^'"\n]*)(?P=quote)""")
+_BARE_PATH = re.compile(r"""(?<![\w.~/-])(?P<path>~?/(?!/)[^\s'"`()\[\]{}<>,;]+)""")
 REDACTED_PATH = "<path>"
 REDACTED_SECRET = "<redacted>"
 
@@ -89,16 +91,17 @@ class Redactor:
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.roots = [Path(os.path.realpath(root)) for root in roots]
 
-    def _path(self, match: re.Match) -> str:
-        text = match.group(1)
+    def _inside(self, text: str) -> bool:
         resolved = Path(os.path.realpath(os.path.expanduser(text)))
-        inside = any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
-        return text if inside else REDACTED_PATH
+        return any(resolved == root or resolved.is_relative_to(root) for root in self.roots)
 
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, REDACTED_SECRET)
-        return _PATH.sub(self._path, text)
+        text = _QUOTED_PATH.sub(
+            lambda m: m[0] if self._inside(m["path"]) else f"{m['quote']}{REDACTED_PATH}{m['quote']}", text
+        )
+        return _BARE_PATH.sub(lambda m: m[0] if self._inside(m["path"]) else REDACTED_PATH, text)
 
 
 # The current request's redactor (the front door sets it); outside a request every path goes.

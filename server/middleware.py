@@ -18,8 +18,8 @@
 * **Unexpected failures**: an exception no handler turned into a response is logged with
   its traceback and answered here with a 500 (:func:`~server.errors.internal_error`: the
   exception's message without secrets, and the request id); the connection stays usable.
-  A failure after the response has started cannot be answered: it is re-raised and the
-  server closes the connection.
+  A failure after the response has started cannot be answered: the response is left
+  unfinished, and the server closes the connection.
 * **Metrics**: the same facts go to :class:`~server.metrics.Metrics`.
 
 Serving code adds tokens and the first token's time to the current request's
@@ -196,9 +196,10 @@ class FrontDoor:
                 await self.app(scope, receive_within_limit, send_with_id)
         except Exception as exc:
             logger.exception("unexpected error in %s %s", record.method, record.path)
-            if record.status is not None:  # a response under way cannot be completed
-                raise
-            await internal_error(exc).response()(scope, receive, send_with_id)
+            if record.status is None:
+                await internal_error(exc).response()(scope, receive, send_with_id)
+            # else: a response under way cannot be completed; returning without finishing it makes
+            # the server close the connection (logged once, here, with the request id).
         except BaseException:  # cancelled: nothing more can be sent
             if record.status is None:
                 record.status = HTTPStatus.INTERNAL_SERVER_ERROR

@@ -261,6 +261,7 @@ class Scheduler:
 
         def on_done(job: GenerationJob, outcome) -> None:
             item = running.pop(id(job))
+            name_requests()
             if isinstance(outcome, BaseException):
                 item.future.set_exception(outcome)
             else:

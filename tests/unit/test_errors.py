@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -129,3 +130,25 @@ def test_openai_client_sees_bad_request_then_succeeds(openai_client, served_mode
     assert caught.value.body["param"] == "max_tokens"
     ok = openai_client.chat.completions.create(model=served_model, messages=HELLO, max_tokens=3)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("cannot open /etc/ssl/private/key.pem", "cannot open <path>"),
+        ("see `/home/u/x` now", "see `<path>` now"),
+        ("a,/home/u;b", "a,<path>;b"),
+        ("No such file or directory: '/home/John Smith/m'", "No such file or directory: '<path>'"),
+        ("path:/etc/passwd and ~/.ssh/id_rsa", "path:<path> and <path>"),
+        ("https://huggingface.co/Qwen/x failed", "https://huggingface.co/Qwen/x failed"),
+        ("ratio 1/2 and a/b", "ratio 1/2 and a/b"),
+        ("the key sk-test-123 was wrong", "the key <redacted> was wrong"),
+        ("kept: /srv/acts/act-1/manifest.json", "kept: /srv/acts/act-1/manifest.json"),
+        ("kept: '/srv/acts/a b.json'", "kept: '/srv/acts/a b.json'"),
+        ("escaped: /srv/acts/../../etc/passwd", "escaped: <path>"),
+    ],
+)
+def test_the_redactor_keeps_secrets_and_outside_paths_from_clients(message, expected):
+    from server.errors import Redactor
+
+    assert Redactor(secrets=["sk-test-123"], roots=[Path("/srv/acts")])(message) == expected
