@@ -399,10 +399,11 @@ class Serving:
             )
 
     async def begin_capture(
-        self, job: GenerationJob, plan: CapturePlan | None, request_id: str
+        self, job: GenerationJob, plan: CapturePlan | None, request_id: str, request
     ) -> ActivationsRef | None:
         """Start a request's capture: a trace-mode capture runs now and is described at once;
-        a generate-mode capture rides along with ``job`` and is described from its result."""
+        a generate-mode capture rides along with ``job`` and is described from its result.
+        ``request`` (chat or completion) gives the manifest its interventions and presets."""
         if plan is None:
             return None
 
@@ -424,6 +425,10 @@ class Serving:
                 "stop": list(params.stop),
                 "ignore_eos": params.ignore_eos,
             },
+            # The edits as the request gave them (stored vectors and presets by name).
+            "interventions": [dump(item) for item in request.interventions or []],
+            "presets": list(request.presets or []),
+            "adapter": self.engine.loaded.adapter,
             "completion_id": request_id,
             "sample_hidden": plan.sample_hidden,
             "sample_hidden_method": plan.sample_method,

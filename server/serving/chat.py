@@ -149,7 +149,7 @@ class ChatServing(Serving):
                     yield last
 
     async def _begin_capture(self, prepared: PreparedChat):
-        return await self.begin_capture(prepared.job, prepared.capture, prepared.id)
+        return await self.begin_capture(prepared.job, prepared.capture, prepared.id, prepared.request)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

@@ -108,7 +108,7 @@ class CompletionServing(Serving):
         if prepared.capture is None:
             return None
         job = prepared.prompts[0].job  # capture takes one prompt per request
-        return await self.begin_capture(job, prepared.capture, prepared.id)
+        return await self.begin_capture(job, prepared.capture, prepared.id, prepared.request)
 
     async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
         """The prompt's own logprobs, when echo and logprobs are both asked for."""

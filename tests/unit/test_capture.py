@@ -577,22 +577,22 @@ def test_a_job_cancelled_before_it_runs_creates_nothing(client, activations_dir)
 
 
 def test_the_manifest_records_what_it_takes_to_reproduce_the_capture(client):
-    """model, dtype and sampling settings in the manifest: a request built from them alone
-    generates the same text and captures the same values."""
+    """model, dtype, sampling settings and interventions in the manifest: a request built from
+    them alone generates the same text and captures the same values."""
     sampling = {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "seed": 5, "max_tokens": 6}
+    steer = [{"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": 1.5}]
+    capture = {"mode": "generate", "layers": [0, 1], "hook_points": ["resid_post"]}
     first = client.post(
         "/v1/chat/completions",
-        json={
-            "messages": HELLO,
-            **sampling,
-            "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
-        },
+        json={"messages": HELLO, **sampling, "interventions": steer, "capture": capture},
     ).json()
     manifest = client.get(first["activations"]["manifest"]).json()
     assert manifest["model"] == first["model"] and manifest["dtype"] == "float32"
-    recorded = manifest["sampling"]
-    assert recorded == {**sampling, "n": 1, "stop": [], "ignore_eos": False}
+    assert manifest["sampling"] == {**sampling, "n": 1, "stop": [], "ignore_eos": False}
+    assert manifest["interventions"][0]["factor"] == 1.5 and manifest["presets"] == []
+    assert manifest["adapter"] is None
 
+    recorded = manifest["sampling"]
     replay = {key: recorded[key] for key in ("temperature", "top_p", "top_k", "seed", "max_tokens", "n")}
     again = client.post(
         "/v1/chat/completions",
@@ -600,11 +600,18 @@ def test_the_manifest_records_what_it_takes_to_reproduce_the_capture(client):
             "model": manifest["model"],
             "messages": HELLO,
             **replay,
-            "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+            "interventions": manifest["interventions"],
+            "capture": capture,
         },
     ).json()
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    for name in ("layers.0.resid_post", "layers.1.resid_post"):
+        torch.testing.assert_close(
+            tensor(client, again["activations"]["id"], name), tensor(client, first["activations"]["id"], name)
+        )
+    unsteered = client.post("/v1/chat/completions", json={"messages": HELLO, **replay, "capture": capture})
     name = "layers.0.resid_post"
-    torch.testing.assert_close(
-        tensor(client, again["activations"]["id"], name), tensor(client, first["activations"]["id"], name)
-    )
+    assert not torch.equal(
+        tensor(client, unsteered.json()["activations"]["id"], name),
+        tensor(client, first["activations"]["id"], name),
+    )  # the interventions mattered: without them the values differ
