@@ -25,6 +25,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -193,10 +194,11 @@ def stage_configure(config: Config) -> dict:
 
 
 def _generate_one(
-    config: Config, plan: dict, variant: str, problem: dict, k: int, client, http, progress
+    config: Config, plan: dict, variant: str, problem: dict, k: int, client, http, advance
 ) -> None:
-    """One sample: a streamed chat request (``progress`` moves with each token it generates),
-    graded, its capture downloaded; the record is written last."""
+    """One sample: a streamed chat request, graded, its capture downloaded; the record is written
+    last. ``advance(n)`` is told of each token as it arrives, and of ``max_tokens`` in all,
+    however the sample ends."""
     out = config.run.out_dir
     gen = config.generation
     extra_body = {}
@@ -219,18 +221,20 @@ def _generate_one(
         extra_body=extra_body,
     )
     pieces, finish_reason, usage, activations, counted = [], None, None, None, 0
-    for chunk in raw.parse():  # a capture's reference first, a delta per token, the usage last
-        activations = (chunk.model_extra or {}).get("activations") or activations
-        usage = chunk.usage or usage
-        for choice in chunk.choices:
-            pieces.append(choice.delta.content or "")
-            finish_reason = choice.finish_reason or finish_reason
-            if counted < gen.max_tokens:
-                progress.update(1)
-                counted += 1
+    try:
+        for chunk in raw.parse():  # a capture's reference first, a delta per token, the usage last
+            activations = (chunk.model_extra or {}).get("activations") or activations
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish_reason = choice.finish_reason or finish_reason
+                if choice.delta.content and counted < gen.max_tokens:
+                    advance(1)
+                    counted += 1
+    finally:  # a sample counts max_tokens, however early it stopped (or failed)
+        advance(gen.max_tokens - counted)
     if finish_reason is None or usage is None:
         raise RuntimeError("the stream ended without a finish reason and usage")
-    progress.update(gen.max_tokens - counted)  # a sample counts max_tokens, however early it stopped
     seconds = time.monotonic() - started
     text = "".join(pieces)
     reference = reference_answer(problem["answer"])
@@ -301,12 +305,19 @@ def stage_generate(config: Config, plan: dict) -> None:
     # counts tokens as they stream (max_tokens per sample), and names the samples done.
     progress = tqdm(total=len(todo) * config.generation.max_tokens, unit="tok", desc="generate")
     progress.set_postfix_str(f"0/{len(todo)} samples")
+    counting = threading.Lock()  # the pool's threads all advance one bar
+
+    def advance(tokens: int) -> None:
+        with counting:
+            progress.update(tokens)
+
     try:
         futures = {
-            pool.submit(_generate_one, config, plan, *item, client, http, progress): item for item in todo
+            pool.submit(_generate_one, config, plan, *item, client, http, advance): item for item in todo
         }
         for done, future in enumerate(as_completed(futures), start=1):
-            progress.set_postfix_str(f"{done}/{len(todo)} samples")
+            with counting:
+                progress.set_postfix_str(f"{done}/{len(todo)} samples")
             try:
                 future.result()
             except Exception as exc:  # one failed sample must not lose the others; rerun to retry
