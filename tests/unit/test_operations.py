@@ -10,9 +10,13 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
+import threading
+import time
 
 import openai
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
@@ -474,6 +478,60 @@ def test_an_unexpected_failure_names_its_message_without_secrets(ops, ops_settin
     assert str(inside) in message  # inside the server's own store: the client may see it
     assert KEY not in message and "/etc/ssl" not in message and ".ssh" not in message
     assert ops.get("/v1/models", headers=AUTH).status_code == 500  # and the next request is answered
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP/1.1 response from ``sock``: (status, body), read by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or _closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        )
+    )
+    while len(body) < length:
+        body += sock.recv(65536) or _closed()
+    return int(head.split(b" ")[1]), body
+
+
+def _closed() -> bytes:
+    raise ConnectionError("the server closed the connection")
+
+
+def test_a_500_leaves_the_keep_alive_connection_open(ops_settings, monkeypatch):
+    """Over a real socket: two requests that fail unexpectedly, one connection, both answered
+    (uvicorn closed the connection after a 500 while Starlette re-raised the error)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(ops_settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+
+        def broken():
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(app.state.chat, "models", broken)
+        request = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            for _ in range(2):
+                sock.sendall(request)
+                status, body = _read_response(sock)
+                assert status == 500 and b"RuntimeError: boom" in body
+            monkeypatch.undo()
+            sock.sendall(request)
+            assert _read_response(sock)[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def test_a_stream_that_fails_names_the_error_and_the_request(ops, monkeypatch):
