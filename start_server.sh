@@ -24,7 +24,7 @@
 # only from the checkout that started it: a second clone uses its own --session.
 set -euo pipefail
 
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)" # physical: a symlinked path is the same checkout
 venv="${NNSIGHT_SERVER_VENV:-$root/.venv}"
 python="$venv/bin/python"
 session="${NNSIGHT_SERVER_SESSION:-nnsight-server}"
@@ -311,8 +311,8 @@ do_stop() {
         say "no server named '$session' was started by this script (no $state)"
         return 0
     fi
-    check_checkout
     if ours_alive; then
+        check_checkout
         # The server gets --shutdown-timeout for running requests, then as long (at least 5 s) for
         # the worker to stop.
         local whole="${s_shutdown%.*}"
