@@ -177,8 +177,8 @@ check_flags() {
 }
 
 check_port() {
-    probe port-free "$host" "$port" \
-        || fail "port $port on $host is in use (another server? see: ss -ltnp 'sport = :$port'); choose another with --port"
+    local why
+    why="$(probe port-free "$host" "$port" 2>&1)" || fail "$why"
 }
 
 # The state file belongs to one checkout: another clone's server is never stopped from here.

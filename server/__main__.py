@@ -69,13 +69,10 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         StartupRefused: with the reason.
     """
     from .engine.loading import ModelLoadError, check_adapter_support, check_model_source
-    from .probe import port_free
+    from .probe import port_free, port_in_use
 
     if check_port and not port_free(settings.host, settings.port):
-        raise StartupRefused(
-            f"port {settings.port} on {settings.host} is in use (another server? see: "
-            f"ss -ltnp 'sport = :{settings.port}'); choose another with --port"
-        )
+        raise StartupRefused(port_in_use(settings.host, settings.port))
     try:
         check_model_source(settings.model)
         if settings.lda_before:

@@ -1,7 +1,8 @@
-"""Small probes ``start_server.sh`` runs against a port or a running server (standard library only,
-plus prometheus-client's parser): no model is loaded here.
+"""Small probes ``start_server.sh`` runs against a port or a running server: no model is loaded
+here. The first three need the standard library only (plus prometheus-client's parser);
+``check-flags`` imports the server's settings and loading code (and so torch), nothing more.
 
-    python -m server.probe port-free HOST PORT   exit 0 if a server could bind there, 1 if not
+    python -m server.probe port-free HOST PORT   exit 0 if a server could bind there, else 1 and why
     python -m server.probe health URL             exit 0 if URL/health answers 200, else 1
     python -m server.probe summary URL            what the server is doing, from /health and /metrics
     python -m server.probe check-flags [FLAGS]    the server's flags (and NNSIGHT_SERVER_* variables)
@@ -34,6 +35,14 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def port_in_use(host: str, port: int) -> str:
+    """What a user is told when ``host:port`` is taken (by the server and by start_server.sh)."""
+    return (
+        f"port {port} on {host} is in use (another server? see: ss -ltnp 'sport = :{port}'); "
+        "choose another with --port"
+    )
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, bytes]:
@@ -113,7 +122,10 @@ def check_flags(flags: list[str]) -> int:
 def main(argv: list[str]) -> int:
     usage = __doc__.split("\n\n")[1]
     if len(argv) == 3 and argv[0] == "port-free" and argv[2].isdigit():
-        return 0 if port_free(argv[1], int(argv[2])) else 1
+        if port_free(argv[1], int(argv[2])):
+            return 0
+        print(port_in_use(argv[1], int(argv[2])), file=sys.stderr)
+        return 1
     if len(argv) == 2 and argv[0] == "health":
         return 0 if healthy(argv[1]) else 1
     if len(argv) == 2 and argv[0] == "summary":
