@@ -11,7 +11,12 @@ scale          ``h * factor``                                      factor
 ablate         ``0``, or ``vector`` (a stored mean) when given     (vector)
 project_out    ``h - (h . u) u`` with ``u = vector / |vector|``    vector
 clamp          ``h + (value - h . u) u``: component along u set    vector, value
+patch          ``source``: the rows an earlier capture recorded    source
+               for the same absolute positions
 =============  ==================================================  =====================
+
+Which positions and steps an operation touches is the :class:`~interventions.edit.Edit`'s
+business; an operation only maps the selected values to new ones.
 """
 
 from __future__ import annotations
@@ -45,8 +50,21 @@ def clamp(h: torch.Tensor, vector: torch.Tensor, value: float = 0.0, **_) -> tor
     return h + (value - h @ u)[..., None] * u
 
 
-OPERATIONS = {"add": add, "scale": scale, "ablate": ablate, "project_out": project_out, "clamp": clamp}
+def patch(h: torch.Tensor, source: torch.Tensor, **_) -> torch.Tensor:
+    """``source``: ``[positions, d]``, one recorded row per selected position of ``h``."""
+    return source.expand_as(h)
+
+
+OPERATIONS = {
+    "add": add,
+    "scale": scale,
+    "ablate": ablate,
+    "project_out": project_out,
+    "clamp": clamp,
+    "patch": patch,
+}
 
 
 def apply_operation(name: str, h: torch.Tensor, **arguments) -> torch.Tensor:
+    """``OPERATIONS[name](h, **arguments)``; ``h``: ``[..., d]``; raises KeyError for an unknown name."""
     return OPERATIONS[name](h, **arguments)

@@ -124,12 +124,13 @@ def percentile(values: list[float], p: float) -> float:
 
 def in_process_batch_cost(args) -> dict:
     """Seconds for ``--clients`` requests decoded together vs one alone, same code as the server."""
-    from server.engine.batched import run_batched_generation
-    from server.engine.generation import GenerationJob, SamplingParams, run_generation
+    from server.engine.hf_runtime import decode_loop
+    from server.engine.job import GenerationJob, SamplingParams
     from server.engine.loading import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = loaded.tokenizer
+    loop = decode_loop(loaded)
 
     def ids(text: str) -> list[int]:
         messages = [{"role": "user", "content": text}]
@@ -140,12 +141,10 @@ def in_process_batch_cost(args) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
 
     def together() -> None:
-        jobs = [GenerationJob(p, params) for p in prompts]
-        run_batched_generation(loaded.wrapper, tokenizer, loaded.eos_token_ids, jobs)
+        loop.run([GenerationJob(p, params) for p in prompts])
 
     def alone() -> None:
-        job = GenerationJob(prompts[0], params)
-        run_generation(loaded.hf_model, tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper)
+        loop.run([GenerationJob(prompts[0], params)])
 
     times = {"together": [], "alone": []}
     alone()  # warm-up

@@ -57,22 +57,21 @@ def build(args, root: Path):
 
 
 def run_once(engine, store, max_tokens: int, capture: bool) -> tuple[float, dict | None]:
-    from server.engine.capture import CapturePlan, GenerationCapture
-    from server.engine.generation import GenerationJob, SamplingParams
+    from server.engine.capture import CapturePlan, CaptureSpec
+    from server.engine.job import GenerationJob, SamplingParams
 
     prompt_ids = asyncio.run(engine.render_chat(PROMPT))
-    job = GenerationJob(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    spec = None
     if capture:
         points = engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None)
-        plan = CapturePlan(points=tuple(points), mode="generate")
-        job.capture = GenerationCapture(
-            plan, lambda: store.create(None, plan.format), len(prompt_ids), model=engine.model_id
-        )
+        spec = CaptureSpec(CapturePlan(points=tuple(points), mode="generate"), store, "bench")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    job = GenerationJob(prompt_ids, params, capture=spec)
     started = time.perf_counter()
     result = asyncio.run(engine.generate(job))
     elapsed = time.perf_counter() - started
     assert len(result.choices[0].token_ids) == max_tokens
-    return elapsed, result.capture_manifest
+    return elapsed, result.capture and result.capture.manifest
 
 
 class RssSampler:

@@ -75,16 +75,17 @@ def render(tokenizer, system: str, text: str) -> tuple[int, ...]:
 
 
 def lda_rows(loaded, after, before, args) -> list[list[int]]:
-    from server.engine.generation import SamplingParams
-    from server.engine.lda import LdaJob, LdaSide, run_lda
+    from server.engine.hf_runtime import decode_loop
+    from server.engine.job import SamplingParams
+    from server.engine.lda import LdaJob
 
     job = LdaJob(
-        after=LdaSide(loaded.wrapper, tuple(after)),
-        before=LdaSide(loaded.wrapper, tuple(before)),
+        after_prompts=tuple(after),
+        before_prompts=tuple(before),
         alpha=args.alpha,
         params=SamplingParams(max_tokens=args.max_new_tokens, temperature=0, ignore_eos=True),
     )
-    return [row.token_ids for row in run_lda(job, loaded.tokenizer, loaded.eos_token_ids).rows]
+    return [result.choices[0].token_ids for result in decode_loop(loaded).run(job.jobs)]
 
 
 def run_mode(loaded, after, before, args, batch: int) -> tuple[float, list[list[int]]]:

@@ -120,15 +120,15 @@ def raw_generate(loaded, prompt: str, max_tokens: int) -> tuple[float, str]:
 
 
 def engine_generate(loaded, prompt: str, max_tokens: int) -> tuple[float, str]:
-    """The server's own generation function, in this process: the cost of the decode monitor."""
-    from server.engine.generation import GenerationJob, SamplingParams, run_generation
+    """The server's own decode loop, in this process: its cost without HTTP and scheduling."""
+    from server.engine.hf_runtime import decode_loop
+    from server.engine.job import GenerationJob, SamplingParams
 
     ids = chat_ids(loaded.tokenizer, prompt)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    loop = decode_loop(loaded)
     started = time.perf_counter()
-    result = run_generation(
-        loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, GenerationJob(ids, params)
-    )
+    (result,) = loop.run([GenerationJob(ids, params)])
     synchronize(loaded.device)
     return time.perf_counter() - started, result.choices[0].text
 

@@ -177,24 +177,13 @@ class InProcess:
 
     def residuals(self, texts: list[str], layers: list[int]) -> list[dict[int, torch.Tensor]]:
         """Per text: {layer: [positions, hidden] float32 on the CPU}."""
-        from server.engine.capture import first_tensor
-        from server.engine.steps import StepPlan
+        from server.engine.hf_runtime import HFRuntime
 
         tokenizer = self.loaded.tokenizer
         rows = [tokenizer.encode(text)[: self.max_length] for text in texts]
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        device = self.loaded.device
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        points = self.resolver.resolve(layers=layers, hook_points=["resid_post"], modules=None)
-        saved: dict = {}
-        with torch.no_grad(), self.loaded.wrapper.trace(ids, attention_mask=mask):
-            saved.update(StepPlan(tuple(points), (), width).run_step(self.loaded.wrapper, save=True))
-        out = []
-        for i, row in enumerate(rows):  # right padding: a text's positions are its first len(row)
-            out.append({p.layer: first_tensor(saved[p.name])[i, : len(row)].float().cpu() for p in points})
-        return out
+        points = tuple(self.resolver.resolve(layers=layers, hook_points=["resid_post"], modules=None))
+        values = HFRuntime(self.loaded).read_prompts(rows, points)
+        return [{p.layer: v[p.name].float().cpu() for p in points} for v in values]
 
 
 # -- activations: through a running server ---------------------------------------------------------

@@ -1,7 +1,7 @@
 """Request and response models of the OpenAI-compatible API.
 
 Requests validate and convert themselves: ``sampling_params()`` turns a
-request into the engine's :class:`~server.engine.generation.SamplingParams`,
+request into the engine's :class:`~server.engine.job.SamplingParams`,
 raising :class:`~server.errors.APIError` naming the parameter at fault.
 OpenAI's fields come first, in OpenAI's order; our extensions follow in one
 block, each with a description. Unknown fields are accepted (clients send
@@ -21,7 +21,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .engine.generation import SamplingParams
+from interventions import InterventionRequest
+
+from .engine.job import SamplingParams
 from .errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -114,50 +116,6 @@ class CaptureRequest(StrictModel):
     save_dir: Text | None = Field(
         None, max_length=500, description="A subdirectory of the server's --activations-dir."
     )
-
-
-class InterventionRequest(StrictModel):
-    """One change to the model's values while it answers (extension field ``interventions``)."""
-
-    type: Literal["add", "scale", "ablate", "project_out", "clamp", "patch"]
-    layer: int | None = Field(None, description="One layer (negative counts from the end).")
-    layers: list[int] | Literal["all"] | None = Field(None, description="Several layers, or all.")
-    hook_point: Annotated[str, Field(max_length=200)] | None = Field(
-        None, description="Per-layer name, as in capture: resid_post, mlp_out, mlp.down_proj.input, ..."
-    )
-    module: Annotated[str, Field(max_length=300)] | None = Field(
-        None, description="Absolute module path with .input/.output, instead of layer + hook_point."
-    )
-    positions: (
-        Literal["all", "prompt", "generated", "last"]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=100_000)]
-    ) = "all"
-    vector: (
-        Annotated[list[float], Field(max_length=1_000_000)] | Annotated[str, Field(max_length=100)] | None
-    ) = Field(
-        None,
-        description="The numbers, or the name of a stored vector (POST /v1/vectors). add: the direction "
-        "to add; project_out/clamp: the direction; ablate: a mean to set.",
-    )
-    scale: float = Field(1.0, description="add: the multiple of the vector added.")
-    factor: float | None = Field(None, description="scale: the factor to multiply by.")
-    value: float = Field(0.0, description="clamp: the component along the direction is set to this.")
-    activation_id: Annotated[str, Field(max_length=40)] | None = Field(
-        None, description="patch: the id of an earlier capture (act-...)."
-    )
-    tensor: Annotated[str, Field(max_length=300)] | None = Field(
-        None, description="patch: the captured tensor's name, e.g. layers.3.resid_post."
-    )
-    steps: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=2, max_length=2)] | None = Field(
-        None,
-        description="[first, end): the forward steps to act on; step 0 is the prompt, step k the k-th token.",
-    )
-
-    @model_validator(mode="after")
-    def _steps_in_order(self):
-        if self.steps is not None and self.steps[0] >= self.steps[1]:
-            raise ValueError("steps is [first, end) with first < end")
-        return self
 
 
 class VectorCreate(StrictModel):

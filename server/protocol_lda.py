@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .engine.generation import SamplingParams
+from .engine.job import SamplingParams
 from .protocol import (
     GREEDY_BELOW_TEMPERATURE,
     MAX_STOP_STRINGS,

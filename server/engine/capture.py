@@ -1,31 +1,38 @@
-"""Activation capture: a plan of hook points, read through the nnsight wrapper, reduced, stored.
+"""Activation capture, owned by the engine: a plan, values fed step by step, one manifest.
 
-A :class:`CapturePlan` says what to read (hook points in execution order),
-which positions to keep, whether to keep a subset of hidden units, and the
-storage dtype. :func:`capture_prompt` runs one traced forward pass over the
-prompt on the served wrapper (``mode: "trace"``) and hands each value,
-detached and moved to the CPU, to the request's writer.
+A :class:`CapturePlan` says what to read (hook points in execution order), in which
+mode (``trace``: the prompt forward only; ``generate``: every token fed in), which
+positions to keep, whether to keep a subset of hidden units, and the storage dtype.
+A job carries a :class:`CaptureSpec`: the plan, the sink it writes through (the
+activation store: anything with ``create(save_dir, format) -> writer``) and what the
+request adds to the manifest. The decode loop gives the job's rows to the runtime with
+the plan's reads; the runtime hands each step's values to the job's
+:class:`CaptureRecorder`, which reduces them, moves them to the CPU and appends them
+to disk at once, so neither accelerator nor host memory grows with the tokens. The
+recorder writes the manifest (the one place that does) and returns a typed
+:class:`CaptureResult`.
 
-Values are ``[batch, pos, ...]`` tensors; a module that returns a tuple (an
-attention block returns ``(output, weights)``) is read at its first element.
-Stored tensors are ``[pos, ...]`` (the batch of one dropped).
+Values are ``[1, pos, ...]`` tensors of the job's first row (a module that returns a
+tuple is read at its first element); stored tensors are ``[pos, ...]``. In generate
+mode the loop runs one extra step so that the final generated token is fed in too:
+position p of a stored tensor is token p of prompt + completion.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from .hooks import HookPoint
+from .hooks import HookPoint, first_tensor
 
 
 @dataclass(frozen=True)
 class CapturePlan:
     points: tuple[HookPoint, ...]
-    mode: str = "trace"  # "trace": the prompt forward only
+    mode: str = "trace"  # "trace": the prompt forward only; "generate": every token fed in
     positions: str = "all"
     sample_hidden: int | None = None  # keep this many units of the last dimension
     sample_method: str = "random"  # "random" (seeded subset) | "first"
@@ -65,12 +72,31 @@ def stored_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int, model_dtyp
     return sum(kept(point.width) for point in plan.points) * positions * itemsize
 
 
-def first_tensor(value) -> torch.Tensor:
-    while isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"expected a tensor, got {type(value).__name__}")
-    return value
+class CaptureSink(Protocol):
+    """Where captures are written: the activation store (``server/storage/activations.py``)."""
+
+    def create(self, save_dir: str | None, fmt: str): ...
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """A job's capture: what to read (``plan``), where to write (``sink``), and the request's
+    own manifest facts (``request_facts``: e.g. its interventions and presets as sent)."""
+
+    plan: CapturePlan
+    sink: CaptureSink
+    completion_id: str
+    request_facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """A written capture: its id, its directory, its tensors' names and the manifest itself."""
+
+    id: str
+    directory: Path
+    tensors: tuple[str, ...]
+    manifest: dict
 
 
 def reduce_value(
@@ -87,35 +113,6 @@ def reduce_value(
         tensor = tensor.index_select(-1, indices.to(tensor.device))
     tensor = tensor.to("cpu", dtype=plan.dtype or tensor.dtype, copy=True)
     return tensor, original, indices
-
-
-def prompt_positions(plan: CapturePlan, prompt_len: int) -> slice:
-    return slice(prompt_len - 1, prompt_len) if plan.positions == "last" else slice(0, prompt_len)
-
-
-def capture_prompt(
-    wrapper, prompt_ids: list[int], plan: CapturePlan, logits_module: str | None, edits: tuple = ()
-) -> dict:
-    """One traced forward over the prompt; every planned value (after any edits), in execution order.
-
-    Unless the logits themselves are planned, the forward computes them for the last
-    position only (``logits_to_keep=1``), as generation does: a long prompt's full
-    ``[pos, vocab]`` logits are often its largest tensor.
-    """
-    from .steps import StepPlan, placed
-
-    model = wrapper._module
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    extra = {}
-    wants_logits = any(p.module_path == logits_module for p in plan.points)
-    if not wants_logits and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        extra["logits_to_keep"] = 1
-    steps = StepPlan(plan.points, placed(edits, model), len(prompt_ids))
-    saved: dict = {}  # filled inside the block: nnsight runs it as its own code, so mutate, don't rebind
-    with torch.no_grad(), wrapper.trace(ids, attention_mask=torch.ones_like(ids), **extra):
-        saved.update(steps.run_step(wrapper, save=True))
-    return saved
 
 
 def tensor_facts(
@@ -139,46 +136,31 @@ def tensor_facts(
     }
 
 
-def write_prompt_capture(
-    saved: dict, plan: CapturePlan, prompt_ids: list[int], token_text: Callable, writer, **manifest
-) -> dict:
-    """Reduce and store every value of a trace-mode capture, then its manifest."""
-    positions = prompt_positions(plan, len(prompt_ids))
-    kept = list(range(positions.start, positions.stop))
-    token_ids = [prompt_ids[p] for p in kept]
-    tokens = [token_text(t) for t in token_ids]
-    for point in plan.points:
-        tensor, original, units = reduce_value(saved.pop(point.name), plan, positions)
-        writer.write(point.name, tensor, **tensor_facts(point, original, kept, token_ids, tokens, units))
-    return writer.finish(mode=plan.mode, positions=plan.positions, **manifest)
+class CaptureRecorder:
+    """Hands each forward step's values, reduced and on the CPU, to the capture's writer.
 
-
-class GenerationCapture:
-    """Hands each forward step's values, reduced and on the CPU, to the request's writer.
-
-    Step 0 is the prompt forward (``[1, P, ...]``); each later step is the one
-    token fed in at that step (``[1, 1, ...]``). The decode monitor runs one
-    extra step so that the final generated token is fed in too: position p of
-    a stored tensor is token p of prompt + completion. Values are appended to
-    disk step by step (``CaptureWriter.append``), so neither accelerator nor
-    host memory grows with the number of tokens; ``positions: "last"`` keeps
-    only the latest step's value in memory.
-
-    The writer (and with it the capture's directory) is opened by the first
-    step, on the worker thread: a request cancelled before it ran leaves nothing.
+    Step 0 is the prompt forward (``[1, P, ...]``); each later step is the one token fed
+    in at that step (``[1, 1, ...]``). ``positions: "last"`` keeps only the latest step's
+    value in memory. The writer (and with it the capture's directory) is opened by the
+    first step, on the worker thread: a request cancelled before it ran leaves nothing.
     """
 
-    def __init__(self, plan: CapturePlan, open_writer: Callable, prompt_len: int, **manifest) -> None:
-        self.plan = plan
-        self._open_writer = open_writer
-        self._writer = None
+    def __init__(self, spec: CaptureSpec, prompt_len: int, facts: dict[str, Any]) -> None:
+        self.spec = spec
+        self.plan = spec.plan
         self.prompt_len = prompt_len
-        self.manifest = manifest  # request-level facts for the manifest (model, completion id, ...)
+        self.facts = facts  # what the engine knows for the manifest (model, dtype, sampling, ...)
+        self._writer = None
         self.position = 0  # absolute position of the next value
         self.kept: list[int] = []  # absolute positions written so far
         self.shapes: dict[str, list[int]] = {}  # one step's original shape per tensor
         self.units: dict[str, torch.Tensor | None] = {}
         self.latest: dict[str, torch.Tensor] = {}  # positions "last": the latest step only
+
+    @property
+    def reads_steps(self) -> int | None:
+        """How many forward steps it reads: the prompt only in trace mode, else all."""
+        return 1 if self.plan.mode == "trace" else None
 
     def _kept_slice(self, start: int, length: int) -> slice:
         if self.plan.positions == "last":
@@ -192,14 +174,16 @@ class GenerationCapture:
     @property
     def writer(self):
         if self._writer is None:
-            self._writer = self._open_writer()
+            self._writer = self.spec.sink.create(self.plan.save_dir, self.plan.format)
         return self._writer
 
     def abort(self) -> None:
+        """Remove whatever this capture wrote (its request failed or is gone)."""
         if self._writer is not None:
             self._writer.abort()
 
-    def on_step(self, values: dict) -> None:
+    def on_step(self, values: dict[str, torch.Tensor]) -> None:
+        """Take one step's values (``{name: [1, positions fed, ...]}``) and append them to disk."""
         length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
         for name, value in values.items():
             if first_tensor(value).shape[1] != length:
@@ -223,8 +207,9 @@ class GenerationCapture:
                 self.writer.append(point.name, tensor)
         self.position += length
 
-    def finish(self, token_ids: list[int], tokens: list[str]) -> dict:
-        """Close every tensor file and write the manifest; ``token_ids`` covers prompt + completion."""
+    def finish(self, token_ids: list[int], tokens: list[str]) -> CaptureResult:
+        """Close every tensor file and write the manifest; ``token_ids`` covers every position
+        fed in (prompt + completion in generate mode, the prompt in trace mode)."""
         for point in self.plan.points:
             if point.name in self.latest:
                 self.writer.append(point.name, self.latest.pop(point.name))
@@ -236,4 +221,20 @@ class GenerationCapture:
             self.writer.close_appended(
                 point.name, **tensor_facts(point, original, self.kept, kept_ids, kept_tokens, units)
             )
-        return self.writer.finish(mode=self.plan.mode, positions=self.plan.positions, **self.manifest)
+        plan = self.plan
+        manifest = self.writer.finish(
+            mode=plan.mode,
+            positions=plan.positions,
+            **self.facts,
+            completion_id=self.spec.completion_id,
+            **self.spec.request_facts,
+            sample_hidden=plan.sample_hidden,
+            sample_hidden_method=plan.sample_method,
+            sample_hidden_seed=plan.sample_seed,
+        )
+        return CaptureResult(
+            id=manifest["id"],
+            directory=self.writer.directory,
+            tensors=tuple(entry["name"] for entry in manifest["tensors"]),
+            manifest=manifest,
+        )

@@ -1,12 +1,13 @@
 """The engine: owns THE one nnsight-wrapped model and the one thread that touches it.
 
-The engine knows nothing about HTTP. It takes :class:`GenerationJob` objects,
-queues them for its worker thread (never the asyncio event loop, so ``/health``
-answers while a long generation runs), which runs concurrent plain jobs together
-in batches (:mod:`~server.engine.scheduler`), and hands back a
-:class:`GenerationResult`, or a stream of :class:`ChoiceDelta` followed by the
-result. A job that waits or runs past the request timeout is cancelled and
-raises :class:`RequestTimedOut`.
+The engine knows nothing about HTTP. It takes :class:`GenerationJob` objects (and LDA
+requests, whose rows are such jobs), queues them for its worker thread (never the
+asyncio event loop, so ``/health`` answers while a long generation runs), which runs
+every job in the one decode loop (``loop.py``) over the HF + nnsight runtime
+(``hf_runtime.py``), concurrent jobs together (``scheduler.py``), and hands back a
+:class:`GenerationResult`, or a stream of :class:`ChoiceDelta` (and a trace-mode
+capture's :class:`CaptureResult`) followed by the result. A job that waits or runs past
+the request timeout is cancelled and raises :class:`RequestTimedOut`.
 
 Threading contract:
 
@@ -31,12 +32,11 @@ from typing import TypeVar
 
 import torch
 
-from ..storage import CaptureWriter
-from .batched import run_batched_generation
-from .capture import CapturePlan, capture_prompt, first_tensor, write_prompt_capture
-from .generation import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob, run_generation
+from .capture import CaptureResult
+from .hf_runtime import decode_loop
 from .hooks import HookPoint, HookResolver
-from .lda import LdaJob, LdaResult, run_lda
+from .job import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob
+from .lda import LdaJob, LdaResult
 from .loading import LoadedModel, check_same_vocabulary, load_model
 from .memory import MemoryLog, ModelShape, estimate
 from .scheduler import Scheduler
@@ -95,7 +95,19 @@ class Engine:
                 max_queue=max_queue,
                 memory_room=memory_room,
             )
-        scheduler.bind(self._generate_sync, self._generate_batch_sync, self._batch_memory)
+        self.loop = decode_loop(
+            loaded,
+            before,
+            token_text=self.vocabulary.text,
+            manifest_facts={
+                "model": self.model_id,
+                "dtype": str(loaded.dtype).removeprefix("torch."),
+                "adapter": loaded.adapter,
+            },
+            logits_module=self.hooks.logits_module,
+        )
+        self.runtime = self.loop.runtime
+        scheduler.bind(self._run_batch, self._batch_memory)
         self.scheduler = scheduler
         self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
@@ -218,81 +230,42 @@ class Engine:
         """Run model work (not a generation job) on the worker, after what is queued before it."""
         return await asyncio.wrap_future(self.scheduler.submit_call(fn, *args))
 
-    def _generate_sync(self, job: GenerationJob) -> GenerationResult:
-        with MemoryLog(self.loaded.device, "generate", max_new_tokens=job.params.max_tokens):
-            return self._generate_logged(job)
-
-    def _generate_logged(self, job: GenerationJob) -> GenerationResult:
-        loaded = self.loaded
-        try:
-            result = run_generation(
-                loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
-            )
-        except BaseException:
-            if job.capture is not None:
-                job.capture.abort()
-            raise
-        self._finish_capture(job, result)
-        return result
-
-    def _finish_capture(self, job: GenerationJob, result: GenerationResult) -> None:
-        """Write a generate-mode capture's manifest, or remove it if its request is gone."""
-        capture = job.capture
-        if capture is None:
-            return
-        try:
-            if job.cancelled.is_set():
-                capture.abort()  # nobody will read it; leave nothing behind
-                return
-            token_ids = job.prompt_ids + result.choices[0].token_ids
-            result.capture_manifest = capture.finish(token_ids, [self.vocabulary.text(t) for t in token_ids])
-        except BaseException:
-            capture.abort()
-            raise
-
     def _batch_memory(self, jobs: list[GenerationJob]) -> int:
-        """Bytes a batch adds beside the weights: every row padded to the longest prompt."""
+        """Bytes a batch adds beside the weights: every row padded to the longest prompt (an LDA
+        row counts twice: its before side has a cache of its own)."""
         padded = estimate(
             self.shape,
             prompt_tokens=max(len(job.prompt_ids) for job in jobs),
             max_tokens=max(job.params.max_tokens for job in jobs) + 1,
-            n=sum(job.params.n for job in jobs),
+            n=sum(job.rows for job in jobs),
         )
         return max(padded.total - padded.weights, sum(job.memory_bytes for job in jobs))
 
-    def _generate_batch_sync(
+    def _run_batch(
         self,
         jobs: list[GenerationJob],
         on_done: Callable[[GenerationJob, GenerationResult | BaseException], None],
         take_more: Callable[[int], list[GenerationJob]],
     ) -> None:
-        """Decode ``jobs`` (and the jobs ``take_more`` hands over) together; each ends through
-        ``on_done`` with its result (its capture finished) or its own error."""
+        """Decode ``jobs`` (and the jobs ``take_more`` hands over) in the one loop; each ends
+        through ``on_done`` with its result (its capture written) or its own error, after its
+        ``[memory]`` line (the batch's memory since it began, logged under its request ids)."""
+        memory = MemoryLog(self.loaded.device, "generate").start()
+        live = {id(job): job for job in jobs}
 
         def done(job: GenerationJob, outcome: GenerationResult | BaseException) -> None:
-            if isinstance(outcome, BaseException):
-                if job.capture is not None:
-                    job.capture.abort()
-            else:
-                try:  # one job's storage failure is that job's alone
-                    self._finish_capture(job, outcome)
-                except Exception as exc:
-                    outcome = exc
+            memory.report(
+                batch=len(live), rows=sum(j.rows for j in live.values()), max_new_tokens=job.params.max_tokens
+            )
+            live.pop(id(job), None)
             on_done(job, outcome)
 
-        loaded = self.loaded
-        longest = max(job.params.max_tokens for job in jobs)
-        rows = sum(job.params.n for job in jobs)
-        with MemoryLog(self.loaded.device, "generate", batch=len(jobs), rows=rows, max_new_tokens=longest):
-            run_batched_generation(
-                loaded.wrapper,
-                loaded.tokenizer,
-                loaded.eos_token_ids,
-                jobs,
-                on_done=done,
-                take_more=take_more,
-                max_rows=self.scheduler.max_batch_size,
-            )
+        def more(free_rows: int) -> list[GenerationJob]:
+            joined = take_more(free_rows)
+            live.update((id(job), job) for job in joined)
+            return joined
+
+        self.loop.run(jobs, on_done=done, take_more=more, max_rows=self.scheduler.max_batch_size)
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """Run a job; if the caller is cancelled (client gone) or the request times out, the job
@@ -318,47 +291,13 @@ class Engine:
         return f"the request took longer than --request-timeout ({self.request_timeout:g} s); stopped {where}"
 
     async def lda(self, job: LdaJob) -> LdaResult:
-        """Run an LDA job (both sides, every row), within the request timeout."""
-        return await self._wait(asyncio.wrap_future(self.scheduler.submit_call(self._lda_sync, job)), job)
-
-    def _lda_sync(self, job: LdaJob) -> LdaResult:
-        with MemoryLog(self.loaded.device, "lda", rows=job.rows, max_new_tokens=job.params.max_tokens):
-            return run_lda(job, self.loaded.tokenizer, self.loaded.eos_token_ids)
+        """Run an LDA request (every row, both sides) in the decode loop, within the request timeout."""
+        results = await self._wait(asyncio.wrap_future(self.scheduler.submit_jobs(job.jobs)), job)
+        return LdaResult(rows=[result.rows[0] for result in results], steps=job.steps)
 
     async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (see ``scoring.py``)."""
         return await self._run(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
-
-    async def capture_prompt(
-        self,
-        prompt_ids: list[int],
-        plan: CapturePlan,
-        open_writer: Callable[[], CaptureWriter],
-        edits: tuple = (),
-        **manifest,
-    ) -> dict:
-        """Trace the prompt once, store every planned value, write the manifest; returns it.
-
-        The writer is opened on the worker, when the capture runs; a failure (or an
-        out-of-memory error) removes everything this capture wrote.
-        """
-        return await self._run(self._capture_prompt_sync, prompt_ids, plan, open_writer, edits, manifest)
-
-    def _capture_prompt_sync(
-        self,
-        prompt_ids: list[int],
-        plan: CapturePlan,
-        open_writer: Callable[[], CaptureWriter],
-        edits: tuple,
-        manifest: dict,
-    ) -> dict:
-        writer = open_writer()
-        try:
-            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module, edits)
-            return write_prompt_capture(saved, plan, prompt_ids, self.vocabulary.text, writer, **manifest)
-        except BaseException:
-            writer.abort()
-            raise
 
     async def collect(
         self, prompts: list[list[int]], points: tuple[HookPoint, ...], position: str
@@ -370,17 +309,19 @@ class Engine:
     def _collect_sync(
         self, prompts: list[list[int]], points: tuple, position: str
     ) -> dict[str, torch.Tensor]:
-        plan = CapturePlan(points=points)
         rows: dict[str, list[torch.Tensor]] = {p.name: [] for p in points}
-        for prompt_ids in prompts:
-            saved = capture_prompt(self.loaded.wrapper, prompt_ids, plan, self.hooks.logits_module)
+        for prompt_ids in prompts:  # one at a time: no padding, as each prompt alone
+            (values,) = self.runtime.read_prompts([prompt_ids], points)
             for point in points:
-                value = first_tensor(saved[point.name])[0].float()  # [positions, width]
+                value = values[point.name].float()  # [positions, width]
                 rows[point.name].append(value[-1] if position == "last" else value.mean(0))
         return {name: torch.stack(values).cpu() for name, values in rows.items()}
 
-    async def stream(self, job: GenerationJob) -> AsyncIterator[ChoiceDelta | GenerationResult]:
-        """Deltas as the worker produces them, then the final result.
+    async def stream(
+        self, job: GenerationJob
+    ) -> AsyncIterator[ChoiceDelta | CaptureResult | GenerationResult]:
+        """Deltas as the worker produces them (a trace-mode capture's result first, as soon as it
+        is written), then the final result.
 
         Closing the iterator early (a disconnected client) cancels the job.
         """
@@ -388,6 +329,8 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
         job.on_delta = lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta)
+        if job.capture is not None and job.capture.plan.mode == "trace":
+            job.on_capture = lambda result: loop.call_soon_threadsafe(queue.put_nowait, result)
         future = asyncio.wrap_future(self.scheduler.submit_job(job))
         deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
 

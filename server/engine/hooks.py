@@ -28,6 +28,16 @@ _KINDS = ("input", "output")
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
+def first_tensor(value) -> torch.Tensor:
+    """The tensor a hook point's value stands for: a module that returns a tuple (an attention
+    block returns ``(output, weights)``) is read at its first element. Raises TypeError."""
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(value).__name__}")
+    return value
+
+
 class HookError(ValueError):
     """A hook-point request that cannot be resolved; ``param`` names the field at fault."""
 

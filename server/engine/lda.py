@@ -1,94 +1,82 @@
-"""Logit difference amplification (LDA): a two-sided, batched decode loop over the served wrapper.
+"""Logit difference amplification (LDA): the formula, and a request's rows as decode-loop jobs.
 
-Each next token is drawn from ``after + alpha * (after - before)``, the logits of
-an "after" side and a "before" side at the same point of the same completion
-(alpha = 0 is the after side alone, alpha = -1 the before side alone). Both
-sides are :class:`~server.engine.decode.DecodeBatch` objects over nnsight
-wrappers, each with its own prompts (they differ when the sides differ by
-system prompt), its own KV cache, and optionally its own interventions or the
-served adapter switched off. The before side's wrapper is the served one unless
-a second checkpoint was loaded for it.
+Each next token is drawn from ``after + alpha * (after - before)``, the logits of an
+"after" side and a "before" side at the same point of the same completion (alpha = 0
+is the after side alone, alpha = -1 the before side alone); method of Aranguri &
+McGrath, "Discovering undesired rare behaviors via model diff amplification" (2025).
 
-Rows are sampled independently (:mod:`~server.engine.sampling`: per-row seeded
-generators), end independently (EOS unless ``ignore_eos``, a stop string, or
-``max_tokens``), and leave both batches when they end. Completions hold
-generated tokens only; tokens become text in
-:class:`~server.engine.text.CompletionText`, as for every other endpoint.
+An :class:`LdaJob` is one request: ``rows`` prompts, each with its after-side prompt
+and edits and its before-side prompt and weights (``job.LdaPlan``). The engine runs it
+as one :class:`~server.engine.job.GenerationJob` per row through the one decode loop
+(``loop.py``), which runs the before side as a second forward pass of the same step
+with its own cache. Row ``i`` of a request seeded ``s`` is a job seeded ``s + i``, so
+each row draws the same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .decode import DecodeBatch
-from .generation import FINISH_LENGTH, FINISH_STOP, SamplingParams
-from .sampling import choose_tokens, row_generators
-from .text import CompletionText
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LdaSide:
-    """How one side runs: which wrapper, which prompt per row, which edits, adapter on or off."""
-
-    wrapper: object
-    prompts: tuple[tuple[int, ...], ...]
-    edits: tuple = ()
-    adapter_enabled: bool = True
+from .job import GenerationJob, LdaPlan, RowState, SamplingParams
 
 
 @dataclass
 class LdaJob:
-    after: LdaSide
-    before: LdaSide
+    """One LDA request: per row an after prompt and a before prompt; the edits apply to the
+    after side; ``weights``: the before side's weights (see ``job.LdaPlan``)."""
+
+    after_prompts: tuple[tuple[int, ...], ...]
+    before_prompts: tuple[tuple[int, ...], ...]
     alpha: float
-    params: SamplingParams  # max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos
+    params: SamplingParams  # max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos (n = 1)
+    weights: str = "served"
+    edits: tuple = ()
     token_stats: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
-    steps: int = 0  # decode steps run so far (written by the worker)
+    jobs: list[GenerationJob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.before_prompts) != len(self.after_prompts):
+            raise ValueError("both sides need one prompt per row")
+        seed = self.params.seed
+        self.jobs = [
+            GenerationJob(
+                prompt_ids=list(after),
+                params=replace(self.params, n=1, seed=None if seed is None else seed + i),
+                edits=self.edits,
+                lda=LdaPlan(tuple(before), self.alpha, self.weights, self.token_stats),
+                cancelled=self.cancelled,
+            )
+            for i, (after, before) in enumerate(zip(self.after_prompts, self.before_prompts, strict=True))
+        ]
 
     @property
     def rows(self) -> int:
-        return len(self.after.prompts)
+        return len(self.after_prompts)
 
-
-@dataclass(frozen=True)
-class TokenStats:
-    """How the two sides differed at one generated token (raw logits, temperature 1)."""
-
-    token_id: int
-    kl: float  # KL(after || before) of the next-token distributions, in nats
-    logit_diff_norm: float  # || after - before ||_2 over the vocabulary
-    logprob_after: float  # the chosen token's log-probability under each side
-    logprob_before: float
-
-
-@dataclass
-class LdaRow:
-    text: CompletionText
-    token_ids: list[int] = field(default_factory=list)
-    stats: list[TokenStats] = field(default_factory=list)
-    finish_reason: str | None = None
+    @property
+    def steps(self) -> int:
+        """Decode steps run so far (the longest row's)."""
+        return max((job.steps for job in self.jobs), default=0)
 
 
 @dataclass
 class LdaResult:
-    rows: list[LdaRow]
+    rows: list[RowState]  # token_ids, text, stats (with token_stats), finish_reason
     steps: int
 
 
 def amplify(after: torch.Tensor, before: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The LDA logits: ``after + alpha * (after - before)``."""
+    """The LDA logits: ``after + alpha * (after - before)`` (float32 ``[rows, vocab]`` each)."""
     return after + alpha * (after - before)
 
 
 def token_stats(after: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor) -> list[tuple]:
-    """Per row: (KL(after || before), ||after - before||, logprob_after, logprob_before) of ``tokens``."""
+    """Per row: (KL(after || before) in nats, ||after - before||_2, logprob_after, logprob_before)
+    of ``tokens``, from float32 ``[rows, vocab]`` raw logits."""
     log_after = torch.log_softmax(after, dim=-1)
     log_before = torch.log_softmax(before, dim=-1)
     kl = (log_after.exp() * (log_after - log_before)).sum(-1)
@@ -96,58 +84,3 @@ def token_stats(after: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor)
     chosen_after = log_after.gather(1, tokens[:, None])[:, 0]
     chosen_before = log_before.gather(1, tokens[:, None])[:, 0]
     return list(zip(*(t.tolist() for t in (kl, norm, chosen_after, chosen_before)), strict=True))
-
-
-def run_lda(job: LdaJob, tokenizer, eos_ids: frozenset[int]) -> LdaResult:
-    """Run one LDA job to completion on the calling (worker) thread."""
-    params = job.params
-    if len(job.before.prompts) != job.rows:
-        raise ValueError("both sides need one prompt per row")
-    pad = tokenizer.pad_token_id
-    sides = [
-        DecodeBatch(
-            side.wrapper,
-            [list(p) for p in side.prompts],
-            pad,
-            edits=side.edits,
-            adapter_enabled=side.adapter_enabled,
-        )
-        for side in (job.after, job.before)
-    ]
-    device = sides[0].mask.device
-    eos = frozenset() if params.ignore_eos else eos_ids
-    rows = [LdaRow(CompletionText(tokenizer, params.stop)) for _ in range(job.rows)]
-    generators = row_generators(None if params.greedy else params.seed, job.rows, device)
-    active = list(range(job.rows))  # batch row b is job row active[b]
-    while active and job.steps < params.max_tokens and not job.cancelled.is_set():
-        after, before = (side.forward() for side in sides)
-        before = before.to(after.device)
-        tokens = choose_tokens(amplify(after, before, job.alpha), params, [generators[r] for r in active])
-        stats = token_stats(after, before, tokens) if job.token_stats else None
-        job.steps += 1
-        still = []
-        for b, (r, token) in enumerate(zip(active, tokens.tolist(), strict=True)):
-            row = rows[r]
-            row.token_ids.append(token)
-            if stats is not None:
-                row.stats.append(TokenStats(token, *stats[b]))
-            if token in eos or row.text.append(token):
-                row.finish_reason = FINISH_STOP
-            elif len(row.token_ids) >= params.max_tokens:
-                row.finish_reason = FINISH_LENGTH
-            if row.finish_reason is None:
-                still.append(b)
-            else:
-                row.text.finish()
-        active = [active[b] for b in still]
-        if active:
-            for side in sides:
-                side.keep(still)
-                side.append(tokens[still] if len(still) < len(tokens) else tokens)
-    if job.cancelled.is_set():
-        logger.info("LDA cancelled after %d step(s) of %d", job.steps, params.max_tokens)
-    for row in rows:
-        if row.finish_reason is None:
-            row.finish_reason = FINISH_LENGTH
-            row.text.finish()
-    return LdaResult(rows=rows, steps=job.steps)

@@ -373,10 +373,10 @@ def neutral_generation_config(original, tokenizer):
     transformers fills every knob a call leaves unset from the model's own
     generation config (a checkpoint may suggest top_k=20, a repetition
     penalty, ...). The server samples exactly as each request says, with
-    OpenAI's defaults where it is silent, so the served module keeps only its
-    special token ids. EOS is left out on purpose: the decode monitor in
-    ``generation.py`` ends rows on EOS itself (which is what allows
-    ``ignore_eos``).
+    OpenAI's defaults where it is silent (``sampler.py``), and so does HF
+    ``generate`` on the served module (the tests' reference): the served module
+    keeps only its special token ids. EOS is left out on purpose: ``RowState``
+    ends rows on EOS itself (which is what allows ``ignore_eos``).
     """
     from transformers import GenerationConfig
 

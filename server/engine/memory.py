@@ -201,6 +201,10 @@ class MemoryLog:
         return psutil.Process().memory_info().rss
 
     def __enter__(self) -> MemoryLog:
+        return self.start()
+
+    def start(self) -> MemoryLog:
+        """Measure from now (on CUDA the peak counter starts again)."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.before = self._now()
@@ -208,12 +212,17 @@ class MemoryLog:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.report()
+
+    def report(self, **fields) -> None:
+        """Log one ``[memory]`` line: before (at ``start``), now, the peak since, and ``fields``
+        (with the constructor's). A batch reports once per job, as each job ends."""
         after = self._now()
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        extra = " ".join(f"{key}={value}" for key, value in self.fields.items())
+        extra = " ".join(f"{key}={value}" for key, value in {**self.fields, **fields}.items())
         logger.info(
             "[memory] %s: before=%dMiB after=%dMiB peak=%dMiB %s seconds=%.3f",
             self.what,

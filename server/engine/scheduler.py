@@ -5,18 +5,16 @@ jobs, and any other model work (prompt capture, scoring, LDA, contrastive
 vectors) as plain calls. One thread runs them, so the model is never touched
 concurrently and the asyncio event loop never runs model code.
 
-Batching strategy. The worker takes the oldest item. If it is a batchable
-generation job (anything that generates; see ``batched.batchable``),
-it gathers more batchable jobs from the queue, in arrival order, until the batch
-holds ``max_batch_size`` rows (a job of ``n`` choices is ``n`` rows) or its
-memory estimate fills ``memory_room``; until the batch is full it waits up to
-``batch_window_s`` for more. Other items keep their place in the queue and run
-after the batch (joining stops at the first of them, so the batch drains). A batch
-runs to completion: a job that finishes early leaves it at once (it stops costing
-compute), and jobs that arrive while it runs join it at the next step, while it has
-rows to spare (their prompts run as a batch of their own for one step, then the two
-merge: ``DecodeBatch.merge``). A batch of one job runs the single-job path (HF
-``generate``), which nothing can join: jobs that arrive during it wait for it.
+Batching strategy. The worker takes the oldest item. If it holds generation jobs (one
+job, or an LDA request's row jobs), it gathers more such items from the queue, in
+arrival order, until the batch holds ``max_batch_size`` rows (a job of ``n`` choices is
+``n`` rows, twice that for LDA's two sides) or its memory estimate fills
+``memory_room``; until the batch is full it waits up to ``batch_window_s`` for more.
+Other items keep their place in the queue and run after the batch (joining stops at the
+first of them, so the batch drains). The batch runs in the one decode loop
+(``loop.py``): a job that finishes leaves it at once (it stops costing compute), and
+jobs that arrive while it runs join it at the next step, while it has rows to spare. A
+job alone is just a batch of one: a short request sent while a long one runs joins it.
 
 Log lines: each item runs in the context it was submitted from (``contextvars``), so what
 the worker logs about a request carries that request's id (``server.logs``); a batch runs
@@ -42,8 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..logs import request_id
-from .batched import batchable
-from .generation import GenerationJob, GenerationResult
+from .job import GenerationJob
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +52,20 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Item:
     future: Future
-    job: GenerationJob | None = None  # a generation job, or
+    jobs: list[GenerationJob] = field(default_factory=list)  # generation jobs, answered together, or
     call: Callable | None = None  # any other model work, run alone
+    single: bool = True  # the future's result: the one job's result (else a list, in order)
     enqueued: float = field(default_factory=time.monotonic)
     context: contextvars.Context = field(default_factory=contextvars.copy_context)  # the submitter's
+    outcomes: dict[int, object] = field(default_factory=dict)  # job id -> result, as jobs end
 
     @property
     def rows(self) -> int:
-        return self.job.params.n if self.job is not None else 0
+        return sum(job.rows for job in self.jobs)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled() or any(job.cancelled.is_set() for job in self.jobs)
 
 
 @dataclass
@@ -87,7 +90,6 @@ class BatchStats:
 class Scheduler:
     def __init__(
         self,
-        run_one: Callable[[GenerationJob], GenerationResult] | None = None,
         run_batch: Callable[[list[GenerationJob], Callable, Callable[[int], list[GenerationJob]]], None]
         | None = None,
         *,
@@ -97,7 +99,6 @@ class Scheduler:
         memory_room: int | None = None,
         batch_memory: Callable[[list[GenerationJob]], int] | None = None,
     ) -> None:
-        self._run_one = run_one
         # Bytes a batch of jobs adds beside the weights (rows padded to the longest prompt);
         # default: the sum of the jobs' own estimates.
         self._batch_memory = batch_memory or (lambda jobs: sum(job.memory_bytes for job in jobs))
@@ -113,9 +114,8 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
         self._thread.start()
 
-    def bind(self, run_one, run_batch, batch_memory=None) -> None:
+    def bind(self, run_batch, batch_memory=None) -> None:
         """Set how generation jobs run (an engine built on this scheduler's own thread calls it)."""
-        self._run_one = run_one
         self._run_batch = run_batch
         if batch_memory is not None:
             self._batch_memory = batch_memory
@@ -139,12 +139,19 @@ class Scheduler:
             return max(0, self.max_queue - len(self._queue))
 
     def submit_job(self, job: GenerationJob) -> Future:
-        """Queue a generation job; :class:`QueueFull` when ``max_queue`` items already wait."""
-        return self._put(_Item(Future(), job=job), bounded=True)
+        """Queue a generation job (its future: its ``GenerationResult``); :class:`QueueFull` when
+        ``max_queue`` items already wait."""
+        return self._put(_Item(Future(), jobs=[job]), bounded=True)
+
+    def submit_jobs(self, jobs: list[GenerationJob]) -> Future:
+        """Queue jobs that are answered together (an LDA request's rows): they join a batch
+        together; the future holds their results in order, or the first job's failure. Never
+        refused (the serving layer admits the request first)."""
+        return self._put(_Item(Future(), jobs=list(jobs), single=False), bounded=False)
 
     def submit_call(self, fn: Callable, *args) -> Future:
         """Queue other model work. Never refused: the serving layer admits requests
-        (``Serving.check_queue``) before their work is queued."""
+        (``Admission.check_queue``) before their work is queued."""
         return self._put(_Item(Future(), call=functools.partial(fn, *args)), bounded=False)
 
     def _put(self, item: _Item, bounded: bool) -> Future:
@@ -161,11 +168,7 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         """Forget waiting work whose requests are gone (timed out, disconnected)."""
-        gone = [
-            item
-            for item in self._queue
-            if item.future.cancelled() or (item.job is not None and item.job.cancelled.is_set())
-        ]
+        gone = [item for item in self._queue if item.cancelled]
         for item in gone:
             self._queue.remove(item)
             item.future.cancel()
@@ -201,17 +204,13 @@ class Scheduler:
                 self._run(first, first.call)
                 continue
             batch = self._gather(first)
-            if len(batch) == 1:
-                self.stats.record(1, first.rows)
-                self._run(first, functools.partial(self._run_one, first.job))
-            else:
-                self._run_together(batch)
+            self._run_together(batch)
             del first, batch  # an idle worker keeps nothing of the last batch alive
 
     def _gather(self, first: _Item) -> list[_Item]:
-        """``first`` plus batchable jobs that are waiting or arrive within the window."""
+        """``first`` plus generation items that are waiting or arrive within the window."""
         batch = [first]
-        if not batchable(first.job) or first.rows >= self.max_batch_size:
+        if first.rows >= self.max_batch_size:
             return batch
         rows = first.rows
         deadline = time.monotonic() + self.batch_window_s
@@ -219,12 +218,12 @@ class Scheduler:
             while rows < self.max_batch_size:
                 taken = False
                 for item in list(self._queue):
-                    if item.job is None or not batchable(item.job):
+                    if not item.jobs:
                         continue
                     if rows + item.rows > self.max_batch_size:
                         continue
                     if self.memory_room is not None and (
-                        self._batch_memory([i.job for i in batch] + [item.job]) > self.memory_room
+                        self._batch_memory(_jobs_of(batch + [item])) > self.memory_room
                     ):
                         continue
                     self._queue.remove(item)
@@ -248,57 +247,68 @@ class Scheduler:
             future.set_exception(exc)
 
     def _run_together(self, batch: list[_Item]) -> None:
-        """Run a batch; each job's future is set the moment that job ends. Jobs that arrive
-        meanwhile join it (``_take_more``) while it has rows to spare."""
+        """Run a batch in the decode loop; each item's future is set the moment its last job ends.
+        Items that arrive meanwhile join it (``_take_more``) while it has rows to spare."""
         live = [item for item in batch if item.future.set_running_or_notify_cancel()]
         if not live:
             return
-        running = {id(item.job): item for item in live}
+        running = {id(job): item for item in live for job in item.jobs}
         self.stats.record(len(live), sum(item.rows for item in live))
 
-        def name_requests() -> None:  # the log lines' request id: every job now in the batch
-            request_id.set("+".join(item.context.get(request_id, "-") for item in running.values()))
+        def name_requests() -> None:  # the log lines' request id: every request now in the batch
+            items = {id(item): item for item in running.values()}.values()
+            request_id.set("+".join(item.context.get(request_id, "-") for item in items))
 
         def on_done(job: GenerationJob, outcome) -> None:
             item = running.pop(id(job))
+            item.outcomes[id(job)] = outcome
+            if len(item.outcomes) < len(item.jobs) or item.future.done():
+                return
             name_requests()
-            if isinstance(outcome, BaseException):
-                item.future.set_exception(outcome)
+            outcomes = [item.outcomes[id(j)] for j in item.jobs]
+            failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            if failure is not None:
+                for other in item.jobs:  # the request failed: its other rows stop too
+                    other.cancelled.set()
+                item.future.set_exception(failure)
             else:
-                item.future.set_result(outcome)
+                item.future.set_result(outcomes[0] if item.single else outcomes)
 
         def take_more(free_rows: int) -> list[GenerationJob]:
-            joined = self._take_more(free_rows, [item.job for item in running.values()])
+            joined = self._take_more(free_rows, [item.jobs for item in running.values()])
             for item in joined:
-                running[id(item.job)] = item
+                running.update((id(job), item) for job in item.jobs)
             if joined:
                 name_requests()
                 self.stats.joined += len(joined)
                 self.stats.rows += sum(item.rows for item in joined)
-                self.stats.peak_rows = max(self.stats.peak_rows, sum(i.rows for i in running.values()))
-            return [item.job for item in joined]
+                busy = {id(item): item for item in running.values()}.values()
+                self.stats.peak_rows = max(self.stats.peak_rows, sum(i.rows for i in busy))
+            return _jobs_of(joined)
 
         def run() -> None:
             name_requests()
-            _guarded(lambda: self._run_batch([item.job for item in live], on_done, take_more))
+            _guarded(lambda: self._run_batch(_jobs_of(live), on_done, take_more))
 
         try:
             contextvars.copy_context().run(run)
         except BaseException as exc:  # the forward pass failed: every job still in the batch
-            for item in running.values():
-                item.future.set_exception(exc)
+            for item in {id(item): item for item in running.values()}.values():
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
-    def _take_more(self, free_rows: int, running: list[GenerationJob]) -> list[_Item]:
-        """Waiting batchable jobs that fit in ``free_rows`` (and the memory room), marked running."""
+    def _take_more(self, free_rows: int, running: list[list[GenerationJob]]) -> list[_Item]:
+        """Waiting generation items that fit in ``free_rows`` (and the memory room), marked running."""
         taken: list[_Item] = []
+        busy = [job for jobs in running for job in jobs]
         with self._condition:
             for item in list(self._queue):
                 # In arrival order, and only up to the first item that cannot join: work that
-                # waits (a call, a job that runs alone or does not fit) is never overtaken for
-                # long; the batch drains and it runs.
-                if item.job is None or not batchable(item.job) or item.rows > free_rows:
+                # waits (a call, an item that does not fit) is never overtaken for long; the
+                # batch drains and it runs.
+                if not item.jobs or item.rows > free_rows:
                     break
-                jobs = running + [i.job for i in taken] + [item.job]
+                jobs = busy + _jobs_of(taken) + item.jobs
                 try:
                     too_big = self.memory_room is not None and self._batch_memory(jobs) > self.memory_room
                 except Exception:
@@ -312,6 +322,10 @@ class Scheduler:
                 taken.append(item)
                 free_rows -= item.rows
         return taken
+
+
+def _jobs_of(items: list[_Item]) -> list[GenerationJob]:
+    return [job for item in items for job in item.jobs]
 
 
 def _guarded(work: Callable):

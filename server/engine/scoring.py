@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import TokenLogprob
+from .job import TokenLogprob
 
 
 @torch.no_grad()

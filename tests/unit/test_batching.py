@@ -1,7 +1,7 @@
 """The request scheduler: concurrent jobs batched together, each answered as if alone.
 
-References: each job run alone through the single-job path (the wrapped module's own HF
-``generate``), on the same engine, before or after the batched runs.
+References: each job run alone through HF's own ``generate`` on the same weights
+(``tests/reference.py``), before or after the batched runs.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.config import Settings
 from server.engine.engine import Engine, RequestTimedOut
-from server.engine.generation import GenerationJob, SamplingParams, run_generation
+from server.engine.job import GenerationJob, SamplingParams
 from server.engine.loading import load_model
 from server.engine.scheduler import QueueFull
+from tests.reference import hf_generate
 
 TEXTS = ["The quick brown fox", "What is the capital of France? The capital", "Count", "Numbers 0 1 2 3"]
 
@@ -45,9 +46,7 @@ def jobs(tokenizer) -> list[GenerationJob]:
 
 
 def alone(loaded, job: GenerationJob):
-    return run_generation(
-        loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job, wrapper=loaded.wrapper
-    )
+    return hf_generate(loaded, job)
 
 
 def summary(result):
@@ -168,9 +167,9 @@ def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded
     tokens and captured values equal its solo run's; nothing crosses between rows."""
     from safetensors.torch import load_file
 
-    from server.engine.capture import CapturePlan, GenerationCapture
+    from interventions import Edit
+    from server.engine.capture import CapturePlan, CaptureSpec
     from server.engine.hooks import HookResolver
-    from server.engine.steps import Edit
     from server.engine.structure import find_layers
     from server.storage import ActivationStore
 
@@ -187,17 +186,13 @@ def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded
         plan = CapturePlan(points=points, mode="generate")
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         sampled = SamplingParams(max_tokens=6, temperature=0.9, seed=4)
-        made = [
+        spec = CaptureSpec(plan, store, "test")
+        return [
             GenerationJob(prompts[0], params, edits=(steer,)),
-            GenerationJob(prompts[1], params),
-            GenerationJob(prompts[2], sampled, edits=(early,)),
+            GenerationJob(prompts[1], params, capture=spec),
+            GenerationJob(prompts[2], sampled, edits=(early,), capture=spec),
             GenerationJob(prompts[3], params),
         ]
-        for job in made[1:3]:
-            job.capture = GenerationCapture(
-                plan, lambda: store.create(None, "safetensors"), len(job.prompt_ids)
-            )
-        return made
 
     def run(max_batch_size):
         engine = Engine(loaded, max_batch_size=max_batch_size, batch_window_s=0.5)
@@ -206,9 +201,7 @@ def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded
         finally:
             engine.close()
         captures = [
-            load_file(store.tensor_file(r.capture_manifest["id"], "layers.0.resid_post"))
-            if r.capture_manifest
-            else None
+            load_file(store.tensor_file(r.capture.id, "layers.0.resid_post")) if r.capture else None
             for r in results
         ]
         return engine.scheduler.stats, results, captures
@@ -296,7 +289,7 @@ def test_concurrent_http_requests_are_batched_and_answered_as_alone(tiny_model_d
 
 
 def test_a_failing_capture_fails_its_own_job_only(loaded, tmp_path):
-    from server.engine.capture import CapturePlan, GenerationCapture
+    from server.engine.capture import CapturePlan, CaptureSpec
     from server.engine.hooks import HookResolver
     from server.engine.structure import find_layers
 
@@ -306,15 +299,17 @@ def test_a_failing_capture_fails_its_own_job_only(loaded, tmp_path):
         )
     )
 
-    def disk_full():
-        raise OSError(28, "No space left on device")
+    class FullDisk:
+        def create(self, save_dir, fmt):
+            raise OSError(28, "No space left on device")
 
     tokenizer = loaded.tokenizer
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    batch = [GenerationJob(tokenizer.encode(t), params) for t in TEXTS]
-    batch[1].capture = GenerationCapture(
-        CapturePlan(points=points, mode="generate"), disk_full, len(batch[1].prompt_ids)
-    )
+    full = CaptureSpec(CapturePlan(points=points, mode="generate"), FullDisk(), "test")
+    batch = [
+        GenerationJob(tokenizer.encode(t), params, capture=full if i == 1 else None)
+        for i, t in enumerate(TEXTS)
+    ]
     expected = [summary(alone(loaded, GenerationJob(job.prompt_ids, params))) for job in batch]
     engine = Engine(loaded, max_batch_size=8, batch_window_s=0.5)
 
@@ -336,7 +331,7 @@ def test_closing_the_scheduler_resolves_everything_that_waits():
     from server.engine.scheduler import Scheduler
 
     started, release = threading.Event(), threading.Event()
-    scheduler = Scheduler(lambda job: None, lambda jobs: [], max_queue=8)
+    scheduler = Scheduler(lambda jobs, on_done, take_more: None, max_queue=8)
     running = scheduler.submit_call(lambda: (started.set(), release.wait(10)))
     assert started.wait(10)
     waiting = [scheduler.submit_call(lambda: "never") for _ in range(3)]
@@ -355,9 +350,9 @@ def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
     several steps in, join it, and still get exactly their solo answers and captures."""
     from safetensors.torch import load_file
 
-    from server.engine.capture import CapturePlan, GenerationCapture
+    from interventions import Edit
+    from server.engine.capture import CapturePlan, CaptureSpec
     from server.engine.hooks import HookResolver
-    from server.engine.steps import Edit
     from server.engine.structure import find_layers
     from server.storage import ActivationStore
 
@@ -374,13 +369,12 @@ def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
 
     def make():
         first = [GenerationJob(prompts[0], long), GenerationJob(prompts[3], long)]
-        later = [GenerationJob(prompts[1], short, edits=(edit,)), GenerationJob(prompts[2], short)]
-        later.append(GenerationJob(prompts[1], SamplingParams(max_tokens=5, temperature=0, n=2)))
-        later[1].capture = GenerationCapture(
-            CapturePlan(points=points, mode="generate"),
-            lambda: store.create(None, "safetensors"),
-            len(prompts[2]),
-        )
+        spec = CaptureSpec(CapturePlan(points=points, mode="generate"), store, "test")
+        later = [
+            GenerationJob(prompts[1], short, edits=(edit,)),
+            GenerationJob(prompts[2], short, capture=spec),
+            GenerationJob(prompts[1], SamplingParams(max_tokens=5, temperature=0, n=2)),
+        ]
         return first, later
 
     def run(engine):
@@ -397,7 +391,7 @@ def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
             results = asyncio.run(scenario())
         finally:
             engine.close()
-        captured = load_file(store.tensor_file(results[3].capture_manifest["id"], "layers.1.resid_post"))
+        captured = load_file(store.tensor_file(results[3].capture.id, "layers.1.resid_post"))
         return engine.scheduler.stats, results, captured["layers.1.resid_post"]
 
     solo_stats, solo, solo_capture = run(Engine(loaded, max_batch_size=1, batch_window_s=0))
@@ -412,8 +406,8 @@ def test_a_batch_that_lives_on_does_not_grow_with_its_history(loaded, monkeypatc
     """Jobs join one per step and leave after 3 tokens: the batch never empties, yet its KV
     cache stays as wide as its longest live row (columns of padding in every row are dropped),
     and each job still gets its solo answer."""
-    from server.engine import decode
-    from server.engine.batched import run_batched_generation
+    from server.engine import hf_runtime
+    from tests.reference import run_in_loop
 
     tokenizer = loaded.tokenizer
     prompts = [tokenizer.encode(TEXTS[i % len(TEXTS)]) for i in range(16)]
@@ -421,18 +415,16 @@ def test_a_batch_that_lives_on_does_not_grow_with_its_history(loaded, monkeypatc
     jobs = [GenerationJob(p, params) for p in prompts]
     waiting = list(jobs[1:])
     widths = []
-    merge = decode.DecodeBatch.merge
+    merge = hf_runtime.HFBatch.merge
 
     def recording_merge(self, other):
         merge(self, other)
         widths.append(self.mask.shape[1])
 
-    monkeypatch.setattr(decode.DecodeBatch, "merge", recording_merge)
+    monkeypatch.setattr(hf_runtime.HFBatch, "merge", recording_merge)
     done = {}
-    run_batched_generation(
-        loaded.wrapper,
-        tokenizer,
-        loaded.eos_token_ids,
+    run_in_loop(
+        loaded,
         jobs[:1],
         on_done=lambda job, outcome: done.__setitem__(id(job), outcome),
         take_more=lambda free: [waiting.pop(0)] if waiting else [],

@@ -542,34 +542,45 @@ def test_generate_capture_ending_on_a_stop_string(client, tiny_tokenizer, refere
 
 
 def test_a_failed_generation_removes_its_trace_capture(client, activations_dir, monkeypatch):
-    from server.engine import engine as engine_module
+    """The prompt step writes the trace-mode capture; the next step runs out of memory: the
+    client never learns the capture's id, so nothing of it stays."""
+    from server.engine.hf_runtime import HFBatch
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("out of memory")
+    real, forwards = HFBatch.forward, []
+
+    def out_of_memory_after_the_prompt(self):
+        forwards.append(1)
+        if len(forwards) > 1:
+            raise torch.OutOfMemoryError("out of memory")
+        return real(self)
 
     before = set(activations_dir.rglob("*"))
-    monkeypatch.setattr(engine_module, "run_generation", out_of_memory)
+    monkeypatch.setattr(HFBatch, "forward", out_of_memory_after_the_prompt)
     body = {"messages": HELLO, "max_tokens": 2, "capture": {"layers": [0], "hook_points": ["resid_post"]}}
     assert client.post("/v1/chat/completions", json=body).status_code == 507
+    assert len(forwards) == 2  # the capture was written, then the generation failed
     assert set(activations_dir.rglob("*")) == before
 
 
 def test_a_job_cancelled_before_it_runs_creates_nothing(client, activations_dir):
     import asyncio
 
-    from server.engine.capture import CapturePlan, GenerationCapture
-    from server.engine.generation import GenerationJob, SamplingParams
+    from server.engine.capture import CapturePlan, CaptureSpec
+    from server.engine.job import GenerationJob, SamplingParams
 
     app = client.app
     engine, store = app.state.engine, app.state.store
     points = engine.hooks.resolve(layers=[0], hook_points=["resid_post"], modules=None)
-    job = GenerationJob([1, 2, 3], SamplingParams(max_tokens=4))
     opened = []
-    job.capture = GenerationCapture(
-        CapturePlan(points=tuple(points), mode="generate"),
-        lambda: opened.append(1) or store.create(None, "safetensors"),
-        3,
-    )
+
+    class CountingSink:
+        def create(self, save_dir, fmt):
+            opened.append(1)
+            return store.create(save_dir, fmt)
+
+    plan = CapturePlan(points=tuple(points), mode="generate")
+    spec = CaptureSpec(plan, CountingSink(), "test")
+    job = GenerationJob([1, 2, 3], SamplingParams(max_tokens=4), capture=spec)
     job.cancelled.set()
     before = set(activations_dir.rglob("*"))
     asyncio.run(engine.generate(job))

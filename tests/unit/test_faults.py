@@ -43,19 +43,19 @@ def _in_one_batch(client, body: dict, count: int) -> list:
 def test_out_of_memory_inside_a_batch_fails_each_request_clearly_and_the_next_batch_works(
     client, monkeypatch
 ):
-    from server.engine import engine as engine_module
+    from server.engine.loop import DecodeLoop
 
-    real = engine_module.run_batched_generation
+    real = DecodeLoop.run
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
-    monkeypatch.setattr(engine_module, "run_batched_generation", out_of_memory)
+    monkeypatch.setattr(DecodeLoop, "run", out_of_memory)
     body = {"messages": HELLO, "max_tokens": 4, "temperature": 0}
     for response in _in_one_batch(client, body, 4):
         assert response.status_code == 507
         assert response.json()["error"]["code"] == "out_of_memory"
-    monkeypatch.setattr(engine_module, "run_batched_generation", real)
+    monkeypatch.setattr(DecodeLoop, "run", real)
     assert [r.status_code for r in _in_one_batch(client, body, 4)] == [200] * 4
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from server.engine.engine import Engine
-from server.engine.generation import GenerationJob, SamplingParams, run_generation
+from server.engine.job import GenerationJob, SamplingParams
 from server.engine.loading import load_model
+from tests.reference import run_in_loop
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +47,7 @@ def test_sampled_logprobs_are_raw_model_logprobs(loaded, reference_model):
     """Logprobs come from the raw logits, not the temperature/top-p warped distribution."""
     prompt = [1, 20, 30, 40]
     params = SamplingParams(max_tokens=6, temperature=0.5, top_p=0.9, seed=11, logprobs=2, ignore_eos=True)
-    result = run_generation(
-        loaded.hf_model,
-        loaded.tokenizer,
-        loaded.eos_token_ids,
-        GenerationJob(prompt_ids=prompt, params=params),
-    )
+    (result,) = run_in_loop(loaded, [GenerationJob(prompt_ids=prompt, params=params)])
     choice = result.choices[0]
     assert len(choice.token_ids) == 6
     with torch.no_grad():
@@ -69,12 +65,7 @@ def test_seeded_sampling_does_not_disturb_the_global_rng(loaded):
     expected_next = torch.rand(1)
     torch.manual_seed(99)
     params = SamplingParams(max_tokens=4, temperature=1.0, seed=5)
-    run_generation(
-        loaded.hf_model,
-        loaded.tokenizer,
-        loaded.eos_token_ids,
-        GenerationJob(prompt_ids=[1, 2, 3], params=params),
-    )
+    run_in_loop(loaded, [GenerationJob(prompt_ids=[1, 2, 3], params=params)])
     assert torch.equal(torch.rand(1), expected_next)
 
 
@@ -109,5 +100,5 @@ def test_closing_a_stream_cancels_the_job(loaded):
 def test_cancelled_before_start_runs_nothing(loaded):
     job = GenerationJob(prompt_ids=[1, 2], params=SamplingParams(max_tokens=5), cancelled=threading.Event())
     job.cancelled.set()
-    result = run_generation(loaded.hf_model, loaded.tokenizer, loaded.eos_token_ids, job)
+    (result,) = run_in_loop(loaded, [job])
     assert job.steps == 0 and result.choices[0].token_ids == []

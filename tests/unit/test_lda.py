@@ -15,11 +15,13 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.config import Settings
-from server.engine.decode import DecodeBatch
-from server.engine.generation import SamplingParams
-from server.engine.lda import LdaJob, LdaSide, amplify, run_lda
+from server.engine.hf_runtime import HFBatch
+from server.engine.job import SamplingParams
+from server.engine.lda import LdaJob, LdaResult, amplify
 from server.engine.loading import ModelLoadError, check_same_vocabulary, load_model
 from server.engine.memory import ModelShape, estimate_lda
+from server.engine.runtime import RowGroup
+from tests.reference import decode_loop
 
 TEXTS = ["The quick brown fox", "What is the capital of France? The capital of France is", "Count"]
 STEPS = 10
@@ -92,15 +94,32 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-def run(loaded, before_wrapper, prompts, alpha=1.5, eos=None, before_prompts=None, **params):
-    params = {"max_tokens": STEPS, "temperature": 0, **params}
-    job = LdaJob(
-        after=LdaSide(loaded.wrapper, tuple(map(tuple, prompts))),
-        before=LdaSide(before_wrapper, tuple(map(tuple, before_prompts or prompts))),
+def run_lda(loaded, before, job: LdaJob, eos=None) -> LdaResult:
+    """An LDA job's rows through the engine's decode loop, its before side on ``before``."""
+    loop = decode_loop(loaded, before)
+    if eos is not None:
+        loop.eos_ids = eos
+    outcomes = loop.run(job.jobs)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return LdaResult(rows=[outcome.rows[0] for outcome in outcomes], steps=job.steps)
+
+
+def lda_job(prompts, before_prompts=None, alpha=1.0, **params) -> LdaJob:
+    """Rows of ``prompts``; the before side runs the before checkpoint."""
+    return LdaJob(
+        after_prompts=tuple(map(tuple, prompts)),
+        before_prompts=tuple(map(tuple, before_prompts or prompts)),
         alpha=alpha,
         params=SamplingParams(**params),
+        weights="before_model",
     )
-    return run_lda(job, loaded.tokenizer, loaded.eos_token_ids if eos is None else eos)
+
+
+def run(loaded, before, prompts, alpha=1.5, eos=None, before_prompts=None, **params):
+    params = {"max_tokens": STEPS, "temperature": 0, **params}
+    return run_lda(loaded, before, lda_job(prompts, before_prompts, alpha, **params), eos)
 
 
 # -- the decode loop -------------------------------------------------------------------
@@ -122,7 +141,7 @@ def test_alpha_zero_samples_exactly_what_the_after_model_alone_samples(
     """Same seed: token for token what HF generate samples from the after model alone."""
     settings = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 11}
     for ids in prompts:
-        result = run(loaded, other_loaded.wrapper, [ids], alpha=0.0, **settings)
+        result = run(loaded, other_loaded, [ids], alpha=0.0, **settings)
         torch.manual_seed(settings["seed"])
         with torch.no_grad():
             expected = reference_model.generate(
@@ -140,43 +159,43 @@ def test_alpha_zero_samples_exactly_what_the_after_model_alone_samples(
 
 
 def test_alpha_minus_one_is_the_before_model_alone(loaded, other_loaded, other_model, prompts):
-    result = run(loaded, other_loaded.wrapper, prompts, alpha=-1.0, ignore_eos=True)
+    result = run(loaded, other_loaded, prompts, alpha=-1.0, ignore_eos=True)
     assert [row.token_ids for row in result.rows] == [greedy_reference(other_model, ids) for ids in prompts]
 
 
 def test_greedy_batch_equals_greedy_singles(loaded, other_loaded, prompts):
     assert len({len(ids) for ids in prompts}) == len(prompts)  # different lengths: real left padding
-    batched = run(loaded, other_loaded.wrapper, prompts, ignore_eos=True)
-    singles = [run(loaded, other_loaded.wrapper, [ids], ignore_eos=True).rows[0] for ids in prompts]
+    batched = run(loaded, other_loaded, prompts, ignore_eos=True)
+    singles = [run(loaded, other_loaded, [ids], ignore_eos=True).rows[0] for ids in prompts]
     assert [row.token_ids for row in batched.rows] == [row.token_ids for row in singles]
     assert [row.text.text for row in batched.rows] == [row.text.text for row in singles]
 
 
 def test_seeded_sampled_batch_row_equals_a_single_run_with_the_row_seed(loaded, other_loaded, prompts):
-    batched = run(loaded, other_loaded.wrapper, prompts, temperature=1.0, seed=5, ignore_eos=True)
-    again = run(loaded, other_loaded.wrapper, prompts, temperature=1.0, seed=5, ignore_eos=True)
+    batched = run(loaded, other_loaded, prompts, temperature=1.0, seed=5, ignore_eos=True)
+    again = run(loaded, other_loaded, prompts, temperature=1.0, seed=5, ignore_eos=True)
     assert [r.token_ids for r in batched.rows] == [r.token_ids for r in again.rows]
     for i, ids in enumerate(prompts):
-        single = run(loaded, other_loaded.wrapper, [ids], temperature=1.0, seed=5 + i, ignore_eos=True)
+        single = run(loaded, other_loaded, [ids], temperature=1.0, seed=5 + i, ignore_eos=True)
         assert single.rows[0].token_ids == batched.rows[i].token_ids
 
 
 def test_eos_ends_one_row_and_the_others_go_on_unchanged(loaded, other_loaded, prompts):
-    free = run(loaded, other_loaded.wrapper, prompts, ignore_eos=True)
+    free = run(loaded, other_loaded, prompts, ignore_eos=True)
     row0 = free.rows[0].token_ids
     stop_at = next(k for k in range(2, STEPS) if row0[k] not in row0[:k])
     eos = frozenset({row0[stop_at]})
-    stopped = run(loaded, other_loaded.wrapper, prompts, eos=eos)
+    stopped = run(loaded, other_loaded, prompts, eos=eos)
     assert stopped.rows[0].token_ids == row0[: stop_at + 1]
     assert stopped.rows[0].finish_reason == "stop"
     for i in range(1, len(prompts)):
-        solo = run(loaded, other_loaded.wrapper, [prompts[i]], eos=eos).rows[0]
+        solo = run(loaded, other_loaded, [prompts[i]], eos=eos).rows[0]
         assert stopped.rows[i].token_ids == solo.token_ids  # the batch shrank; this row did not notice
         assert stopped.rows[i].finish_reason == solo.finish_reason
 
 
 def test_completions_hold_generated_tokens_only(loaded, other_loaded, prompts, tiny_tokenizer):
-    result = run(loaded, other_loaded.wrapper, prompts, ignore_eos=True)
+    result = run(loaded, other_loaded, prompts, ignore_eos=True)
     for ids, row in zip(prompts, result.rows, strict=True):
         assert len(row.token_ids) == STEPS
         assert row.text.text == tiny_tokenizer.decode(row.token_ids, skip_special_tokens=True)
@@ -184,20 +203,16 @@ def test_completions_hold_generated_tokens_only(loaded, other_loaded, prompts, t
 
 
 def test_cancelled_job_stops(loaded, other_loaded, prompts):
-    job = LdaJob(
-        after=LdaSide(loaded.wrapper, tuple(map(tuple, prompts))),
-        before=LdaSide(other_loaded.wrapper, tuple(map(tuple, prompts))),
-        alpha=1.0,
-        params=SamplingParams(max_tokens=STEPS, temperature=0),
-    )
+    job = lda_job(prompts, max_tokens=STEPS, temperature=0)
     job.cancelled.set()
-    result = run_lda(job, loaded.tokenizer, loaded.eos_token_ids)
+    result = run_lda(loaded, other_loaded, job)
     assert result.steps == 0 and all(row.finish_reason == "length" for row in result.rows)
 
 
 def test_memory_estimate_covers_both_kv_caches(loaded, other_loaded, prompts):
     """The estimate's KV bytes are exactly what the two sides' caches hold after the prompts."""
-    sides = [DecodeBatch(m.wrapper, prompts, loaded.tokenizer.pad_token_id) for m in (loaded, other_loaded)]
+    groups = [RowGroup(ids) for ids in prompts]
+    sides = [HFBatch(m.wrapper, groups, loaded.tokenizer.pad_token_id) for m in (loaded, other_loaded)]
     for side in sides:
         side.forward()
     held = sum(
@@ -523,28 +538,26 @@ def test_stop_strings_end_a_row_before_the_stop(client):
 
 
 def test_a_run_cancelled_midway_stops_at_the_next_step(loaded, other_loaded, prompts, monkeypatch):
-    import server.engine.lda as lda_module
+    import server.engine.loop as loop_module
 
-    job = LdaJob(
-        after=LdaSide(loaded.wrapper, tuple(map(tuple, prompts))),
-        before=LdaSide(other_loaded.wrapper, tuple(map(tuple, prompts))),
-        alpha=1.0,
-        params=SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True),
-    )
-    choose = lda_module.choose_tokens
+    job = lda_job(prompts, max_tokens=STEPS, temperature=0, ignore_eos=True)
+    choose = loop_module.sample
+
+    calls = []
 
     def choose_then_cancel(*args):
-        if job.steps == 2:
+        calls.append(1)
+        if len(calls) == 2 * job.rows + 1:  # the first row's draw in the third step (one per row)
             job.cancelled.set()  # as Engine.lda does when the client goes away
         return choose(*args)
 
-    monkeypatch.setattr(lda_module, "choose_tokens", choose_then_cancel)
-    result = run_lda(job, loaded.tokenizer, loaded.eos_token_ids)
+    monkeypatch.setattr(loop_module, "sample", choose_then_cancel)
+    result = run_lda(loaded, other_loaded, job)
     assert result.steps == 3 and all(len(row.token_ids) == 3 for row in result.rows)
 
 
 def test_the_adapter_is_back_on_after_a_failing_before_side(tiny_model_dir, adapter_dir, prompts):
-    from server.engine.decode import adapter_disabled
+    from server.engine.hf_runtime import adapter_disabled
 
     loaded = load_model(str(tiny_model_dir), adapter=adapter_dir)
     model = loaded.hf_model

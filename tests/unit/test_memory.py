@@ -97,9 +97,9 @@ def test_requests_over_the_budget_are_refused_before_they_run(client, caplog):
 
 
 def test_out_of_memory_is_507_and_the_next_request_works(client, monkeypatch):
-    from server.engine import engine as engine_module
+    from server.engine.hf_runtime import HFBatch
 
-    real = engine_module.run_generation
+    real = HFBatch.forward
     calls = []
 
     def out_of_memory_once(*args, **kwargs):
@@ -108,7 +108,7 @@ def test_out_of_memory_is_507_and_the_next_request_works(client, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "run_generation", out_of_memory_once)
+    monkeypatch.setattr(HFBatch, "forward", out_of_memory_once)
     response = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4})
     assert response.status_code == 507
     error = response.json()["error"]
@@ -117,12 +117,12 @@ def test_out_of_memory_is_507_and_the_next_request_works(client, monkeypatch):
 
 
 def test_out_of_memory_in_a_stream_is_an_error_event(client, monkeypatch):
-    from server.engine import engine as engine_module
+    from server.engine.hf_runtime import HFBatch
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
-    monkeypatch.setattr(engine_module, "run_generation", out_of_memory)
+    monkeypatch.setattr(HFBatch, "forward", out_of_memory)
     body = {"messages": HELLO, "max_tokens": 4, "stream": True}
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: ")]

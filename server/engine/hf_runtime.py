@@ -1,0 +1,231 @@
+"""The HF + nnsight runtime: forward steps over left-padded batches, reads and edits through nnsight.
+
+:class:`HFRuntime` implements the runtime contract (``runtime.py``) on the one loaded HF
+model (and LDA's second checkpoint, if one was loaded). :class:`HFBatch` holds one batch:
+the rows' pending input ids, the attention mask (0 on left padding), position ids from
+the mask (``mask.cumsum(-1) - 1``, so every row counts its own tokens from 0 whatever
+its padding), and one ``DynamicCache`` built from the model's config (sliding-window
+layers keep only their window, as in HF ``generate``).
+
+A step whose rows read or edit nothing calls the wrapped module itself
+(``wrapper._module``, the same weights): an nnsight trace costs about 1 ms per call on
+CPU and would buy nothing there. Any read or edit runs the step inside
+``wrapper.trace`` with the batch's :class:`~server.engine.steps.BatchStepPlan`. Both
+paths feed the model the same inputs, so they give the same logits (tested).
+
+Rows that leave go with their cache rows (``keep``); rows that join arrive as a batch
+that ran their prompts, and ``merge`` left-pads the shorter history so every row's
+columns line up; ``_trim`` drops columns that became padding in every row, so a batch
+that lives on under steady traffic does not grow with its history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from interventions import placed
+
+from .hooks import HookPoint, first_tensor
+from .loading import LoadedModel
+from .loop import DecodeLoop
+from .runtime import RowGroup
+from .steps import BatchStepPlan
+from .vocab import build_vocabulary
+
+
+class HFRuntime:
+    """The served model (and LDA's ``--lda-before`` checkpoint, if loaded) as a runtime."""
+
+    def __init__(self, served: LoadedModel, before: LoadedModel | None = None) -> None:
+        self.served = served
+        self.before = before
+        self.device = served.device
+        self.pad_token_id = served.tokenizer.pad_token_id
+
+    def _wrapper(self, weights: str):
+        if weights == "before_model":
+            if self.before is None:
+                raise ValueError("no --lda-before checkpoint is loaded")
+            return self.before.wrapper
+        if weights not in ("served", "adapter_off"):
+            raise ValueError(f"unknown weights {weights!r}")
+        return self.served.wrapper
+
+    def place(self, edits: tuple) -> tuple:
+        """The edits' vectors and patch sources on the served model's device and dtype."""
+        return placed(edits, self.served.hf_model)
+
+    def start(self, weights: str, groups: list[RowGroup]) -> HFBatch:
+        return HFBatch(
+            self._wrapper(weights), groups, self.pad_token_id, adapter_enabled=weights != "adapter_off"
+        )
+
+    def read_prompts(
+        self, prompts: list[list[int]], points: tuple[HookPoint, ...]
+    ) -> list[dict[str, torch.Tensor]]:
+        """One batched forward over ``prompts``; per prompt, each point's value ``[positions, ...]``
+        (no padding) on the model's device. For contrastive vectors and analyses."""
+        found: list[dict[str, torch.Tensor]] = [{} for _ in prompts]
+        groups = [
+            RowGroup(prompt, reads=points, on_values=lambda values, into=into: into.update(values))
+            for prompt, into in zip(prompts, found, strict=True)
+        ]
+        batch = self.start("served", groups)
+        batch.forward()
+        for group in groups:
+            if group.error is not None:
+                raise group.error
+        return [{name: first_tensor(value)[0] for name, value in values.items()} for values in found]
+
+
+def decode_loop(
+    served: LoadedModel,
+    before: LoadedModel | None = None,
+    *,
+    token_text=None,
+    manifest_facts: dict | None = None,
+    logits_module: str | None = None,
+) -> DecodeLoop:
+    """The one decode loop over this runtime: what the engine runs, and what scripts and tests
+    use in process (``loop.run(jobs)``). ``token_text``: one token's text for capture
+    manifests (default: built from the tokenizer)."""
+    return DecodeLoop(
+        HFRuntime(served, before),
+        served.tokenizer,
+        served.eos_token_ids,
+        token_text=token_text or build_vocabulary(served.tokenizer).text,
+        manifest_facts=manifest_facts,
+        logits_module=logits_module,
+    )
+
+
+class HFBatch:
+    """One batch of rows on one set of weights (see the module docstring)."""
+
+    def __init__(
+        self, wrapper, groups: list[RowGroup], pad_token_id: int, *, adapter_enabled: bool = True
+    ) -> None:
+        self.wrapper = wrapper
+        self.model = wrapper._module
+        self.adapter_enabled = adapter_enabled
+        device = next(self.model.parameters()).device
+        prompts = [list(g.prompt_ids) for g in groups for _ in range(g.n)]
+        width = max(len(row) for row in prompts)
+        pads = [width - len(row) for row in prompts]
+        self.input_ids = torch.tensor(
+            [[pad_token_id] * pad + row for pad, row in zip(pads, prompts, strict=True)], device=device
+        )
+        self.mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache(config=self.model.config)
+        self.plan = BatchStepPlan(groups, width)
+        self.plan.pads = tuple(pads)
+        self.full_logits = any(g.full_logits for g in groups)  # the prompt step's logits, every position
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        """One step over the pending input; the next-token logits ``[rows, vocab]`` (float32)."""
+        inputs = dict(
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        if self._keeps_logits and not self.full_logits:
+            inputs["logits_to_keep"] = 1
+        self.full_logits = False  # only ever the prompt step
+        with self._adapter(), torch.no_grad():
+            if self.plan.empty:
+                logits = self.model(self.input_ids, **inputs).logits[:, -1]
+                self.plan.advance()
+            else:
+                with self.wrapper.trace(self.input_ids, **inputs):
+                    self.plan.run_step(self.wrapper)
+                    logits = self.wrapper.output.logits[:, -1].save()
+        return logits.float()
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Make ``tokens`` (one per row) the next step's input."""
+        self.input_ids = tokens.reshape(-1, 1).to(self.mask.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.input_ids)], dim=-1)
+        self.positions = self.mask.sum(-1, keepdim=True) - 1
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indexes into the current batch), in that order."""
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, device=self.mask.device)
+        self.input_ids = self.input_ids[index]
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        self.cache.batch_select_indices(index)
+        self.plan.keep(rows)
+        self._trim()
+
+    @property
+    def can_merge(self) -> bool:
+        """Whether other rows can join this batch: every cache layer a plain growing one."""
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+
+    def merge(self, other: HFBatch) -> None:
+        """Take ``other``'s rows (after this batch's), both having just had ``append`` called.
+
+        The shorter history is left-padded (zeros in the cache, 0 in the mask) so that every
+        row's columns line up; a row's absolute positions are unchanged (its padding grew).
+        """
+        width, other_width = self.mask.shape[1], other.mask.shape[1]
+        mine, theirs = max(0, other_width - width), max(0, width - other_width)
+        for layer, other_layer in zip(self.cache.layers, other.cache.layers, strict=True):
+            layer.keys = torch.cat([_left_pad(layer.keys, mine), _left_pad(other_layer.keys, theirs)])
+            layer.values = torch.cat([_left_pad(layer.values, mine), _left_pad(other_layer.values, theirs)])
+        self.mask = torch.cat([_left_pad(self.mask, mine, dim=1), _left_pad(other.mask, theirs, dim=1)])
+        self.input_ids = torch.cat([self.input_ids, other.input_ids])
+        self.positions = self.mask.sum(-1, keepdim=True) - 1
+        self.plan.merge(other.plan, mine, theirs)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row (left by rows that left)."""
+        if self.mask.shape[1] <= 1 or not self.can_merge:
+            return
+        unused = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # the smallest left padding
+        if unused == 0 or unused >= self.mask.shape[1] - 1:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, unused:]
+            layer.values = layer.values[:, :, unused:]
+        self.mask = self.mask[:, unused:]
+        self.plan.shift(unused)
+
+    def _adapter(self):
+        """Run with the served LoRA adapter switched off when this batch asks for it."""
+        if self.adapter_enabled:
+            return contextlib.nullcontext()
+        return adapter_disabled(self.model)
+
+
+def _left_pad(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:
+    """``count`` zeros before ``tensor``'s entries along ``dim`` (the sequence dimension)."""
+    if count == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@contextlib.contextmanager
+def adapter_disabled(hf_model: torch.nn.Module):
+    """The same weights without the PEFT adapter, for the duration of the block."""
+    hf_model.disable_adapters()
+    try:
+        yield
+    finally:
+        hf_model.enable_adapters()
