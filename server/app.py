@@ -20,8 +20,7 @@ from .errors import Redactor, install_error_handlers
 from .metrics import Metrics
 from .middleware import FrontDoor
 from .routes import router
-from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture
-from .serving.vectors import VectorServing
+from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture, VectorServing
 from .storage import ActivationStore, PresetStore, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -41,8 +40,8 @@ def create_app(settings: Settings) -> FastAPI:
         shared = (engine, settings, store, server_capture, vectors, presets)
         app.state.chat = ChatServing(*shared)
         app.state.completions = CompletionServing(*shared)
-        app.state.vectors = VectorServing(*shared)
-        app.state.lda = LdaServing(*shared)
+        app.state.vectors = VectorServing(engine, settings, store, vectors, presets)
+        app.state.lda = LdaServing(engine, settings, store, vectors, presets)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         budget = settings.memory_budget

@@ -153,12 +153,12 @@ async def delete_preset(name: str, request: Request) -> dict:
 
 @router.get("/v1/interventions", response_model=ServerCaptureResponse)
 async def get_server_capture(request: Request) -> ServerCaptureResponse:
-    return ServerCaptureResponse(config=request.app.state.chat.server_capture.config)
+    return ServerCaptureResponse(config=request.app.state.chat.captures.server_capture.config)
 
 
 @router.post("/v1/interventions", response_model=ServerCaptureResponse, responses=_ERROR_RESPONSES)
 async def set_server_capture(body: ServerCaptureConfig, request: Request) -> ServerCaptureResponse:
-    return ServerCaptureResponse(config=request.app.state.chat.configure_server_capture(body))
+    return ServerCaptureResponse(config=request.app.state.chat.captures.configure_server_capture(body))
 
 
 @router.get("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)

@@ -1,14 +1,35 @@
 """The serving layer: OpenAI requests in, engine jobs out, OpenAI responses back.
 
-One module per endpoint family (``chat``, ``completions``, ``lda``, ``vectors``) over a shared base
-(``base``) that owns what they have in common: the model-name check, the
-token budget, engine calls with errors in OpenAI shape, and the one SSE
-framing. Routes stay thin: they only choose JSON or SSE.
+One module per endpoint family (``chat``, ``completions``, ``lda``, ``vectors``), each
+composed from small parts rather than a shared base class:
+
+* ``admission``: the limits a request is refused by before any model work (model name,
+  token budget, prompt characters, queue room, memory budget, capture size);
+* ``capture_planning``: a ``capture`` block (or the server-wide capture settings, set
+  through ``/v1/interventions``) -> the engine's capture plan and spec -> ``activations``;
+* ``interventions``: ``interventions`` and ``presets`` -> edits on resolved hook points.
+
+``base`` holds the shared functions: engine calls with errors in OpenAI shape, and the
+one SSE framing. Routes stay thin: they only choose JSON or SSE.
 """
 
-from .base import ServerCapture, Serving, sse_stream
+from .admission import Admission
+from .base import sse_stream
+from .capture_planning import CapturePlanning, ServerCapture
 from .chat import ChatServing
 from .completions import CompletionServing
+from .interventions import InterventionResolver
 from .lda import LdaServing
+from .vectors import VectorServing
 
-__all__ = ["ChatServing", "CompletionServing", "LdaServing", "ServerCapture", "Serving", "sse_stream"]
+__all__ = [
+    "Admission",
+    "CapturePlanning",
+    "ChatServing",
+    "CompletionServing",
+    "InterventionResolver",
+    "LdaServing",
+    "ServerCapture",
+    "VectorServing",
+    "sse_stream",
+]

@@ -1,4 +1,8 @@
-"""/v1/chat/completions: messages -> chat-templated prompt -> one job -> response or chunks."""
+"""/v1/chat/completions: messages -> chat-templated prompt -> one job -> response or chunks.
+
+Also ``/v1/models`` (the one model card). Built from parts: ``admission`` (limits),
+``captures`` (capture planning, server-wide capture settings), ``interventions``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from dataclasses import dataclass
 
 import jinja2
 
-from ..engine.capture import CapturePlan
-from ..engine.generation import ChoiceDelta, GenerationJob, TokenLogprob
+from ..config import Settings
+from ..engine.capture import CapturePlan, CaptureResult
+from ..engine.engine import Engine
+from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
     ChatChoice,
@@ -17,12 +23,18 @@ from ..protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     ChatTokenLogprob,
+    ModelCard,
+    ModelList,
     TopLogprob,
     completion_id,
     dump,
     now,
 )
-from .base import Serving, activation_fields, closing_chunk, extra_step, usage
+from ..storage import ActivationStore, PresetStore, VectorStore
+from .admission import Admission
+from .base import activation_fields, closing_chunk, generate, leading_capture, stream, usage
+from .capture_planning import CapturePlanning, ServerCapture, extra_step
+from .interventions import InterventionResolver
 
 
 @dataclass(frozen=True)
@@ -33,10 +45,37 @@ class PreparedChat:
     id: str
 
 
-class ChatServing(Serving):
+class ChatServing:
+    """The chat endpoint (and ``/v1/models``): its own checks, then the parts' checks, then one job."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        store: ActivationStore,
+        server_capture: ServerCapture,
+        vectors: VectorStore,
+        presets: PresetStore,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.admission = Admission(engine, settings)
+        self.captures = CapturePlanning(engine, store, server_capture)
+        self.interventions = InterventionResolver(engine, vectors, store, presets)
+        self.created = now()
+
+    def models(self) -> ModelList:
+        card = ModelCard(
+            id=self.engine.model_id,
+            created=self.created,
+            root=self.engine.loaded.source,
+            max_model_len=self.engine.context_length,
+        )
+        return ModelList(data=[card])
+
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Everything that can be refused is refused here, before any model work."""
-        self.check_model(request.model)
+        self.admission.check_model(request.model)
         if len(request.messages) > self.settings.max_messages:
             raise APIError(
                 f"{len(request.messages)} messages in one request; this server takes at most "
@@ -45,9 +84,9 @@ class ChatServing(Serving):
                 code="too_many_messages",
             )
         messages = request.template_messages()
-        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
-        capture = self.effective_capture(request.capture, request.ndif)
-        plan = self.capture_plan(capture, request.n)
+        self.admission.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        capture = self.captures.effective_capture(request.capture, request.ndif)
+        plan = self.captures.capture_plan(capture, request.n)
         if not self.engine.has_chat_template:
             raise APIError(
                 f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
@@ -59,14 +98,14 @@ class ChatServing(Serving):
                 f"the model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
         requested, param = request.requested_max_tokens()
-        max_tokens = self.token_budget(
+        max_tokens = self.admission.token_budget(
             len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)
         )
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
         )
-        self.check_queue()
-        memory_bytes = self.check_memory(
+        self.admission.check_queue()
+        memory_bytes = self.admission.check_memory(
             prompt_tokens=len(prompt_ids),
             max_tokens=max_tokens,
             n=params.n,
@@ -75,19 +114,20 @@ class ChatServing(Serving):
             prompt_param="messages",
             max_tokens_param=param,
         )
-        edits = await self.resolve_interventions(request.interventions, request.presets)
-        job = GenerationJob(prompt_ids=prompt_ids, params=params, edits=edits, memory_bytes=memory_bytes)
-        return PreparedChat(request, job, plan, completion_id("chatcmpl"))
+        edits = await self.interventions.resolve(request.interventions, request.presets)
+        request_id = completion_id("chatcmpl")
+        job = GenerationJob(
+            prompt_ids=prompt_ids,
+            params=params,
+            edits=edits,
+            capture=self.captures.capture_spec(plan, request, request_id),
+            memory_bytes=memory_bytes,
+        )
+        return PreparedChat(request, job, plan, request_id)
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
-        activations = await self._begin_capture(prepared)
-        try:
-            result = await self.generate(prepared.job)
-        except BaseException:
-            self.discard(activations)
-            raise
-        if result.capture_manifest is not None:
-            activations = self.activations_ref(result.capture_manifest)
+        result = await generate(self.engine, prepared.job)
+        activations = self.captures.activations_ref(result.capture)
         choices = [
             ChatChoice(
                 index=c.index,
@@ -115,7 +155,9 @@ class ChatServing(Serving):
         if the stream fails later: its id has already reached the client.)
         """
         request, job = prepared.request, prepared.job
-        activations = await self._begin_capture(prepared)  # trace mode: known before generating
+        trace = prepared.capture is not None and prepared.capture.mode == "trace"
+        captured, items = await leading_capture(stream(self.engine, job), trace)
+        activations = self.captures.activations_ref(captured)
         base = {
             "id": prepared.id,
             "object": "chat.completion.chunk",
@@ -134,7 +176,9 @@ class ChatServing(Serving):
             if index == 0:
                 first.update(activation_fields(activations))
             yield first
-        async for item in self.stream(job):
+        async for item in items:
+            if isinstance(item, CaptureResult):
+                continue
             if isinstance(item, ChoiceDelta):
                 logprobs = dump(self._logprobs(list(item.logprobs))) if item.logprobs else None
                 if item.text or logprobs:
@@ -143,13 +187,11 @@ class ChatServing(Serving):
                     yield chunk(item.index, {}, None, item.finish_reason)
             else:  # the final GenerationResult
                 totals = usage(item.prompt_tokens, item.completion_tokens) if request.include_usage else None
-                captured = item.capture_manifest  # generate mode: known only now
-                last = closing_chunk(base, totals, captured and self.activations_ref(captured))
+                # generate mode: the capture is known now
+                captured = None if trace else self.captures.activations_ref(item.capture)
+                last = closing_chunk(base, totals, captured)
                 if last is not None:
                     yield last
-
-    async def _begin_capture(self, prepared: PreparedChat):
-        return await self.begin_capture(prepared.job, prepared.capture, prepared.id, prepared.request)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

@@ -1,4 +1,8 @@
-"""/v1/completions: prompts (text or token ids) -> one job each -> response or chunks; echo."""
+"""/v1/completions: prompts (text or token ids) -> one job each -> response or chunks; echo.
+
+Built from parts: ``admission`` (limits), ``captures`` (capture planning),
+``interventions``.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.capture import CapturePlan
-from ..engine.generation import GenerationJob, GenerationResult, TokenLogprob
+from ..config import Settings
+from ..engine.capture import CapturePlan, CaptureResult
+from ..engine.engine import Engine
+from ..engine.job import GenerationJob, GenerationResult, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
     CompletionChoice,
@@ -20,7 +26,11 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import Serving, activation_fields, closing_chunk, extra_step, out_of_memory, usage
+from ..storage import ActivationStore, PresetStore, VectorStore
+from .admission import Admission
+from .base import activation_fields, closing_chunk, generate, leading_capture, out_of_memory, stream, usage
+from .capture_planning import CapturePlanning, ServerCapture, extra_step
+from .interventions import InterventionResolver
 
 
 @dataclass(frozen=True)
@@ -39,22 +49,40 @@ class PreparedCompletion:
     id: str
 
 
-class CompletionServing(Serving):
+class CompletionServing:
+    """The completions endpoint: its own checks, then the parts' checks, then one job per prompt."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        store: ActivationStore,
+        server_capture: ServerCapture,
+        vectors: VectorStore,
+        presets: PresetStore,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.admission = Admission(engine, settings)
+        self.captures = CapturePlanning(engine, store, server_capture)
+        self.interventions = InterventionResolver(engine, vectors, store, presets)
+
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Everything that can be refused is refused here, before any model work."""
-        self.check_model(request.model)
+        self.admission.check_model(request.model)
         request.check_supported()
-        capture = self.effective_capture(request.capture, request.ndif)
-        plan = self.capture_plan(capture, request.n)
+        capture = self.captures.effective_capture(request.capture, request.ndif)
+        plan = self.captures.capture_plan(capture, request.n)
         prepared: list[CompletionPrompt] = []
-        edits = await self.resolve_interventions(request.interventions, request.presets)
+        request_id = completion_id("cmpl")
+        edits = await self.interventions.resolve(request.interventions, request.presets)
         if edits and request.echo and request.logprobs is not None:
             raise APIError(
                 "echo with logprobs scores the prompt without interventions; send one or the other",
                 param="interventions",
             )
         prompts = request.prompts()  # refuses an empty list
-        self.check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
+        self.admission.check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         if plan is not None and len(prompts) > 1:
             raise APIError(
                 "capture works on one prompt per request; send the prompts separately", param="prompt"
@@ -67,7 +95,7 @@ class CompletionServing(Serving):
                 raise APIError("prompt must not be empty", param=param)
             if any(t < 0 or t >= self.engine.vocab_size for t in prompt_ids):
                 raise APIError(f"token ids must lie in [0, {self.engine.vocab_size})", param=param)
-            max_tokens = self.token_budget(
+            max_tokens = self.admission.token_budget(
                 len(prompt_ids), request.max_tokens, "max_tokens", param, reserve=extra_step(plan)
             )
             if plan is not None and plan.mode == "generate" and max_tokens == 0:
@@ -75,7 +103,7 @@ class CompletionServing(Serving):
             params = request.sampling_params(
                 max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
             )
-            memory_bytes = self.check_memory(
+            memory_bytes = self.admission.check_memory(
                 prompt_tokens=len(prompt_ids),
                 max_tokens=max_tokens,
                 n=params.n,
@@ -89,6 +117,7 @@ class CompletionServing(Serving):
                 params=params,
                 first_index=i * request.n,
                 edits=edits,
+                capture=self.captures.capture_spec(plan, request, request_id),  # one prompt when capturing
                 memory_bytes=memory_bytes,
             )
             echo = None
@@ -101,14 +130,9 @@ class CompletionServing(Serving):
                 f"{self.settings.max_queue} (--max-queue): split them",
                 param="prompt",
             )
-        self.check_queue(1 if request.stream else len(prepared))  # a stream queues its prompts in turn
-        return PreparedCompletion(request, prepared, plan, completion_id("cmpl"))
-
-    async def _begin_capture(self, prepared: PreparedCompletion):
-        if prepared.capture is None:
-            return None
-        job = prepared.prompts[0].job  # capture takes one prompt per request
-        return await self.begin_capture(job, prepared.capture, prepared.id, prepared.request)
+        # A stream queues its prompts in turn.
+        self.admission.check_queue(1 if request.stream else len(prepared))
+        return PreparedCompletion(request, prepared, plan, request_id)
 
     async def _echo_logprobs(self, prompt: CompletionPrompt) -> list[TokenLogprob]:
         """The prompt's own logprobs, when echo and logprobs are both asked for."""
@@ -121,10 +145,8 @@ class CompletionServing(Serving):
             raise out_of_memory(exc) from exc
 
     async def respond(self, prepared: PreparedCompletion) -> CompletionResponse:
-        activations = await self._begin_capture(prepared)
-
         async def answer(prompt: CompletionPrompt):
-            return await self._echo_logprobs(prompt), await self.generate(prompt.job)
+            return await self._echo_logprobs(prompt), await generate(self.engine, prompt.job)
 
         # Every prompt is queued at once, so the scheduler can batch them together.
         tasks = [asyncio.ensure_future(answer(prompt)) for prompt in prepared.prompts]
@@ -133,13 +155,12 @@ class CompletionServing(Serving):
         except BaseException:
             for task in tasks:
                 task.cancel()  # a cancelled task cancels its job
-            self.discard(activations)  # the client will never learn this capture's id
             raise
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
+        activations = None
         for prompt, (echoed, result) in zip(prepared.prompts, answers, strict=True):
-            if result.capture_manifest is not None:
-                activations = self.activations_ref(result.capture_manifest)
+            activations = activations or self.captures.activations_ref(result.capture)
             prompt_tokens += result.prompt_tokens
             completion_tokens += result.completion_tokens
             for c in result.choices:
@@ -167,7 +188,10 @@ class CompletionServing(Serving):
         last (with the usage, if asked) in generate mode.
         """
         request = prepared.request
-        activations = await self._begin_capture(prepared)
+        trace = prepared.capture is not None and prepared.capture.mode == "trace"
+        first_items = stream(self.engine, prepared.prompts[0].job)  # a trace-mode capture comes first
+        captured, first_items = await leading_capture(first_items, trace)
+        activations = self.captures.activations_ref(captured)
         base = {
             "id": prepared.id,
             "object": "text_completion",
@@ -200,12 +224,15 @@ class CompletionServing(Serving):
                 for index in range(job.first_index, job.first_index + job.params.n):
                     offsets[index] = _end_offset(logprobs, 0)
                     yield chunk(index, prompt.echo, logprobs, None)
-            async for item in self.stream(job):
+            items = first_items if prompt is prepared.prompts[0] else stream(self.engine, job)
+            async for item in items:
+                if isinstance(item, CaptureResult):
+                    continue
                 if isinstance(item, GenerationResult):
                     prompt_tokens += item.prompt_tokens
                     completion_tokens += item.completion_tokens
-                    if item.capture_manifest is not None:
-                        activations = self.activations_ref(item.capture_manifest)
+                    if not trace:
+                        activations = activations or self.captures.activations_ref(item.capture)
                     continue
                 logprobs = None
                 if item.logprobs:

@@ -4,21 +4,27 @@ Everything a client can get wrong is refused here with a 400 naming the field
 (``interventions[i].<field>``, ``presets[i]``): unknown hook points, layers out of range,
 vectors of the wrong size or made for another model, unknown vectors, presets or
 activation ids, tensors that cannot be patched in. The edits themselves are applied by
-``server/engine/steps.py``.
+``server/engine/steps.py`` (the HF runtime).
 
 Presets (``server/storage/presets.py``) are validated against the model when they are
 saved and again when they are used.
+
+:class:`InterventionResolver` is the part the endpoints hold: it runs
+:func:`resolve_interventions` in a thread, since stored vectors, presets and patch
+sources are read from disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import torch
 
+from interventions import Edit
+
 from ..engine.engine import Engine
 from ..engine.hooks import HookError
-from ..engine.steps import Edit
 from ..errors import APIError
 from ..protocol import InterventionRequest
 from ..storage import (
@@ -29,6 +35,41 @@ from ..storage import (
     UnknownVector,
     VectorStore,
 )
+
+
+class InterventionResolver:
+    """Resolves a request's presets and interventions against the served model and the stores."""
+
+    def __init__(
+        self, engine: Engine, vectors: VectorStore, activations: ActivationStore, presets: PresetStore
+    ) -> None:
+        self.engine = engine
+        self.vectors = vectors
+        self.activations = activations
+        self.presets = presets
+
+    async def resolve(
+        self,
+        items: list[InterventionRequest] | None,
+        presets: list[str] | None = None,
+        field: str = "interventions",
+    ) -> tuple[Edit, ...]:
+        """A request's presets, then its interventions, as edits; refused with 400 if invalid.
+
+        In a thread: stored vectors, presets and patch sources are read from disk.
+        """
+        if not items and not presets:
+            return ()
+        return await asyncio.to_thread(
+            resolve_interventions,
+            self.engine,
+            self.vectors,
+            self.activations,
+            self.presets,
+            items,
+            presets,
+            field,
+        )
 
 
 def resolve_interventions(

@@ -17,7 +17,8 @@ else ``--adapter`` switched off), else the request is refused naming ``before``:
 Limits (400 naming the field): ``|alpha| <= --lda-max-alpha``, at most
 ``--lda-max-batch-size`` prompts, tokens within ``--max-tokens-cap`` and the
 context window of the longer side, and the ``--memory-budget`` estimate of both
-KV caches (``memory.estimate_lda``).
+KV caches (``memory.estimate_lda``). The shared limits go through the ``admission``
+part; ``before: {"interventions": ...}`` through the ``interventions`` part.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 import jinja2
 import torch
 
-from ..engine.engine import RequestTimedOut
-from ..engine.generation import FINISH_STOP
-from ..engine.lda import LdaJob, LdaResult, LdaSide
+from ..config import Settings
+from ..engine.engine import Engine, RequestTimedOut
+from ..engine.job import FINISH_STOP
+from ..engine.lda import LdaJob, LdaResult
 from ..engine.memory import estimate_lda, format_size
 from ..engine.scheduler import QueueFull
 from ..errors import APIError
@@ -48,8 +50,10 @@ from ..protocol_lda import (
     LdaRowResult,
     LdaTokenStats,
 )
-from ..storage import UnsafeSaveDir
-from .base import Serving, engine_error, usage
+from ..storage import ActivationStore, PresetStore, UnsafeSaveDir, VectorStore
+from .admission import Admission
+from .base import engine_error, usage
+from .interventions import InterventionResolver
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +71,22 @@ class _Ran:
     before_kind: str
 
 
-class LdaServing(Serving):
+class LdaServing:
+    """The LDA endpoints (``/v1/lda``, ``/generate_lda``, ``/generate_lda_batch``): one LdaJob each."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        store: ActivationStore,
+        vectors: VectorStore,
+        presets: PresetStore,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.admission = Admission(engine, settings)
+        self.interventions = InterventionResolver(engine, vectors, store, presets)
+
     async def generate_one(self, request: GenerateLdaRequest) -> GenerateLdaResponse:
         ran = await self._run(request, [request.prompt], request.max_new_tokens, "max_new_tokens", "prompt")
         return self._compat_result(request, ran, 0)
@@ -152,8 +171,8 @@ class LdaServing(Serving):
         prompts_param: str,
         token_stats: bool = False,
     ) -> _Ran:
-        self.check_model(request.model)
-        self.check_queue()
+        self.admission.check_model(request.model)
+        self.admission.check_queue()
         settings = self.settings
         if abs(request.alpha) > settings.lda_max_alpha:
             raise APIError(
@@ -169,7 +188,7 @@ class LdaServing(Serving):
             )
         before = self._before(request.before)
         texts = [*prompts, request.system_prompt or "", before.system_prompt or "", before.prefix or ""]
-        self.check_prompt_chars(sum(map(len, texts)), prompts_param)
+        self.admission.check_prompt_chars(sum(map(len, texts)), prompts_param)
         if request.apply_chat_template and not self.engine.has_chat_template:
             raise APIError(
                 "this model has no chat template: send apply_chat_template false",
@@ -199,7 +218,7 @@ class LdaServing(Serving):
         shorter = 0
         if before.kind == "model" and self.engine.before_context_length is not None:
             shorter = max(0, self.engine.context_length - self.engine.before_context_length)
-        max_tokens = self.token_budget(
+        max_tokens = self.admission.token_budget(
             longest, requested_tokens, tokens_param, prompts_param, reserve=shorter
         )
         self._check_memory(
@@ -208,16 +227,15 @@ class LdaServing(Serving):
 
         edits = ()
         if before.kind == "interventions":
-            edits = await self.resolve_interventions(before.interventions, field="before.interventions")
-        served = self.engine.loaded
-        before_wrapper = self.engine.before.wrapper if before.kind == "model" else served.wrapper
+            edits = await self.interventions.resolve(before.interventions, field="before.interventions")
+        weights = {"model": "before_model", "adapter": "adapter_off"}.get(before.kind, "served")
         job = LdaJob(
-            after=LdaSide(served.wrapper, tuple(map(tuple, after_ids)), edits=edits),
-            before=LdaSide(
-                before_wrapper, tuple(map(tuple, before_ids)), adapter_enabled=before.kind != "adapter"
-            ),
+            after_prompts=tuple(map(tuple, after_ids)),
+            before_prompts=tuple(map(tuple, before_ids)),
             alpha=request.alpha,
             params=request.sampling_params(max_tokens),
+            weights=weights,
+            edits=edits,
             token_stats=token_stats,
         )
         try:

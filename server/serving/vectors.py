@@ -25,14 +25,34 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from ..config import Settings
+from ..engine.engine import Engine
 from ..engine.hooks import HookError
 from ..errors import APIError
 from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
-from ..storage import UnknownPreset, UnknownVector
-from .base import Serving, engine_error
+from ..storage import ActivationStore, PresetStore, UnknownPreset, UnknownVector, VectorStore
+from .base import engine_error
+from .interventions import InterventionResolver
 
 
-class VectorServing(Serving):
+class VectorServing:
+    """Named vectors and intervention presets (``/v1/interventions/presets``); a preset's items
+    are checked by the ``interventions`` part, as a request's would be."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        store: ActivationStore,
+        vectors: VectorStore,
+        presets: PresetStore,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.vectors = vectors
+        self.presets = presets
+        self.interventions = InterventionResolver(engine, vectors, store, presets)
+
     def _check_room(self, adding: int) -> None:
         if self.vectors.count() + adding > self.settings.max_vectors:
             raise APIError(
@@ -120,12 +140,7 @@ class VectorServing(Serving):
         """Validate the items against the served model (as a request would), then store them."""
         if not self.vectors.valid_name(body.name):
             raise APIError("name: letters, digits, '_', '-', '.', at most 100 characters", param="name")
-        try:
-            await self.resolve_interventions(body.items)
-        except APIError as error:
-            raise APIError(
-                error.message, param=(error.param or "").replace("interventions", "items", 1)
-            ) from None
+        await self.interventions.resolve(body.items, field="items")
         items = [item.model_dump(exclude_none=True) for item in body.items]
         try:
             await asyncio.to_thread(self.presets.put, body.name, items)

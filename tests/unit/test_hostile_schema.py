@@ -87,9 +87,9 @@ def _fuzz(fuzzed, label: str, examples: int, derandomize: bool) -> None:
     def run(case):
         _check(client, case)
 
-    client.app.state.chat.server_capture.config = ServerCaptureConfig()  # what a case may have set
+    client.app.state.chat.captures.server_capture.config = ServerCaptureConfig()  # what a case may have set
     run()
-    client.app.state.chat.server_capture.config = ServerCaptureConfig()
+    client.app.state.chat.captures.server_capture.config = ServerCaptureConfig()
     good = {
         "messages": [{"role": "user", "content": "Hello"}],
         "max_tokens": 3,

@@ -281,7 +281,7 @@ def test_the_capture_size_estimate_equals_the_bytes_written(ops, capture):
                 written += tensor.numel() * tensor.element_size()
     serving = ops.app.state.chat
     request = {"messages": HELLO, "capture": capture}
-    plan = serving.capture_plan(_capture_request(request), 1)
+    plan = serving.captures.capture_plan(_capture_request(request), 1)
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
     assert written > 0
     assert stored_bytes(plan, prompt_tokens, 5, serving.engine.loaded.dtype) == written

@@ -1,0 +1,163 @@
+"""Capture planning: a request's ``capture`` block (or the server-wide capture settings)
+becomes the engine's :class:`~server.engine.capture.CapturePlan`, then its
+:class:`~server.engine.capture.CaptureSpec`; a finished capture becomes the response's
+``activations`` reference.
+
+The server-wide capture settings (:class:`ServerCapture`) are set through
+``/v1/interventions``, a route kept under that old name for clients of the earlier
+server; they apply to every request that sends no ``capture`` of its own, and ``ndif``
+overrides them per request. They are read and replaced on the event loop only.
+
+Everything is checked against the served model and the activation store before any
+work: hook points, layers and modules resolve (400 naming ``capture.<field>``), the save
+directory stays inside ``--activations-dir``. The engine writes the capture; this part
+only plans it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..engine.capture import CapturePlan, CaptureResult, CaptureSpec
+from ..engine.engine import Engine
+from ..engine.hooks import HookError
+from ..engine.loading import DTYPES
+from ..errors import APIError
+from ..protocol import ActivationsRef, CaptureRequest, NdifOverrides, ServerCaptureConfig, dump
+from ..storage import ActivationStore, UnsafeSaveDir
+
+logger = logging.getLogger(__name__)
+
+
+def extra_step(plan: CapturePlan | None) -> int:
+    """1 when a capture feeds the final generated token through the model (generate mode)."""
+    return int(plan is not None and plan.mode == "generate")
+
+
+class ServerCapture:
+    """The server-wide capture settings (set through ``/v1/interventions``), one per app and
+    shared by every endpoint.
+
+    Read and replaced on the event loop only.
+    """
+
+    def __init__(self) -> None:
+        self.config = ServerCaptureConfig()
+
+
+class CapturePlanning:
+    """Plans one request's capture against the served model, the activation store and the
+    server-wide capture settings; installs new server-wide settings."""
+
+    def __init__(self, engine: Engine, store: ActivationStore, server_capture: ServerCapture) -> None:
+        self.engine = engine
+        self.store = store
+        self.server_capture = server_capture
+
+    def effective_capture(
+        self, capture: CaptureRequest | None, overrides: NdifOverrides | None
+    ) -> CaptureRequest | None:
+        """The request's own ``capture``, else the server-wide settings (with ``ndif`` overrides)."""
+        if capture is not None:
+            if overrides is not None:
+                raise APIError(
+                    "ndif overrides the server-wide capture settings; with capture, use capture.save_dir",
+                    param="ndif",
+                )
+            return capture
+        config = self.server_capture.config
+        if not config.enabled:
+            return None
+        if overrides is not None and not overrides.per_request_subdir:
+            raise APIError(
+                "per_request_subdir false is not supported: every capture gets its own directory",
+                param="ndif.per_request_subdir",
+            )
+        effective = config.for_request(overrides)
+        try:
+            self.store.resolve_subdir(effective.save_dir)
+        except UnsafeSaveDir as exc:
+            raise APIError(str(exc), param="ndif.save_dir") from exc
+        return effective
+
+    def configure_server_capture(self, config: ServerCaptureConfig) -> ServerCaptureConfig:
+        """Validate and install new server-wide capture settings."""
+        if not config.per_request_subdir:
+            raise APIError(
+                "per_request_subdir false is not supported: every capture gets its own directory",
+                param="per_request_subdir",
+            )
+        if not config.include_metadata_json:
+            raise APIError(
+                "include_metadata_json false is not supported: the manifest is always written",
+                param="include_metadata_json",
+            )
+        try:
+            self.engine.hooks.resolve(layers=config.layers, hook_points=config.hook_points, modules=None)
+            self.store.resolve_subdir(config.save_dir)
+        except HookError as exc:
+            raise APIError(str(exc), param=exc.param) from exc
+        except UnsafeSaveDir as exc:
+            raise APIError(str(exc), param="save_dir") from exc
+        self.server_capture.config = config
+        logger.info("server-wide capture settings: %s", config.model_dump())
+        return config
+
+    def capture_plan(self, capture: CaptureRequest | None, n: int) -> CapturePlan | None:
+        """Validate a request's ``capture`` block against the served model, before any work."""
+        if capture is None:
+            return None
+        if capture.mode == "generate" and n > 1:
+            raise APIError('capture mode "generate" records one choice: send n=1', param="n")
+        if capture.positions == "generated" and capture.mode != "generate":
+            raise APIError('positions "generated" needs capture mode "generate"', param="capture.positions")
+        try:
+            points = self.engine.hooks.resolve(
+                layers=capture.layers, hook_points=capture.hook_points, modules=capture.modules
+            )
+            self.store.resolve_subdir(capture.save_dir)
+        except HookError as exc:
+            raise APIError(str(exc), param=f"capture.{exc.param}") from exc
+        except UnsafeSaveDir as exc:
+            raise APIError(str(exc), param="capture.save_dir") from exc
+        logits = self.engine.hooks.logits_module
+        if capture.mode == "generate" and any(p.module_path == logits and p.kind == "output" for p in points):
+            raise APIError(
+                f"{logits}.output in generate mode: generation computes logits for the last position only; "
+                "capture them in trace mode, or ask for logprobs",
+                param="capture.modules",
+            )
+        return CapturePlan(
+            save_dir=capture.save_dir,
+            points=tuple(points),
+            mode=capture.mode,
+            positions=capture.positions,
+            sample_hidden=capture.sample_hidden,
+            sample_method=capture.sample_hidden_method,
+            sample_seed=capture.sample_hidden_seed,
+            dtype=DTYPES[capture.dtype] if capture.dtype else None,
+            format=capture.format,
+        )
+
+    def capture_spec(self, plan: CapturePlan | None, request, completion_id: str) -> CaptureSpec | None:
+        """The job's capture: the plan, the activation store to write through, and what the
+        request adds to the manifest (its interventions and presets as it named them; the
+        engine adds the model and the sampling)."""
+        if plan is None:
+            return None
+        facts = {
+            "interventions": [dump(item) for item in request.interventions or []],
+            "presets": list(request.presets or []),
+        }
+        return CaptureSpec(plan, self.store, completion_id, facts)
+
+    def activations_ref(self, capture: CaptureResult | None) -> ActivationsRef | None:
+        """The response's ``activations``: where a finished capture's manifest and tensors are."""
+        if capture is None:
+            return None
+        return ActivationsRef(
+            id=capture.id,
+            manifest=f"/v1/activations/{capture.id}",
+            directory=self.store.relative(capture.directory),
+            tensors=list(capture.tensors),
+        )
