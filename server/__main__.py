@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from .config import ENV_PREFIX, Settings
 from .logs import configure_logging
+from .ports import port_free, port_in_use
 
 logger = logging.getLogger("server")
 
@@ -69,7 +70,6 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         StartupRefused: with the reason.
     """
     from .engine.loading import ModelLoadError, check_adapter_support, check_model_source
-    from .probe import port_free, port_in_use
 
     if check_port and not port_free(settings.host, settings.port):
         raise StartupRefused(port_in_use(settings.host, settings.port))

@@ -110,6 +110,23 @@ current_redactor: ContextVar[Redactor | None] = ContextVar("nnsight_server_redac
 MAX_INTERNAL_MESSAGE = 500  # characters of the exception's message a client sees
 
 
+def unauthorized(reason: str) -> APIError:
+    return APIError(
+        f"{reason}: send this server's API key as `Authorization: Bearer <key>`.",
+        status=HTTPStatus.UNAUTHORIZED,
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(
+        f"the request body is larger than this server's limit of {limit} bytes (--max-body-size)",
+        status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        code="request_too_large",
+    )
+
+
 def internal_error(exc: BaseException) -> APIError:
     """What a client sees of a failure nobody expected: the exception's class and message (with
     secrets and outside paths removed) and the request id under which the log has the traceback."""
@@ -204,8 +221,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:  # raised by the front door's receive
-            from .middleware import body_too_large
-
             return body_too_large(request.app.state.settings.max_body_size).response()
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return APIError(detail, status=exc.status_code).response()

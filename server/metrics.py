@@ -17,7 +17,9 @@ Every name starts with ``nnsight_server_`` (the process collector's keep their u
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +37,6 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .engine.engine import Engine
-    from .middleware import RequestRecord
     from .storage import ActivationStore
 
 PREFIX = "nnsight_server"
@@ -43,6 +44,24 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 64
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass
+class RequestRecord:
+    """What the access log and the metrics say about one request."""
+
+    id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic() of the first generated token
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
 
 
 class Metrics:

@@ -34,11 +34,9 @@ import hashlib
 import hmac
 import logging
 import re
-import time
 import uuid
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from starlette.datastructures import Headers
@@ -46,9 +44,9 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, Redactor, current_redactor, internal_error
+from .errors import APIError, Redactor, body_too_large, current_redactor, internal_error, unauthorized
 from .logs import request_id as log_request_id
-from .metrics import Metrics
+from .metrics import Metrics, RequestRecord
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
@@ -56,23 +54,6 @@ access_log = logging.getLogger("server.access")
 OPEN_PATHS = frozenset({"/health"})
 QUIET_PATHS = frozenset({"/health", "/metrics"})
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-@dataclass
-class RequestRecord:
-    """What the access log and the metrics say about one request."""
-
-    id: str
-    method: str
-    path: str
-    started: float = field(default_factory=time.monotonic)
-    status: int | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None  # time.monotonic() of the first generated token
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("nnsight_server_request", default=None)
@@ -105,23 +86,6 @@ def request_id(given: str | None) -> str:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
-
-
-def unauthorized(reason: str) -> APIError:
-    return APIError(
-        f"{reason}: send this server's API key as `Authorization: Bearer <key>`.",
-        status=HTTPStatus.UNAUTHORIZED,
-        code="invalid_api_key",
-        headers={"WWW-Authenticate": "Bearer"},
-    )
-
-
-def body_too_large(limit: int) -> APIError:
-    return APIError(
-        f"the request body is larger than this server's limit of {limit} bytes (--max-body-size)",
-        status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        code="request_too_large",
-    )
 
 
 class FrontDoor:

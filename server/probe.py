@@ -17,32 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import urllib.error
 import urllib.request
 
+from .ports import port_free, port_in_use
+
 TIMEOUT_S = 3
-
-
-def port_free(host: str, port: int) -> bool:
-    """Whether a listening socket could bind ``host:port`` now (as uvicorn binds: SO_REUSEADDR)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def port_in_use(host: str, port: int) -> str:
-    """What a user is told when ``host:port`` is taken (by the server and by start_server.sh)."""
-    return (
-        f"port {port} on {host} is in use (another server? see: ss -ltnp 'sport = :{port}'); "
-        "choose another with --port"
-    )
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, bytes]:

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from server.probe import port_free
+from server.ports import port_free
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-ops-test-7f3a9c"
