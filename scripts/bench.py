@@ -14,6 +14,9 @@ The benchmarks (each its own script, each measuring its ratios side by side in o
     lda       bench_lda.py       LDA in batches vs one prompt at a time; memory per extra row
     batching  bench_batching.py  8 concurrent clients, batching vs one request at a time;
                                  latency against a request served alone
+    peer      bench_peer.py      a short request behind a long one (with and without capture)
+                                 vs alone; 8 closed-loop clients against `transformers serve
+                                 --continuous-batching` on the same weights, and with capture
 
 Each writes ``<out-dir>/<name>.json``; this script reads them back and writes
 ``<out-dir>/summary.json`` and ``<out-dir>/summary.md`` (the table the README shows), with
@@ -47,6 +50,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
         "bench_batching.py",
         [],
         ["--clients", "4", "--requests", "2", "--max-tokens", "16", "--batch-size", "4"],
+    ),
+    "peer": (
+        "bench_peer.py",
+        [],
+        "--clients 2 --requests 1 --max-tokens 16 --long-tokens 64 --solo-repeats 1 --hol-repeats 1".split(),
     ),
 }
 MIB = 2**20
@@ -152,6 +160,44 @@ def rows(name: str, r: dict) -> list[tuple[str, str]]:
             ),
             ("same answers with and without batching", "yes" if r["same_answers"] else "**no**"),
         ]
+    if name == "peer":
+        sizes, hol, loops, ratios = r["sizes"], r["head_of_line"], r["closed_loop"], r["ratios"]
+        variants = [hol["variants"][v] for v in ("neither", "long_captures", "short_captures", "both")]
+        behind_long = " / ".join(f"{v['ratio']:.2f}" for v in variants) + "x"
+        if not all(v["all_overlapped"] for v in variants):
+            behind_long += " (**the long one ended first**)"
+        out = [
+            (
+                f"a request for {sizes['short_tokens']} tokens sent {sizes['delay']:g} s after one for "
+                f"{sizes['long_tokens']}, latency vs alone, capturing: neither / long / short / both "
+                f"(target at most {r['targets']['short_behind_long_at_most']:g}x)",
+                behind_long,
+            ),
+            (
+                f"{sizes['clients']} closed-loop clients, tokens per second: ours / ours capturing every "
+                "layer's `resid_post` / `transformers serve --continuous-batching`",
+                f"{loops['ours']['tokens_per_s']:.1f} / {loops['ours_capture']['tokens_per_s']:.1f} / "
+                f"{loops['peer_cb']['tokens_per_s']:.1f}",
+            ),
+            (
+                "closed loop, ours vs `transformers serve --continuous-batching` "
+                f"(target at least {r['targets']['ours_over_peer_at_least']:g}x)",
+                f"{ratios['ours_over_peer']:.2f}x",
+            ),
+            (
+                "closed loop, every layer's `resid_post` captured vs plain "
+                f"(target at least {r['targets']['capture_over_plain_at_least']:g}x)",
+                f"{ratios['capture_over_plain']:.2f}x",
+            ),
+        ]
+        if "ours_over_plain_peer" in ratios:
+            out.append(
+                (
+                    "closed loop, ours vs `transformers serve` (no continuous batching)",
+                    f"{ratios['ours_over_plain_peer']:.2f}x",
+                )
+            )
+        return out
     raise KeyError(name)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -56,3 +59,57 @@ def start_server(args, *flags: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     process.kill()
     raise SystemExit(f"server did not become healthy in {STARTUP_TIMEOUT_S} s")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str], url: str, health: str = "/health", log: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run any HTTP server ``command`` for the length of the block, once ``url + health`` answers
+    200, and stop it however the block ends. Its output goes to ``log`` if given (its tail is
+    printed if it fails to start), else to this process's."""
+    sink = open(log, "wb") if log else None  # noqa: SIM115 (closed below, after the process)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT if sink else None)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"{command[0]} exited with {process.returncode}{_log_tail(log)}")
+            try:
+                if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} did not become healthy in {STARTUP_TIMEOUT_S} s{_log_tail(log)}")
+            time.sleep(0.5)
+        yield process
+    finally:
+        stop_process(process)
+        if sink:
+            sink.close()
+
+
+def _log_tail(log: Path | None, lines: int = 20) -> str:
+    if log is None or not log.is_file():
+        return ""
+    return "; its log ends:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
