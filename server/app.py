@@ -20,7 +20,7 @@ from .errors import Redactor, install_error_handlers
 from .metrics import Metrics
 from .middleware import FrontDoor
 from .routes import router
-from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture, VectorServing
+from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture, ServingParts, VectorServing
 from .storage import ActivationStore, PresetStore, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,11 @@ def create_app(settings: Settings) -> FastAPI:
         server_capture = ServerCapture()
         vectors = VectorStore(settings.vectors_dir)
         presets = PresetStore(settings.vectors_dir / "presets")
-        shared = (engine, settings, store, server_capture, vectors, presets)
-        app.state.chat = ChatServing(*shared)
-        app.state.completions = CompletionServing(*shared)
-        app.state.vectors = VectorServing(engine, settings, store, vectors, presets)
-        app.state.lda = LdaServing(engine, settings, store, vectors, presets)
+        parts = ServingParts.build(engine, settings, store, vectors, presets, server_capture)
+        app.state.chat = ChatServing(parts)
+        app.state.completions = CompletionServing(parts)
+        app.state.vectors = VectorServing(parts)
+        app.state.lda = LdaServing(parts)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         budget = settings.memory_budget

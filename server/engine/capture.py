@@ -77,6 +77,8 @@ class CaptureSink(Protocol):
 
     def create(self, save_dir: str | None, fmt: str): ...
 
+    def delete(self, capture_id: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class CaptureSpec:
@@ -158,9 +160,14 @@ class CaptureRecorder:
         self.latest: dict[str, torch.Tensor] = {}  # positions "last": the latest step only
 
     @property
+    def trace(self) -> bool:
+        """Trace mode: it reads the prompt step only, and is written right after it."""
+        return self.plan.mode == "trace"
+
+    @property
     def reads_steps(self) -> int | None:
         """How many forward steps it reads: the prompt only in trace mode, else all."""
-        return 1 if self.plan.mode == "trace" else None
+        return 1 if self.trace else None
 
     def _kept_slice(self, start: int, length: int) -> slice:
         if self.plan.positions == "last":

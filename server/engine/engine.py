@@ -293,7 +293,7 @@ class Engine:
     async def lda(self, job: LdaJob) -> LdaResult:
         """Run an LDA request (every row, both sides) in the decode loop, within the request timeout."""
         results = await self._wait(asyncio.wrap_future(self.scheduler.submit_jobs(job.jobs)), job)
-        return LdaResult(rows=[result.rows[0] for result in results], steps=job.steps)
+        return LdaResult(rows=[result.choices[0] for result in results], steps=job.steps)
 
     async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (see ``scoring.py``)."""

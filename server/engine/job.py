@@ -86,6 +86,7 @@ class Choice:
     token_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprob] | None
+    stats: list[TokenStats] | None = None  # LDA with token_stats: how the sides differed per token
 
 
 @dataclass
@@ -93,7 +94,6 @@ class GenerationResult:
     choices: list[Choice]
     prompt_tokens: int
     capture: CaptureResult | None = None  # the job's capture, once written
-    rows: list[RowState] = field(default_factory=list, repr=False)  # the rows themselves (LDA stats)
 
     @property
     def completion_tokens(self) -> int:
@@ -180,11 +180,12 @@ class RowState:
             self.finish_reason = reason
             self.text.finish()
 
-    def choice(self, index: int, with_logprobs: bool) -> Choice:
+    def choice(self, index: int, with_logprobs: bool, with_stats: bool = False) -> Choice:
         return Choice(
             index=index,
             text=self.text.text,
             token_ids=self.token_ids,
             finish_reason=self.finish_reason,
             logprobs=self.logprobs if with_logprobs else None,
+            stats=self.stats if with_stats else None,
         )

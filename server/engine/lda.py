@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .job import GenerationJob, LdaPlan, RowState, SamplingParams
+from .job import Choice, GenerationJob, LdaPlan, SamplingParams
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LdaJob:
     edits: tuple = ()
     token_stats: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
-    jobs: list[GenerationJob] = field(default_factory=list)
+    jobs: list[GenerationJob] = field(init=False)  # one per row, built from the above
 
     def __post_init__(self) -> None:
         if len(self.before_prompts) != len(self.after_prompts):
@@ -65,7 +65,7 @@ class LdaJob:
 
 @dataclass
 class LdaResult:
-    rows: list[RowState]  # token_ids, text, stats (with token_stats), finish_reason
+    rows: list[Choice]  # one per prompt: text, token_ids, finish_reason, stats (with token_stats)
     steps: int
 
 

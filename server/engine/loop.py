@@ -109,7 +109,7 @@ class _Running:
             return False
         if self.recorder is None:
             return True
-        if self.recorder.plan.mode == "trace":
+        if self.recorder.trace:
             return self.forwards >= 1
         return self.forwards > self.finished_at  # its final token was fed in too
 
@@ -143,12 +143,15 @@ class _Running:
         if self.error is not None or self.job.cancelled.is_set():
             return
         try:
-            ids = list(self.job.prompt_ids)
-            self.capture = self.recorder.finish(ids, [self.token_text(t) for t in ids])
+            self.write_capture(list(self.job.prompt_ids))
             if self.job.on_capture is not None:
                 self.job.on_capture(self.capture)
         except Exception as exc:  # its storage failure, or its stream is gone
             self.error = exc
+
+    def write_capture(self, ids: list[int]) -> None:
+        """Close the capture's files and write its manifest; ``ids``: every position fed in."""
+        self.capture = self.recorder.finish(ids, [self.token_text(t) for t in ids])
 
     def placeholders(self) -> torch.Tensor:
         """Next input for rows that sample nothing more (the job leaves before it is used)."""
@@ -209,7 +212,7 @@ class _Cohort:
         for running in self.jobs:
             running.forwards += 1
             running.error = running.error or running.after.error
-            if running.forwards == 1 and running.recorder is not None and running.recorder.reads_steps == 1:
+            if running.forwards == 1 and running.recorder is not None and running.recorder.trace:
                 running.finish_trace_capture()  # before its first token: a stream names it first
             if running.error is None and not running.all_finished and id(running) not in cancelled:
                 try:
@@ -218,15 +221,16 @@ class _Cohort:
                     running.error = exc
         ended = [r for r in self.jobs if r.done]
         if ended:
-            self.jobs = [r for r in self.jobs if not r.done]
+            gone = {id(r) for r in ended}
+            self.jobs = [r for r in self.jobs if id(r) not in gone]
             for key, lane in list(self.lanes.items()):
                 keep, start = [], 0
                 for member in lane.members:
                     n = member.job.params.n
-                    if not member.done:
+                    if id(member) not in gone:
                         keep.extend(range(start, start + n))
                     start += n
-                lane.members = [m for m in lane.members if not m.done]
+                lane.members = [m for m in lane.members if id(m) not in gone]
                 if not lane.members:
                     del self.lanes[key]
                 else:
@@ -365,10 +369,9 @@ class DecodeLoop:
             except Exception as exc:  # e.g. its stream's event loop is gone
                 member.error = exc
         if member.error is None and not job.cancelled.is_set() and member.recorder is not None:
-            if member.recorder.plan.mode == "generate":
+            if not member.recorder.trace:
                 try:
-                    ids = job.prompt_ids + member.rows[0].token_ids
-                    member.capture = member.recorder.finish(ids, [self.token_text(t) for t in ids])
+                    member.write_capture(job.prompt_ids + member.rows[0].token_ids)
                 except Exception as exc:  # one job's storage failure is that job's alone
                     member.error = exc
         if member.error is not None or job.cancelled.is_set():
@@ -378,11 +381,14 @@ class DecodeLoop:
         if member.error is not None:
             return member.error
         with_logprobs = job.params.logprobs is not None
+        with_stats = job.lda is not None and job.lda.token_stats
         return GenerationResult(
-            choices=[row.choice(job.first_index + i, with_logprobs) for i, row in enumerate(member.rows)],
+            choices=[
+                row.choice(job.first_index + i, with_logprobs, with_stats)
+                for i, row in enumerate(member.rows)
+            ],
             prompt_tokens=len(job.prompt_ids),
             capture=member.capture,
-            rows=member.rows,
         )
 
     def _abort_capture(self, member: _Running) -> None:

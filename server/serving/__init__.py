@@ -9,8 +9,9 @@ composed from small parts rather than a shared base class:
   through ``/v1/interventions``) -> the engine's capture plan and spec -> ``activations``;
 * ``interventions``: ``interventions`` and ``presets`` -> edits on resolved hook points.
 
-``base`` holds the shared functions: engine calls with errors in OpenAI shape, and the
-one SSE framing. Routes stay thin: they only choose JSON or SSE.
+``parts.ServingParts`` holds them, built once per app. ``base`` holds the shared
+functions: engine calls with errors in OpenAI shape, and the one SSE framing. Routes stay
+thin: they only choose JSON or SSE.
 """
 
 from .admission import Admission
@@ -20,6 +21,7 @@ from .chat import ChatServing
 from .completions import CompletionServing
 from .interventions import InterventionResolver
 from .lda import LdaServing
+from .parts import ServingParts
 from .vectors import VectorServing
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "InterventionResolver",
     "LdaServing",
     "ServerCapture",
+    "ServingParts",
     "VectorServing",
     "sse_stream",
 ]

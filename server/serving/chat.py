@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from ..config import Settings
 from ..engine.capture import CapturePlan, CaptureResult
-from ..engine.engine import Engine
 from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
@@ -30,11 +28,9 @@ from ..protocol import (
     dump,
     now,
 )
-from ..storage import ActivationStore, PresetStore, VectorStore
-from .admission import Admission
 from .base import activation_fields, closing_chunk, generate, leading_capture, stream, usage
-from .capture_planning import CapturePlanning, ServerCapture, extra_step
-from .interventions import InterventionResolver
+from .capture_planning import extra_step
+from .parts import ServingParts
 
 
 @dataclass(frozen=True)
@@ -48,20 +44,12 @@ class PreparedChat:
 class ChatServing:
     """The chat endpoint (and ``/v1/models``): its own checks, then the parts' checks, then one job."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: Settings,
-        store: ActivationStore,
-        server_capture: ServerCapture,
-        vectors: VectorStore,
-        presets: PresetStore,
-    ) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.admission = Admission(engine, settings)
-        self.captures = CapturePlanning(engine, store, server_capture)
-        self.interventions = InterventionResolver(engine, vectors, store, presets)
+    def __init__(self, parts: ServingParts) -> None:
+        self.engine = parts.engine
+        self.settings = parts.settings
+        self.admission = parts.admission
+        self.captures = parts.captures
+        self.interventions = parts.interventions
         self.created = now()
 
     def models(self) -> ModelList:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Settings
 from ..engine.capture import CapturePlan, CaptureResult
-from ..engine.engine import Engine
 from ..engine.job import GenerationJob, GenerationResult, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
@@ -26,11 +24,9 @@ from ..protocol import (
     dump,
     now,
 )
-from ..storage import ActivationStore, PresetStore, VectorStore
-from .admission import Admission
 from .base import activation_fields, closing_chunk, generate, leading_capture, out_of_memory, stream, usage
-from .capture_planning import CapturePlanning, ServerCapture, extra_step
-from .interventions import InterventionResolver
+from .capture_planning import extra_step
+from .parts import ServingParts
 
 
 @dataclass(frozen=True)
@@ -52,20 +48,12 @@ class PreparedCompletion:
 class CompletionServing:
     """The completions endpoint: its own checks, then the parts' checks, then one job per prompt."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: Settings,
-        store: ActivationStore,
-        server_capture: ServerCapture,
-        vectors: VectorStore,
-        presets: PresetStore,
-    ) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.admission = Admission(engine, settings)
-        self.captures = CapturePlanning(engine, store, server_capture)
-        self.interventions = InterventionResolver(engine, vectors, store, presets)
+    def __init__(self, parts: ServingParts) -> None:
+        self.engine = parts.engine
+        self.settings = parts.settings
+        self.admission = parts.admission
+        self.captures = parts.captures
+        self.interventions = parts.interventions
 
     async def prepare(self, request: CompletionRequest) -> PreparedCompletion:
         """Everything that can be refused is refused here, before any model work."""

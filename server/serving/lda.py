@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import jinja2
 import torch
 
-from ..config import Settings
-from ..engine.engine import Engine, RequestTimedOut
+from ..engine.engine import RequestTimedOut
 from ..engine.job import FINISH_STOP
 from ..engine.lda import LdaJob, LdaResult
 from ..engine.memory import estimate_lda, format_size
@@ -50,10 +49,9 @@ from ..protocol_lda import (
     LdaRowResult,
     LdaTokenStats,
 )
-from ..storage import ActivationStore, PresetStore, UnsafeSaveDir, VectorStore
-from .admission import Admission
+from ..storage import UnsafeSaveDir
 from .base import engine_error, usage
-from .interventions import InterventionResolver
+from .parts import ServingParts
 
 logger = logging.getLogger(__name__)
 
@@ -74,18 +72,11 @@ class _Ran:
 class LdaServing:
     """The LDA endpoints (``/v1/lda``, ``/generate_lda``, ``/generate_lda_batch``): one LdaJob each."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: Settings,
-        store: ActivationStore,
-        vectors: VectorStore,
-        presets: PresetStore,
-    ) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.admission = Admission(engine, settings)
-        self.interventions = InterventionResolver(engine, vectors, store, presets)
+    def __init__(self, parts: ServingParts) -> None:
+        self.engine = parts.engine
+        self.settings = parts.settings
+        self.admission = parts.admission
+        self.interventions = parts.interventions
 
     async def generate_one(self, request: GenerateLdaRequest) -> GenerateLdaResponse:
         ran = await self._run(request, [request.prompt], request.max_new_tokens, "max_new_tokens", "prompt")
@@ -125,7 +116,7 @@ class LdaServing:
                     index=i,
                     prompt=ran.prompts[i],
                     formatted_prompt=ran.formatted[i],
-                    completion=row.text.text,
+                    completion=row.text,
                     finish_reason=row.finish_reason,
                     tokens_generated=len(row.token_ids),
                     token_ids=row.token_ids,
@@ -151,8 +142,8 @@ class LdaServing:
         return GenerateLdaResponse(
             prompt=ran.prompts[i],
             formatted_prompt=ran.formatted[i],
-            completion=row.text.text,
-            text=ran.formatted[i] + row.text.text,
+            completion=row.text,
+            text=ran.formatted[i] + row.text,
             alpha=request.alpha,
             model_after=ran.model_after,
             model_before=ran.model_before,

@@ -25,33 +25,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from ..config import Settings
-from ..engine.engine import Engine
 from ..engine.hooks import HookError
 from ..errors import APIError
 from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
-from ..storage import ActivationStore, PresetStore, UnknownPreset, UnknownVector, VectorStore
+from ..storage import UnknownPreset, UnknownVector
 from .base import engine_error
-from .interventions import InterventionResolver
+from .parts import ServingParts
 
 
 class VectorServing:
     """Named vectors and intervention presets (``/v1/interventions/presets``); a preset's items
     are checked by the ``interventions`` part, as a request's would be."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        settings: Settings,
-        store: ActivationStore,
-        vectors: VectorStore,
-        presets: PresetStore,
-    ) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.vectors = vectors
-        self.presets = presets
-        self.interventions = InterventionResolver(engine, vectors, store, presets)
+    def __init__(self, parts: ServingParts) -> None:
+        self.engine = parts.engine
+        self.settings = parts.settings
+        self.vectors = parts.vectors
+        self.presets = parts.presets
+        self.interventions = parts.interventions
 
     def _check_room(self, adding: int) -> None:
         if self.vectors.count() + adding > self.settings.max_vectors:

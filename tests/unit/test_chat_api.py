@@ -212,18 +212,13 @@ def test_chat_template_errors_are_400_naming_messages(tiny_model_dir, settings, 
     from server.engine.loading import load_model
     from server.errors import APIError
     from server.protocol import ChatCompletionRequest
-    from server.serving import ChatServing, ServerCapture
+    from server.serving import ChatServing, ServingParts
     from server.storage import ActivationStore, PresetStore, VectorStore
 
     engine = Engine(load_model(str(tiny_model_dir), device="cpu"))
     try:
-        stores = (
-            ActivationStore(tmp_path),
-            ServerCapture(),
-            VectorStore(tmp_path / "v"),
-            PresetStore(tmp_path / "p"),
-        )
-        chat = ChatServing(engine, settings, *stores)
+        stores = (ActivationStore(tmp_path), VectorStore(tmp_path / "v"), PresetStore(tmp_path / "p"))
+        chat = ChatServing(ServingParts.build(engine, settings, *stores))
         request = ChatCompletionRequest(messages=HELLO)
         engine.prompt_tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
         with pytest.raises(APIError) as caught:

@@ -103,7 +103,7 @@ def run_lda(loaded, before, job: LdaJob, eos=None) -> LdaResult:
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
-    return LdaResult(rows=[outcome.rows[0] for outcome in outcomes], steps=job.steps)
+    return LdaResult(rows=[outcome.choices[0] for outcome in outcomes], steps=job.steps)
 
 
 def lda_job(prompts, before_prompts=None, alpha=1.0, **params) -> LdaJob:
@@ -168,7 +168,7 @@ def test_greedy_batch_equals_greedy_singles(loaded, other_loaded, prompts):
     batched = run(loaded, other_loaded, prompts, ignore_eos=True)
     singles = [run(loaded, other_loaded, [ids], ignore_eos=True).rows[0] for ids in prompts]
     assert [row.token_ids for row in batched.rows] == [row.token_ids for row in singles]
-    assert [row.text.text for row in batched.rows] == [row.text.text for row in singles]
+    assert [row.text for row in batched.rows] == [row.text for row in singles]
 
 
 def test_seeded_sampled_batch_row_equals_a_single_run_with_the_row_seed(loaded, other_loaded, prompts):
@@ -198,8 +198,8 @@ def test_completions_hold_generated_tokens_only(loaded, other_loaded, prompts, t
     result = run(loaded, other_loaded, prompts, ignore_eos=True)
     for ids, row in zip(prompts, result.rows, strict=True):
         assert len(row.token_ids) == STEPS
-        assert row.text.text == tiny_tokenizer.decode(row.token_ids, skip_special_tokens=True)
-        assert not row.text.text.startswith(tiny_tokenizer.decode(ids))
+        assert row.text == tiny_tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        assert not row.text.startswith(tiny_tokenizer.decode(ids))
 
 
 def test_cancelled_job_stops(loaded, other_loaded, prompts):
