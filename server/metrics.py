@@ -63,7 +63,6 @@ class RequestRecord:
         return time.monotonic() - self.started
 
 
-
 class Metrics:
     """The instruments the front door observes, and the registry ``/metrics`` renders."""
 

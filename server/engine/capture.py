@@ -7,10 +7,10 @@ A job carries a :class:`CaptureSpec`: the plan, the sink it writes through (the
 activation store: anything with ``create(save_dir, format) -> writer``) and what the
 request adds to the manifest. The decode loop gives the job's rows to the runtime with
 the plan's reads; the runtime hands each step's values to the job's
-:class:`CaptureRecorder`, which reduces them, moves them to the CPU and appends them
-to disk at once, so neither accelerator nor host memory grows with the tokens. The
-recorder writes the manifest (the one place that does) and returns a typed
-:class:`CaptureResult`.
+:class:`CaptureRecorder`, which reduces them, moves them to the CPU (one copy per step)
+and appends them to the writer, which holds at most 1 MiB per tensor before it appends to
+disk: so neither accelerator nor host memory grows with the tokens. The recorder writes
+the manifest (the one place that does) and returns a typed :class:`CaptureResult`.
 
 Values are ``[1, pos, ...]`` tensors of the job's first row (a module that returns a
 tuple is read at its first element); stored tensors are ``[pos, ...]``. In generate
@@ -101,20 +101,30 @@ class CaptureResult:
     manifest: dict
 
 
-def reduce_value(
-    value, plan: CapturePlan, positions: slice
-) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-    """[1, pos, ...] value -> (stored [pos', ...] CPU tensor, original shape, kept unit indices)."""
-    tensor = first_tensor(value).detach()
-    original = list(tensor.shape)
-    if tensor.dim() < 2 or tensor.shape[0] != 1:
-        raise ValueError(f"expected a [1, pos, ...] tensor, got shape {original}")
-    tensor = tensor[0, positions]
-    indices = plan.unit_indices(tensor.shape[-1]) if tensor.dim() >= 2 else None
-    if indices is not None:
-        tensor = tensor.index_select(-1, indices.to(tensor.device))
-    tensor = tensor.to("cpu", dtype=plan.dtype or tensor.dtype, copy=True)
-    return tensor, original, indices
+def reduce_values(values: list, plan: CapturePlan, positions: slice) -> list[torch.Tensor]:
+    """[1, pos, ...] values -> stored [pos', ...] CPU tensors, in order.
+
+    Values of one shape and dtype are reduced together (kept positions, the plan's hidden
+    units, its storage dtype) and leave the device in one copy. The results are fresh
+    tensors (views into that copy), never the model's own.
+    Raises ValueError for a value that is not ``[1, pos, ...]``.
+    """
+    tensors = [first_tensor(value).detach() for value in values]
+    groups: dict[tuple, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if tensor.dim() < 2 or tensor.shape[0] != 1:
+            raise ValueError(f"expected a [1, pos, ...] tensor, got shape {list(tensor.shape)}")
+        groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(i)
+    stored: list[torch.Tensor | None] = [None] * len(tensors)
+    for (shape, dtype, device), indexes in groups.items():
+        joined = torch.cat([tensors[i] for i in indexes])[:, positions]  # [k, pos', ...], a new tensor
+        units = plan.unit_indices(shape[-1]) if len(shape) > 2 else None
+        if units is not None:
+            joined = joined.index_select(-1, units.to(device))
+        joined = joined.to("cpu", dtype=plan.dtype or dtype)
+        for i, tensor in zip(indexes, joined.unbind(0), strict=True):
+            stored[i] = tensor
+    return stored
 
 
 def tensor_facts(
@@ -190,7 +200,7 @@ class CaptureRecorder:
             self._writer.abort()
 
     def on_step(self, values: dict[str, torch.Tensor]) -> None:
-        """Take one step's values (``{name: [1, positions fed, ...]}``) and append them to disk."""
+        """Take one step's values (``{name: [1, positions fed, ...]}``) and hand them to the writer."""
         length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
         for name, value in values.items():
             if first_tensor(value).shape[1] != length:
@@ -202,29 +212,35 @@ class CaptureRecorder:
             self.kept = [self.position + length - 1]
         else:
             self.kept += range(self.position + keep.start, self.position + keep.stop)
-        for point in self.plan.points:
-            if keep.stop <= keep.start:
-                continue
-            tensor, original, units = reduce_value(values[point.name], self.plan, keep)
-            self.shapes[point.name] = original
-            self.units[point.name] = units
+        self.position += length
+        if keep.stop <= keep.start:
+            return
+        points = self.plan.points
+        if not self.shapes:  # the first step that keeps something: for the manifest
+            for point in points:
+                tensor = first_tensor(values[point.name])
+                self.shapes[point.name] = list(tensor.shape)
+                self.units[point.name] = (
+                    self.plan.unit_indices(tensor.shape[-1]) if tensor.dim() > 2 else None
+                )
+        stored = reduce_values([values[p.name] for p in points], self.plan, keep)
+        for point, tensor in zip(points, stored, strict=True):
             if self.plan.positions == "last":
                 self.latest[point.name] = tensor
             else:
                 self.writer.append(point.name, tensor)
-        self.position += length
 
     def finish(self, token_ids: list[int], tokens: list[str]) -> CaptureResult:
         """Close every tensor file and write the manifest; ``token_ids`` covers every position
         fed in (prompt + completion in generate mode, the prompt in trace mode)."""
+        kept_ids = [token_ids[p] for p in self.kept]
+        kept_tokens = [tokens[p] for p in self.kept]
         for point in self.plan.points:
             if point.name in self.latest:
                 self.writer.append(point.name, self.latest.pop(point.name))
             shape = self.shapes.get(point.name)
             units = self.units.get(point.name)
             original = None if shape is None else [shape[0], self.position, *shape[2:]]
-            kept_ids = [token_ids[p] for p in self.kept]
-            kept_tokens = [tokens[p] for p in self.kept]
             self.writer.close_appended(
                 point.name, **tensor_facts(point, original, self.kept, kept_ids, kept_tokens, units)
             )

@@ -74,31 +74,59 @@ def save_tensor(path: Path, name: str, tensor: torch.Tensor, fmt: str) -> None:
 
 
 class _Appender:
-    """Raw bytes of a tensor that grows along its first axis, in a hidden file beside the final one."""
+    """A tensor that grows along its first axis, step by step.
+
+    Steps are kept in memory until they hold ``FLUSH_BYTES``, then appended as raw bytes
+    to a hidden file beside the final one; so memory stays bounded however many tokens a
+    generation captures, and a short capture never touches the disk before its final
+    file is written. The appended tensors are kept as given (CPU tensors nobody changes
+    afterwards: the capture recorder hands over copies).
+    """
+
+    FLUSH_BYTES = 1 << 20
 
     def __init__(self, directory: Path, name: str) -> None:
         self.path = directory / f".{name}.part"
-        self.path.touch()
         self.rows = 0
+        self.flushed_rows = 0  # rows already in the hidden file
+        self.pending: list[torch.Tensor] = []
+        self.pending_bytes = 0
         self.dtype: torch.dtype | None = None
         self.trailing: tuple[int, ...] | None = None
 
     def append(self, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().cpu()
         if self.dtype is None:
             self.dtype, self.trailing = tensor.dtype, tuple(tensor.shape[1:])
         elif (tensor.dtype, tuple(tensor.shape[1:])) != (self.dtype, self.trailing):
             raise ValueError(
                 f"cannot append a {tensor.dtype} {list(tensor.shape)} tensor to {self.path.name}"
             )
-        with self.path.open("ab") as handle:  # opened per step: hundreds of tensors, no descriptor limit
-            handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        self.pending.append(tensor)
+        self.pending_bytes += tensor.numel() * tensor.element_size()
         self.rows += tensor.shape[0]
+        if self.pending_bytes >= self.FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the steps held in memory to the hidden file (opened per flush: a capture may
+        grow hundreds of tensors at once, more than a process may keep open)."""
+        if not self.pending:
+            return
+        data = torch.cat(self.pending)
+        with self.path.open("ab") as handle:
+            handle.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.flushed_rows += data.shape[0]
+        self.pending, self.pending_bytes = [], 0
 
     def tensor(self) -> torch.Tensor:
-        """The whole tensor, memory-mapped from the raw file (not read into memory at once)."""
+        """The whole tensor: from memory if it never reached the hidden file, else
+        memory-mapped from it (not read into memory at once)."""
         if self.dtype is None:
             return torch.empty(0)
+        if self.flushed_rows == 0:
+            return torch.cat(self.pending)
+        self.flush()
         count = self.rows * int(torch.Size(self.trailing).numel())
         flat = torch.from_file(str(self.path), shared=False, size=count, dtype=self.dtype)
         return flat.view(self.rows, *self.trailing)
@@ -163,7 +191,9 @@ class CaptureWriter:
             **manifest,
             "tensors": self.entries,
         }
-        text = json.dumps(body, indent=2)
+        # One line: json's C encoder (with indent it falls back to the pure-Python one, about
+        # ten times slower for a manifest that lists hundreds of tensors' tokens).
+        text = json.dumps(body)
         _write_atomically(self.directory / MANIFEST, lambda tmp: tmp.write_text(text))
         written = sum(entry["bytes"] for entry in self.entries) + len(text.encode())
         self.store.register(self.request_id, self.directory, written)

@@ -397,8 +397,14 @@ def test_generate_capture_that_fails_midway_leaves_nothing(client, activations_d
     generate_capture(client, {"layers": [0], "hook_points": ["resid_post"]})  # the next request works
 
 
-def test_generate_capture_equals_a_trace_capture_of_the_same_tokens(client):
-    """Through the API alone: a generate-mode capture, then a trace over prompt + completion."""
+@pytest.mark.parametrize("flush_bytes", [None, 1])
+def test_generate_capture_equals_a_trace_capture_of_the_same_tokens(client, monkeypatch, flush_bytes):
+    """Through the API alone: a generate-mode capture, then a trace over prompt + completion.
+    ``flush_bytes`` 1: every step goes to the hidden file at once (a capture too large to hold)."""
+    from server.storage import activations as storage
+
+    if flush_bytes is not None:
+        monkeypatch.setattr(storage._Appender, "FLUSH_BYTES", flush_bytes)
     data, manifest = generate_capture(
         client, {"layers": "all", "hook_points": ["resid_post"]}, ignore_eos=True
     )
