@@ -17,16 +17,23 @@ a time (each is started, waited for, measured and stopped before the next one st
    field). A request that captures is compared with its own solo time with capture.
    Target: within 2x. A server that runs one request at a time makes the short one wait
    for all of the long one; a batching server lets it join the running batch.
-2. Closed loop. ``--clients`` 8 clients, each sending its next chat request when its last
-   one returns, ``--requests`` 4 each, ``--max-tokens`` 64, greedy; tokens counted from each
-   response's ``usage.completion_tokens`` (the peer refuses ``ignore_eos``, so the prompts
-   are ones that run to the limit). Against (a) our server, (b) our server with every
-   request capturing every layer's ``resid_post``, (c) ``transformers serve
-   --continuous-batching`` (paged attention, ``--cb-num-blocks 32 --cb-max-batch-tokens
-   1024``) from the same virtual environment, with the dtype and device our server
-   resolved, and with ``--run-plain-peer`` (d) ``transformers serve`` without continuous
-   batching. Targets: ours at least 1.2x the peer's tokens per second; with all-layer
-   capture at least 0.9x of plain.
+2. Closed loop and time to first token, servers side by side. Our server and
+   ``transformers serve --continuous-batching`` (paged attention, ``--cb-num-blocks 32
+   --cb-max-batch-tokens 1024``, from the same virtual environment, with the dtype and
+   device our server resolved; with ``--run-plain-peer`` also ``transformers serve``
+   without continuous batching) are up at once, and only one is driven at a time: an idle
+   server costs nothing, and alternating them round by round cancels the drift of a
+   shared machine (which moved single-server runs by 20% within minutes). Each of
+   ``--rounds`` rounds runs, in an order rotated per round, one closed loop per variant:
+   ``--clients`` 8 clients, each sending its next chat request when its last one
+   returns, ``--requests`` 2 each, ``--max-tokens`` 64, greedy, tokens counted from
+   ``usage.completion_tokens`` (the peer refuses ``ignore_eos``, so the prompts are ones
+   that run to the limit); the variants are (a) our server, (b) our server with every
+   request capturing every layer's ``resid_post``, (c) the peer. Ratios are the median
+   over rounds of each round's ratio. Targets: ours at least 1.2x the peer's tokens per
+   second; with all-layer capture at least 0.9x of plain. Then ``--ttft-repeats`` streamed
+   requests alone to each server in turn: time to the first content token, median; target:
+   ours no slower than the peer.
 
 Writes a JSON file (``--out``) with every raw number and the ratios, and prints a table.
 """
@@ -34,6 +41,7 @@ Writes a JSON file (``--out``) with every raw number and the ratios, and prints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -76,6 +84,7 @@ TARGETS = {
     "short_behind_long_at_most": 2.0,
     "ours_over_peer_at_least": 1.2,
     "capture_over_plain_at_least": 0.9,
+    "ttft_over_peer_at_most": 1.0,
 }
 TIMEOUT_S = 600
 
@@ -100,7 +109,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--solo-repeats", type=int, default=3, help="short requests alone, for the solo time")
     parser.add_argument("--hol-repeats", type=int, default=2, help="long+short pairs per variant")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=4, help="closed loop: requests per client")
+    parser.add_argument(
+        "--requests", type=int, default=2, help="closed loop: requests per client in each round"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="closed loop: rounds over every server")
+    parser.add_argument("--ttft-repeats", type=int, default=5, help="streamed requests alone per server")
     parser.add_argument("--max-tokens", type=int, default=64, help="closed loop: max_tokens per request")
     parser.add_argument("--cb-num-blocks", type=int, default=32)
     parser.add_argument("--cb-max-batch-tokens", type=int, default=1024)
@@ -227,63 +240,121 @@ def head_of_line(server: Server, args) -> dict:
 # -- 2. closed loop ----------------------------------------------------------------
 
 
-def closed_loop(server: Server, args, capture: bool = False) -> dict:
+def warm_up(client: httpx.Client, server: Server, capture: bool = False) -> None:
+    chat(client, server, loop_prompt(0, 0), 8, capture=capture)
+
+
+def closed_loop(client: httpx.Client, server: Server, args, capture: bool = False) -> dict:
     """``args.clients`` clients, each sending its next request when its last one returns."""
-    limits = httpx.Limits(max_connections=args.clients + 1)
-    with httpx.Client(timeout=TIMEOUT_S, limits=limits) as client:
-        chat(client, server, loop_prompt(0, 0), 8, capture=capture)  # warm-up
-        start = threading.Barrier(args.clients)
+    start = threading.Barrier(args.clients)
 
-        def one_client(c: int) -> list[dict]:
-            start.wait()
-            return [
-                chat(client, server, loop_prompt(c, r), args.max_tokens, capture=capture)
-                for r in range(args.requests)
-            ]
+    def one_client(c: int) -> list[dict]:
+        start.wait()
+        return [
+            chat(client, server, loop_prompt(c, r), args.max_tokens, capture=capture)
+            for r in range(args.requests)
+        ]
 
-        began = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            results = [r for rs in pool.map(one_client, range(args.clients)) for r in rs]
-        wall = time.perf_counter() - began
+    began = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        results = [r for rs in pool.map(one_client, range(args.clients)) for r in rs]
+    wall = time.perf_counter() - began
     tokens = [r["completion_tokens"] for r in results]
-    latencies = sorted(r["seconds"] for r in results)
-    row = {
-        "requests": len(results),
+    return {
         "wall_seconds": wall,
         "completion_tokens": sum(tokens),
         "tokens_per_s": sum(tokens) / wall,
-        "latency_p50": statistics.median(latencies),
-        "latency_max": latencies[-1],
+        "latencies": [r["seconds"] for r in results],
         "requests_short_of_max_tokens": sum(t < args.max_tokens for t in tokens),
     }
-    progress(
-        f"closed loop, {server.name}: {row['tokens_per_s']:.1f} tokens/s ({row['completion_tokens']} tokens)"
-    )
-    return row
+
+
+def first_token_seconds(client: httpx.Client, server: Server, max_tokens: int = 8) -> float:
+    """Seconds from sending a streamed chat request alone to its first chunk with content."""
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": SHORT_PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    started = time.perf_counter()
+    first = None
+    with client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"{server.name}: HTTP {response.status_code}: {response.read()[:500]!r}")
+        for line in response.iter_lines():
+            if first is None and line.startswith("data: {"):
+                choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    first = time.perf_counter() - started
+    if first is None:
+        raise SystemExit(f"{server.name}: a streamed request sent no content")
+    return first
+
+
+def side_by_side(servers: dict[str, tuple[Server, bool]], args) -> tuple[dict, dict]:
+    """Closed-loop rounds over every variant (``name -> (server, captures)``), alternated, then
+    streamed requests alone to every server in turn; the per-variant figures and the TTFTs."""
+    limits = httpx.Limits(max_connections=args.clients + 1)
+    names = list(servers)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    with httpx.Client(timeout=TIMEOUT_S, limits=limits) as client:
+        for server, capture in servers.values():
+            warm_up(client, server, capture)
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated each round
+                server, capture = servers[name]
+                row = closed_loop(client, server, args, capture)
+                rounds[name].append(row)
+                progress(f"closed loop, round {r + 1}, {name}: {row['tokens_per_s']:.1f} tokens/s")
+        ttft: dict[str, list[float]] = {}
+        plain = {name: server for name, (server, capture) in servers.items() if not capture}
+        for _ in range(args.ttft_repeats):
+            for name, server in plain.items():
+                ttft.setdefault(name, []).append(first_token_seconds(client, server))
+    loops = {}
+    for name, rows in rounds.items():
+        tokens = sum(row["completion_tokens"] for row in rows)
+        wall = sum(row["wall_seconds"] for row in rows)
+        latencies = [s for row in rows for s in row["latencies"]]
+        loops[name] = {
+            "requests": len(latencies),
+            "wall_seconds": wall,
+            "completion_tokens": tokens,
+            "tokens_per_s": tokens / wall,
+            "tokens_per_s_by_round": [row["tokens_per_s"] for row in rows],
+            "latency_p50": statistics.median(latencies),
+            "latency_max": max(latencies),
+            "requests_short_of_max_tokens": sum(row["requests_short_of_max_tokens"] for row in rows),
+        }
+    first_tokens = {
+        name: {"seconds": times, "median": statistics.median(times)} for name, times in ttft.items()
+    }
+    for name, times in first_tokens.items():
+        progress(f"time to first token alone, {name}: {times['median'] * 1000:.0f} ms")
+    return loops, first_tokens
+
+
+def round_ratio(loops: dict, over: str, under: str) -> dict:
+    """The median over rounds of ``over``'s tokens/s over ``under``'s in the same round, and the spread."""
+    ratios = [
+        a / b
+        for a, b in zip(
+            loops[over]["tokens_per_s_by_round"], loops[under]["tokens_per_s_by_round"], strict=True
+        )
+    ]
+    return {"median": statistics.median(ratios), "by_round": ratios}
 
 
 # -- the servers -------------------------------------------------------------------
 
 
-def run_ours(args, log_dir: Path) -> tuple[dict, dict, dict]:
-    """Our server: head-of-line, closed loop plain and with capture; and what it loaded."""
-    port = free_port()
-    command = [
+def our_command(args, port: int, log_dir: Path) -> list[str]:
+    return [
         sys.executable, "-m", "server", "--port", str(port), *model_flags(args),
         "--log-level", "warning", "--activations-dir", str(log_dir / "activations"),
     ]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    progress(f"starting our server: {' '.join(command[1:])}")
-    with running_server(command, url, "/health"):  # --log-level warning: quiet enough to show
-        structure = httpx.get(f"{url}/v1/model/structure", timeout=60).json()
-        model_id = httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
-        server = Server("ours", url, model_id)
-        hol = head_of_line(server, args)
-        loops = {
-            "ours": closed_loop(server, args),
-            "ours_capture": closed_loop(Server("ours with capture", url, model_id), args, capture=True),
-        }
-    return structure, hol, loops
 
 
 def peer_command(args, model: str, structure: dict, port: int, continuous: bool) -> list[str]:
@@ -302,17 +373,6 @@ def peer_command(args, model: str, structure: dict, port: int, continuous: bool)
     return [*command, model]
 
 
-def run_peer(args, model: str, structure: dict, log_dir: Path, continuous: bool) -> tuple[dict, list[str]]:
-    port = free_port()
-    command = peer_command(args, model, structure, port, continuous)
-    url = f"http://127.0.0.1:{port}"
-    name = "peer_cb" if continuous else "peer_plain"
-    progress(f"starting {' '.join(command[1:])}")
-    with running_server(command, url, "/health", log_dir / f"{name}.log"):
-        # Pinned to its FORCE_MODEL, it answers only requests naming exactly that string.
-        return closed_loop(Server(name, url, model), args), command
-
-
 def peer_model(args, structure: dict) -> str:
     """The weights our server loaded, as `transformers serve` should load them."""
     if structure.get("source"):
@@ -324,17 +384,49 @@ def peer_model(args, structure: dict) -> str:
     return args.model
 
 
+def run(args, log_dir: Path) -> tuple[dict, str, dict, dict, dict, dict]:
+    """Head-of-line on our server alone, then the side-by-side part with the peers started beside it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = our_command(args, port, log_dir)
+    progress(f"starting our server: {' '.join(command[1:])}")
+    with contextlib.ExitStack() as servers:
+        servers.enter_context(running_server(command, url, "/health"))  # --log-level warning: quiet
+        structure = httpx.get(f"{url}/v1/model/structure", timeout=60).json()
+        model_id = httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
+        ours = Server("ours", url, model_id)
+        hol = head_of_line(ours, args)
+        model = peer_model(args, structure)
+        variants = {"ours": (ours, False), "ours_capture": (ours, True)}
+        commands = {}
+        for name, continuous in (("peer_cb", True), ("peer_plain", False)):
+            if name == "peer_plain" and not args.run_plain_peer:
+                continue
+            peer_port = free_port()
+            commands[name] = peer_command(args, model, structure, peer_port, continuous)
+            progress(f"starting {' '.join(commands[name][1:])}")
+            peer_url = f"http://127.0.0.1:{peer_port}"
+            servers.enter_context(
+                running_server(commands[name], peer_url, "/health", log_dir / f"{name}.log")
+            )
+            # Pinned to its FORCE_MODEL, it answers only requests naming exactly that string.
+            variants[name] = (Server(name, peer_url, model), False)
+        loops, ttft = side_by_side(variants, args)
+    return structure, model, hol, loops, ttft, commands
+
+
 # -- the report --------------------------------------------------------------------
 
 
-def report(args, structure: dict, model: str, hol: dict, loops: dict, commands: dict) -> dict:
-    ratios = {
-        "short_behind_long_worst": hol["worst_ratio"],
-        "ours_over_peer": loops["ours"]["tokens_per_s"] / loops["peer_cb"]["tokens_per_s"],
-        "capture_over_plain": loops["ours_capture"]["tokens_per_s"] / loops["ours"]["tokens_per_s"],
+def report(args, structure: dict, model: str, hol: dict, loops: dict, ttft: dict, commands: dict) -> dict:
+    by_round = {
+        "ours_over_peer": round_ratio(loops, "ours", "peer_cb"),
+        "capture_over_plain": round_ratio(loops, "ours_capture", "ours"),
     }
     if "peer_plain" in loops:
-        ratios["ours_over_plain_peer"] = loops["ours"]["tokens_per_s"] / loops["peer_plain"]["tokens_per_s"]
+        by_round["ours_over_plain_peer"] = round_ratio(loops, "ours", "peer_plain")
+    ratios = {"short_behind_long_worst": hol["worst_ratio"]} | {k: v["median"] for k, v in by_round.items()}
+    ratios["ttft_ours_over_peer"] = ttft["ours"]["median"] / ttft["peer_cb"]["median"]
     return {
         "machine": {
             "platform": platform.platform(),
@@ -351,15 +443,23 @@ def report(args, structure: dict, model: str, hol: dict, loops: dict, commands: 
             key: getattr(args, key)
             for key in ("short_tokens", "long_tokens", "delay", "solo_repeats", "hol_repeats", "clients")
         }
-        | {"requests_per_client": args.requests, "max_tokens": args.max_tokens},
+        | {
+            "requests_per_client": args.requests,
+            "rounds": args.rounds,
+            "max_tokens": args.max_tokens,
+            "ttft_repeats": args.ttft_repeats,
+        },
         "head_of_line": hol,
         "closed_loop": loops,
+        "time_to_first_token": ttft,
         "ratios": ratios,
+        "ratios_by_round": {k: v["by_round"] for k, v in by_round.items()},
         "targets": TARGETS,
         "meets_targets": {
             "short_behind_long": ratios["short_behind_long_worst"] <= TARGETS["short_behind_long_at_most"],
             "ours_over_peer": ratios["ours_over_peer"] >= TARGETS["ours_over_peer_at_least"],
             "capture_over_plain": ratios["capture_over_plain"] >= TARGETS["capture_over_plain_at_least"],
+            "ttft": ratios["ttft_ours_over_peer"] <= TARGETS["ttft_over_peer_at_most"],
         },
     }
 
@@ -384,10 +484,10 @@ def print_table(result: dict) -> None:
         )
     print(
         f"\nClosed loop: {sizes['clients']} clients x {sizes['requests_per_client']} requests x "
-        f"{sizes['max_tokens']} tokens\n"
+        f"{sizes['max_tokens']} tokens, {sizes['rounds']} rounds alternating the servers\n"
     )
-    print("| server | tokens/s | latency p50 | requests short of max_tokens |")
-    print("| --- | --- | --- | --- |")
+    print("| server | tokens/s | by round | latency p50 | requests short of max_tokens |")
+    print("| --- | --- | --- | --- | --- |")
     names = {
         "ours": "ours",
         "ours_capture": "ours, every layer's resid_post captured",
@@ -395,33 +495,44 @@ def print_table(result: dict) -> None:
         "peer_plain": "transformers serve",
     }
     for key, row in loops.items():
+        rounds = " / ".join(f"{t:.1f}" for t in row["tokens_per_s_by_round"])
         print(
-            f"| {names[key]} | {row['tokens_per_s']:.1f} | {row['latency_p50']:.2f} s "
+            f"| {names[key]} | {row['tokens_per_s']:.1f} | {rounds} | {row['latency_p50']:.2f} s "
             f"| {row['requests_short_of_max_tokens']} |"
         )
-    print(
-        f"\nours / transformers serve --continuous-batching: {ratios['ours_over_peer']:.2f}x "
-        f"(target >= {TARGETS['ours_over_peer_at_least']:g}x)"
+    spread = result["ratios_by_round"]
+
+    def line(label: str, key: str, target: str) -> None:
+        rounds = " / ".join(f"{r:.2f}" for r in spread[key])
+        print(f"{label}: {ratios[key]:.2f}x, median of rounds {rounds} ({target})")
+
+    print()
+    line(
+        "ours / transformers serve --continuous-batching",
+        "ours_over_peer",
+        f"target >= {TARGETS['ours_over_peer_at_least']:g}x",
     )
-    print(
-        f"ours with capture / plain: {ratios['capture_over_plain']:.2f}x "
-        f"(target >= {TARGETS['capture_over_plain_at_least']:g}x)"
+    line(
+        "ours with capture / plain",
+        "capture_over_plain",
+        f"target >= {TARGETS['capture_over_plain_at_least']:g}x",
     )
     if "ours_over_plain_peer" in ratios:
-        print(f"ours / transformers serve (no continuous batching): {ratios['ours_over_plain_peer']:.2f}x")
+        line("ours / transformers serve (no continuous batching)", "ours_over_plain_peer", "no target")
+    ttft = result["time_to_first_token"]
+    print(
+        f"time to first token alone, ours / peer: {ttft['ours']['median'] * 1000:.0f} / "
+        f"{ttft['peer_cb']['median'] * 1000:.0f} ms = {ratios['ttft_ours_over_peer']:.2f}x "
+        f"(target <= {TARGETS['ttft_over_peer_at_most']:g}x)"
+    )
 
 
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_peer_") as tmp:
         log_dir = Path(tmp)  # server logs and captured activations, removed at the end
-        structure, hol, loops = run_ours(args, log_dir)
-        model = peer_model(args, structure)
-        loops["peer_cb"], command = run_peer(args, model, structure, log_dir, continuous=True)
-        commands = {"peer_cb": command}
-        if args.run_plain_peer:
-            loops["peer_plain"], commands["peer_plain"] = run_peer(args, model, structure, log_dir, False)
-    result = report(args, structure, model, hol, loops, commands)
+        structure, model, hol, loops, ttft, commands = run(args, log_dir)
+    result = report(args, structure, model, hol, loops, ttft, commands)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
