@@ -101,7 +101,11 @@ class Settings(BaseSettings):
         8, ge=1, description="Most rows (choices of concurrent requests) decoded together; 1: one at a time."
     )
     batch_window_ms: float = Field(
-        10.0, ge=0, le=10_000, description="How long a batch waits for more requests to join it."
+        0.0,
+        ge=0,
+        le=10_000,
+        description="How long a forming batch waits for more requests (0: it starts at once; "
+        "later requests join it at its next step).",
     )
     max_queue: int = Field(64, ge=1, description="Most requests waiting for the model; past it: 429.")
     request_timeout: float = Field(

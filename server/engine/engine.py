@@ -63,7 +63,7 @@ class Engine:
         max_model_len: int | None = None,
         before: LoadedModel | None = None,
         max_batch_size: int = 8,
-        batch_window_s: float = 0.01,
+        batch_window_s: float = 0.0,
         max_queue: int = 64,
         request_timeout: float | None = None,
         memory_room: int | None = None,

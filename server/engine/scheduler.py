@@ -94,7 +94,7 @@ class Scheduler:
         | None = None,
         *,
         max_batch_size: int = 8,
-        batch_window_s: float = 0.01,
+        batch_window_s: float = 0.0,
         max_queue: int = 64,
         memory_room: int | None = None,
         batch_memory: Callable[[list[GenerationJob]], int] | None = None,
