@@ -10,7 +10,7 @@ ratios measured together mean anything):
 
 1. Speed. For each prompt and repeat, in alternation: raw ``model.generate``
    in this process on the same weights (greedy, exactly N new tokens); the
-   server's generation function (``run_generation``, with its decode monitor)
+   server's one decode loop (``DecodeLoop.run`` on a job alone)
    in this process on the same module; then the same chat prompt through
    ``POST /v1/chat/completions`` on a server started by this script
    (``temperature=0``, ``max_tokens=N``, ``ignore_eos=true``). Reports tokens/s
