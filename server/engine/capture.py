@@ -8,7 +8,7 @@ activation store: anything with ``create(save_dir, format) -> writer``) and what
 request adds to the manifest. The decode loop gives the job's rows to the runtime with
 the plan's reads; the runtime hands each step's values to the job's
 :class:`CaptureRecorder`, which reduces them, moves them to the CPU (one copy per step)
-and appends them to the writer, which holds at most 1 MiB per tensor before it appends to
+and appends them to the writer, which holds at most 256 KiB per tensor before it appends to
 disk: so neither accelerator nor host memory grows with the tokens. The recorder writes
 the manifest (the one place that does) and returns a typed :class:`CaptureResult`.
 

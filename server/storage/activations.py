@@ -83,7 +83,7 @@ class _Appender:
     afterwards: the capture recorder hands over copies).
     """
 
-    FLUSH_BYTES = 1 << 20
+    FLUSH_BYTES = 1 << 18
 
     def __init__(self, directory: Path, name: str) -> None:
         self.path = directory / f".{name}.part"
