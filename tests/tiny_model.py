@@ -29,10 +29,11 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, *, num_layers: int = 2, hidden: int = 64) -> Path:
-    """Write a tokenizer and a random LlamaForCausalLM into ``folder``; return it."""
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on ``CORPUS``, with ChatML special tokens and a chat
+    template (about 400 tokens; seeded by construction, so the same every time)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer = Tokenizer(models.BPE())
@@ -53,7 +54,14 @@ def build_tiny_model(folder: Path, *, num_layers: int = 2, hidden: int = 64) -> 
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHAT_TEMPLATE
+    return fast
 
+
+def build_tiny_model(folder: Path, *, num_layers: int = 2, hidden: int = 64) -> Path:
+    """Write a tokenizer and a random LlamaForCausalLM into ``folder``; return it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=hidden,

@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""GPU check: the 16 GB budget on a real card, with Qwen3-0.6B's shape and random weights.
+
+Run from the repository root on a machine with a CUDA card (no download, no hub)::
+
+    .venv/bin/python scripts/gpu_check.py                          # a few minutes on a modern GPU
+    .venv/bin/python scripts/gpu_check.py --device cpu --dry-run   # tiny sizes: the same code, seconds
+
+What it does, in order:
+
+1. Builds a checkpoint with Qwen3-0.6B's published shape (28 layers, hidden 1024, 16 query and
+   8 key-value heads of 128, vocabulary 151,936, tied embeddings) and random weights, in
+   bfloat16, with a word-level tokenizer that covers the whole vocabulary, and a LoRA adapter
+   on it (random, non-zero) so that LDA can switch it off. Memory depends on shape, not values.
+2. Starts the server on it with ``--memory-budget 16GB`` in a process capped at
+   ``--card-gib`` 16 GiB of GPU memory (``torch.cuda.set_per_process_memory_fraction``), to
+   stand in for a 16 GB card such as an RTX A4000 on a larger one, and runs:
+   (a) the workload that broke the system this server replaces: a generate-mode capture of
+       every layer's ``resid_post`` and ``mlp_out`` (28 x 2), ``max_tokens`` 2048, ``ignore_eos``:
+       it must finish; the peak allocated memory is reported;
+   (b) 8 such requests at once: each must finish or be refused up front (400
+       ``memory_budget_exceeded``, naming what to reduce); none may end out of memory;
+   (c) LDA over 8 prompts x 512 tokens with the adapter off as the before side;
+   (e) tokens per second of one request alone and of 8 clients at once, next to raw HF
+       ``generate`` on the same card and weights, in this process (also capped).
+3. Restarts the server without the budget and (d) sends a request forced past the card
+   (``echo`` with ``logprobs`` over a prompt whose logits alone outgrow it): it must be a 507
+   ``out_of_memory``, the cache freed (allocated memory back near where it was) and the next
+   request a 200. A CPU has no card to outgrow: the dry run reports (d) as skipped.
+
+Prints one JSON summary (and writes it to ``--out``); exits 1 if a check failed.
+``--dry-run`` shrinks everything (2 layers, hidden 64, a 1,000-token vocabulary, a few
+tokens per request) so the tests run it on a CPU and it cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    QWEN3_06B,
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CAPTURE = {"mode": "generate", "layers": "all", "hook_points": ["resid_post", "mlp_out"]}
+TIMEOUT_S = 900
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --dry-run)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes, for a CPU: checks the script runs"
+    )
+    parser.add_argument("--card-gib", type=float, default=16.0, help="GPU memory the server may use (GiB)")
+    parser.add_argument("--budget", default="16GB", help="the server's --memory-budget")
+    parser.add_argument("--max-tokens", type=int, help="for (a) and (b) (default 2048; dry run 12)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "gpu_check.json")
+    parser.add_argument("--serve-capped", type=float, help=argparse.SUPPRESS)  # internal: run the server
+    args, rest = parser.parse_known_args(argv)
+    args.server_args = rest[1:] if rest[:1] == ["--"] else rest
+    if args.device == "cpu" and not args.dry_run:
+        parser.error("--device cpu is for --dry-run only (a CPU has no 16 GB card to stand in for)")
+    if args.max_tokens is None:
+        args.max_tokens = 12 if args.dry_run else 2048
+    return args
+
+
+# -- the checkpoint ------------------------------------------------------------------
+
+
+def build_checkpoint(folder: Path, dry_run: bool, device: str) -> tuple[Path, Path]:
+    """Random weights in the model's shape, a tokenizer covering its vocabulary, a LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+
+    shape = TINY if dry_run else QWEN3_06B
+    vocab = {token: i for i, token in enumerate(SPECIAL)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL), shape["vocab_size"])})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    config = Qwen3Config(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model_dir, adapter_dir = folder / "model", folder / "adapter"
+    model.save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    lora = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_alpha=16))
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); a random B makes "adapter off" differ
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    lora.save_pretrained(adapter_dir)
+    del model, lora
+    return model_dir, adapter_dir
+
+
+def words(count: int, start: int = 10) -> str:
+    return " ".join(f"w{start + i}" for i in range(count))
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+def serve_capped(fraction: float, server_args: list[str]) -> None:
+    """Internal: this process, capped at ``fraction`` of the card, runs the server."""
+    import torch
+
+    if fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    sys.argv = ["server", *server_args]
+    runpy.run_module("server", run_name="__main__")
+
+
+def card_fraction(args) -> float:
+    import torch
+
+    if args.device != "cuda":
+        return 0.0
+    total = torch.cuda.get_device_properties(0).total_memory
+    return min(1.0, args.card_gib * 2**30 / total)
+
+
+def server_command(
+    args, model_dir: Path, adapter_dir: Path, port: int, work: Path, budget: bool
+) -> list[str]:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--serve-capped", str(card_fraction(args)), "--",
+        "--model", str(model_dir), "--adapter", str(adapter_dir), "--device", args.device,
+        "--dtype", "float32" if args.dry_run else "bfloat16", "--port", str(port), "--log-level", "warning",
+        "--activations-dir", str(work / "activations"), "--vectors-dir", str(work / "vectors"),
+        "--max-tokens-cap", str(max(args.max_tokens, 512)), "--max-capture-bytes", "8GB",
+    ]  # fmt: skip
+    if budget:
+        command += ["--memory-budget", args.budget]
+    return command
+
+
+def metric(client, url: str, name: str) -> float | None:
+    """One gauge from /metrics (None when the server does not report it, e.g. on a CPU)."""
+    for line in client.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def chat(client, url: str, text: str, max_tokens: int, **extra):
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0}
+    return client.post(f"{url}/v1/chat/completions", json={**body, **extra})
+
+
+def peak_gib(client, url: str) -> float | None:
+    value = metric(client, url, "nnsight_server_accelerator_memory_peak_allocated_bytes")
+    return None if value is None else round(value / 2**30, 3)
+
+
+# -- the checks ----------------------------------------------------------------------
+
+
+def check_capture(client, url: str, args) -> dict:
+    """(a) the old failing workload, alone."""
+    started = time.perf_counter()
+    response = chat(client, url, words(64), args.max_tokens, ignore_eos=True, capture=CAPTURE)
+    result = {"status": response.status_code, "seconds": round(time.perf_counter() - started, 2)}
+    if response.status_code == 200:
+        data = response.json()
+        result["completion_tokens"] = data["usage"]["completion_tokens"]
+        result["tensors"] = len(data["activations"]["tensors"])
+    else:
+        result["error"] = response.text[:500]
+    result["peak_allocated_gib"] = peak_gib(client, url)
+    result["ok"] = response.status_code == 200 and result["completion_tokens"] == args.max_tokens
+    return result
+
+
+def check_eight_at_once(client, url: str, args) -> dict:
+    """(b) 8 of them at once: each 200, or refused up front; none out of memory."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(
+                lambda i: chat(
+                    client, url, words(64, 10 + i), args.max_tokens, ignore_eos=True, capture=CAPTURE
+                ),
+                range(8),
+            )
+        )
+    codes = [r.status_code for r in responses]
+    refused = [r.json()["error"] for r in responses if r.status_code != 200]
+    return {
+        "statuses": codes,
+        "seconds": round(time.perf_counter() - started, 2),
+        "refusals": [
+            {"code": e.get("code"), "param": e.get("param"), "message": e["message"][:200]} for e in refused
+        ],
+        "peak_allocated_gib": peak_gib(client, url),
+        # each finished, or was refused before it ran; none ran out of memory
+        "ok": all(e.get("code") == "memory_budget_exceeded" for e in refused),
+    }
+
+
+def check_lda(client, url: str, args) -> dict:
+    """(c) LDA, 8 prompts, the adapter off as the before side."""
+    tokens = 8 if args.dry_run else 512
+    body = {
+        "prompt": [words(32, 100 + 40 * i) for i in range(8)],
+        "max_tokens": tokens,
+        "alpha": 1.0,
+        "temperature": 0,
+        "ignore_eos": True,
+        "before": {"adapter": "off"},
+    }
+    started = time.perf_counter()
+    response = client.post(f"{url}/v1/lda", json=body)
+    result = {"status": response.status_code, "seconds": round(time.perf_counter() - started, 2)}
+    if response.status_code != 200:
+        result["error"] = response.text[:500]
+    result["peak_allocated_gib"] = peak_gib(client, url)
+    result["ok"] = response.status_code == 200
+    return result
+
+
+def check_speed(client, url: str, model_dir: Path, args) -> dict:
+    """(e) tokens/s alone and with 8 clients, next to raw HF generate in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokens = 16 if args.dry_run else 256
+    prompt = words(64)
+    started = time.perf_counter()
+    response = chat(client, url, prompt, tokens, ignore_eos=True)
+    alone = response.json()["usage"]["completion_tokens"] / (time.perf_counter() - started)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        done = list(
+            pool.map(lambda i: chat(client, url, words(64, 10 + i), tokens, ignore_eos=True), range(8))
+        )
+    eight = sum(r.json()["usage"]["completion_tokens"] for r in done) / (time.perf_counter() - started)
+
+    fraction = card_fraction(args)
+    if fraction:
+        torch.cuda.set_per_process_memory_fraction(fraction)
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=args.device)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    raw = tokens / (time.perf_counter() - started)
+    del model
+    return {
+        "tokens_per_request": tokens,
+        "server_alone_tokens_per_s": round(alone, 1),
+        "server_8_clients_tokens_per_s": round(eight, 1),
+        "raw_generate_tokens_per_s": round(raw, 1),
+        "server_alone_over_raw": round(alone / raw, 3),
+        "ok": all(r.status_code == 200 for r in [response, *done]),
+    }
+
+
+def check_out_of_memory(client, url: str, args) -> dict:
+    """(d) without the budget: a request past the card is a 507, the cache is freed, the next is 200."""
+    if args.device != "cuda":
+        return {"skipped": "a CPU has no card to outgrow", "ok": True}
+    before = metric(client, url, "nnsight_server_accelerator_memory_allocated_bytes")
+    # echo + logprobs scores every prompt position: prompt x vocab logits, far past 16 GiB.
+    body = {"prompt": words(36000), "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    response = client.post(f"{url}/v1/completions", json=body)
+    after = metric(client, url, "nnsight_server_accelerator_memory_allocated_bytes")
+    error = response.json().get("error", {}) if response.status_code != 200 else {}
+    following = chat(client, url, words(16), 8)
+    return {
+        "status": response.status_code,
+        "code": error.get("code"),
+        "allocated_before_gib": round(before / 2**30, 3),
+        "allocated_after_gib": round(after / 2**30, 3),
+        "next_request_status": following.status_code,
+        "ok": response.status_code == 507
+        and error.get("code") == "out_of_memory"
+        and after <= before + 2**28
+        and following.status_code == 200,
+    }
+
+
+def run(args) -> dict:
+    import httpx
+    import torch
+    from bench_common import free_port, running_server
+
+    summary: dict = {
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "dry_run": args.dry_run,
+        "card_gib": args.card_gib,
+        "budget": args.budget,
+        "max_tokens": args.max_tokens,
+        "versions": {"torch": torch.__version__},
+    }
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        model_dir, adapter_dir = build_checkpoint(work, args.dry_run, args.device)
+        summary["build_seconds"] = round(time.perf_counter() - began, 1)
+        for budget in (True, False):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            command = server_command(args, model_dir, adapter_dir, port, work, budget)
+            with (
+                running_server(command, url, "/health", work / f"server-{budget}.log"),
+                httpx.Client(timeout=TIMEOUT_S) as client,
+            ):
+                if budget:
+                    summary["a_capture_alone"] = check_capture(client, url, args)
+                    summary["b_eight_at_once"] = check_eight_at_once(client, url, args)
+                    summary["c_lda"] = check_lda(client, url, args)
+                    summary["e_speed"] = check_speed(client, url, model_dir, args)
+                else:
+                    summary["d_out_of_memory"] = check_out_of_memory(client, url, args)
+    summary["seconds"] = round(time.perf_counter() - began, 1)
+    summary["ok"] = all(v["ok"] for k, v in summary.items() if isinstance(v, dict) and "ok" in v)
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.serve_capped is not None:
+        serve_capped(args.serve_capped, args.server_args)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    summary = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

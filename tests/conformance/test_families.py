@@ -1,0 +1,399 @@
+"""Architecture conformance: every family in ``families.py``, served by the real engine and
+checked against references that do not go through it.
+
+References: an independent copy of the same checkpoint loaded the plain HF way, read with
+``output_hidden_states`` and plain PyTorch forward hooks, edited with plain forward hooks,
+decoded with HF ``generate`` (``tests/reference.py``) or full forward passes; a batch is
+checked against each of its prompts alone.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from families import FAMILIES, build_family_model
+from reference import hf_generate
+
+from server.engine.capture import CapturePlan, CaptureSpec
+from server.engine.hf_runtime import decode_loop
+from server.engine.hooks import HookResolver, first_tensor
+from server.engine.job import GenerationJob, SamplingParams
+from server.engine.lda import LdaJob
+from server.engine.loading import load_model
+from server.engine.memory import ModelShape, estimate
+from server.engine.structure import find_layers
+from server.storage import ActivationStore
+
+ROOT = Path(__file__).resolve().parents[2]
+ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France?",
+    "Interpretability research studies the internals of neural networks, one layer at a time.",
+]
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def model_dir(family, tmp_path_factory) -> Path:
+    return build_family_model(tmp_path_factory.mktemp(family.name), family)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(str(model_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """An independent copy of the checkpoint, loaded the plain HF way."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def loop(loaded):
+    return decode_loop(loaded)
+
+
+@pytest.fixture(scope="module")
+def resolver(loaded) -> HookResolver:
+    return HookResolver(loaded.hf_model, find_layers(loaded.hf_model))
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded) -> list[list[int]]:
+    """Three prompts of different lengths (all longer than a sliding window of 6)."""
+    return [loaded.tokenizer.encode(text) for text in TEXTS]
+
+
+@pytest.fixture
+def store(tmp_path) -> ActivationStore:
+    return ActivationStore(tmp_path / "activations")
+
+
+def hooked(model, ids: list[int], points) -> dict[str, torch.Tensor]:
+    """Each point's value ``[positions, ...]`` from plain PyTorch hooks on one forward over ``ids``."""
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+    for point in points:
+        module = model.get_submodule(point.module_path)
+        if point.kind == "output":
+
+            def on_output(_module, _args, output, name=point.name):
+                found[name] = first_tensor(output)[0].detach().clone()
+
+            handles.append(module.register_forward_hook(on_output))
+        else:
+
+            def on_input(_module, args, kwargs, name=point.name):
+                value = args[0] if args else next(iter(kwargs.values()))
+                found[name] = first_tensor(value)[0].detach().clone()
+
+            handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def stored(result, name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(result.directory / f"{name}.safetensors")[name]
+
+
+def every_point(resolver):
+    return resolver.resolve(layers="all", hook_points=list(ALIASES), modules=None)
+
+
+# -- hook points ---------------------------------------------------------------------
+
+
+def test_aliases_resolve_to_the_family_modules(family, resolver):
+    points = resolver.resolve(layers=[0], hook_points=list(ALIASES), modules=None)
+    assert {p.hook: f"{p.module_path}.{p.kind}" for p in points} == family.modules
+
+
+def test_the_docs_table_shows_what_the_aliases_resolve_to(family):
+    """docs/hook_points.md has one row per family with the module each alias reads."""
+    text = (ROOT / "docs" / "hook_points.md").read_text()
+    row = next((line for line in text.splitlines() if line.startswith(f"| {family.name} |")), None)
+    assert row is not None, f"docs/hook_points.md has no row for {family.name}"
+    for alias, path in family.modules.items():
+        documented = path.replace(f"{family.layers}.0", f"{family.layers}.{{i}}")
+        assert f"`{documented}`" in row, (alias, documented, row)
+
+
+# -- captures ------------------------------------------------------------------------
+
+
+def test_trace_capture_equals_hidden_states_and_plain_hooks(loop, reference, resolver, prompts, store):
+    points = every_point(resolver)
+    ids = prompts[2]
+    spec = CaptureSpec(CapturePlan(points=tuple(points), mode="trace"), store, "conformance")
+    (result,) = loop.run([GenerationJob(ids, SamplingParams(max_tokens=1, temperature=0), capture=spec)])
+    capture = result.capture
+    expected = hooked(reference, ids, points)
+    for point in points:
+        torch.testing.assert_close(stored(capture, point.name), expected[point.name], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        hidden = reference(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    layers = resolver.layout.count
+    # hidden_states[0] is what layer 0 receives; [i + 1] what layer i returns (the last one is
+    # after the final norm in most families, so it is checked by the hooks above only).
+    torch.testing.assert_close(stored(capture, "layers.0.resid_pre"), hidden[0][0], rtol=1e-4, atol=1e-5)
+    for layer in range(layers - 1):
+        torch.testing.assert_close(
+            stored(capture, f"layers.{layer}.resid_post"), hidden[layer + 1][0], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_generate_capture_equals_a_forward_over_prompt_and_completion(
+    loop, reference, resolver, prompts, store
+):
+    points = every_point(resolver)
+    ids = prompts[1]
+    spec = CaptureSpec(CapturePlan(points=tuple(points), mode="generate"), store, "conformance")
+    (result,) = loop.run([GenerationJob(ids, GREEDY, capture=spec)])
+    tokens = ids + result.choices[0].token_ids
+    expected = hooked(reference, tokens, points)
+    for point in points:
+        value = stored(result.capture, point.name)
+        assert value.shape[0] == len(tokens)
+        torch.testing.assert_close(value, expected[point.name], rtol=1e-4, atol=1e-4)
+
+
+def test_the_residual_stream_is_the_sum_the_docs_name(family, loop, resolver, prompts, store):
+    """resid_post = resid_pre + the two blocks' contributions (docs/hook_points.md says which
+    values those are per family: attn_out and mlp_out, or the post-norms' outputs)."""
+    hooks = ["resid_pre", "resid_post", *family.residual_terms]
+    points = resolver.resolve(layers="all", hook_points=hooks, modules=None)
+    spec = CaptureSpec(CapturePlan(points=tuple(points), mode="trace"), store, "conformance")
+    (result,) = loop.run([GenerationJob(prompts[0], SamplingParams(max_tokens=1), capture=spec)])
+    for layer in range(resolver.layout.count):
+        value = {hook: stored(result.capture, f"layers.{layer}.{hook}") for hook in hooks}
+        total = value["resid_pre"] + value[family.residual_terms[0]] + value[family.residual_terms[1]]
+        torch.testing.assert_close(value["resid_post"], total, rtol=1e-4, atol=1e-5)
+
+
+def test_a_router_over_flattened_tokens_is_refused_by_name(tmp_path):
+    """Qwen3-MoE's router (``mlp.gate``) sees the tokens flattened over batch and positions: it
+    is not a ``[batch, pos, ...]`` value, so naming it is a 400 for ``hook_points``, never a
+    wrong tensor. (Not parametrized: only this family has such a module.)"""
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.hooks import HookError
+
+    model = AutoModelForCausalLM.from_pretrained(build_family_model(tmp_path, FAMILIES["qwen3_moe"]))
+    resolver = HookResolver(model, find_layers(model))
+    with pytest.raises(HookError, match="cannot be captured") as refused:
+        resolver.resolve(layers=[0], hook_points=["mlp.gate.output"], modules=None)
+    assert refused.value.param == "hook_points[0]"
+
+
+# -- decoding ------------------------------------------------------------------------
+
+
+def test_greedy_and_seeded_sampling_equal_hf_generate(loaded, loop, prompts):
+    sampled = SamplingParams(max_tokens=6, temperature=0.9, top_p=0.95, seed=11, n=2, ignore_eos=True)
+    for params in (GREEDY, sampled):
+        job = GenerationJob(prompts[0], params)
+        (ours,) = loop.run([job])
+        theirs = hf_generate(loaded, GenerationJob(prompts[0], params))
+        assert [c.token_ids for c in ours.choices] == [c.token_ids for c in theirs.choices]
+
+
+def test_a_batch_of_different_lengths_equals_each_prompt_alone(loop, prompts):
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    together = loop.run([GenerationJob(ids, params) for ids in prompts])
+    for ids, batched in zip(prompts, together, strict=True):
+        (alone,) = loop.run([GenerationJob(ids, params)])
+        assert batched.choices[0].token_ids == alone.choices[0].token_ids
+        for a, b in zip(batched.choices[0].logprobs, alone.choices[0].logprobs, strict=True):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_a_job_joining_a_running_batch_gets_what_it_gets_alone(family, loop, prompts):
+    """Families whose cache can take new rows (no sliding-window layers) merge a newcomer into
+    the running batch; the others finish the batch first. Either way: the same tokens."""
+    late = GenerationJob(prompts[0], GREEDY)
+    offers = []
+
+    def take_more(free: int):
+        offers.append(free)
+        return [late] if len(offers) == 2 else []
+
+    first = GenerationJob(prompts[2], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    outcomes: dict[int, object] = {}
+    loop.run([first], on_done=lambda job, outcome: outcomes.update({id(job): outcome}), take_more=take_more,
+             max_rows=8)  # fmt: skip
+    (alone_late,) = loop.run([GenerationJob(prompts[0], GREEDY)])
+    (alone_first,) = loop.run([GenerationJob(prompts[2], first.params)])
+    assert outcomes[id(first)].choices[0].token_ids == alone_first.choices[0].token_ids
+    if family.sliding_window:  # never offered a place: the newcomer waits for the batch to end
+        assert offers == [] and id(late) not in outcomes
+    else:
+        assert outcomes[id(late)].choices[0].token_ids == alone_late.choices[0].token_ids
+
+
+def test_lda_with_alpha_zero_equals_plain_decoding(loop, prompts):
+    lda = LdaJob(
+        after_prompts=(tuple(prompts[0]), tuple(prompts[1])),
+        before_prompts=(tuple(prompts[2]), tuple(prompts[0])),
+        alpha=0.0,
+        params=GREEDY,
+    )
+    amplified = loop.run(lda.jobs)
+    for ids, result in zip(prompts[:2], amplified, strict=True):
+        (plain,) = loop.run([GenerationJob(ids, GREEDY)])
+        assert result.choices[0].token_ids == plain.choices[0].token_ids
+
+
+# -- interventions -------------------------------------------------------------------
+
+
+def reference_greedy(model, ids: list[int], module_path: str, edit) -> list[int]:
+    """Greedy decoding by full forward passes, ``edit`` applied by a plain forward hook to the
+    first tensor of the module's output at ``positions`` (None: all)."""
+
+    def hook(_module, _args, output):
+        tensor = first_tensor(output)
+        new = tensor.clone()
+        new[0] = edit(new[0])
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        return new
+
+    handle = model.get_submodule(module_path).register_forward_hook(hook)
+    ids, out = list(ids), []
+    try:
+        with torch.no_grad():
+            for _ in range(GREEDY.max_tokens):
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                out.append(token)
+                ids.append(token)
+    finally:
+        handle.remove()
+    return out
+
+
+OPERATIONS = {
+    # name: (alias, Edit fields, the same edit on [positions, d])
+    "add": ("resid_post", {"scale": 4.0}, lambda h, v: h + 4.0 * v),
+    "scale": ("attn_out", {"factor": -2.0}, lambda h, v: h * -2.0),
+    "ablate": ("mlp_out", {}, lambda h, v: torch.zeros_like(h)),
+    "project_out": ("resid_post", {}, lambda h, v: h - (h @ (v / v.norm()))[..., None] * (v / v.norm())),
+    "clamp": (
+        "resid_post",
+        {"value": 8.0},
+        lambda h, v: h + (8.0 - h @ (v / v.norm()))[..., None] * (v / v.norm()),
+    ),
+}
+
+
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_each_operation_equals_a_plain_forward_hook(loaded, loop, reference, resolver, prompts, operation):
+    from interventions import Edit
+
+    alias, fields, edit = OPERATIONS[operation]
+    (point,) = resolver.resolve(layers=[1], hook_points=[alias], modules=None)
+    vector = torch.randn(point.width, generator=torch.Generator().manual_seed(3)) * 3
+    uses_vector = operation in ("add", "project_out", "clamp")
+    job_edit = Edit(point=point, operation=operation, vector=vector if uses_vector else None, **fields)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    (ours,) = loop.run([GenerationJob(prompts[1], params, edits=(job_edit,))])
+    expected = reference_greedy(reference, prompts[1], point.module_path, lambda h: edit(h, vector))
+    assert ours.choices[0].token_ids == expected
+    (plain,) = loop.run([GenerationJob(prompts[1], params)])
+    assert ours.choices[0].logprobs[0].logprob != plain.choices[0].logprobs[0].logprob  # it did something
+
+
+def test_patch_equals_a_plain_forward_hook(loop, reference, resolver, prompts):
+    """``patch`` writes recorded rows at their absolute positions (here: the prompt's first 3)."""
+    from interventions import Edit
+
+    (point,) = resolver.resolve(layers=[1], hook_points=["resid_post"], modules=None)
+    source = torch.randn(3, point.width, generator=torch.Generator().manual_seed(5)) * 3
+    patch = Edit(point=point, operation="patch", source=source, source_positions=(0, 1, 2))
+    (ours,) = loop.run([GenerationJob(prompts[1], GREEDY, edits=(patch,))])
+
+    def write_rows(h):
+        h[:3] = source
+        return h
+
+    assert ours.choices[0].token_ids == reference_greedy(reference, prompts[1], point.module_path, write_rows)
+
+
+# -- memory --------------------------------------------------------------------------
+
+
+def test_the_memory_estimate_covers_the_kv_cache_it_predicts(loaded, reference, prompts):
+    """The estimate's KV-cache term is at or above the cache HF really holds after prompt +
+    max_tokens positions (sliding-window layers hold less than the estimate assumes)."""
+    from transformers import DynamicCache
+
+    ids = prompts[2]
+    max_tokens = 40
+    cache = DynamicCache(config=reference.config)
+    with torch.no_grad():
+        reference(torch.tensor([ids + [ids[-1]] * max_tokens]), past_key_values=cache, use_cache=True)
+    held = sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+    shape = ModelShape.of(loaded.hf_model, find_layers(loaded.hf_model).count)
+    assert estimate(shape, prompt_tokens=len(ids), max_tokens=max_tokens).kv_cache >= held > 0
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+def test_served_over_http_with_capture_and_an_intervention(model_dir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+
+    settings = Settings(
+        model=str(model_dir),
+        max_tokens_cap=16,
+        activations_dir=tmp_path / "activations",
+        vectors_dir=tmp_path / "vectors",
+    )
+    with TestClient(create_app(settings)) as client:
+        body = {
+            "messages": [{"role": "user", "content": "Hello there"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "capture": {"mode": "generate", "layers": "all", "hook_points": list(ALIASES)},
+            "interventions": [{"type": "scale", "layer": 0, "hook_point": "mlp_out", "factor": 0.5}],
+        }
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        tensors = response.json()["activations"]["tensors"]
+        assert len(tensors) == 4 * find_layers_count(client)
+
+
+def find_layers_count(client) -> int:
+    return client.get("/v1/model/structure").json()["num_layers"]
+
+
+def test_every_family_is_in_the_docs_table():
+    text = (ROOT / "docs" / "hook_points.md").read_text()
+    documented = set(re.findall(r"^\| (\w+) \|", text, flags=re.MULTILINE)) - {"family", "alias"}
+    assert set(FAMILIES) <= documented
