@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
+# Qwen3-0.6B as published (config.json of Qwen/Qwen3-0.6B).
 QWEN3_06B = dict(
     vocab_size=151936,
     hidden_size=1024,

@@ -28,24 +28,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from gpu_check import QWEN3_06B  # noqa: E402  (Qwen3-0.6B's published shape)
 
 from server.engine.capture import CapturePlan  # noqa: E402
 from server.engine.hooks import HookPoint  # noqa: E402
 from server.engine.memory import ModelShape, estimate, format_size, parse_size  # noqa: E402
 
-# Qwen3-0.6B as published (config.json of Qwen/Qwen3-0.6B).
-QWEN3_06B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-)
 MAX_TOKENS = (512, 1024, 2048)
 CAPTURED_LAYERS = (0, 8, None)  # None: every layer
 HOOK_POINTS = 2  # resid_post and mlp_out, each [pos, hidden]

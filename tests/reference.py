@@ -9,6 +9,9 @@ its one decode loop must equal: greedy tokens equal, and seeded samples equal HF
 
 :func:`run_in_loop` runs jobs through the engine's :class:`~server.engine.loop.DecodeLoop`
 synchronously on the calling thread (no scheduler), as one batch.
+
+:func:`hooked_greedy` is the reference for interventions: greedy decoding by full forward
+passes with an edit made by a plain PyTorch forward hook.
 """
 
 from __future__ import annotations
@@ -121,3 +124,30 @@ def hf_generate(loaded, job: GenerationJob) -> GenerationResult:
 def run_in_loop(loaded, jobs: list[GenerationJob], before=None, **kwargs) -> list:
     """Each job's outcome (result or exception) from one run of the engine's decode loop."""
     return decode_loop(loaded, before).run(jobs, **kwargs)
+
+
+def hooked_greedy(
+    model, ids: list[int], module_path: str, edit, steps: int, prompt_only_len: int | None = None
+):
+    """Greedy decoding by full forward passes of an HF model, ``edit`` applied by a plain forward
+    hook to the first tensor of ``module_path``'s output (``[1, pos, ...]``), at every position,
+    or the first ``prompt_only_len`` ones. Returns the ``steps`` generated token ids."""
+
+    def hook(_module, _args, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        new = tensor.clone()
+        limit = prompt_only_len if prompt_only_len is not None else new.shape[1]
+        new[:, :limit] = edit(new[:, :limit])
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = model.get_submodule(module_path).register_forward_hook(hook)
+    ids, out = list(ids), []
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                out.append(token)
+                ids.append(token)
+    finally:
+        handle.remove()
+    return out

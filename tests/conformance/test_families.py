@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from families import FAMILIES, build_family_model
-from reference import hf_generate
+from reference import hf_generate, hooked_greedy
 
 from server.engine.capture import CapturePlan, CaptureSpec
 from server.engine.hf_runtime import decode_loop
@@ -266,28 +266,7 @@ def test_lda_with_alpha_zero_equals_plain_decoding(loop, prompts):
 
 
 def reference_greedy(model, ids: list[int], module_path: str, edit) -> list[int]:
-    """Greedy decoding by full forward passes, ``edit`` applied by a plain forward hook to the
-    first tensor of the module's output at ``positions`` (None: all)."""
-
-    def hook(_module, _args, output):
-        tensor = first_tensor(output)
-        new = tensor.clone()
-        new[0] = edit(new[0])
-        if isinstance(output, tuple):
-            return (new, *output[1:])
-        return new
-
-    handle = model.get_submodule(module_path).register_forward_hook(hook)
-    ids, out = list(ids), []
-    try:
-        with torch.no_grad():
-            for _ in range(GREEDY.max_tokens):
-                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-                out.append(token)
-                ids.append(token)
-    finally:
-        handle.remove()
-    return out
+    return hooked_greedy(model, ids, module_path, edit, GREEDY.max_tokens)
 
 
 OPERATIONS = {
@@ -330,8 +309,8 @@ def test_patch_equals_a_plain_forward_hook(loop, reference, resolver, prompts):
     patch = Edit(point=point, operation="patch", source=source, source_positions=(0, 1, 2))
     (ours,) = loop.run([GenerationJob(prompts[1], GREEDY, edits=(patch,))])
 
-    def write_rows(h):
-        h[:3] = source
+    def write_rows(h):  # [1, positions, d]
+        h[0, :3] = source
         return h
 
     assert ours.choices[0].token_ids == reference_greedy(reference, prompts[1], point.module_path, write_rows)

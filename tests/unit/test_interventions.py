@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import hooked_greedy
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 STEPS = 8
@@ -14,37 +15,11 @@ def prompt_ids(tokenizer) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def first(value):
-    return value[0] if isinstance(value, tuple) else value
-
-
-def replace_first(value, new):
-    return (new, *value[1:]) if isinstance(value, tuple) else new
-
-
 def reference_greedy(
     model, ids: list[int], module_path: str, edit, prompt_only_len: int | None = None
 ) -> list[int]:
     """Greedy decoding by full forward passes, with ``edit`` applied by a plain forward hook."""
-
-    def hook(_module, _args, output):
-        h = first(output).clone()
-        limit = prompt_only_len if prompt_only_len is not None else h.shape[1]
-        h[:, :limit] = edit(h[:, :limit])
-        return replace_first(output, h)
-
-    handle = model.get_submodule(module_path).register_forward_hook(hook)
-    ids = list(ids)
-    out = []
-    try:
-        with torch.no_grad():
-            for _ in range(STEPS):
-                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-                out.append(token)
-                ids.append(token)
-    finally:
-        handle.remove()
-    return out
+    return hooked_greedy(model, ids, module_path, edit, STEPS, prompt_only_len)
 
 
 def served(client, interventions, **extra) -> dict:
