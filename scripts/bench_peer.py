@@ -5,8 +5,9 @@ Run from the repository root (after ``bash scripts/install.sh --dev``)::
 
     .venv/bin/python scripts/bench_peer.py      # embedded model, CPU; a few minutes on 2 cores
 
-Both parts run on the same weights, the same machine and in one run; only one server runs at
-a time (each is started, waited for, measured and stopped before the next one starts).
+Both parts run on the same weights, the same machine and in one run; only one server is driven
+at a time (part 1 runs with ours alone; in part 2 the servers are up side by side, idle when
+not driven).
 
 1. Head-of-line blocking. On our server (``python -m server``): a short chat request
    (``--short-tokens`` 8, greedy, ``ignore_eos``) alone, a few times: its solo time. Then a

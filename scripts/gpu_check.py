@@ -24,7 +24,7 @@ What it does, in order:
    (e) tokens per second of one request alone and of 8 clients at once, next to raw HF
        ``generate`` on the same card and weights, in this process (also capped).
 3. Restarts the server without the budget and (d) sends a request forced past the card
-   (``echo`` with ``logprobs`` over a prompt whose logits alone outgrow it): it must be a 507
+   (16 choices of a 12,000-token prompt: their KV cache alone is 20 GiB): it must be a 507
    ``out_of_memory``, the cache freed (allocated memory back near where it was) and the next
    request a 200. A CPU has no card to outgrow: the dry run reports (d) as skipped.
 
@@ -185,6 +185,8 @@ def server_command(
     ]  # fmt: skip
     if budget:
         command += ["--memory-budget", args.budget]
+    else:
+        command += ["--max-n", "16"]
     return command
 
 
@@ -323,11 +325,14 @@ def check_out_of_memory(client, url: str, args) -> dict:
     if args.device != "cuda":
         return {"skipped": "a CPU has no card to outgrow", "ok": True}
     before = metric(client, url, "nnsight_server_accelerator_memory_allocated_bytes")
-    # echo + logprobs scores every prompt position: prompt x vocab logits, far past 16 GiB.
-    body = {"prompt": words(36000), "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
-    response = client.post(f"{url}/v1/completions", json=body)
+    # 16 choices of a 12,000-token prompt: their KV cache alone is 16 x 12,000 x 112 KiB = 20 GiB.
+    response = chat(client, url, words(12000), 1, n=16)
     after = metric(client, url, "nnsight_server_accelerator_memory_allocated_bytes")
-    error = response.json().get("error", {}) if response.status_code != 200 else {}
+    error = (
+        response.json().get("error", {})
+        if response.headers.get("content-type", "").startswith("application/json")
+        else {}
+    )
     following = chat(client, url, words(16), 8)
     return {
         "status": response.status_code,

@@ -100,12 +100,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         8, ge=1, description="Most rows (choices of concurrent requests) decoded together; 1: one at a time."
     )
-    batch_window_ms: float = Field(
-        0.0,
+    batch_window_ms: float | None = Field(
+        None,
         ge=0,
         le=10_000,
-        description="How long a forming batch waits for more requests (0: it starts at once; "
-        "later requests join it at its next step).",
+        description="How long a forming batch waits for more requests. Default: 0 where later "
+        "requests join a running batch at its next step; 10 for models whose cache cannot take "
+        "new rows (sliding-window layers), so that requests sent together still share a batch.",
     )
     max_queue: int = Field(64, ge=1, description="Most requests waiting for the model; past it: 429.")
     request_timeout: float = Field(

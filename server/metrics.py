@@ -199,7 +199,10 @@ def _cuda_memory(device: torch.device) -> Iterator:
     readings = {
         "allocated": ("Bytes of tensors allocated now.", torch.cuda.memory_allocated(device)),
         "reserved": ("Bytes the caching allocator holds.", torch.cuda.memory_reserved(device)),
-        "peak_allocated": ("Most bytes allocated since start.", torch.cuda.max_memory_allocated(device)),
+        "peak_allocated": (
+            "Most bytes allocated since the latest generation batch began (or since start).",
+            torch.cuda.max_memory_allocated(device),
+        ),
     }
     for what, (documentation, value) in readings.items():
         family = GaugeMetricFamily(

@@ -117,7 +117,7 @@ def reduce_values(values: list, plan: CapturePlan, positions: slice) -> list[tor
         groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(i)
     stored: list[torch.Tensor | None] = [None] * len(tensors)
     for (shape, dtype, device), indexes in groups.items():
-        joined = torch.cat([tensors[i] for i in indexes])[:, positions]  # [k, pos', ...], a new tensor
+        joined = torch.cat([tensors[i][:, positions] for i in indexes])  # [k, pos', ...], a new tensor
         units = plan.unit_indices(shape[-1]) if len(shape) > 2 else None
         if units is not None:
             joined = joined.index_select(-1, units.to(device))

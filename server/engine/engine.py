@@ -46,6 +46,10 @@ from .vocab import Vocabulary, build_vocabulary
 
 logger = logging.getLogger(__name__)
 
+# The default batch window for a model whose cache cannot take new rows (no request joins a
+# running batch): requests sent together wait this long for each other, then share a batch.
+NO_JOIN_BATCH_WINDOW_S = 0.01
+
 T = TypeVar("T")
 
 
@@ -123,7 +127,7 @@ class Engine:
         numpy (``docs/architecture.md``)."""
         scheduler = Scheduler(
             max_batch_size=settings.max_batch_size,
-            batch_window_s=settings.batch_window_ms / 1000,
+            batch_window_s=(settings.batch_window_ms or 0) / 1000,
             max_queue=settings.max_queue,
         )
         try:
@@ -161,6 +165,8 @@ class Engine:
         )
         if settings.memory_budget is not None:  # what a batch's jobs may add together
             engine.scheduler.memory_room = max(0, settings.memory_budget - engine.resident_weight_bytes)
+        if settings.batch_window_ms is None and not engine.runtime.joins_running_batches:
+            engine.scheduler.batch_window_s = NO_JOIN_BATCH_WINDOW_S
         return engine
 
     @property

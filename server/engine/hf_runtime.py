@@ -55,6 +55,12 @@ class HFRuntime:
             raise ValueError(f"unknown weights {weights!r}")
         return self.served.wrapper
 
+    @property
+    def joins_running_batches(self) -> bool:
+        """Whether rows can join a running batch: the model's cache is plain growing layers (a
+        sliding-window layer keeps only its window and cannot be aligned with newcomers)."""
+        return _growing_only(DynamicCache(config=self.served.hf_model.config))
+
     def place(self, edits: tuple) -> tuple:
         """The edits' vectors and patch sources on the served model's device and dtype."""
         return placed(edits, self.served.hf_model)
@@ -173,7 +179,7 @@ class HFBatch:
     @property
     def can_merge(self) -> bool:
         """Whether other rows can join this batch: every cache layer a plain growing one."""
-        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+        return _growing_only(self.cache)
 
     def merge(self, other: HFBatch) -> None:
         """Take ``other``'s rows (after this batch's), both having just had ``append`` called.
@@ -210,6 +216,11 @@ class HFBatch:
         if self.adapter_enabled:
             return contextlib.nullcontext()
         return adapter_disabled(self.model)
+
+
+def _growing_only(cache: DynamicCache) -> bool:
+    """Every layer of ``cache`` a plain growing one (rows can be merged in)."""
+    return all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
 
 
 def _left_pad(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:

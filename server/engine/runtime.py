@@ -90,6 +90,7 @@ class Runtime(Protocol):
     """Loads nothing itself once built; runs forward steps for the loop on the worker thread."""
 
     device: torch.device
+    joins_running_batches: bool  # whether new rows can merge into a running batch (merge)
 
     def start(self, weights: str, groups: list[RowGroup]) -> RuntimeBatch: ...
 

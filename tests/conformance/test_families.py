@@ -342,7 +342,7 @@ def test_the_memory_estimate_covers_the_kv_cache_it_predicts(loaded, reference, 
 # -- the server ----------------------------------------------------------------------
 
 
-def test_served_over_http_with_capture_and_an_intervention(model_dir, tmp_path):
+def test_served_over_http_with_capture_and_an_intervention(family, model_dir, tmp_path):
     from fastapi.testclient import TestClient
 
     from server.app import create_app
@@ -366,6 +366,8 @@ def test_served_over_http_with_capture_and_an_intervention(model_dir, tmp_path):
         assert response.status_code == 200, response.text
         tensors = response.json()["activations"]["tensors"]
         assert len(tensors) == 4 * find_layers_count(client)
+        # requests join a running batch, else (sliding windows) they wait 10 ms for each other
+        assert client.app.state.engine.scheduler.batch_window_s == (0.01 if family.sliding_window else 0)
 
 
 def find_layers_count(client) -> int:

@@ -397,6 +397,37 @@ def test_generate_capture_that_fails_midway_leaves_nothing(client, activations_d
     generate_capture(client, {"layers": [0], "hook_points": ["resid_post"]})  # the next request works
 
 
+def test_a_capture_whose_disk_fills_mid_flush_leaves_nothing(client, activations_dir, monkeypatch):
+    """Every step goes to the hidden file at once (FLUSH_BYTES 1), and the third write fails:
+    the half-written raw files and the capture's folder are gone, and the next request works."""
+    from server.storage import activations as storage
+
+    real_flush = storage._Appender.flush
+    calls = []
+
+    def full_disk_on_write_three(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_flush(self)
+
+    monkeypatch.setattr(storage._Appender, "FLUSH_BYTES", 1)
+    monkeypatch.setattr(storage._Appender, "flush", full_disk_on_write_three)
+    before = set(activations_dir.rglob("*"))
+    body = {
+        "messages": HELLO,
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 507, response.text
+    assert len(calls) >= 3  # the raw file was really being written when the disk filled
+    assert set(activations_dir.rglob("*")) == before
+    monkeypatch.setattr(storage._Appender, "flush", real_flush)
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
 @pytest.mark.parametrize("flush_bytes", [None, 1])
 def test_generate_capture_equals_a_trace_capture_of_the_same_tokens(client, monkeypatch, flush_bytes):
     """Through the API alone: a generate-mode capture, then a trace over prompt + completion.
