@@ -10,8 +10,9 @@ its one decode loop must equal: greedy tokens equal, and seeded samples equal HF
 :func:`run_in_loop` runs jobs through the engine's :class:`~server.engine.loop.DecodeLoop`
 synchronously on the calling thread (no scheduler), as one batch.
 
-:func:`hooked_greedy` is the reference for interventions: greedy decoding by full forward
-passes with an edit made by a plain PyTorch forward hook.
+:func:`hooked_values` reads modules' inputs and outputs with plain PyTorch hooks (the
+reference for captures); :func:`hooked_greedy` is the reference for interventions: greedy
+decoding by full forward passes with an edit made by a plain PyTorch forward hook.
 """
 
 from __future__ import annotations
@@ -151,3 +152,36 @@ def hooked_greedy(
     finally:
         handle.remove()
     return out
+
+
+def hooked_values(model, ids: list[int], paths) -> dict[tuple[str, str], torch.Tensor]:
+    """One forward over ``ids`` with plain PyTorch hooks: (module path, 'input'|'output') ->
+    the value's first tensor ``[pos, ...]`` (batch row 0) at the module's first call. An input
+    is the first positional argument, else the first keyword one (what nnsight's ``.input`` is)."""
+    values, handles = {}, []
+
+    def keep(key, value) -> None:  # hooks must return None, or they replace the module's values
+        while isinstance(value, (tuple, list)):
+            value = value[0]
+        values.setdefault(key, value[0].detach().clone())
+
+    for path, kind in paths:
+        module = model.get_submodule(path)
+        if kind == "input":
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, kwargs, key=(path, kind): keep(
+                        key, args[0] if args else next(iter(kwargs.values()))
+                    ),
+                    with_kwargs=True,
+                )
+            )
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, key=(path, kind): keep(key, out)))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return values

@@ -9,17 +9,16 @@ checked against each of its prompts alone.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from families import FAMILIES, build_family_model
-from reference import hf_generate, hooked_greedy
+from reference import hf_generate, hooked_greedy, hooked_values
 
 from server.engine.capture import CapturePlan, CaptureSpec
 from server.engine.hf_runtime import decode_loop
-from server.engine.hooks import HookResolver, first_tensor
+from server.engine.hooks import HookResolver
 from server.engine.job import GenerationJob, SamplingParams
 from server.engine.lda import LdaJob
 from server.engine.loading import load_model
@@ -83,30 +82,8 @@ def store(tmp_path) -> ActivationStore:
 
 def hooked(model, ids: list[int], points) -> dict[str, torch.Tensor]:
     """Each point's value ``[positions, ...]`` from plain PyTorch hooks on one forward over ``ids``."""
-    found: dict[str, torch.Tensor] = {}
-    handles = []
-    for point in points:
-        module = model.get_submodule(point.module_path)
-        if point.kind == "output":
-
-            def on_output(_module, _args, output, name=point.name):
-                found[name] = first_tensor(output)[0].detach().clone()
-
-            handles.append(module.register_forward_hook(on_output))
-        else:
-
-            def on_input(_module, args, kwargs, name=point.name):
-                value = args[0] if args else next(iter(kwargs.values()))
-                found[name] = first_tensor(value)[0].detach().clone()
-
-            handles.append(module.register_forward_pre_hook(on_input, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
+    values = hooked_values(model, ids, [(p.module_path, p.kind) for p in points])
+    return {p.name: values[(p.module_path, p.kind)] for p in points}
 
 
 def stored(result, name: str) -> torch.Tensor:
@@ -342,7 +319,7 @@ def test_the_memory_estimate_covers_the_kv_cache_it_predicts(loaded, reference, 
 # -- the server ----------------------------------------------------------------------
 
 
-def test_served_over_http_with_capture_and_an_intervention(family, model_dir, tmp_path):
+def test_served_over_http_with_capture_and_an_intervention(family, model_dir, resolver, tmp_path):
     from fastapi.testclient import TestClient
 
     from server.app import create_app
@@ -365,16 +342,6 @@ def test_served_over_http_with_capture_and_an_intervention(family, model_dir, tm
         response = client.post("/v1/chat/completions", json=body)
         assert response.status_code == 200, response.text
         tensors = response.json()["activations"]["tensors"]
-        assert len(tensors) == 4 * find_layers_count(client)
+        assert len(tensors) == len(ALIASES) * resolver.layout.count
         # requests join a running batch, else (sliding windows) they wait 10 ms for each other
         assert client.app.state.engine.scheduler.batch_window_s == (0.01 if family.sliding_window else 0)
-
-
-def find_layers_count(client) -> int:
-    return client.get("/v1/model/structure").json()["num_layers"]
-
-
-def test_every_family_is_in_the_docs_table():
-    text = (ROOT / "docs" / "hook_points.md").read_text()
-    documented = set(re.findall(r"^\| (\w+) \|", text, flags=re.MULTILINE)) - {"family", "alias"}
-    assert set(FAMILIES) <= documented

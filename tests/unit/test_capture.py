@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import hooked_values as hooked
 from safetensors.torch import load
 
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -30,31 +31,6 @@ def tensor(client, activation_id: str, name: str) -> torch.Tensor:
     response = client.get(f"/v1/activations/{activation_id}/{name}")
     assert response.status_code == 200, response.text
     return load(response.content)[name]
-
-
-def hooked(model, ids: list[int], paths: list[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
-    """Reference values from plain PyTorch hooks: (module path, 'input'|'output') -> [pos, ...]."""
-    values, handles = {}, []
-
-    def keep(key, value) -> None:  # hooks must return None, or they replace the module's values
-        value = value[0] if isinstance(value, tuple) else value
-        values.setdefault(key, value[0].clone())
-
-    for path, kind in paths:
-        module = model.get_submodule(path)
-        if kind == "input":
-            handles.append(
-                module.register_forward_pre_hook(lambda _m, args, key=(path, kind): keep(key, args))
-            )
-        else:
-            handles.append(module.register_forward_hook(lambda _m, _a, out, key=(path, kind): keep(key, out)))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return values
 
 
 def test_resid_post_equals_hf_hidden_states(client, tiny_tokenizer, reference_model):
