@@ -83,8 +83,9 @@ def placed(edits, model: torch.nn.Module) -> tuple[Edit, ...]:
     """The edits with their vectors and patch sources on the model's device and dtype.
 
     Called once per job on the engine's worker (the serving layer leaves them float32 on the
-    CPU: no other thread may do large tensor work, see docs/architecture.md)."""
-    parameter = next(model.parameters())
+    CPU: no other thread may do large tensor work, see docs/architecture.md). The dtype is the
+    model's compute dtype: its first floating-point parameter (quantized weights are integers)."""
+    parameter = next(p for p in model.parameters() if p.is_floating_point())
 
     def move(tensor):
         return None if tensor is None else tensor.to(parameter.device, parameter.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -39,10 +40,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     for name, field in fields.items():
         flag = "--" + name.replace("_", "-")
         kwargs: dict = {"dest": name, "default": None, "help": field.description}
-        if name == "dtype":
-            kwargs["choices"] = ["auto", "float32", "float16", "bfloat16"]
-        elif name == "log_level":
-            kwargs["choices"] = ["debug", "info", "warning", "error"]
+        choices = _literal_choices(field.annotation)
+        if choices:
+            kwargs["choices"] = choices
         parser.add_argument(flag, **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
@@ -50,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     except ValidationError as exc:
         parser.error("; ".join(_flag_error(error) for error in exc.errors()))
         raise  # unreachable: parser.error exits
+
+
+def _literal_choices(annotation) -> list[str] | None:
+    """The values of a ``Literal[...]`` setting (or of ``Literal[...] | None``), else None."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    literals = [arg for arg in get_args(annotation) if get_origin(arg) is Literal]
+    return list(get_args(literals[0])) if literals else None
 
 
 def _flag_error(error: dict) -> str:
@@ -64,12 +72,18 @@ def _flag_error(error: dict) -> str:
 def preflight(settings: Settings, *, check_port: bool = True) -> None:
     """The checks that need no model: the port is free, ``--model`` and ``--lda-before`` name
     something that exists, ``--adapter`` is a PEFT folder the installed peft and transformers
-    can switch off.
+    can switch off, ``--quantization`` has bitsandbytes installed for ``--device``.
 
     Raises:
         StartupRefused: with the reason.
     """
-    from .engine.loading import ModelLoadError, check_adapter_support, check_model_source
+    from .engine.loading import (
+        ModelLoadError,
+        check_adapter_support,
+        check_model_source,
+        check_quantization_support,
+        resolve_device,
+    )
 
     if check_port and not port_free(settings.host, settings.port):
         raise StartupRefused(port_in_use(settings.host, settings.port))
@@ -79,6 +93,7 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
             check_model_source(settings.lda_before, "--lda-before")
         if settings.adapter is not None:
             check_adapter_support(settings.adapter)
+        check_quantization_support(settings.quantization, resolve_device(settings.device))
     except ModelLoadError as exc:
         raise StartupRefused(str(exc)) from None
 

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA where supported, else float16."
     )
+    quantization: Literal["bnb-8bit", "bnb-4bit"] | None = Field(
+        None,
+        description="Quantize the weights as they load (bitsandbytes): bnb-4bit (NF4) fits an 8B model "
+        "on a 16 GB card. Activations, captures and edits stay in --dtype.",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda|cuda:N")
     host: str = Field(
         "127.0.0.1",

@@ -7,7 +7,8 @@ by ``+``), so a line logged anywhere about a request names it::
 
     2026-11-30 10:00:00,123 INFO server.access [req-3f9c...] POST /v1/chat/completions 200 ...
 
-Lines about no request (start-up, shutdown) show ``[-]``.
+Lines about no request (start-up, shutdown) show ``[-]``. Libraries that log the same line on
+every forward pass (:data:`ONCE_ONLY_LOGGERS`) have each distinct line shown once.
 """
 
 from __future__ import annotations
@@ -21,11 +22,34 @@ request_id: ContextVar[str] = ContextVar("nnsight_server_request_id", default="-
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
+# Libraries that log the same line on every forward pass: each distinct line is shown once.
+# bitsandbytes' LLM.int8() matmul (``--quantization bnb-8bit``) says for every layer and step
+# that it casts bfloat16/float32 inputs to float16.
+ONCE_ONLY_LOGGERS = ("bitsandbytes.autograd._functions",)
+
+
 class RequestIdFilter(logging.Filter):
     """Adds ``record.request_id`` (the current request's id, or ``-``) to every record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        return True
+
+
+class OncePerMessageFilter(logging.Filter):
+    """Lets each distinct message through once (at most ``limit`` distinct ones are kept)."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        super().__init__()
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        if len(self._seen) < self.limit:
+            self._seen.add(message)
         return True
 
 
@@ -35,3 +59,7 @@ def configure_logging(level: str) -> None:
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in ONCE_ONLY_LOGGERS:
+        noisy = logging.getLogger(name)
+        if not any(isinstance(f, OncePerMessageFilter) for f in noisy.filters):
+            noisy.addFilter(OncePerMessageFilter())

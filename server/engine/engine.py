@@ -107,6 +107,7 @@ class Engine:
                 "model": self.model_id,
                 "dtype": str(loaded.dtype).removeprefix("torch."),
                 "adapter": loaded.adapter,
+                "quantization": loaded.quantization,
             },
             logits_module=self.hooks.logits_module,
         )
@@ -145,6 +146,7 @@ class Engine:
             served_model_name=settings.served_model_name,
             cache_dir=settings.cache_dir,
             adapter=settings.adapter,
+            quantization=settings.quantization,
         )
         before = None
         if settings.lda_before:
@@ -153,6 +155,7 @@ class Engine:
                 dtype=str(loaded.dtype).removeprefix("torch."),
                 device=str(loaded.device),
                 cache_dir=settings.cache_dir,
+                quantization=settings.quantization,
                 flag="--lda-before",
             )
             check_same_vocabulary(loaded, before)
@@ -373,12 +376,13 @@ class Engine:
             "source": self.loaded.source,
             "architecture": type(model).__name__,
             "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "quantization": self.loaded.quantization,
             "device": str(self.loaded.device),
             "num_layers": layout.count,
             "hidden_size": self.shape.hidden,
             "vocab_size": config.vocab_size,
             "context_length": self.context_length,
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_parameters": model.num_parameters(),  # HF counts a packed 4-bit weight's values
             "parameter_bytes": self.shape.weight_bytes,
             "layers_path": layout.path,
             "hook_points": {

@@ -11,6 +11,9 @@ This module owns everything between a ``--model`` string and a ready
   place, so an interrupted conversion never leaves a half-written model;
 * dtype and device resolution (``auto`` means float32 on CPU, bfloat16 on CUDA
   where supported, else float16);
+* optional quantized weights (``--quantization bnb-8bit|bnb-4bit``: bitsandbytes through
+  transformers, the settings ``transformers serve`` uses); activations, captures and edits
+  stay in the compute dtype;
 * an optional PEFT (LoRA) adapter injected into the served weights
   (``--adapter``): requests run with it on; LDA's "adapter off" side switches it
   off on the same weights;
@@ -47,6 +50,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = frozenset({"", "embedded", EMBEDDED_MODEL_NAME, f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"})
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit")
 
 
 class ModelLoadError(RuntimeError):
@@ -67,6 +71,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]  # any of these ends a choice (unless ignore_eos)
     checkpoint_generation_config: dict  # what the checkpoint suggested; reported, not applied
     adapter: str | None = None  # folder of the PEFT adapter injected into the weights, if any
+    quantization: str | None = None  # one of QUANTIZATIONS, or None for weights in ``dtype``
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -258,6 +263,47 @@ def check_adapter_support(adapter: Path) -> None:
         )
 
 
+def check_quantization_support(quantization: str | None, device: torch.device) -> None:
+    """Fail fast where ``--quantization`` cannot work: an unknown method, bitsandbytes not
+    installed, or a device bitsandbytes has no kernels for (it has them for CUDA and CPU).
+
+    Raises:
+        ModelLoadError: naming the flag and what to do.
+    """
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
+    if device.type not in ("cuda", "cpu"):
+        raise ModelLoadError(f"--quantization {quantization}: bitsandbytes has no kernels for {device}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"--quantization {quantization} needs the bitsandbytes package: run `bash scripts/install.sh` "
+            "(it installs the locked version where a wheel exists: Linux x86-64, Windows, macOS arm64), "
+            "or `pip install bitsandbytes` into the server's environment"
+        )
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """The ``transformers.BitsAndBytesConfig`` for ``--quantization``.
+
+    ``bnb-4bit``: NF4 with double quantization (Dettmers et al. 2023, "QLoRA"), the settings
+    ``transformers serve --quantization bnb-4bit`` uses, computing in ``compute_dtype``;
+    ``bnb-8bit``: LLM.int8() (Dettmers et al. 2022), whose matmuls run in float16 and return
+    ``compute_dtype``. Output embeddings and tied weights stay unquantized (transformers' rule).
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "bnb-4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_model(
     model: str = "embedded",
     *,
@@ -266,13 +312,16 @@ def load_model(
     served_model_name: str | None = None,
     cache_dir: Path | None = None,
     adapter: Path | None = None,
+    quantization: str | None = None,
     flag: str = "--model",
 ) -> LoadedModel:
-    """Load the weights once (with ``adapter`` injected, if given), wrap them in nnsight, and
-    return the wrapper with its metadata. ``flag`` names the setting in error messages.
+    """Load the weights once (quantized by ``quantization``, one of :data:`QUANTIZATIONS`, and
+    with ``adapter`` injected, if given), wrap them in nnsight, and return the wrapper with its
+    metadata. ``flag`` names the setting in error messages.
 
     Raises:
-        ModelLoadError: the model or the adapter cannot be found, converted or loaded.
+        ModelLoadError: the model, the adapter or the quantization cannot be found, converted or
+            loaded.
     """
     from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -280,16 +329,31 @@ def load_model(
     started = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    check_quantization_support(quantization, torch_device)
     source, model_id = resolve_source(model, cache_dir, flag)
-    logger.info("loading %s from %s (dtype=%s, device=%s)", model_id, source, torch_dtype, torch_device)
+    logger.info(
+        "loading %s from %s (dtype=%s, device=%s%s)",
+        model_id,
+        source,
+        torch_dtype,
+        torch_device,
+        f", quantization={quantization}" if quantization else "",
+    )
+    options: dict = {"dtype": torch_dtype}
+    if torch_device.type == "cuda" or quantization:
+        # Weights go straight to the device (no full copy in host memory first); bitsandbytes
+        # quantizes each weight as it is placed, so a quantized load always names the device.
+        options["device_map"] = str(torch_device)
+    if quantization:
+        options["quantization_config"] = quantization_config(quantization, torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        # On CUDA, weights go straight to the device (no full copy in host memory first).
-        placement = {"device_map": str(torch_device)} if torch_device.type == "cuda" else {}
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement)
-    except (OSError, ValueError) as exc:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
-    hf_model.to(torch_device).eval()
+    if "device_map" not in options:
+        hf_model.to(torch_device)
+    hf_model.eval()
     if adapter is not None:
         _inject_adapter(hf_model, adapter)
     if tokenizer.pad_token_id is None:
@@ -312,6 +376,7 @@ def load_model(
         eos_token_ids=eos_token_ids,
         checkpoint_generation_config=checkpoint_generation_config,
         adapter=str(adapter) if adapter is not None else None,
+        quantization=quantization,
     )
 
 
