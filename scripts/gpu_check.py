@@ -27,6 +27,12 @@ What it does, in order:
    (16 choices of a 12,000-token prompt: their KV cache alone is 20 GiB): it must be a 507
    ``out_of_memory``, the cache freed (allocated memory back near where it was) and the next
    request a 200. A CPU has no card to outgrow: the dry run reports (d) as skipped.
+4. Restarts it with the budget and ``--quantization bnb-4bit`` (no adapter) and (f) checks that
+   the resident weights are the bytes the memory estimate predicts for 4 bits
+   (``memory.quantized_weight_bytes``; within 10%, since bitsandbytes' CPU kernels repack the
+   weights at the first forward pass), then runs (a)'s capture over 512 tokens, a steered
+   request and an LDA over 8 prompts x 64 tokens (a system prompt as the before side), with
+   the peak and tokens per second. bitsandbytes computes on a CPU too: the dry run runs (f).
 
 Prints one JSON summary (and writes it to ``--out``); exits 1 if a check failed.
 ``--dry-run`` shrinks everything (2 layers, hidden 64, a 1,000-token vocabulary, a few
@@ -174,11 +180,12 @@ def card_fraction(args) -> float:
 
 
 def server_command(
-    args, model_dir: Path, adapter_dir: Path, port: int, work: Path, budget: bool
+    args, model_dir: Path, port: int, work: Path, budget: bool, extra: tuple[str, ...]
 ) -> list[str]:
+    """The capped server on ``model_dir``, with ``--memory-budget`` if ``budget``, and ``extra`` flags."""
     command = [
         sys.executable, str(Path(__file__).resolve()), "--serve-capped", str(card_fraction(args)), "--",
-        "--model", str(model_dir), "--adapter", str(adapter_dir), "--device", args.device,
+        "--model", str(model_dir), "--device", args.device,
         "--dtype", "float32" if args.dry_run else "bfloat16", "--port", str(port), "--log-level", "warning",
         "--activations-dir", str(work / "activations"), "--vectors-dir", str(work / "vectors"),
         "--max-tokens-cap", str(max(args.max_tokens, 512)), "--max-capture-bytes", "8GB",
@@ -187,7 +194,7 @@ def server_command(
         command += ["--memory-budget", args.budget]
     else:
         command += ["--max-n", "16"]
-    return command
+    return command + list(extra)
 
 
 def metric(client, url: str, name: str) -> float | None:
@@ -320,6 +327,57 @@ def check_speed(client, url: str, model_dir: Path, args) -> dict:
     }
 
 
+def check_quantized(client, url: str, model_dir: Path, args) -> dict:
+    """(f) 4-bit weights: the predicted bytes, then capture, steering and LDA on them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.engine.memory import quantized_weight_bytes
+
+    structure = client.get(f"{url}/v1/model/structure").json()
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(model_dir), dtype=torch.float32 if args.dry_run else torch.bfloat16
+        )
+    predicted = quantized_weight_bytes(meta, "bnb-4bit")
+    result: dict = {
+        "quantization": structure.get("quantization"),
+        "weight_bytes": structure["parameter_bytes"],
+        "predicted_weight_bytes": predicted,
+    }
+    tokens = min(args.max_tokens, 512)
+    started = time.perf_counter()
+    captured = chat(client, url, words(64), tokens, ignore_eos=True, capture=CAPTURE)
+    seconds = time.perf_counter() - started
+    result["capture_status"] = captured.status_code
+    if captured.status_code == 200:
+        result["capture_tokens_per_s"] = round(captured.json()["usage"]["completion_tokens"] / seconds, 1)
+    else:
+        result["capture_error"] = captured.text[:500]
+    vector = [4.0] * structure["hidden_size"]
+    steer = [{"type": "add", "layer": 1, "hook_point": "resid_post", "vector": vector}]
+    plain, steered = (chat(client, url, words(16), 8, interventions=i) for i in ([], steer))
+    result["steering_changed_the_answer"] = (
+        steered.status_code == 200 and plain.json()["choices"] != steered.json()["choices"]
+    )
+    lda = client.post(
+        f"{url}/v1/lda",
+        json={"prompt": [words(32, 100 + 40 * i) for i in range(8)], "max_tokens": 8 if args.dry_run else 64,
+              "alpha": 1.0, "temperature": 0, "ignore_eos": True,
+              "before": {"system_prompt": "Answer in one word."}},
+    )  # fmt: skip
+    result["lda_status"] = lda.status_code
+    result["peak_allocated_gib"] = peak_gib(client, url)
+    result["ok"] = (
+        result["quantization"] == "bnb-4bit"
+        and abs(result["weight_bytes"] / predicted - 1) <= 0.1  # CPU kernels repack (see the tests)
+        and captured.status_code == 200
+        and result["steering_changed_the_answer"]
+        and lda.status_code == 200
+    )
+    return result
+
+
 def check_out_of_memory(client, url: str, args) -> dict:
     """(d) without the budget: a request past the card is a 507, the cache is freed, the next is 200."""
     if args.device != "cuda":
@@ -347,6 +405,15 @@ def check_out_of_memory(client, url: str, args) -> dict:
     }
 
 
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def run(args) -> dict:
     import httpx
     import torch
@@ -358,28 +425,36 @@ def run(args) -> dict:
         "card_gib": args.card_gib,
         "budget": args.budget,
         "max_tokens": args.max_tokens,
-        "versions": {"torch": torch.__version__},
+        "versions": {"torch": torch.__version__, "bitsandbytes": package_version("bitsandbytes")},
     }
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         model_dir, adapter_dir = build_checkpoint(work, args.dry_run, args.device)
         summary["build_seconds"] = round(time.perf_counter() - began, 1)
-        for budget in (True, False):
+        adapter = ("--adapter", str(adapter_dir))
+        servers = [  # (name, with the budget, more flags)
+            ("budget", True, adapter),
+            ("no-budget", False, adapter),
+            ("bnb-4bit", True, ("--quantization", "bnb-4bit")),
+        ]
+        for name, budget, extra in servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            command = server_command(args, model_dir, adapter_dir, port, work, budget)
+            command = server_command(args, model_dir, port, work, budget, extra)
             with (
-                running_server(command, url, "/health", work / f"server-{budget}.log"),
+                running_server(command, url, "/health", work / f"server-{name}.log"),
                 httpx.Client(timeout=TIMEOUT_S) as client,
             ):
-                if budget:
+                if name == "budget":
                     summary["a_capture_alone"] = check_capture(client, url, args)
                     summary["b_eight_at_once"] = check_eight_at_once(client, url, args)
                     summary["c_lda"] = check_lda(client, url, args)
                     summary["e_speed"] = check_speed(client, url, model_dir, args)
-                else:
+                elif name == "no-budget":
                     summary["d_out_of_memory"] = check_out_of_memory(client, url, args)
+                else:
+                    summary["f_bnb_4bit"] = check_quantized(client, url, model_dir, args)
     summary["seconds"] = round(time.perf_counter() - began, 1)
     summary["ok"] = all(v["ok"] for k, v in summary.items() if isinstance(v, dict) and "ok" in v)
     return summary

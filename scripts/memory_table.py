@@ -3,12 +3,14 @@
 
 Run from the repository root (after ``bash scripts/install.sh``)::
 
-    .venv/bin/python scripts/memory_table.py                  # Qwen3-0.6B's published shape, bfloat16
+    .venv/bin/python scripts/memory_table.py                  # Qwen3-0.6B (bfloat16), Qwen3-8B (4-bit)
     .venv/bin/python scripts/memory_table.py --model Qwen/Qwen3-1.7B --budget 16GB --prompt-tokens 512
+    .venv/bin/python scripts/memory_table.py --model Qwen/Qwen3-14B --quantization bnb-4bit
 
 The model is built on the meta device from its configuration (no weights are read or
 allocated; the built-in shape needs no download, ``--model`` reads a local folder's or
-the hub's ``config.json``). For each ``max_tokens`` and each capture (none; ``resid_post``
+the hub's ``config.json``; ``--quantization`` counts the weights as bitsandbytes will hold
+them, ``memory.quantized_weight_bytes``). For each ``max_tokens`` and each capture (none; ``resid_post``
 and ``mlp_out`` of 8 layers; of every layer) it prints what ``--memory-budget`` adds up
 for one request (``server/engine/memory.py``, as the server's admission does, generate-mode
 capture included), and what the budget does with one such request and with 8 at once: a
@@ -36,6 +38,21 @@ from server.engine.capture import CapturePlan  # noqa: E402
 from server.engine.hooks import HookPoint  # noqa: E402
 from server.engine.memory import ModelShape, estimate, format_size, parse_size  # noqa: E402
 
+# Qwen3-8B as published (config.json of Qwen/Qwen3-8B): too large for a 16 GB card in bfloat16
+# (16.4 GB of weights), the model --quantization bnb-4bit is for.
+QWEN3_8B = dict(
+    QWEN3_06B,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+DEFAULT_TABLES = (  # (shape, quantization) printed without --model
+    ("Qwen3-0.6B (published shape)", QWEN3_06B, None),
+    ("Qwen3-8B (published shape), weights in 4 bits (`--quantization bnb-4bit`)", QWEN3_8B, "bnb-4bit"),
+)
 MAX_TOKENS = (512, 1024, 2048)
 CAPTURED_LAYERS = (0, 8, None)  # None: every layer
 HOOK_POINTS = 2  # resid_post and mlp_out, each [pos, hidden]
@@ -57,20 +74,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="a local folder or hub id whose config to use (default: Qwen3-0.6B)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quantization", choices=["bnb-8bit", "bnb-4bit"], help="as the server's flag")
     parser.add_argument("--budget", default="16GB", help="--memory-budget to check against")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     return parser.parse_args(argv)
 
 
-def model_shape(model: str | None, dtype: str) -> tuple[str, ModelShape]:
-    """The model's name and its shape, from a model built on the meta device."""
+def model_shape(model: str | dict, dtype: str, quantization: str | None = None) -> ModelShape:
+    """The shape of ``model`` (a folder or hub id, or a Qwen3 configuration's fields) as the
+    server would load it, from a model built on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen3Config
 
-    config = Qwen3Config(**QWEN3_06B) if model is None else AutoConfig.from_pretrained(model)
+    config = Qwen3Config(**model) if isinstance(model, dict) else AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         built = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     layers = config.get_text_config().num_hidden_layers
-    return model or "Qwen3-0.6B (published shape)", ModelShape.of(built, layers)
+    return ModelShape.of(built, layers, quantization=quantization)
+
+
+def default_tables(dtype: str, budget: int, prompt_tokens: int) -> str:
+    """The tables docs/memory.md shows: Qwen3-0.6B, and Qwen3-8B with 4-bit weights."""
+    return "\n\n".join(
+        markdown(name, model_shape(shape, dtype, quantization), dtype, budget, prompt_tokens)
+        for name, shape, quantization in DEFAULT_TABLES
+    )
 
 
 def admission(shape: ModelShape, budget: int, dtype: str):
@@ -186,8 +213,16 @@ def markdown(name: str, shape: ModelShape, dtype: str, budget: int, prompt_token
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    name, shape = model_shape(args.model, args.dtype)
-    print(markdown(name, shape, args.dtype, parse_size(args.budget), args.prompt_tokens))
+    budget = parse_size(args.budget)
+    if args.model is None and args.quantization is None:
+        print(default_tables(args.dtype, budget, args.prompt_tokens))
+        return
+    model = QWEN3_06B if args.model is None else args.model
+    name = (args.model or "Qwen3-0.6B (published shape)") + (
+        f", weights `--quantization {args.quantization}`" if args.quantization else ""
+    )
+    shape = model_shape(model, args.dtype, args.quantization)
+    print(markdown(name, shape, args.dtype, budget, args.prompt_tokens))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -24,6 +26,10 @@ def test_the_dry_run_passes_every_check(tmp_path):
     assert summary["c_lda"]["status"] == 200
     assert summary["d_out_of_memory"]["skipped"]
     assert summary["e_speed"]["server_alone_tokens_per_s"] > 0
+    quantized = summary["f_bnb_4bit"]  # bitsandbytes computes on a CPU too
+    assert quantized["weight_bytes"] == pytest.approx(quantized["predicted_weight_bytes"], rel=0.1)
+    assert quantized["capture_status"] == quantized["lda_status"] == 200
+    assert quantized["steering_changed_the_answer"]
 
 
 def test_help_documents_the_check():
