@@ -17,7 +17,6 @@ from families import FAMILIES, build_family_model
 from reference import hf_generate, hooked_greedy, hooked_values
 
 from server.engine.capture import CapturePlan, CaptureSpec
-from server.engine.hf_runtime import decode_loop
 from server.engine.hooks import HookResolver
 from server.engine.job import GenerationJob, SamplingParams
 from server.engine.lda import LdaJob
@@ -28,7 +27,7 @@ from server.storage import ActivationStore
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
-TEXTS = [
+TEXTS = [  # prompts of different lengths (all longer than a sliding window of 6)
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of France?",
     "Interpretability research studies the internals of neural networks, one layer at a time.",
@@ -57,22 +56,6 @@ def reference(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def loop(loaded):
-    return decode_loop(loaded)
-
-
-@pytest.fixture(scope="module")
-def resolver(loaded) -> HookResolver:
-    return HookResolver(loaded.hf_model, find_layers(loaded.hf_model))
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded) -> list[list[int]]:
-    """Three prompts of different lengths (all longer than a sliding window of 6)."""
-    return [loaded.tokenizer.encode(text) for text in TEXTS]
 
 
 @pytest.fixture

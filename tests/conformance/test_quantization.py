@@ -22,7 +22,6 @@ from reference import hf_generate, hooked_greedy, hooked_values
 
 from server.engine.capture import CapturePlan, CaptureSpec
 from server.engine.hf_runtime import decode_loop
-from server.engine.hooks import HookResolver
 from server.engine.job import GenerationJob, SamplingParams
 from server.engine.lda import LdaJob
 from server.engine.loading import ModelLoadError, load_model, quantization_config
@@ -67,21 +66,6 @@ def reference(case, model_dir):
         device_map="cpu",
         quantization_config=quantization_config(case[1], torch.float32),
     ).eval()
-
-
-@pytest.fixture(scope="module")
-def loop(loaded):
-    return decode_loop(loaded)
-
-
-@pytest.fixture(scope="module")
-def resolver(loaded) -> HookResolver:
-    return HookResolver(loaded.hf_model, find_layers(loaded.hf_model))
-
-
-@pytest.fixture(scope="module")
-def prompts(loaded) -> list[list[int]]:
-    return [loaded.tokenizer.encode(text) for text in TEXTS]
 
 
 def test_the_projections_are_quantized_and_the_rest_is_not(case, loaded):
