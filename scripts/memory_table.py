@@ -10,7 +10,7 @@ Run from the repository root (after ``bash scripts/install.sh``)::
 The model is built on the meta device from its configuration (no weights are read or
 allocated; the built-in shape needs no download, ``--model`` reads a local folder's or
 the hub's ``config.json``; ``--quantization`` counts the weights as bitsandbytes will hold
-them, ``memory.quantized_weight_bytes``). For each ``max_tokens`` and each capture (none; ``resid_post``
+them, ``quantization.predicted_weight_bytes``). For each ``max_tokens`` and each capture (none; ``resid_post``
 and ``mlp_out`` of 8 layers; of every layer) it prints what ``--memory-budget`` adds up
 for one request (``server/engine/memory.py``, as the server's admission does, generate-mode
 capture included), and what the budget does with one such request and with 8 at once: a
@@ -37,6 +37,7 @@ from gpu_check import QWEN3_06B  # noqa: E402  (Qwen3-0.6B's published shape)
 from server.engine.capture import CapturePlan  # noqa: E402
 from server.engine.hooks import HookPoint  # noqa: E402
 from server.engine.memory import ModelShape, estimate, format_size, parse_size  # noqa: E402
+from server.engine.quantization import QUANTIZATIONS  # noqa: E402
 
 # Qwen3-8B as published (config.json of Qwen/Qwen3-8B): too large for a 16 GB card in bfloat16
 # (16.4 GB of weights), the model --quantization bnb-4bit is for.
@@ -74,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="a local folder or hub id whose config to use (default: Qwen3-0.6B)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--quantization", choices=["bnb-8bit", "bnb-4bit"], help="as the server's flag")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, help="as the server's flag")
     parser.add_argument("--budget", default="16GB", help="--memory-budget to check against")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     return parser.parse_args(argv)
@@ -89,7 +90,9 @@ def model_shape(model: str | dict, dtype: str, quantization: str | None = None) 
     with torch.device("meta"):
         built = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     layers = config.get_text_config().num_hidden_layers
-    return ModelShape.of(built, layers, quantization=quantization)
+    if quantization is None:
+        return ModelShape.of(built, layers)
+    return ModelShape.predicted(built, layers, quantization)
 
 
 def default_tables(dtype: str, budget: int, prompt_tokens: int) -> str:

@@ -72,7 +72,7 @@ def _flag_error(error: dict) -> str:
 def preflight(settings: Settings, *, check_port: bool = True) -> None:
     """The checks that need no model: the port is free, ``--model`` and ``--lda-before`` name
     something that exists, ``--adapter`` is a PEFT folder the installed peft and transformers
-    can switch off, ``--quantization`` has bitsandbytes installed for ``--device``.
+    can switch off, ``--quantization`` has bitsandbytes installed.
 
     Raises:
         StartupRefused: with the reason.
@@ -82,7 +82,6 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         check_adapter_support,
         check_model_source,
         check_quantization_support,
-        resolve_device,
     )
 
     if check_port and not port_free(settings.host, settings.port):
@@ -93,7 +92,7 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
             check_model_source(settings.lda_before, "--lda-before")
         if settings.adapter is not None:
             check_adapter_support(settings.adapter)
-        check_quantization_support(settings.quantization, resolve_device(settings.device))
+        check_quantization_support(settings.quantization)
     except ModelLoadError as exc:
         raise StartupRefused(str(exc)) from None
 

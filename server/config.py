@@ -15,6 +15,7 @@ from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .engine.memory import parse_size
+from .engine.quantization import QUANTIZATIONS
 
 ENV_PREFIX = "NNSIGHT_SERVER_"
 
@@ -38,7 +39,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on CUDA where supported, else float16."
     )
-    quantization: Literal["bnb-8bit", "bnb-4bit"] | None = Field(
+    quantization: Literal[QUANTIZATIONS] | None = Field(
         None,
         description="Quantize the weights as they load (bitsandbytes): bnb-4bit (NF4) fits an 8B model "
         "on a 16 GB card. Activations, captures and edits stay in --dtype.",

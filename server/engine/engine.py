@@ -80,8 +80,8 @@ class Engine:
         self.before = before  # LDA's second checkpoint, if one was loaded (same vocabulary)
         self.model_id = loaded.model_id
         self.layout = find_layers(loaded.hf_model)
-        self.hooks = HookResolver(loaded.hf_model, self.layout)
-        self.shape = ModelShape.of(loaded.hf_model, self.layout.count)
+        self.shape = ModelShape.of(loaded.hf_model, self.layout.count)  # before any forward pass
+        self.hooks = HookResolver(loaded.hf_model, self.layout)  # runs one (to measure widths)
         self.before_shape = (
             ModelShape.of(before.hf_model, find_layers(before.hf_model).count) if before else None
         )

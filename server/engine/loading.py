@@ -12,8 +12,8 @@ This module owns everything between a ``--model`` string and a ready
 * dtype and device resolution (``auto`` means float32 on CPU, bfloat16 on CUDA
   where supported, else float16);
 * optional quantized weights (``--quantization bnb-8bit|bnb-4bit``: bitsandbytes through
-  transformers, the settings ``transformers serve`` uses); activations, captures and edits
-  stay in the compute dtype;
+  transformers, ``quantization.py``); activations, captures and edits stay in the compute
+  dtype; a checkpoint quantized already is served as it is, and said so;
 * an optional PEFT (LoRA) adapter injected into the served weights
   (``--adapter``): requests run with it on; LDA's "adapter off" side switches it
   off on the same weights;
@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+from .quantization import BNB_PLATFORMS, QUANTIZATIONS, bnb_config
+from .quantization import detect as detect_quantization
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -50,7 +53,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = frozenset({"", "embedded", EMBEDDED_MODEL_NAME, f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"})
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("bnb-8bit", "bnb-4bit")
 
 
 class ModelLoadError(RuntimeError):
@@ -71,7 +73,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]  # any of these ends a choice (unless ignore_eos)
     checkpoint_generation_config: dict  # what the checkpoint suggested; reported, not applied
     adapter: str | None = None  # folder of the PEFT adapter injected into the weights, if any
-    quantization: str | None = None  # one of QUANTIZATIONS, or None for weights in ``dtype``
+    quantization: str | None = None  # how the weights are quantized (quantization.detect), or None
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -263,9 +265,9 @@ def check_adapter_support(adapter: Path) -> None:
         )
 
 
-def check_quantization_support(quantization: str | None, device: torch.device) -> None:
-    """Fail fast where ``--quantization`` cannot work: an unknown method, bitsandbytes not
-    installed, or a device bitsandbytes has no kernels for (it has them for CUDA and CPU).
+def check_quantization_support(quantization: str | None) -> None:
+    """Fail fast where ``--quantization`` cannot work: an unknown method, or bitsandbytes not
+    installed (it has kernels for CUDA and CPU, the devices ``--device`` takes).
 
     Raises:
         ModelLoadError: naming the flag and what to do.
@@ -274,34 +276,12 @@ def check_quantization_support(quantization: str | None, device: torch.device) -
         return
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
-    if device.type not in ("cuda", "cpu"):
-        raise ModelLoadError(f"--quantization {quantization}: bitsandbytes has no kernels for {device}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
-            f"--quantization {quantization} needs the bitsandbytes package: run `bash scripts/install.sh` "
-            "(it installs the locked version where a wheel exists: Linux x86-64, Windows, macOS arm64), "
-            "or `pip install bitsandbytes` into the server's environment"
+            f"--quantization {quantization} needs the bitsandbytes package: `pip install bitsandbytes` "
+            f"into the server's environment (scripts/install.sh installs the locked release on "
+            f"{BNB_PLATFORMS}, where it has wheels)"
         )
-
-
-def quantization_config(quantization: str, compute_dtype: torch.dtype):
-    """The ``transformers.BitsAndBytesConfig`` for ``--quantization``.
-
-    ``bnb-4bit``: NF4 with double quantization (Dettmers et al. 2023, "QLoRA"), the settings
-    ``transformers serve --quantization bnb-4bit`` uses, computing in ``compute_dtype``;
-    ``bnb-8bit``: LLM.int8() (Dettmers et al. 2022), whose matmuls run in float16 and return
-    ``compute_dtype``. Output embeddings and tied weights stay unquantized (transformers' rule).
-    """
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "bnb-4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_model(
@@ -329,7 +309,7 @@ def load_model(
     started = time.perf_counter()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    check_quantization_support(quantization, torch_device)
+    check_quantization_support(quantization)
     source, model_id = resolve_source(model, cache_dir, flag)
     logger.info(
         "loading %s from %s (dtype=%s, device=%s%s)",
@@ -345,7 +325,7 @@ def load_model(
         # quantizes each weight as it is placed, so a quantized load always names the device.
         options["device_map"] = str(torch_device)
     if quantization:
-        options["quantization_config"] = quantization_config(quantization, torch_dtype)
+        options["quantization_config"] = bnb_config(quantization, torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, **options)
@@ -354,6 +334,14 @@ def load_model(
     if "device_map" not in options:
         hf_model.to(torch_device)
     hf_model.eval()
+    # A checkpoint may come quantized already: transformers then keeps its own method and only
+    # warns about the flag. What is served is what the weights are.
+    loaded_as = detect_quantization(hf_model)
+    if quantization is not None and loaded_as != quantization:
+        raise ModelLoadError(
+            f"--quantization {quantization}: {model!r} is a checkpoint quantized as {loaded_as} already; "
+            "serve it without --quantization"
+        )
     if adapter is not None:
         _inject_adapter(hf_model, adapter)
     if tokenizer.pad_token_id is None:
@@ -376,7 +364,7 @@ def load_model(
         eos_token_ids=eos_token_ids,
         checkpoint_generation_config=checkpoint_generation_config,
         adapter=str(adapter) if adapter is not None else None,
-        quantization=quantization,
+        quantization=loaded_as,
     )
 
 

@@ -4,8 +4,7 @@
 the device that holds the model (the GPU, or host memory on CPU):
 
 * weights: already resident, the bytes of every parameter (for bitsandbytes-quantized
-  weights, the packed values and their quantization statistics: :func:`resident_weight_bytes`;
-  before loading, :func:`quantized_weight_bytes` predicts them);
+  weights, the packed values and their quantization statistics: ``quantization.py``);
 * KV cache: ``n x (prompt + max_tokens) x layers x 2 x kv_heads x head_dim x dtype bytes``;
 * activations of the prompt forward (the largest step): ``n x prompt x (4 x hidden +
   2 x intermediate) x dtype bytes`` for the residual and MLP buffers, plus
@@ -33,6 +32,14 @@ from dataclasses import dataclass
 
 import psutil
 import torch
+
+from .quantization import (
+    compute_dtype,
+    converted_weights,
+    largest_quantized_weight,
+    predicted_weight_bytes,
+    resident_weight_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,116 +94,53 @@ class ModelShape:
     dequantized_bytes: int = 0
 
     @classmethod
-    def of(cls, model: torch.nn.Module, num_layers: int, quantization: str | None = None) -> ModelShape:
-        """The shape of ``model`` as loaded; or, with ``quantization`` (``bnb-8bit`` or
-        ``bnb-4bit``), of ``model`` (built in its compute dtype, e.g. on the meta device) once
-        loaded with that ``--quantization``."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    def of(cls, model: torch.nn.Module, num_layers: int) -> ModelShape:
+        """The shape of a loaded model, its weights measured as they are resident (measure before
+        the first forward: bitsandbytes' CPU kernels repack 4-bit weights then)."""
+        dtype = compute_dtype(model)
+        return cls._from_config(
+            model.config,
+            num_layers,
+            weight_bytes=resident_weight_bytes(model),
+            dtype_bytes=dtype.itemsize,
+            dequantized_bytes=largest_quantized_weight(model) * dtype.itemsize,
+        )
+
+    @classmethod
+    def predicted(cls, model: torch.nn.Module, num_layers: int, quantization: str) -> ModelShape:
+        """The shape ``model`` (unquantized, built in its compute dtype, e.g. on the meta device)
+        will have once loaded with ``--quantization``.
+
+        Raises:
+            ValueError: an unknown ``quantization``.
+        """
+        dtype = compute_dtype(model)
+        largest = max((w.numel() for _, w in converted_weights(model)), default=0)
+        return cls._from_config(
+            model.config,
+            num_layers,
+            weight_bytes=predicted_weight_bytes(model, quantization),
+            dtype_bytes=dtype.itemsize,
+            dequantized_bytes=largest * dtype.itemsize,
+        )
+
+    @classmethod
+    def _from_config(cls, config, num_layers: int, **sizes: int) -> ModelShape:
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
         hidden = getattr(config, "hidden_size", None) or config.n_embd
         heads = getattr(config, "num_attention_heads", None) or config.n_head
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or hidden // heads
-        intermediate = (
-            getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-        )
-        compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        if quantization is None:
-            weight_bytes = resident_weight_bytes(model)
-            quantized = [m.out_features * m.in_features for m in model.modules() if _is_quantized_linear(m)]
-        else:
-            weight_bytes = quantized_weight_bytes(model, quantization)
-            quantized = [w.numel() for _, w in _bnb_converted_weights(model)]
         return cls(
-            weight_bytes=weight_bytes,
-            dtype_bytes=compute_dtype.itemsize,
             layers=num_layers,
             hidden=hidden,
-            intermediate=intermediate,
+            intermediate=(
+                getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+            ),
             heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or hidden // heads,
             vocab=config.vocab_size,
-            dequantized_bytes=max(quantized, default=0) * compute_dtype.itemsize,
+            **sizes,
         )
-
-
-def _is_quantized_linear(module: torch.nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return hasattr(module, "in_features") and (
-        getattr(weight, "quant_state", None) is not None or getattr(weight, "SCB", None) is not None
-    )
-
-
-def resident_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes the model's weights hold: every parameter once (tied weights are one parameter),
-    plus what a bitsandbytes-quantized weight keeps beside its packed values (4-bit: per-block
-    ``absmax``, the NF4 map and, with double quantization, their own statistics; 8-bit: per-row
-    scales ``SCB``), counted per weight even where bitsandbytes shares a small constant map
-    between layers (a few KiB per layer at most: the count stays on the safe side and equals
-    :func:`quantized_weight_bytes`). Meta tensors count by shape."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for parameter in model.parameters():
-        extras = [getattr(parameter, "SCB", None)]
-        state = getattr(parameter, "quant_state", None)
-        if state is not None:
-            extras += [state.absmax, state.code, getattr(state, "offset", None)]
-            nested = getattr(state, "state2", None)
-            if nested is not None:
-                extras += [nested.absmax, nested.code]
-        total += sum(t.numel() * t.element_size() for t in extras if isinstance(t, torch.Tensor))
-    return total
-
-
-def _bnb_converted_weights(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-    """The (module, weight) pairs that transformers' bitsandbytes integration quantizes: every
-    ``nn.Linear`` and GPT-2 ``Conv1D`` except the output embeddings, tied weights and the last
-    module (``transformers.quantizers.base.get_keys_to_not_convert``)."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.base import get_keys_to_not_convert
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    keep = get_keys_to_not_convert(model)
-    return [
-        (module, module.weight)
-        for name, module in model.named_modules()
-        if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, keep)
-    ]
-
-
-NF4_BLOCK = 64  # values per absmax (bitsandbytes' 4-bit default)
-NESTED_BLOCK = 256  # absmax values per float32 statistic under double quantization
-
-
-def quantized_weight_bytes(model: torch.nn.Module, quantization: str) -> int:
-    """What :func:`resident_weight_bytes` will measure once ``model`` (built in its compute
-    dtype, e.g. on the meta device) is loaded with ``--quantization``.
-
-    Per converted weight of ``n`` values (:func:`_bnb_converted_weights`): ``bnb-4bit`` (NF4,
-    double quantization; Dettmers et al. 2023, "QLoRA") packs two values a byte, keeps one
-    uint8 absmax per 64 values, one float32 per 256 of those, a 16-entry float32 NF4 map, a
-    256-entry float32 map for the absmax values and a float32 offset; ``bnb-8bit`` (LLM.int8(),
-    Dettmers et al. 2022) keeps ``n`` int8 values and one float32 scale per output row. Every
-    other parameter (embeddings, norms, biases, the unembedding) stays as it is.
-
-    Raises:
-        ValueError: ``quantization`` is not ``bnb-8bit`` or ``bnb-4bit``.
-    """
-    if quantization not in ("bnb-8bit", "bnb-4bit"):
-        raise ValueError(f"unknown quantization {quantization!r}")
-    converted = _bnb_converted_weights(model)
-    converted_ids = {id(weight) for _, weight in converted}
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in converted_ids)
-    for module, weight in converted:
-        values = weight.numel()
-        if quantization == "bnb-4bit":
-            blocks = -(-values // NF4_BLOCK)
-            total += -(-values // 2) + blocks + 4 * -(-blocks // NESTED_BLOCK) + 4 * (16 + 256 + 1)
-        else:
-            # an nn.Linear weight is [out, in], a Conv1D one [in, out]
-            output_rows = weight.shape[0] if type(module) is torch.nn.Linear else weight.shape[1]
-            total += values + 4 * output_rows
-    return total
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from server.engine.capture import CapturePlan, CaptureSpec
 from server.engine.hf_runtime import decode_loop
 from server.engine.job import GenerationJob, SamplingParams
 from server.engine.lda import LdaJob
-from server.engine.loading import ModelLoadError, load_model, quantization_config
-from server.engine.memory import ModelShape, estimate, quantized_weight_bytes
+from server.engine.loading import ModelLoadError, load_model
+from server.engine.memory import ModelShape, estimate
+from server.engine.quantization import bnb_config, predicted_weight_bytes
 from server.engine.structure import find_layers
 from server.storage import ActivationStore
 
@@ -64,7 +65,7 @@ def reference(case, model_dir):
         model_dir,
         dtype=torch.float32,
         device_map="cpu",
-        quantization_config=quantization_config(case[1], torch.float32),
+        quantization_config=bnb_config(case[1], torch.float32),
     ).eval()
 
 
@@ -80,28 +81,33 @@ def test_the_projections_are_quantized_and_the_rest_is_not(case, loaded):
     assert loaded.dtype == torch.float32 and loaded.quantization == case[1]
 
 
+def meta_copy(model_dir: Path):
+    """The checkpoint's model built on the meta device in float32 (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+
+
 def test_the_predicted_weight_bytes_are_what_bitsandbytes_allocated(case, model_dir):
     """The prediction the memory table uses (a model built on the meta device) equals the bytes
     measured on a freshly loaded model, packed values and quantization statistics included.
     On a CPU, bitsandbytes repacks 4-bit weights for its kernels at the first forward pass
-    (absmax values as bfloat16, no nested statistics); the server measures after its start-up
-    forward, and the repacked bytes stay within 10% of the prediction."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    (absmax values as bfloat16, no nested statistics): within 10% of the prediction after it."""
     loaded = load_model(str(model_dir), dtype="float32", device="cpu", quantization=case[1])
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    meta = meta_copy(model_dir)
     layers = find_layers(meta).count
     served = ModelShape.of(loaded.hf_model, layers)
-    predicted = ModelShape.of(meta, layers, quantization=case[1])
+    predicted = ModelShape.predicted(meta, layers, case[1])
     assert served == predicted
-    assert quantized_weight_bytes(meta, case[1]) == served.weight_bytes
+    assert predicted_weight_bytes(meta, case[1]) == served.weight_bytes
     assert served.weight_bytes < ModelShape.of(meta, layers).weight_bytes  # smaller than float32
     assert served.dtype_bytes == 4 and served.dequantized_bytes > 0
     with torch.no_grad():
         loaded.hf_model(torch.tensor([[1, 2, 3]]))
-    after_a_forward = ModelShape.of(loaded.hf_model, layers).weight_bytes
-    assert after_a_forward == pytest.approx(predicted.weight_bytes, rel=0.1)
+    after_a_forward = ModelShape.of(loaded.hf_model, layers)
+    assert after_a_forward.weight_bytes == pytest.approx(predicted.weight_bytes, rel=0.1)
+    assert after_a_forward.dequantized_bytes == predicted.dequantized_bytes
 
 
 def test_generate_capture_equals_plain_hooks_and_stays_in_the_compute_dtype(loop, reference, resolver,
@@ -173,6 +179,7 @@ def test_lda_with_alpha_zero_equals_plain_decoding(loop, prompts):
 
 def test_the_estimate_counts_the_dequantized_weight_of_a_prompt_forward(loaded):
     shape = ModelShape.of(loaded.hf_model, find_layers(loaded.hf_model).count)
+    assert shape.dequantized_bytes > 0
     unquantized = ModelShape(**{**shape.__dict__, "dequantized_bytes": 0})
     added = (
         estimate(shape, prompt_tokens=8, max_tokens=8).activations
@@ -186,8 +193,10 @@ def test_the_estimate_counts_the_dequantized_weight_of_a_prompt_forward(loaded):
 
 @pytest.mark.parametrize("method", ["bnb-4bit", "bnb-8bit"])
 def test_served_over_http_with_capture_steering_and_lda(method, tmp_path):
-    """One family over HTTP (the engine checks above cover the others)."""
+    """One family over HTTP (the engine checks above cover the others), with a before model for
+    LDA, quantized the same way."""
     from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM
 
     from server.app import create_app
     from server.config import Settings
@@ -195,34 +204,56 @@ def test_served_over_http_with_capture_steering_and_lda(method, tmp_path):
     model_dir = build_family_model(tmp_path / "model", FAMILIES["llama"])
     settings = Settings(
         model=str(model_dir),
+        lda_before=str(model_dir),
         quantization=method,
         max_tokens_cap=16,
         activations_dir=tmp_path / "activations",
         vectors_dir=tmp_path / "vectors",
     )
     with TestClient(create_app(settings)) as client:
+        engine = client.app.state.engine
+        meta = meta_copy(model_dir)
+        # measured as loaded, before the start-up forward (which moves or repacks statistics)
+        assert engine.shape == ModelShape.predicted(meta, find_layers(meta).count, method)
+        assert engine.before.quantization == method
         structure = client.get("/v1/model/structure").json()
         assert structure["quantization"] == method and structure["dtype"] == "float32"
-        from transformers import AutoModelForCausalLM
-
         assert structure["num_parameters"] == AutoModelForCausalLM.from_pretrained(model_dir).num_parameters()
         body = {
             "messages": [{"role": "user", "content": "Hello there"}],
             "max_tokens": 4,
             "temperature": 0,
+            "logprobs": True,
             "capture": {"mode": "generate", "layers": [0, 1], "hook_points": ["resid_post"]},
-            "interventions": [{"type": "scale", "layer": 0, "hook_point": "mlp_out", "factor": 0.5}],
         }
-        response = client.post("/v1/chat/completions", json=body)
+        plain = client.post("/v1/chat/completions", json=body).json()
+        steer = [{"type": "scale", "layer": 0, "hook_point": "mlp_out", "factor": -3.0}]
+        response = client.post("/v1/chat/completions", json={**body, "interventions": steer})
         assert response.status_code == 200, response.text
-        capture = response.json()["activations"]
-        manifest = client.get(f"/v1/activations/{capture['id']}").json()
+        first = [r["choices"][0]["logprobs"]["content"][0]["logprob"] for r in (plain, response.json())]
+        assert first[0] != first[1]  # the intervention did something
+        manifest = client.get(f"/v1/activations/{response.json()['activations']['id']}").json()
         assert manifest["quantization"] == method
-        lda = client.post(
-            "/v1/lda",
-            json={"prompt": "Hello", "before": {"prefix": "Bye. "}, "alpha": 1.0, "max_tokens": 3},
-        )
+        lda = client.post("/v1/lda", json={"prompt": "Hello", "alpha": 1.0, "max_tokens": 3})
         assert lda.status_code == 200, lda.text
+        assert lda.json()["before"] == "model"
+
+
+def test_a_checkpoint_quantized_already_is_served_as_it_is(tmp_path):
+    """A folder saved 4-bit: served as bnb-4bit without the flag; a different flag is refused
+    (transformers would keep the checkpoint's method and only warn)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_family_model(tmp_path / "model", FAMILIES["llama"])
+    quantized = AutoModelForCausalLM.from_pretrained(
+        model_dir, device_map="cpu", quantization_config=bnb_config("bnb-4bit", torch.float32)
+    )
+    saved = tmp_path / "saved-4bit"
+    quantized.save_pretrained(saved)
+    load_model(str(model_dir), device="cpu").tokenizer.save_pretrained(saved)
+    assert load_model(str(saved), device="cpu").quantization == "bnb-4bit"
+    with pytest.raises(ModelLoadError, match="quantized as bnb-4bit already"):
+        load_model(str(saved), device="cpu", quantization="bnb-8bit")
 
 
 def test_an_unknown_method_is_refused_by_flag():
@@ -292,7 +323,7 @@ def test_a_lora_adapter_on_quantized_weights_equals_peft_and_switches_off_for_ld
     get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), lora).save_pretrained(adapter_dir)
 
     def quantized():
-        config = quantization_config("bnb-4bit", torch.float32)
+        config = bnb_config("bnb-4bit", torch.float32)
         return AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu", quantization_config=config)
 
     loaded = load_model(str(model_dir), device="cpu", quantization="bnb-4bit", adapter=adapter_dir)
