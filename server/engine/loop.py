@@ -45,7 +45,7 @@ from .capture import CaptureRecorder, CaptureResult
 from .job import ChoiceDelta, GenerationJob, GenerationResult, RowState, TokenStats
 from .lda import amplify, token_stats
 from .runtime import RowGroup, Runtime, RuntimeBatch
-from .sampler import chosen_logprobs, generator_for, sample
+from .sampler import check_finite, chosen_logprobs, generator_for, sample
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class _Running:
         """Its next token per row from this step's logits (``[n, vocab]`` per lane); advances rows."""
         job, params = self.job, self.job.params
         after = logits["served"]
+        check_finite(after, step=job.steps, edits=job.edits, side="after" if job.lda else "")
         if job.lda is not None:
             before = logits[job.lda.weights + ":before"].to(after.device)
+            check_finite(before, step=job.steps, side="before")
             tokens = sample(amplify(after, before, job.lda.alpha), params, self.generator)
             stats = token_stats(after, before, tokens) if job.lda.token_stats else None
         else:

@@ -10,7 +10,11 @@ the decode loop (``loop.py``) whatever runs the forward pass:
   a batch, is what makes a seeded job equal HF ``generate`` after
   ``torch.manual_seed(seed)`` (tested), alone or in any batch;
 * :func:`chosen_logprobs`: the log-softmax of the *raw* logits (before warpers) at the
-  chosen tokens and the top ``k`` alternatives, as OpenAI's ``logprobs`` report them.
+  chosen tokens and the top ``k`` alternatives, as OpenAI's ``logprobs`` report them; a
+  token the model rules out (logit -inf) reports :data:`LOGPROB_FLOOR`, as vLLM does (JSON
+  has no infinity);
+* :func:`check_finite`: a job's logits must hold a distribution per row; an intervention that
+  overflowed the dtype ends that job (:class:`NonFiniteLogits`), not the batch.
 
 Adding a sampling parameter means a field in :class:`~server.engine.job.SamplingParams`
 (and the request model that fills it) and a step in :func:`sample`: see
@@ -23,6 +27,42 @@ import torch
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from .job import SamplingParams, TokenLogprob
+
+LOGPROB_FLOOR = -9999.0  # reported for a logprob of -inf (vLLM's value)
+
+
+class NonFiniteLogits(ArithmeticError):
+    """A job's logits hold NaN or +inf (or only -inf) in some row: nothing can be sampled.
+
+    ``step``: the generated token it happened at (0: the first); ``edited``: whether the job
+    had interventions (then they are the likely cause, and the request is at fault)."""
+
+    def __init__(self, message: str, *, step: int, edited: bool) -> None:
+        super().__init__(message)
+        self.step = step
+        self.edited = edited
+
+
+def check_finite(logits: torch.Tensor, *, step: int, edits: tuple = (), side: str = "") -> None:
+    """Raise :class:`NonFiniteLogits` unless every row of float ``[rows, vocab]`` logits has
+    no NaN, no +inf and at least one finite value (one reduction: a row's max is NaN if it
+    holds one, +inf if it holds one, -inf if all are)."""
+    if bool(torch.isfinite(logits.max(dim=-1).values).all()):
+        return
+    where = f"the {side} side's " if side else "the "
+    if edits:
+        applied = "; ".join(f"{e.operation} at {e.point.name}" for e in edits)
+        cause = (
+            f"the request's interventions ({applied}) pushed the model's values past what its dtype "
+            "holds: use a smaller scale, factor, value or vector"
+        )
+    else:
+        cause = "the model itself produced them (no interventions in this request)"
+    raise NonFiniteLogits(
+        f"{where}logits became non-finite (NaN or infinite) at generated token {step}: {cause}",
+        step=step,
+        edited=bool(edits),
+    )
 
 
 def generator_for(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -56,7 +96,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_k: int) -> list[TokenLogprob]:
     """Per row: the raw log-probability of ``tokens[row]`` and the ``top_k`` likeliest tokens."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     ids = tokens.tolist()
     if not top_k:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .job import TokenLogprob
+from .sampler import LOGPROB_FLOOR
 
 
 @torch.no_grad()
@@ -26,7 +27,8 @@ def score_prompt(
     scored = [TokenLogprob(prompt_ids[0], None)]
     for start in range(0, len(prompt_ids) - 1, chunk):
         stop = min(start + chunk, len(prompt_ids) - 1)
-        logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1)  # predicts tokens start+1..stop
+        # predicts tokens start+1..stop; -inf (a token the model rules out) as vLLM reports it
+        logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1).clamp(min=LOGPROB_FLOOR)
         targets = ids[0, start + 1 : stop + 1]
         chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
         if top_k:

@@ -10,8 +10,8 @@ these functions.
   model or storage work into its OpenAI error.
 * ``engine_error`` and its factories (``out_of_memory``, ``storage_error``,
   ``queue_full``): the one mapping from such a failure to the error the client gets.
-* ``sse_stream``: the one SSE framing; ``closing_chunk``, ``leading_capture`` and
-  ``activation_fields``: how a stream's chunks carry usage and captured activations.
+* ``sse_stream``: the one SSE framing; ``place_activations``, ``leading_capture`` and
+  ``activation_fields``: how a stream's chunks carry captured activations.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from ..engine.capture import CaptureResult
 from ..engine.engine import Engine, RequestTimedOut
 from ..engine.job import ChoiceDelta, GenerationJob, GenerationResult
+from ..engine.sampler import NonFiniteLogits
 from ..engine.scheduler import QueueFull
 from ..errors import APIError, internal_error
 from ..middleware import note_first_token, note_tokens
@@ -71,8 +72,20 @@ def queue_full(message: str) -> APIError:
     )
 
 
-def engine_error(exc: BaseException) -> APIError | None:
-    """The client-facing error for a failure of model or storage work, where there is one."""
+# What model or storage work can fail with that the client is told about (engine_error).
+ENGINE_FAILURES = (
+    torch.OutOfMemoryError,
+    OSError,
+    UnsafeSaveDir,
+    QueueFull,
+    RequestTimedOut,
+    NonFiniteLogits,
+)
+
+
+def engine_error(exc: BaseException, interventions_param: str = "interventions") -> APIError | None:
+    """The client-facing error for a failure of model or storage work, where there is one.
+    ``interventions_param``: the request field that holds its interventions."""
     if isinstance(exc, torch.OutOfMemoryError):
         return out_of_memory(exc)
     if isinstance(exc, QueueFull):
@@ -83,6 +96,10 @@ def engine_error(exc: BaseException) -> APIError | None:
         return APIError(str(exc), param="capture.save_dir")
     if isinstance(exc, OSError):
         return storage_error(exc)
+    if isinstance(exc, NonFiniteLogits):
+        if exc.edited:
+            return APIError(str(exc), param=interventions_param, code="non_finite_values")
+        return APIError(str(exc), status=HTTPStatus.INTERNAL_SERVER_ERROR, code="non_finite_values")
     return None
 
 
@@ -106,12 +123,40 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def closing_chunk(base: dict, usage_: Usage | None, activations: ActivationsRef | None) -> dict | None:
-    """The last chunk of a stream, with no choices: the usage (if asked) and a generate-mode capture."""
-    extra = activation_fields(activations)
-    if usage_ is not None:
-        extra["usage"] = dump(usage_)
-    return {**base, "choices": [], **extra} if extra else None
+async def place_activations(items: AsyncIterator[dict | ActivationsRef]) -> AsyncIterator[dict]:
+    """Chunks with a request's captured ``activations`` on a chunk that has choices.
+
+    ``items``: a stream's chunks, with its :class:`ActivationsRef` where it became known
+    (before every chunk in trace mode, after the last choice's finish in generate mode). It
+    rides on the next chunk with choices, or on the last finish chunk, which waits for it: a
+    client's usual ``chunk.choices[0]`` never meets a chunk without choices it did not ask for
+    (only ``stream_options.include_usage`` adds one, last, as OpenAI does). A finish chunk waits
+    at most one step (a generate-mode capture also reads the final token)."""
+    held: dict | None = None  # a finish chunk that may carry activations still to come
+    pending: ActivationsRef | None = None  # activations for the next chunk with choices
+    async for item in items:
+        if isinstance(item, ActivationsRef):
+            if held is not None:
+                yield {**held, **activation_fields(item)}
+                held = None
+            else:
+                pending = item
+            continue
+        if held is not None:
+            yield held
+            held = None
+        if not item["choices"]:
+            yield item
+            continue
+        if pending is not None:
+            item = {**item, **activation_fields(pending)}
+            pending = None
+        if item["choices"][0].get("finish_reason") is not None:
+            held = item
+        else:
+            yield item
+    if held is not None:
+        yield held
 
 
 async def leading_capture(items, trace: bool) -> tuple[CaptureResult | None, AsyncIterator]:
@@ -145,7 +190,7 @@ async def generate(engine: Engine, job: GenerationJob) -> GenerationResult:
     or storage work becomes its OpenAI error."""
     try:
         result = await engine.generate(job)
-    except (torch.OutOfMemoryError, OSError, UnsafeSaveDir, QueueFull, RequestTimedOut) as exc:
+    except ENGINE_FAILURES as exc:
         raise engine_error(exc) from exc
     note_first_token(job.first_token_at)
     note_tokens(result.prompt_tokens, result.completion_tokens)

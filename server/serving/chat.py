@@ -15,6 +15,7 @@ from ..engine.capture import CapturePlan, CaptureResult
 from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
+    ActivationsRef,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -28,7 +29,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import activation_fields, closing_chunk, generate, leading_capture, stream, usage
+from .base import generate, leading_capture, place_activations, stream, usage
 from .capture_planning import extra_step
 from .parts import ServingParts
 
@@ -135,17 +136,22 @@ class ChatServing:
             ndif=activations,
         )
 
-    async def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
-        """Role chunk per choice, deltas, one finish chunk per choice, then optional usage.
+    def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
+        """Role chunk per choice, deltas, one finish chunk per choice, then the usage if asked.
 
-        Captured ``activations`` ride on the first chunk in trace mode, on a last chunk with no
-        choices (beside the usage, if asked) in generate mode. (A trace-mode capture is kept
-        if the stream fails later: its id has already reached the client.)
+        Captured ``activations`` ride on the first chunk in trace mode, on the last finish
+        chunk in generate mode (``place_activations``). (A trace-mode capture is kept if the
+        stream fails later: its id has already reached the client.)
         """
+        return place_activations(self._chunks(prepared))
+
+    async def _chunks(self, prepared: PreparedChat) -> AsyncIterator[dict | ActivationsRef]:
         request, job = prepared.request, prepared.job
         trace = prepared.capture is not None and prepared.capture.mode == "trace"
         captured, items = await leading_capture(stream(self.engine, job), trace)
         activations = self.captures.activations_ref(captured)
+        if activations is not None:
+            yield activations
         base = {
             "id": prepared.id,
             "object": "chat.completion.chunk",
@@ -160,10 +166,7 @@ class ChatServing:
             return {**base, "choices": [choice]}
 
         for index in range(job.params.n):
-            first = chunk(index, {"role": "assistant", "content": ""})
-            if index == 0:
-                first.update(activation_fields(activations))
-            yield first
+            yield chunk(index, {"role": "assistant", "content": ""})
         async for item in items:
             if isinstance(item, CaptureResult):
                 continue
@@ -173,13 +176,14 @@ class ChatServing:
                     yield chunk(item.index, {"content": item.text}, logprobs)
                 if item.finish_reason:
                     yield chunk(item.index, {}, None, item.finish_reason)
-            else:  # the final GenerationResult
-                totals = usage(item.prompt_tokens, item.completion_tokens) if request.include_usage else None
-                # generate mode: the capture is known now
-                captured = None if trace else self.captures.activations_ref(item.capture)
-                last = closing_chunk(base, totals, captured)
-                if last is not None:
-                    yield last
+            else:  # the final GenerationResult: a generate-mode capture is known now
+                if not trace:
+                    captured = self.captures.activations_ref(item.capture)
+                    if captured is not None:
+                        yield captured
+                if request.include_usage:
+                    totals = usage(item.prompt_tokens, item.completion_tokens)
+                    yield {**base, "choices": [], "usage": dump(totals)}
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict:

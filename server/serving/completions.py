@@ -16,6 +16,7 @@ from ..engine.capture import CapturePlan, CaptureResult
 from ..engine.job import GenerationJob, GenerationResult, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
+    ActivationsRef,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -24,7 +25,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import activation_fields, closing_chunk, generate, leading_capture, out_of_memory, stream, usage
+from .base import generate, leading_capture, out_of_memory, place_activations, stream, usage
 from .capture_planning import extra_step
 from .parts import ServingParts
 
@@ -169,12 +170,13 @@ class CompletionServing:
             ndif=activations,
         )
 
-    async def chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict]:
-        """Per prompt: the echo (if asked), then its choices' deltas and finish; then optional usage.
+    def chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict]:
+        """Per prompt: the echo (if asked), then its choices' deltas and finish; then the usage
+        if asked. Captured ``activations`` ride on the first chunk in trace mode, on the last
+        finish chunk in generate mode (``place_activations``)."""
+        return place_activations(self._chunks(prepared))
 
-        When capturing, a chunk with no choices carries ``activations``: first in trace mode,
-        last (with the usage, if asked) in generate mode.
-        """
+    async def _chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict | ActivationsRef]:
         request = prepared.request
         trace = prepared.capture is not None and prepared.capture.mode == "trace"
         first_items = stream(self.engine, prepared.prompts[0].job)  # a trace-mode capture comes first
@@ -189,7 +191,7 @@ class CompletionServing:
         if request.include_usage:
             base["usage"] = None
         if activations is not None:  # trace mode
-            yield {**base, "choices": [], **activation_fields(activations)}
+            yield activations
 
         def chunk(
             index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None
@@ -219,8 +221,9 @@ class CompletionServing:
                 if isinstance(item, GenerationResult):
                     prompt_tokens += item.prompt_tokens
                     completion_tokens += item.completion_tokens
-                    if not trace:
-                        activations = activations or self.captures.activations_ref(item.capture)
+                    generated = None if trace else self.captures.activations_ref(item.capture)
+                    if generated is not None:
+                        yield generated
                     continue
                 logprobs = None
                 if item.logprobs:
@@ -229,11 +232,8 @@ class CompletionServing:
                     offsets[item.index] = _end_offset(logprobs, start)
                 if item.text or logprobs or item.finish_reason:
                     yield chunk(item.index, item.text, logprobs, item.finish_reason)
-        totals = usage(prompt_tokens, completion_tokens) if request.include_usage else None
-        generated = activations if prepared.capture and prepared.capture.mode == "generate" else None
-        last = closing_chunk(base, totals, generated)
-        if last is not None:
-            yield last
+        if request.include_usage:
+            yield {**base, "choices": [], "usage": dump(usage(prompt_tokens, completion_tokens))}
 
     def _logprobs(self, logprobs: list[TokenLogprob], start: int = 0) -> CompletionLogprobs:
         """OpenAI's completions shape; text_offset is the summed length of the tokens' texts before."""

@@ -27,13 +27,10 @@ import logging
 from dataclasses import dataclass
 
 import jinja2
-import torch
 
-from ..engine.engine import RequestTimedOut
 from ..engine.job import FINISH_STOP
 from ..engine.lda import LdaJob, LdaResult
 from ..engine.memory import estimate_lda, format_size
-from ..engine.scheduler import QueueFull
 from ..errors import APIError
 from ..middleware import note_tokens
 from ..protocol import completion_id, now
@@ -49,8 +46,7 @@ from ..protocol_lda import (
     LdaRowResult,
     LdaTokenStats,
 )
-from ..storage import UnsafeSaveDir
-from .base import engine_error, usage
+from .base import ENGINE_FAILURES, engine_error, usage
 from .parts import ServingParts
 
 logger = logging.getLogger(__name__)
@@ -231,8 +227,8 @@ class LdaServing:
         )
         try:
             result = await self.engine.lda(job)
-        except (torch.OutOfMemoryError, OSError, UnsafeSaveDir, QueueFull, RequestTimedOut) as exc:
-            raise engine_error(exc) from exc
+        except ENGINE_FAILURES as exc:
+            raise engine_error(exc, interventions_param="before.interventions") from exc
         note_tokens(
             sum(len(ids) for ids in after_ids + before_ids), sum(len(row.token_ids) for row in result.rows)
         )

@@ -47,3 +47,39 @@ def test_a_client_that_hangs_up_mid_stream_leaves_no_capture_behind(embedded_ser
             json={"model": model_id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
         )
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 3
+
+
+def test_pooled_connections_stay_usable_after_errors(embedded_server, model_id):
+    """The official client on one pooled connection, retries off: after a refused request, an
+    intervention that overflows (answered and streamed) and an unknown route, every next request
+    on the same pool succeeds."""
+    import openai
+
+    overflow = {"interventions": [{"type": "scale", "module": "lm_head.output", "factor": 1e39}]}
+    messages = [{"role": "user", "content": "Say hi."}]
+    with httpx.Client(timeout=120) as pool:
+        client = openai.OpenAI(
+            base_url=f"{embedded_server.url}/v1", api_key="none", max_retries=0, http_client=pool
+        )
+
+        def plain() -> str:
+            reply = client.chat.completions.create(
+                model=model_id, messages=messages, max_tokens=2, temperature=0
+            )
+            return reply.choices[0].message.content
+
+        create = client.chat.completions.create
+        failures = [
+            lambda: create(model=model_id, messages=messages, n=10_000),
+            lambda: create(model=model_id, messages=messages, max_tokens=2, extra_body=overflow),
+            lambda: list(
+                create(model=model_id, messages=messages, max_tokens=2, stream=True, extra_body=overflow)
+            ),
+            lambda: client.models.retrieve("no-such-model-route/x"),
+        ]
+        for fail in failures:
+            try:
+                fail()
+            except (openai.APIError, RuntimeError):
+                pass
+            assert [plain() for _ in range(3)]

@@ -323,7 +323,17 @@ def test_generate_capture_positions(client, tiny_tokenizer, positions):
     assert entry["token_ids"] == [full_manifest["tensors"][0]["token_ids"][p] for p in expected]
 
 
-def test_generate_capture_stream_carries_activations_last(client):
+def stream_chunks(client, path: str, body: dict) -> list[dict]:
+    with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, response.read()
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_generate_capture_stream_carries_activations_on_the_last_finish_chunk(client):
+    """The capture is known when the job ends: it rides on the finish chunk; the usage chunk
+    (asked for) comes after, as the only chunk without choices."""
     body = {
         "messages": HELLO,
         "max_tokens": 6,
@@ -332,16 +342,34 @@ def test_generate_capture_stream_carries_activations_last(client):
         "stream_options": {"include_usage": True},
         "capture": {"mode": "generate", "layers": [0], "hook_points": ["resid_post"]},
     }
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
-    chunks = [json.loads(e) for e in events[:-1]]
-    assert "activations" not in chunks[0] and chunks[-1]["choices"] == []
-    activations = chunks[-1]["activations"]
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    chunks = stream_chunks(client, "/v1/chat/completions", body)
+    assert [c for c in chunks if not c["choices"]] == [chunks[-1]] and "usage" in chunks[-1]
+    carrying = [c for c in chunks if "activations" in c]
+    assert carrying == [chunks[-2]] and chunks[-2]["choices"][0]["finish_reason"] is not None
+    activations = chunks[-2]["activations"]
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1] if c["choices"][0]["index"] == 0
+    )
     whole = client.post("/v1/chat/completions", json={**body, "stream": False, "stream_options": None}).json()
     assert text == whole["choices"][0]["message"]["content"]
     stored = tensor(client, activations["id"], "layers.0.resid_post")
     assert stored.shape[0] == chunks[-1]["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("mode", ["trace", "generate"])
+def test_a_capturing_stream_never_sends_a_chunk_without_choices_unasked(client, path, mode):
+    """The usual client loop reads ``chunk.choices[0]`` of every chunk: with capture on (a
+    request's own, or the server-wide settings) and no usage asked, every chunk has a choice,
+    and one of them names the capture."""
+    body = {"max_tokens": 4, "temperature": 0, "stream": True,
+            "capture": {"mode": mode, "layers": [0], "hook_points": ["resid_post"]}}  # fmt: skip
+    body.update({"messages": HELLO} if "chat" in path else {"prompt": "Hello there"})
+    chunks = stream_chunks(client, path, body)
+    assert all(c["choices"] for c in chunks)
+    (carrying,) = [c for c in chunks if "activations" in c]
+    assert carrying is (chunks[0] if mode == "trace" else chunks[-1])
+    assert carrying["ndif"] == carrying["activations"]
 
 
 def test_generate_capture_that_fails_midway_leaves_nothing(client, activations_dir, monkeypatch):

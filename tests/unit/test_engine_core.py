@@ -94,3 +94,30 @@ def test_lda_rows_and_chat_jobs_share_one_batch_each_as_alone(loaded):
     assert [r.choices[0].token_ids for r in together[:2]] == plain
     alone = hf_generate(loaded, GenerationJob([11, 12, 13], chat.params))
     assert [c.token_ids for c in together[2].choices] == [c.token_ids for c in alone.choices]
+
+
+def test_a_job_whose_logits_go_non_finite_ends_alone(loaded):
+    """An edit that overflows the dtype ends its own job with NonFiniteLogits; the job batched
+    beside it gets what it gets alone."""
+    from interventions import Edit
+    from server.engine.sampler import NonFiniteLogits
+
+    (point,) = HookResolver(loaded.hf_model, find_layers(loaded.hf_model)).resolve(
+        layers=None, hook_points=None, modules=["lm_head.output"]
+    )
+    overflow = Edit(point=point, operation="scale", factor=1e39)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=2)
+    broken, neighbour = run_in_loop(
+        loaded, [GenerationJob([1, 2, 3], params, edits=(overflow,)), GenerationJob([4, 5, 6, 7], params)]
+    )
+    assert isinstance(broken, NonFiniteLogits) and broken.edited and broken.step == 0
+    (alone,) = run_in_loop(loaded, [GenerationJob([4, 5, 6, 7], params)])
+    assert neighbour.choices[0].token_ids == alone.choices[0].token_ids
+
+
+def test_a_logprob_of_minus_infinity_is_reported_as_the_floor():
+    from server.engine.sampler import LOGPROB_FLOOR, chosen_logprobs
+
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    (entry,) = chosen_logprobs(logits, torch.tensor([2]), top_k=3)
+    assert entry.top[-1] == (1, LOGPROB_FLOOR)

@@ -282,3 +282,41 @@ def test_more_refusals(client, item, param):
     response = client.post("/v1/chat/completions", json={"messages": HELLO, "interventions": [item]})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+# -- values past the dtype ---------------------------------------------------------------
+
+OVERFLOW = [{"type": "scale", "module": "lm_head.output", "factor": 1e39}]  # past float32's 3.4e38
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0, "logprobs": True}, {"temperature": 1.0, "seed": 3}])
+def test_an_intervention_that_overflows_is_a_400_naming_interventions(client, sampling):
+    body = {"messages": HELLO, "max_tokens": 3, "interventions": OVERFLOW, **sampling}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "interventions" and error["code"] == "non_finite_values"
+    assert "generated token 0" in error["message"] and "scale at lm_head.output" in error["message"]
+    assert text(client, []) != ""  # the server keeps serving
+
+
+def test_a_stream_that_overflows_ends_with_one_valid_error_event(client):
+    import json
+
+    body = {"messages": HELLO, "max_tokens": 3, "logprobs": True, "stream": True, "interventions": OVERFLOW}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+
+    def strict(constant):  # JSON has no NaN or Infinity; Python's parser would take them
+        raise ValueError(f"not JSON: {constant}")
+
+    parsed = [json.loads(e, parse_constant=strict) for e in events[:-1]]
+    assert parsed[-1]["error"]["param"] == "interventions"
+
+
+def test_lda_that_overflows_names_the_before_sides_interventions(client):
+    body = {"prompt": "Hello", "before": {"interventions": OVERFLOW}, "alpha": 1.0, "max_tokens": 2}
+    response = client.post("/v1/lda", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "before.interventions"
