@@ -72,7 +72,8 @@ def _flag_error(error: dict) -> str:
 def preflight(settings: Settings, *, check_port: bool = True) -> None:
     """The checks that need no model: the port is free, ``--model`` and ``--lda-before`` name
     something that exists, ``--adapter`` is a PEFT folder the installed peft and transformers
-    can switch off, ``--quantization`` has bitsandbytes installed.
+    can switch off, ``--quantization`` has bitsandbytes installed, ``--chat-template`` is a
+    readable Jinja template.
 
     Raises:
         StartupRefused: with the reason.
@@ -80,6 +81,7 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
     from .engine.loading import (
         ModelLoadError,
         check_adapter_support,
+        check_chat_template,
         check_model_source,
         check_quantization_support,
     )
@@ -93,6 +95,8 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         if settings.adapter is not None:
             check_adapter_support(settings.adapter)
         check_quantization_support(settings.quantization)
+        if settings.chat_template is not None:
+            check_chat_template(settings.chat_template)
     except ModelLoadError as exc:
         raise StartupRefused(str(exc)) from None
 

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     )
     vectors_dir: Path = Field(Path("vectors"), description="Root of the vector store.")
     max_vectors: int = Field(10_000, ge=1, description="Most vectors the store keeps.")
+    chat_template: Path | None = Field(
+        None,
+        description="A Jinja chat template file that replaces the model's own (vLLM's flag). "
+        "Clients cannot send templates.",
+    )
     adapter: Path | None = Field(
         None,
         description="PEFT (LoRA) adapter folder injected into the served weights; LDA can switch it off.",

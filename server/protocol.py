@@ -4,8 +4,9 @@ Requests validate and convert themselves: ``sampling_params()`` turns a
 request into the engine's :class:`~server.engine.job.SamplingParams`,
 raising :class:`~server.errors.APIError` naming the parameter at fault.
 OpenAI's fields come first, in OpenAI's order; our extensions follow in one
-block, each with a description. Unknown fields are accepted (clients send
-many) and logged once per request.
+block, each with a description. A field of OpenAI's or vLLM's spec that is not
+implemented is refused with a 400 naming it (``protocol_fields.py``); fields in
+neither spec are accepted (clients send many) and logged once per request.
 
 Validation is strict: JSON types must match (``true`` is not the integer 1,
 ``"5"`` is not a number), floats must be finite, and text must be valid
@@ -14,17 +15,20 @@ Unicode (a lone surrogate escape such as ``"\ud800"`` cannot be tokenized).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from interventions import InterventionRequest
 
+from .engine.engine import ChatOptions
 from .engine.job import SamplingParams
 from .errors import APIError
+from .protocol_fields import NO_EFFECT, REFUSED, check_refused
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,13 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
 GREEDY_BELOW_TEMPERATURE = 1e-5  # dividing logits by less overflows: sample greedily instead
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# What transformers' apply_chat_template sets itself or takes as its own arguments: a request
+# sets these through its fields (messages, tools, add_generation_prompt, ...), not as variables.
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "conversation", "conversations", "tools", "documents", "chat_template",
+    "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
 
 
 def _encodable(text: str) -> str:
@@ -45,6 +56,7 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class StrictModel(BaseModel):
@@ -58,8 +70,9 @@ class OpenAIModel(StrictModel):
 
     @model_validator(mode="after")
     def _log_unknown_fields(self):
-        if self.model_extra:
-            logger.info("ignoring unknown request fields: %s", ", ".join(sorted(self.model_extra)))
+        unknown = sorted(set(self.model_extra or ()) - set(REFUSED) - set(NO_EFFECT))  # both: by name
+        if unknown:
+            logger.info("ignoring unknown request fields: %s", ", ".join(unknown))
         return self
 
 
@@ -195,9 +208,15 @@ class NdifOverrides(StrictModel):
 class _SamplingFields(OpenAIModel):
     """Fields chat and completions share, and their conversion to SamplingParams."""
 
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Minus this x each token's count in the output so far."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Minus this for each token that is in the output so far."
+    )
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None
+    ) = Field(None, description="Token id (as a string) -> a bias added to its logit, -100 to 100.")
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -213,6 +232,22 @@ class _SamplingFields(OpenAIModel):
     ignore_eos: bool = Field(
         False, description="Keep generating past the end-of-sequence token until max_tokens."
     )
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="Divide (>1: discourage) the logits of tokens already in the "
+        "prompt or output (HF's repetition_penalty; 1: off).",
+    )
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="Drop tokens whose probability is below min_p x the top one's (0: off)."
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="Generate at least this many tokens before EOS or stop_token_ids."
+    )
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = Field(
+        None, description="More token ids that end a choice (finish_reason stop), besides EOS."
+    )
     capture: CaptureRequest | None = Field(
         None, description="Capture activations while answering; the response names the stored tensors."
     )
@@ -226,20 +261,48 @@ class _SamplingFields(OpenAIModel):
         None, description="Names of stored intervention presets, applied before `interventions`."
     )
 
+    ENDPOINT: ClassVar[str] = ""  # "chat" or "completions": which fields of protocol_fields.REFUSED apply
+
     def _check_unsupported(self) -> None:
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise APIError(f"{name} is not supported by this server; omit it or send 0", param=name)
-        if self.logit_bias:
-            raise APIError("logit_bias is not supported by this server", param="logit_bias")
+        check_refused(self.ENDPOINT, self.model_extra or {})
+
+    def _token_ids(self, vocab_size: int) -> tuple[tuple[tuple[int, float], ...], tuple[int, ...]]:
+        """``logit_bias`` and ``stop_token_ids`` as ids of this model's logits."""
+        bias = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(
+                    f"logit_bias keys are token ids from 0 to {vocab_size - 1} (got {key[:40]!r})",
+                    param="logit_bias",
+                )
+            bias.append((int(key), value))
+        for token in self.stop_token_ids or ():
+            if token >= vocab_size:
+                raise APIError(
+                    f"stop_token_ids holds {token}; this model's ids run from 0 to {vocab_size - 1}",
+                    param="stop_token_ids",
+                )
+        return tuple(bias), tuple(dict.fromkeys(self.stop_token_ids or ()))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def sampling_params(self, *, max_tokens: int, logprobs: int | None, max_n: int) -> SamplingParams:
+    def sampling_params(
+        self, *, max_tokens: int, logprobs: int | None, max_n: int, vocab_size: int
+    ) -> SamplingParams:
+        """The engine's sampling parameters; ``vocab_size``: the width of the model's logits.
+
+        Raises:
+            APIError: a refused field, or a value this model or request cannot take.
+        """
         self._check_unsupported()
+        logit_bias, stop_token_ids = self._token_ids(vocab_size)
+        if self.min_tokens and self.min_tokens > max_tokens:
+            raise APIError(
+                f"min_tokens ({self.min_tokens}) is more than max_tokens ({max_tokens})", param="min_tokens"
+            )
         if self.n > max_n:
             raise APIError(f"n must be at most {max_n} on this server", param="n")
         if self.stream_options is not None and not self.stream:
@@ -257,6 +320,13 @@ class _SamplingFields(OpenAIModel):
             seed=None if self.seed is None else self.seed % 2**63,
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
+            logit_bias=logit_bias,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            min_tokens=self.min_tokens or 0,
+            min_p=self.min_p or 0.0,
+            stop_token_ids=stop_token_ids,
         )
 
     @property
@@ -267,6 +337,8 @@ class _SamplingFields(OpenAIModel):
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
+    ENDPOINT: ClassVar[str] = "chat"
+
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     logprobs: bool = False
@@ -275,6 +347,54 @@ class ChatCompletionRequest(_SamplingFields):
         None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens."
     )
     max_completion_tokens: int | None = Field(None, ge=1)
+    # -- vLLM's chat fields (not in the OpenAI API) --
+    add_generation_prompt: bool = Field(
+        True, description="End the prompt with the header of the assistant's reply (the template's flag)."
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Leave the final (assistant) message open so the reply continues it (prefill); "
+        "needs add_generation_prompt false.",
+    )
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = Field(
+        None, description='More variables for the chat template, e.g. {"enable_thinking": false}.'
+    )
+
+    @field_validator("chat_template_kwargs", mode="after")
+    @classmethod
+    def _no_reserved_template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:  # keys and values end up in the prompt text: valid Unicode only
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate escape)") from None
+        for key in value or {}:
+            if key in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(
+                    f"{key!r} is set by the server (from messages and the request's own fields), "
+                    "not through chat_template_kwargs"
+                )
+        return value
+
+    def chat_options(self) -> ChatOptions:
+        """How to render the messages (vLLM's rules: prefill continues an assistant message)."""
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError(
+                    "continue_final_message and add_generation_prompt cannot both be true: send "
+                    "add_generation_prompt false to continue the final message",
+                    param="add_generation_prompt",
+                )
+            if self.messages[-1].role != "assistant":
+                raise APIError(
+                    "continue_final_message continues the final message, which must be the assistant's "
+                    f"(it is {self.messages[-1].role!r})",
+                    param="continue_final_message",
+                )
+        return ChatOptions(
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            template_kwargs=dict(self.chat_template_kwargs or {}),
+        )
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(value, the name the client used) -- max_completion_tokens wins when both are sent."""
@@ -297,6 +417,8 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
+
+    ENDPOINT: ClassVar[str] = "completions"
 
     model: str | None = None
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(

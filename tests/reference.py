@@ -46,7 +46,7 @@ class _RawLogprobs(LogitsProcessor):
 class _Stop(StoppingCriteria):
     def __init__(self, job: GenerationJob, tokenizer, eos_ids, recorder: _RawLogprobs | None) -> None:
         self.params = job.params
-        self.eos = frozenset() if job.params.ignore_eos else eos_ids
+        self.eos = (frozenset() if job.params.ignore_eos else eos_ids) | frozenset(job.params.stop_token_ids)
         self.recorder = recorder
         self.texts = [CompletionText(tokenizer, job.params.stop) for _ in range(job.params.n)]
         self.tokens: list[list[int]] = [[] for _ in range(job.params.n)]
@@ -74,7 +74,10 @@ class _Stop(StoppingCriteria):
 
 
 def hf_generate(loaded, job: GenerationJob) -> GenerationResult:
-    """The job's choices from HF ``generate`` on the served module (plain jobs only)."""
+    """The job's choices from HF ``generate`` on the served module (plain jobs only), with HF's
+    own logits processors for ``logit_bias``, ``repetition_penalty``, ``min_tokens`` and
+    ``min_p`` (frequency and presence penalties have none in HF). With any of those the
+    recorded logprobs are of the processed logits (HF runs them before custom processors)."""
     params = job.params
     model = loaded.hf_model
     device = next(model.parameters()).device
@@ -91,8 +94,18 @@ def hf_generate(loaded, job: GenerationJob) -> GenerationResult:
             "top_k": params.top_k,
         }
     )
+    processors = {}  # HF's own processors for the request's (frequency/presence have none in HF)
+    if params.logit_bias:
+        processors["sequence_bias"] = {(token,): bias for token, bias in params.logit_bias}
+    if params.repetition_penalty != 1.0:
+        processors["repetition_penalty"] = params.repetition_penalty
+    if params.min_tokens:
+        processors["min_new_tokens"] = params.min_tokens
+        processors["eos_token_id"] = sorted(stop.eos)
+    if params.min_p and not params.greedy:
+        processors["min_p"] = params.min_p
     config = GenerationConfig(
-        max_new_tokens=params.max_tokens, pad_token_id=loaded.tokenizer.pad_token_id, **sampling
+        max_new_tokens=params.max_tokens, pad_token_id=loaded.tokenizer.pad_token_id, **sampling, **processors
     )
     if params.max_tokens > 0:
         with torch.random.fork_rng():

@@ -26,9 +26,10 @@ import asyncio
 import copy
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,7 +38,7 @@ from .hf_runtime import decode_loop
 from .hooks import HookPoint, HookResolver
 from .job import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob
 from .lda import LdaJob, LdaResult
-from .loading import LoadedModel, check_same_vocabulary, load_model
+from .loading import LoadedModel, check_chat_template, check_same_vocabulary, load_model
 from .memory import MemoryLog, ModelShape, estimate
 from .scheduler import Scheduler
 from .scoring import score_prompt
@@ -51,6 +52,21 @@ logger = logging.getLogger(__name__)
 NO_JOIN_BATCH_WINDOW_S = 0.01
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation becomes a prompt (vLLM's chat request fields): end with the header of
+    the assistant's reply (``add_generation_prompt``), or leave the final (assistant) message
+    open so the reply continues it (``continue_final_message``); ``template_kwargs``: more
+    variables for the template (``chat_template_kwargs``, e.g. ``enable_thinking``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_CHAT = ChatOptions()
 
 
 class RequestTimedOut(TimeoutError):
@@ -72,9 +88,11 @@ class Engine:
         request_timeout: float | None = None,
         memory_room: int | None = None,
         scheduler: Scheduler | None = None,
+        chat_template: str | None = None,
     ) -> None:
         """``scheduler``: the one this engine's model was loaded on (``from_settings``); by
-        default a new one."""
+        default a new one. ``chat_template``: a Jinja template that replaces the model's own
+        (``--chat-template``)."""
         self.built_on_thread = threading.get_ident()  # from_settings: the worker (see there)
         self.loaded = loaded
         self.before = before  # LDA's second checkpoint, if one was loaded (same vocabulary)
@@ -90,6 +108,8 @@ class Engine:
             context_length(before.hf_model.config, before.tokenizer, max_model_len) if before else None
         )
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
+        if chat_template is not None:
+            self.prompt_tokenizer.chat_template = chat_template
         self.vocabulary: Vocabulary = build_vocabulary(loaded.tokenizer)
         self.request_timeout = request_timeout
         if scheduler is None:
@@ -165,6 +185,7 @@ class Engine:
             before=before,
             request_timeout=settings.request_timeout or None,
             scheduler=scheduler,
+            chat_template=check_chat_template(settings.chat_template) if settings.chat_template else None,
         )
         if settings.memory_budget is not None:  # what a batch's jobs may add together
             engine.scheduler.memory_room = max(0, settings.memory_budget - engine.resident_weight_bytes)
@@ -191,20 +212,31 @@ class Engine:
     async def _on_prompt_thread(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.wrap_future(self._prompt_executor.submit(fn, *args))
 
-    async def render_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation in the model's chat template, ready for the reply."""
+    async def render_chat(self, messages: list[dict], options: ChatOptions = DEFAULT_CHAT) -> list[int]:
+        """Token ids of a conversation in the chat template (``options``: how)."""
+        return (await self.format_prompt(messages, None, options))[1]
 
-        return (await self.format_prompt(messages, None))[1]
-
-    async def format_prompt(self, messages: list[dict] | None, text: str | None) -> tuple[str, list[int]]:
+    async def format_prompt(
+        self, messages: list[dict] | None, text: str | None, options: ChatOptions = DEFAULT_CHAT
+    ) -> tuple[str, list[int]]:
         """The text the model will see and its token ids: ``messages`` in the chat template, or
-        ``text`` encoded as is (with the tokenizer's own special tokens, e.g. BOS)."""
+        ``text`` encoded as is (with the tokenizer's own special tokens, e.g. BOS).
+
+        Raises:
+            jinja2.TemplateError: the template refused the messages (or its variables).
+            ValueError: transformers refused the options (e.g. continuing a final message that
+                is not the assistant's).
+        """
 
         def render() -> tuple[str, list[int]]:
             tokenizer = self.prompt_tokenizer
             if messages is not None:
                 formatted = tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
+                    messages,
+                    add_generation_prompt=options.add_generation_prompt,
+                    continue_final_message=options.continue_final_message,
+                    tokenize=False,
+                    **options.template_kwargs,
                 )
                 # The template already holds any BOS text; don't add a second one.
                 return formatted, tokenizer.encode(formatted, add_special_tokens=False)

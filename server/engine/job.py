@@ -43,6 +43,24 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: off; k: the chosen token's logprob and k alternatives
     ignore_eos: bool = False
+    # logits processors (sampler.process), each off at its default
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    repetition_penalty: float = 1.0  # HF/CTRL: > 1 discourages tokens of the prompt and output
+    frequency_penalty: float = 0.0  # OpenAI/vLLM: minus this x the token's count in the output
+    presence_penalty: float = 0.0  # OpenAI/vLLM: minus this if the token is in the output
+    min_tokens: int = 0  # EOS and stop_token_ids masked until this many tokens
+    min_p: float = 0.0  # a warper, after top_p: drop tokens below min_p x the top probability
+    stop_token_ids: tuple[int, ...] = ()  # more ids that end a choice (finish_reason "stop")
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether a processor reads the tokens so far (the loop keeps them only then)."""
+        return (
+            self.repetition_penalty != 1.0
+            or bool(self.frequency_penalty)
+            or bool(self.presence_penalty)
+            or self.min_tokens > 0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -144,7 +162,7 @@ class RowState:
 
     text: CompletionText
     max_tokens: int
-    eos_ids: frozenset[int]  # empty with ignore_eos
+    eos_ids: frozenset[int]  # ids that end it: EOS (unless ignore_eos) and stop_token_ids
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stats: list[TokenStats] = field(default_factory=list)
@@ -153,7 +171,7 @@ class RowState:
     @classmethod
     def for_job(cls, job: GenerationJob, tokenizer, eos_ids: frozenset[int]) -> list[RowState]:
         params = job.params
-        eos = frozenset() if params.ignore_eos else eos_ids
+        eos = (frozenset() if params.ignore_eos else eos_ids) | frozenset(params.stop_token_ids)
         return [cls(CompletionText(tokenizer, params.stop), params.max_tokens, eos) for _ in range(params.n)]
 
     @property

@@ -265,6 +265,26 @@ def check_adapter_support(adapter: Path) -> None:
         )
 
 
+def check_chat_template(path: Path) -> str:
+    """The text of a ``--chat-template`` file, once it is known to be a Jinja template.
+
+    Raises:
+        ModelLoadError: the file cannot be read or does not parse.
+    """
+    import jinja2
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"--chat-template {path}: cannot read it: {exc}") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelLoadError(
+            f"--chat-template {path}: not a Jinja template: line {exc.lineno}: {exc.message}"
+        ) from None
+    return text
+
+
 def check_quantization_support(quantization: str | None) -> None:
     """Fail fast where ``--quantization`` cannot work: an unknown method, or bitsandbytes not
     installed (it has kernels for CUDA and CPU, the devices ``--device`` takes).

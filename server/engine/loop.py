@@ -45,7 +45,7 @@ from .capture import CaptureRecorder, CaptureResult
 from .job import ChoiceDelta, GenerationJob, GenerationResult, RowState, TokenStats
 from .lda import amplify, token_stats
 from .runtime import RowGroup, Runtime, RuntimeBatch
-from .sampler import check_finite, chosen_logprobs, generator_for, sample
+from .sampler import check_finite, chosen_logprobs, generator_for, process, sample
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class _Running:
         self.job = job
         self.rows = RowState.for_job(job, loop.tokenizer, loop.eos_ids)
         self.generator = generator_for(job.params, loop.runtime.device)
+        # the tokens so far, [n, prompt + generated], where a logits processor reads them
+        self.history = (
+            torch.tensor([list(job.prompt_ids)] * job.params.n, device=loop.runtime.device)
+            if job.params.needs_history
+            else None
+        )
         self.recorder = (
             CaptureRecorder(job.capture, len(job.prompt_ids), loop.capture_facts(job))
             if job.capture is not None
@@ -121,11 +127,14 @@ class _Running:
         if job.lda is not None:
             before = logits[job.lda.weights + ":before"].to(after.device)
             check_finite(before, step=job.steps, side="before")
-            tokens = sample(amplify(after, before, job.lda.alpha), params, self.generator)
-            stats = token_stats(after, before, tokens) if job.lda.token_stats else None
+            scores = amplify(after, before, job.lda.alpha)
         else:
-            tokens = sample(after, params, self.generator)
-            stats = None
+            before, scores = None, after
+        scores = process(scores, params, self.history, len(job.prompt_ids), self.rows[0].eos_ids)
+        tokens = sample(scores, params, self.generator)
+        stats = token_stats(after, before, tokens) if before is not None and job.lda.token_stats else None
+        if self.history is not None:
+            self.history = torch.cat([self.history, tokens[:, None]], dim=1)
         logprobs = chosen_logprobs(after, tokens, params.logprobs) if params.logprobs is not None else None
         job.steps += 1
         if job.first_token_at is None:

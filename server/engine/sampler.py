@@ -3,8 +3,14 @@
 Pure functions over float32 ``[rows, vocab]`` logits, called once per job per step by
 the decode loop (``loop.py``) whatever runs the forward pass:
 
+* :func:`process`: the request's logits processors, in HF ``generate``'s order: ``logit_bias``
+  (added, as HF's ``SequenceBiasLogitsProcessor`` does for one-token sequences),
+  ``repetition_penalty`` (HF's ``RepetitionPenaltyLogitsProcessor``: prompt and output,
+  Keskar et al. 2019, "CTRL"), ``frequency_penalty`` and ``presence_penalty`` (OpenAI's
+  formula as vLLM applies it: output tokens only), ``min_tokens`` (HF's
+  ``MinNewTokensLengthLogitsProcessor`` over EOS and ``stop_token_ids``);
 * :func:`sample`: argmax when greedy; else HF ``generate``'s own warpers in its order
-  (temperature, top-k, top-p; transformers' classes), softmax, and one
+  (temperature, top-k, top-p, min-p; transformers' classes), softmax, and one
   ``torch.multinomial`` draw over the job's rows from the job's generator (seeded
   ``seed``), or the global RNG when unseeded. One draw over the rows, as HF draws for
   a batch, is what makes a seeded job equal HF ``generate`` after
@@ -24,7 +30,14 @@ docs/architecture.md for a worked example.
 from __future__ import annotations
 
 import torch
-from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .job import SamplingParams, TokenLogprob
 
@@ -72,22 +85,57 @@ def generator_for(params: SamplingParams, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
+def process(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    history: torch.Tensor | None,
+    prompt_len: int,
+    stop_ids: frozenset[int],
+) -> torch.Tensor:
+    """Float32 ``[rows, vocab]`` logits after the request's logits processors (see the module
+    docstring for the order and sources); a new tensor where any applies, ``logits`` itself
+    where none does.
+
+    ``history``: ``[rows, prompt_len + generated]`` token ids, needed where
+    ``params.needs_history``; ``stop_ids``: what ``min_tokens`` holds back (EOS unless
+    ``ignore_eos``, and ``stop_token_ids``)."""
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias], device=logits.device)
+        bias = torch.tensor(
+            [value for _, value in params.logit_bias], device=logits.device, dtype=logits.dtype
+        )
+        logits = logits.clone()
+        logits[:, ids] += bias
+    if params.repetition_penalty != 1.0:
+        logits = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(history, logits)
+    if params.frequency_penalty or params.presence_penalty:
+        generated = history[:, prompt_len:]
+        counts = torch.zeros_like(logits).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=logits.dtype)
+        )
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    if params.min_tokens and stop_ids and history.shape[1] - prompt_len < params.min_tokens:
+        masked = MinNewTokensLengthLogitsProcessor(prompt_len, params.min_tokens, sorted(stop_ids))
+        logits = masked(history, logits)
+    return logits
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Float32 ``[rows, vocab]`` logits after temperature, top-k and top-p (HF semantics)."""
+    """Float32 ``[rows, vocab]`` logits after temperature, top-k, top-p and min-p (HF semantics)."""
     if params.temperature != 1.0:
         logits = TemperatureLogitsWarper(params.temperature)(None, logits)
     if params.top_k:
         logits = TopKLogitsWarper(params.top_k)(None, logits)
     if params.top_p < 1.0:
         logits = TopPLogitsWarper(params.top_p)(None, logits)
+    if params.min_p:
+        logits = MinPLogitsWarper(params.min_p)(None, logits)
     return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row (``[rows]``, long) from float32 ``[rows, vocab]`` logits.
-
-    Raises RuntimeError when the logits hold no valid distribution (NaN or inf from an
-    intervention that overflowed)."""
+    """One token id per row (``[rows]``, long) from float32 ``[rows, vocab]`` logits (after
+    :func:`process`; :func:`check_finite` has passed them)."""
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(warp(logits, params), dim=-1)

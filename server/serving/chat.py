@@ -80,18 +80,27 @@ class ChatServing:
             raise APIError(
                 f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
             )
+        options = request.chat_options()
         try:
-            prompt_ids = await self.engine.render_chat(messages)
-        except jinja2.TemplateError as exc:  # e.g. "roles must alternate user/assistant"
+            prompt_ids = await self.engine.render_chat(messages, options)
+        except (jinja2.TemplateError, TypeError) as exc:  # e.g. "roles must alternate user/assistant"
             raise APIError(
-                f"the model's chat template rejected these messages: {exc}", param="messages"
+                f"the chat template rejected these messages: {exc}",
+                param="chat_template_kwargs" if options.template_kwargs else "messages",
+            ) from exc
+        except ValueError as exc:  # transformers: the final message cannot be continued
+            raise APIError(
+                f"cannot continue the final message: {exc}", param="continue_final_message"
             ) from exc
         requested, param = request.requested_max_tokens()
         max_tokens = self.admission.token_budget(
             len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)
         )
         params = request.sampling_params(
-            max_tokens=max_tokens, logprobs=request.logprobs_k(), max_n=self.settings.max_n
+            max_tokens=max_tokens,
+            logprobs=request.logprobs_k(),
+            max_n=self.settings.max_n,
+            vocab_size=self.engine.vocab_size,
         )
         self.admission.check_queue()
         memory_bytes = self.admission.check_memory(

@@ -90,7 +90,10 @@ class CompletionServing:
             if plan is not None and plan.mode == "generate" and max_tokens == 0:
                 raise APIError('capture mode "generate" needs max_tokens of at least 1', param="max_tokens")
             params = request.sampling_params(
-                max_tokens=max_tokens, logprobs=request.logprobs, max_n=self.settings.max_n
+                max_tokens=max_tokens,
+                logprobs=request.logprobs,
+                max_n=self.settings.max_n,
+                vocab_size=self.engine.vocab_size,
             )
             memory_bytes = self.admission.check_memory(
                 prompt_tokens=len(prompt_ids),

@@ -45,8 +45,17 @@ BAD_CHAT_BODIES = [
     ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": HELLO, "stop": ["a"] * 17}, "stop"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"messages": HELLO, "frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"messages": HELLO, "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"messages": HELLO, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": HELLO, "presence_penalty": -3}, "presence_penalty"),
+    ({"messages": HELLO, "logit_bias": {"one": 5}}, "logit_bias"),  # keys are token ids
+    ({"messages": HELLO, "logit_bias": {"99999": 5}}, "logit_bias"),  # past the vocabulary
+    ({"messages": HELLO, "logit_bias": {"1": 101}}, "logit_bias.1"),
+    ({"messages": HELLO, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": HELLO, "min_p": 1.5}, "min_p"),
+    ({"messages": HELLO, "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"messages": HELLO, "stop_token_ids": [99999]}, "stop_token_ids"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": HELLO, "seed": 2**70}, "seed"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),  # past the context
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),  # lone surrogate
