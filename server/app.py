@@ -20,7 +20,15 @@ from .errors import Redactor, install_error_handlers
 from .metrics import Metrics
 from .middleware import FrontDoor
 from .routes import router
-from .serving import ChatServing, CompletionServing, LdaServing, ServerCapture, ServingParts, VectorServing
+from .serving import (
+    ChatServing,
+    CompletionServing,
+    LdaServing,
+    ServerCapture,
+    ServingParts,
+    TokenServing,
+    VectorServing,
+)
 from .storage import ActivationStore, PresetStore, VectorStore
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
         presets = PresetStore(settings.vectors_dir / "presets")
         parts = ServingParts.build(engine, settings, store, vectors, presets, server_capture)
         app.state.chat = ChatServing(parts)
+        app.state.tokens = TokenServing(parts, app.state.chat.models)
         app.state.completions = CompletionServing(parts)
         app.state.vectors = VectorServing(parts)
         app.state.lda = LdaServing(parts)

@@ -205,6 +205,66 @@ class NdifOverrides(StrictModel):
     per_request_subdir: bool = True
 
 
+class ChatTemplateFields(OpenAIModel):
+    """vLLM's chat templating fields (not in the OpenAI API), for chat and ``/tokenize``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = Field(
+        True, description="End the prompt with the header of the assistant's reply (the template's flag)."
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="Leave the final (assistant) message open so the reply continues it (prefill); "
+        "needs add_generation_prompt false.",
+    )
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = Field(
+        None, description='More variables for the chat template, e.g. {"enable_thinking": false}.'
+    )
+
+    @field_validator("chat_template_kwargs", mode="after")
+    @classmethod
+    def _no_reserved_template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:  # keys and values end up in the prompt text: valid Unicode only
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate escape)") from None
+        for key in value or {}:
+            if key in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(
+                    f"{key!r} is set by the server (from messages and the request's own fields), "
+                    "not through chat_template_kwargs"
+                )
+        return value
+
+    def chat_options(self) -> ChatOptions:
+        """How to render the messages (vLLM's rules: prefill continues an assistant message)."""
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise APIError(
+                    "continue_final_message and add_generation_prompt cannot both be true: send "
+                    "add_generation_prompt false to continue the final message",
+                    param="add_generation_prompt",
+                )
+            if self.messages[-1].role != "assistant":
+                raise APIError(
+                    "continue_final_message continues the final message, which must be the assistant's "
+                    f"(it is {self.messages[-1].role!r})",
+                    param="continue_final_message",
+                )
+        return ChatOptions(
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            template_kwargs=dict(self.chat_template_kwargs or {}),
+        )
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Messages as chat templates expect them: plain-string content, 'developer' as 'system'."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
 class _SamplingFields(OpenAIModel):
     """Fields chat and completions share, and their conversion to SamplingParams."""
 
@@ -334,12 +394,10 @@ class _SamplingFields(OpenAIModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
     """POST /v1/chat/completions."""
 
     ENDPOINT: ClassVar[str] = "chat"
-
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -347,54 +405,6 @@ class ChatCompletionRequest(_SamplingFields):
         None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens."
     )
     max_completion_tokens: int | None = Field(None, ge=1)
-    # -- vLLM's chat fields (not in the OpenAI API) --
-    add_generation_prompt: bool = Field(
-        True, description="End the prompt with the header of the assistant's reply (the template's flag)."
-    )
-    continue_final_message: bool = Field(
-        False,
-        description="Leave the final (assistant) message open so the reply continues it (prefill); "
-        "needs add_generation_prompt false.",
-    )
-    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = Field(
-        None, description='More variables for the chat template, e.g. {"enable_thinking": false}.'
-    )
-
-    @field_validator("chat_template_kwargs", mode="after")
-    @classmethod
-    def _no_reserved_template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        try:  # keys and values end up in the prompt text: valid Unicode only
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("text must be valid Unicode (it holds a lone surrogate escape)") from None
-        for key in value or {}:
-            if key in RESERVED_TEMPLATE_VARIABLES:
-                raise ValueError(
-                    f"{key!r} is set by the server (from messages and the request's own fields), "
-                    "not through chat_template_kwargs"
-                )
-        return value
-
-    def chat_options(self) -> ChatOptions:
-        """How to render the messages (vLLM's rules: prefill continues an assistant message)."""
-        if self.continue_final_message:
-            if self.add_generation_prompt:
-                raise APIError(
-                    "continue_final_message and add_generation_prompt cannot both be true: send "
-                    "add_generation_prompt false to continue the final message",
-                    param="add_generation_prompt",
-                )
-            if self.messages[-1].role != "assistant":
-                raise APIError(
-                    "continue_final_message continues the final message, which must be the assistant's "
-                    f"(it is {self.messages[-1].role!r})",
-                    param="continue_final_message",
-                )
-        return ChatOptions(
-            add_generation_prompt=self.add_generation_prompt,
-            continue_final_message=self.continue_final_message,
-            template_kwargs=dict(self.chat_template_kwargs or {}),
-        )
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(value, the name the client used) -- max_completion_tokens wins when both are sent."""
@@ -406,13 +416,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them: plain-string content, 'developer' as 'system'."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
 
 
 class CompletionRequest(_SamplingFields):
@@ -456,6 +459,49 @@ class CompletionRequest(_SamplingFields):
             raise APIError("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError("best_of is not supported (only best_of == n)", param="best_of")
+
+
+class TokenizeRequest(ChatTemplateFields):
+    """POST /tokenize (vLLM's shapes): ``prompt`` as text, or ``messages`` rendered exactly as a
+    chat request renders them (the chat templating fields apply to ``messages`` only)."""
+
+    ENDPOINT: ClassVar[str] = "chat"
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = Field(
+        None,
+        description="prompt: add the tokenizer's special tokens such as BOS (default true); messages: "
+        "only false (the chat template holds them)",
+    )
+    return_token_strs: bool = Field(False, description="Also return each token as the tokenizer spells it.")
+
+    def check(self) -> None:
+        """Exactly one of ``prompt`` and ``messages``; the chat fields only with ``messages``.
+
+        Raises:
+            APIError: naming the field at fault.
+        """
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError("send exactly one of prompt and messages", param="prompt")
+        check_refused("chat" if self.messages is not None else "completions", self.model_extra or {})
+        if self.prompt is not None:
+            for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+                if name in self.model_fields_set:
+                    raise APIError(f"{name} applies to messages, not to a prompt", param=name)
+        elif self.add_special_tokens:
+            raise APIError(
+                "add_special_tokens must be false with messages: the chat template holds the special tokens",
+                param="add_special_tokens",
+            )
+
+
+class DetokenizeRequest(OpenAIModel):
+    """POST /detokenize (vLLM's shape): token ids -> text."""
+
+    model: str | None = None
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1_000_000)]
 
 
 # -- responses ----------------------------------------------------------------------
@@ -563,6 +609,17 @@ class ModelList(BaseModel):
 class ServerCaptureResponse(BaseModel):
     ok: bool = True
     config: ServerCaptureConfig
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Health(BaseModel):

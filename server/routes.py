@@ -16,11 +16,16 @@ from .protocol import (
     CompletionRequest,
     CompletionResponse,
     ContrastiveCreate,
+    DetokenizeRequest,
+    DetokenizeResponse,
     Health,
+    ModelCard,
     ModelList,
     PresetCreate,
     ServerCaptureConfig,
     ServerCaptureResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     VectorCreate,
 )
 from .protocol_lda import (
@@ -90,6 +95,21 @@ def metrics(request: Request) -> Response:  # a plain def: collectors run in the
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     return request.app.state.chat.models()
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERROR_RESPONSES)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    return request.app.state.tokens.model(model)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    return await request.app.state.tokens.tokenize(body)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return await request.app.state.tokens.detokenize(body)
 
 
 @router.get("/v1/model/structure")

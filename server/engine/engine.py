@@ -245,8 +245,15 @@ class Engine:
 
         return await self._on_prompt_thread(render)
 
-    async def encode(self, text: str) -> list[int]:
-        return await self._on_prompt_thread(self.prompt_tokenizer.encode, text)
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        def encode() -> list[int]:
+            return self.prompt_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+        return await self._on_prompt_thread(encode)
+
+    async def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each token as the tokenizer spells it (``convert_ids_to_tokens``: ``Ġthe``, ``<0x0A>``)."""
+        return await self._on_prompt_thread(self.prompt_tokenizer.convert_ids_to_tokens, token_ids)
 
     async def decode(self, token_ids: list[int]) -> str:
         return await self._on_prompt_thread(self.prompt_tokenizer.decode, token_ids)

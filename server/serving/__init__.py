@@ -1,6 +1,7 @@
 """The serving layer: OpenAI requests in, engine jobs out, OpenAI responses back.
 
-One module per endpoint family (``chat``, ``completions``, ``lda``, ``vectors``), each
+One module per endpoint family (``chat``, ``completions``, ``lda``, ``vectors``,
+``tokens``), each
 composed from small parts rather than a shared base class:
 
 * ``admission``: the limits a request is refused by before any model work (model name,
@@ -22,6 +23,7 @@ from .completions import CompletionServing
 from .interventions import InterventionResolver
 from .lda import LdaServing
 from .parts import ServingParts
+from .tokens import TokenServing
 from .vectors import VectorServing
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "LdaServing",
     "ServerCapture",
     "ServingParts",
+    "TokenServing",
     "VectorServing",
     "sse_stream",
 ]

@@ -82,6 +82,17 @@ class Admission:
             )
         return requested
 
+    def check_messages(self, messages: list[dict[str, str]]) -> None:
+        """Refuse more chat messages than --max-messages, or more text than --max-prompt-chars."""
+        if len(messages) > self.settings.max_messages:
+            raise APIError(
+                f"{len(messages)} messages in one request; this server takes at most "
+                f"{self.settings.max_messages} (--max-messages)",
+                param="messages",
+                code="too_many_messages",
+            )
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+
     def check_prompt_chars(self, chars: int, param: str) -> None:
         """Refuse a request with more prompt text than --max-prompt-chars, before tokenizing it."""
         limit = self.settings.max_prompt_chars

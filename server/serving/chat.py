@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import jinja2
 
 from ..engine.capture import CapturePlan, CaptureResult
+from ..engine.engine import Engine
 from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
@@ -21,6 +22,7 @@ from ..protocol import (
     ChatCompletionResponse,
     ChatLogprobs,
     ChatResponseMessage,
+    ChatTemplateFields,
     ChatTokenLogprob,
     ModelCard,
     ModelList,
@@ -32,6 +34,27 @@ from ..protocol import (
 from .base import generate, leading_capture, place_activations, stream, usage
 from .capture_planning import extra_step
 from .parts import ServingParts
+
+
+async def render_messages(engine: Engine, request: ChatTemplateFields, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: ``messages`` (``request.template_messages()``) in the chat
+    template with the request's chat fields, as chat requests and ``/tokenize`` render them.
+
+    Raises:
+        APIError: no chat template, a chat field that cannot apply, or the template refused.
+    """
+    if not engine.has_chat_template:
+        raise APIError(f"{engine.model_id} has no chat template; use /v1/completions", param="messages")
+    options = request.chat_options()
+    try:
+        return await engine.render_chat(messages, options)
+    except (jinja2.TemplateError, TypeError) as exc:  # e.g. "roles must alternate user/assistant"
+        raise APIError(
+            f"the chat template rejected these messages: {exc}",
+            param="chat_template_kwargs" if options.template_kwargs else "messages",
+        ) from exc
+    except ValueError as exc:  # transformers: the final message cannot be continued
+        raise APIError(f"cannot continue the final message: {exc}", param="continue_final_message") from exc
 
 
 @dataclass(frozen=True)
@@ -65,33 +88,11 @@ class ChatServing:
     async def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Everything that can be refused is refused here, before any model work."""
         self.admission.check_model(request.model)
-        if len(request.messages) > self.settings.max_messages:
-            raise APIError(
-                f"{len(request.messages)} messages in one request; this server takes at most "
-                f"{self.settings.max_messages} (--max-messages)",
-                param="messages",
-                code="too_many_messages",
-            )
         messages = request.template_messages()
-        self.admission.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        self.admission.check_messages(messages)
         capture = self.captures.effective_capture(request.capture, request.ndif)
         plan = self.captures.capture_plan(capture, request.n)
-        if not self.engine.has_chat_template:
-            raise APIError(
-                f"{self.engine.model_id} has no chat template; use /v1/completions", param="messages"
-            )
-        options = request.chat_options()
-        try:
-            prompt_ids = await self.engine.render_chat(messages, options)
-        except (jinja2.TemplateError, TypeError) as exc:  # e.g. "roles must alternate user/assistant"
-            raise APIError(
-                f"the chat template rejected these messages: {exc}",
-                param="chat_template_kwargs" if options.template_kwargs else "messages",
-            ) from exc
-        except ValueError as exc:  # transformers: the final message cannot be continued
-            raise APIError(
-                f"cannot continue the final message: {exc}", param="continue_final_message"
-            ) from exc
+        prompt_ids = await render_messages(self.engine, request, messages)
         requested, param = request.requested_max_tokens()
         max_tokens = self.admission.token_budget(
             len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)

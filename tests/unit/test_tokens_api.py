@@ -1,0 +1,82 @@
+"""``/tokenize``, ``/detokenize`` (vLLM's shapes) and ``GET /v1/models/{model}``.
+
+The reference for a chat's tokens is the prompt a chat request really ran on: its
+``usage.prompt_tokens`` and its trace-mode capture's token ids.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def test_a_chat_tokenizes_to_the_prompt_a_chat_request_runs_on(client):
+    fields = {"messages": HELLO, "chat_template_kwargs": {"unused": 1}}
+    tokenized = client.post("/tokenize", json={**fields, "return_token_strs": True}).json()
+    chat = client.post(
+        "/v1/chat/completions",
+        json={
+            **fields,
+            "max_tokens": 1,
+            "capture": {"mode": "trace", "layers": [0], "hook_points": ["resid_post"]},
+        },
+    ).json()
+    manifest = client.get(f"/v1/activations/{chat['activations']['id']}").json()
+    assert tokenized["tokens"] == manifest["tensors"][0]["token_ids"]
+    assert tokenized["count"] == chat["usage"]["prompt_tokens"] == len(tokenized["tokens"])
+    assert tokenized["max_model_len"] == 256
+    tokenizer = client.app.state.engine.loaded.tokenizer
+    assert tokenized["token_strs"] == tokenizer.convert_ids_to_tokens(tokenized["tokens"])
+
+
+def test_prefill_and_generation_prompt_shape_the_tokens(client):
+    prefill = [*HELLO, {"role": "assistant", "content": "Hi,"}]
+    continued = client.post(
+        "/tokenize",
+        json={"messages": prefill, "continue_final_message": True, "add_generation_prompt": False},
+    ).json()
+    tokenizer = client.app.state.engine.loaded.tokenizer
+    assert tokenizer.decode(continued["tokens"]).endswith("<|im_start|>assistant\nHi,")
+    closed = client.post("/tokenize", json={"messages": HELLO, "add_generation_prompt": False}).json()
+    assert tokenizer.decode(closed["tokens"]).endswith("Hello there<|im_end|>\n")
+
+
+def test_a_prompt_tokenizes_as_completions_do_and_detokenizes_back(client):
+    tokenizer = client.app.state.engine.loaded.tokenizer
+    text = "The quick brown fox"
+    tokenized = client.post("/tokenize", json={"prompt": text}).json()
+    assert tokenized["tokens"] == tokenizer.encode(text) and tokenized["token_strs"] is None
+    bare = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    assert client.post("/detokenize", json={"tokens": bare["tokens"]}).json() == {"prompt": text}
+    echoed = client.post("/v1/completions", json={"prompt": text, "max_tokens": 1}).json()
+    assert echoed["usage"]["prompt_tokens"] == tokenized["count"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": HELLO}, "prompt"),
+        ("/tokenize", {"prompt": "x", "chat_template_kwargs": {"a": 1}}, "chat_template_kwargs"),
+        ("/tokenize", {"prompt": "x", "continue_final_message": True}, "continue_final_message"),
+        ("/tokenize", {"messages": HELLO, "add_special_tokens": True}, "add_special_tokens"),
+        ("/tokenize", {"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+        ("/tokenize", {"prompt": "x", "model": "another"}, "model"),
+        ("/detokenize", {"tokens": [1, 10**9]}, "tokens[1]"),
+        ("/detokenize", {"tokens": [-1]}, "tokens[0]"),
+        ("/detokenize", {"tokens": "1 2"}, "tokens"),
+    ],
+)
+def test_bad_token_requests_are_4xx_naming_the_field(client, path, body, param):
+    response = client.post(path, json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_one_model_card_by_its_id_and_404_for_another(client, served_model):
+    card = client.get(f"/v1/models/{served_model}")
+    assert card.status_code == 200 and card.json() == client.get("/v1/models").json()["data"][0]
+    missing = client.get("/v1/models/org/another-model")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
