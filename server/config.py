@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     )
     vectors_dir: Path = Field(Path("vectors"), description="Root of the vector store.")
     max_vectors: int = Field(10_000, ge=1, description="Most vectors the store keeps.")
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
+        None,
+        description="Return <think>...</think> apart from the answer as reasoning_content (vLLM's "
+        "flag): qwen3 (the answer opens the block), deepseek_r1 (the template opens it).",
+    )
     chat_template: Path | None = Field(
         None,
         description="A Jinja chat template file that replaces the model's own (vLLM's flag). "

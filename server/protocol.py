@@ -538,6 +538,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # with --reasoning-parser: the answer's thinking
 
 
 class ChatChoice(BaseModel):

@@ -89,6 +89,33 @@ class CaptureSpec:
     sink: CaptureSink
     completion_id: str
     request_facts: dict[str, Any] = field(default_factory=dict)
+    reasoning: ReasoningMarks | None = None  # mark the answer's reasoning positions
+
+
+@dataclass(frozen=True)
+class ReasoningMarks:
+    """How to find a reasoning block in the fed-in token ids (``--reasoning-parser``): the tags'
+    token ids (None where a tag is not one token: then nothing is marked) and whether the
+    template opened the block in the prompt."""
+
+    parser: str
+    start_id: int | None
+    end_id: int | None
+    opens_in_prompt: bool
+
+    def span(self, token_ids: list[int], prompt_len: int) -> list[int] | None:
+        """``[first, end)`` absolute positions of the answer's reasoning, tags included (None:
+        no block, or tags that are not single tokens). Ends at the last position fed in when
+        the answer stopped inside its reasoning."""
+        if self.end_id is None or (self.start_id is None and not self.opens_in_prompt):
+            return None
+        answer = token_ids[prompt_len:]
+        if not answer or not (self.opens_in_prompt or answer[0] == self.start_id):
+            return None  # nothing generated (trace mode), or an answer without a block
+        try:
+            return [prompt_len, prompt_len + answer.index(self.end_id) + 1]
+        except ValueError:
+            return [prompt_len, len(token_ids)]
 
 
 @dataclass(frozen=True)
@@ -245,6 +272,15 @@ class CaptureRecorder:
                 point.name, **tensor_facts(point, original, self.kept, kept_ids, kept_tokens, units)
             )
         plan = self.plan
+        marks = self.spec.reasoning
+        reasoning = (
+            None
+            if marks is None
+            else {
+                "parser": marks.parser,
+                "positions": marks.span(token_ids, self.prompt_len),
+            }
+        )
         manifest = self.writer.finish(
             mode=plan.mode,
             positions=plan.positions,
@@ -254,6 +290,7 @@ class CaptureRecorder:
             sample_hidden=plan.sample_hidden,
             sample_hidden_method=plan.sample_method,
             sample_hidden_seed=plan.sample_seed,
+            **({"reasoning": reasoning} if reasoning is not None else {}),
         )
         return CaptureResult(
             id=manifest["id"],

@@ -308,6 +308,13 @@ class DecodeLoop:
             "n": p.n,
             "stop": list(p.stop),
             "ignore_eos": p.ignore_eos,
+            "min_p": p.min_p,
+            "logit_bias": {str(token): bias for token, bias in p.logit_bias},
+            "repetition_penalty": p.repetition_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "presence_penalty": p.presence_penalty,
+            "min_tokens": p.min_tokens,
+            "stop_token_ids": list(p.stop_token_ids),
         }
         return {**self.manifest_facts, "sampling": sampling}
 

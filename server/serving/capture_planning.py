@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from ..engine.capture import CapturePlan, CaptureResult, CaptureSpec
+from ..engine.capture import CapturePlan, CaptureResult, CaptureSpec, ReasoningMarks
 from ..engine.engine import Engine
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
@@ -139,17 +139,19 @@ class CapturePlanning:
             format=capture.format,
         )
 
-    def capture_spec(self, plan: CapturePlan | None, request, completion_id: str) -> CaptureSpec | None:
+    def capture_spec(
+        self, plan: CapturePlan | None, request, completion_id: str, reasoning: ReasoningMarks | None = None
+    ) -> CaptureSpec | None:
         """The job's capture: the plan, the activation store to write through, and what the
-        request adds to the manifest (its interventions and presets as it named them; the
-        engine adds the model and the sampling)."""
+        request adds to the manifest (its interventions and presets as it named them, and where
+        its reasoning is; the engine adds the model and the sampling)."""
         if plan is None:
             return None
         facts = {
             "interventions": [dump(item) for item in request.interventions or []],
             "presets": list(request.presets or []),
         }
-        return CaptureSpec(plan, self.store, completion_id, facts)
+        return CaptureSpec(plan, self.store, completion_id, facts, reasoning)
 
     def activations_ref(self, capture: CaptureResult | None) -> ActivationsRef | None:
         """The response's ``activations``: where a finished capture's manifest and tensors are."""

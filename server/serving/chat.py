@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import jinja2
 
-from ..engine.capture import CapturePlan, CaptureResult
+from ..engine.capture import CapturePlan, CaptureResult, ReasoningMarks
 from ..engine.engine import Engine
 from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
@@ -34,6 +34,9 @@ from ..protocol import (
 from .base import generate, leading_capture, place_activations, stream, usage
 from .capture_planning import extra_step
 from .parts import ServingParts
+from .reasoning import END as REASONING_END
+from .reasoning import START as REASONING_START
+from .reasoning import ReasoningParser
 
 
 async def render_messages(engine: Engine, request: ChatTemplateFields, messages: list[dict]) -> list[int]:
@@ -75,6 +78,20 @@ class ChatServing:
         self.captures = parts.captures
         self.interventions = parts.interventions
         self.created = now()
+        name = parts.settings.reasoning_parser
+        self.reasoning = ReasoningParser(name) if name else None
+        self.reasoning_marks = self._marks() if self.reasoning else None
+
+    def _marks(self) -> ReasoningMarks:
+        """Where the capture manifest finds the reasoning: the tags' token ids, where each is one
+        token of this tokenizer (else None, and nothing is marked)."""
+        vocab = self.engine.loaded.tokenizer.get_vocab()
+        return ReasoningMarks(
+            parser=self.reasoning.name,
+            start_id=vocab.get(REASONING_START),
+            end_id=vocab.get(REASONING_END),
+            opens_in_prompt=self.reasoning.opens_in_prompt,
+        )
 
     def models(self) -> ModelList:
         card = ModelCard(
@@ -119,7 +136,7 @@ class ChatServing:
             prompt_ids=prompt_ids,
             params=params,
             edits=edits,
-            capture=self.captures.capture_spec(plan, request, request_id),
+            capture=self.captures.capture_spec(plan, request, request_id, self.reasoning_marks),
             memory_bytes=memory_bytes,
         )
         return PreparedChat(request, job, plan, request_id)
@@ -130,7 +147,7 @@ class ChatServing:
         choices = [
             ChatChoice(
                 index=c.index,
-                message=ChatResponseMessage(content=c.text),
+                message=self._message(c.text),
                 logprobs=self._logprobs(c.logprobs) if c.logprobs is not None else None,
                 finish_reason=c.finish_reason,
             )
@@ -145,6 +162,12 @@ class ChatServing:
             activations=activations,
             ndif=activations,
         )
+
+    def _message(self, text: str) -> ChatResponseMessage:
+        if self.reasoning is None:
+            return ChatResponseMessage(content=text)
+        reasoning, content = self.reasoning.split(text)
+        return ChatResponseMessage(content=content, reasoning_content=reasoning)
 
     def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
         """Role chunk per choice, deltas, one finish chunk per choice, then the usage if asked.
@@ -177,13 +200,26 @@ class ChatServing:
 
         for index in range(job.params.n):
             yield chunk(index, {"role": "assistant", "content": ""})
+        splitters = {}  # per choice, with --reasoning-parser: its ReasoningStream
         async for item in items:
             if isinstance(item, CaptureResult):
                 continue
             if isinstance(item, ChoiceDelta):
                 logprobs = dump(self._logprobs(list(item.logprobs))) if item.logprobs else None
-                if item.text or logprobs:
-                    yield chunk(item.index, {"content": item.text}, logprobs)
+                if self.reasoning is None:
+                    deltas = [{"content": item.text}] if item.text or logprobs else []
+                else:
+                    splitter = splitters.setdefault(item.index, self.reasoning.stream())
+                    reasoning, content = splitter.feed(item.text)
+                    if item.finish_reason:
+                        held_reasoning, held_content = splitter.finish()
+                        reasoning, content = reasoning + held_reasoning, content + held_content
+                    deltas = [{"reasoning_content": reasoning}] if reasoning else []
+                    deltas += [{"content": content}] if content else []
+                    if logprobs and not deltas:
+                        deltas = [{}]  # a token whose text is a tag (or held back): its logprobs
+                for i, delta in enumerate(deltas):
+                    yield chunk(item.index, delta, logprobs if i == len(deltas) - 1 else None)
                 if item.finish_reason:
                     yield chunk(item.index, {}, None, item.finish_reason)
             else:  # the final GenerationResult: a generate-mode capture is known now

@@ -185,12 +185,13 @@ FAMILIES = {
 }
 
 
-def build_family_model(folder: Path, family: Family) -> Path:
-    """Write the tiny tokenizer and a random model of ``family`` into ``folder``; return it."""
+def build_family_model(folder: Path, family: Family, tokenizer=None) -> Path:
+    """Write a tokenizer (by default the tiny one) and a random model of ``family`` with its
+    vocabulary into ``folder``; return it."""
     from tiny_model import build_tokenizer
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     ids = {
         "vocab": len(tokenizer),
         "bos": tokenizer.bos_token_id,

@@ -631,7 +631,8 @@ def test_a_job_cancelled_before_it_runs_creates_nothing(client, activations_dir)
 def test_the_manifest_records_what_it_takes_to_reproduce_the_capture(client):
     """model, dtype, sampling settings and interventions in the manifest: a request built from
     them alone generates the same text and captures the same values."""
-    sampling = {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "seed": 5, "max_tokens": 6}
+    sampling = {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "seed": 5, "max_tokens": 6,
+                "repetition_penalty": 1.3, "logit_bias": {"5": 2.0}}  # fmt: skip
     steer = [{"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": 1.5}]
     capture = {"mode": "generate", "layers": [0, 1], "hook_points": ["resid_post"]}
     first = client.post(
@@ -640,12 +641,13 @@ def test_the_manifest_records_what_it_takes_to_reproduce_the_capture(client):
     ).json()
     manifest = client.get(first["activations"]["manifest"]).json()
     assert manifest["model"] == first["model"] and manifest["dtype"] == "float32"
-    assert manifest["sampling"] == {**sampling, "n": 1, "stop": [], "ignore_eos": False}
+    defaults = {"n": 1, "stop": [], "ignore_eos": False, "min_p": 0.0, "frequency_penalty": 0.0,
+                "presence_penalty": 0.0, "min_tokens": 0, "stop_token_ids": []}  # fmt: skip
+    assert manifest["sampling"] == {**sampling, **defaults}
     assert manifest["interventions"][0]["factor"] == 1.5 and manifest["presets"] == []
     assert manifest["adapter"] is None
 
-    recorded = manifest["sampling"]
-    replay = {key: recorded[key] for key in ("temperature", "top_p", "top_k", "seed", "max_tokens", "n")}
+    replay = manifest["sampling"]  # every key is a request field
     again = client.post(
         "/v1/chat/completions",
         json={
