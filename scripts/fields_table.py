@@ -43,8 +43,10 @@ def markdown() -> str:
     rows = []
     for name in sorted((chat | completions) - EXTENSIONS):
         rows.append((name, where(name in chat, name in completions), "works", PARTLY.get(name, "")))
-    for name, why in sorted(NO_EFFECT.items()):
-        rows.append((name, "chat" if name == "parallel_tool_calls" else "both", "no effect", why))
+    for name, rule in sorted(NO_EFFECT.items()):
+        rows.append(
+            (name, where("chat" in rule.endpoints, "completions" in rule.endpoints), "no effect", rule.why)
+        )
     for name, rule in sorted(REFUSED.items()):
         accepted = ", ".join(f"`{json.dumps(v)}`" for v in rule.accepted)
         note = rule.reason + (f" (accepted: {accepted})" if accepted else "")

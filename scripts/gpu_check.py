@@ -35,6 +35,8 @@ What it does, in order:
    prompt as the before side), with the peak and tokens per second. bitsandbytes computes on a
    CPU too: the dry run runs (f).
    Where bitsandbytes is not installed, (f) fails, saying so.
+5. (g), on the first server: one request with every logits processor (``logit_bias``, the
+   penalties, ``min_p``, ``min_tokens``, ``stop_token_ids``) sampled on the card.
 
 Prints one JSON summary (and writes it to ``--out``); exits 1 if a check failed.
 ``--dry-run`` shrinks everything (2 layers, hidden 64, a 1,000-token vocabulary, a few
@@ -262,6 +264,21 @@ def check_eight_at_once(client, url: str, args) -> dict:
     }
 
 
+def check_sampling_fields(client, url: str, args) -> dict:
+    """(g) every logits processor on the card at once (their tensors must be on its device)."""
+    fields = {"logit_bias": {"100": 2.0}, "repetition_penalty": 1.2, "frequency_penalty": 0.5,
+              "presence_penalty": 0.5, "min_p": 0.05, "min_tokens": 8, "stop_token_ids": [3],
+              "seed": 7, "temperature": 0.8, "logprobs": True}  # fmt: skip
+    response = chat(client, url, words(16), 16, **fields)
+    result = {"status": response.status_code}
+    if response.status_code == 200:
+        result["completion_tokens"] = response.json()["usage"]["completion_tokens"]
+    else:
+        result["error"] = response.text[:500]
+    result["ok"] = response.status_code == 200 and result["completion_tokens"] >= fields["min_tokens"]
+    return result
+
+
 def check_lda(client, url: str, args) -> dict:
     """(c) LDA, 8 prompts, the adapter off as the before side."""
     tokens = 8 if args.dry_run else 512
@@ -456,6 +473,7 @@ def run(args) -> dict:
                     summary["a_capture_alone"] = check_capture(client, url, args)
                     summary["b_eight_at_once"] = check_eight_at_once(client, url, args)
                     summary["c_lda"] = check_lda(client, url, args)
+                    summary["g_sampling_fields"] = check_sampling_fields(client, url, args)
                     summary["e_speed"] = check_speed(client, url, model_dir, args)
                 elif name == "no-budget":
                     summary["d_out_of_memory"] = check_out_of_memory(client, url, args)

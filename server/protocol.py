@@ -15,8 +15,10 @@ Unicode (a lone surrogate escape such as ``"\ud800"`` cannot be tokenized).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -37,13 +39,19 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 512
 GREEDY_BELOW_TEMPERATURE = 1e-5  # dividing logits by less overflows: sample greedily instead
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-# What transformers' apply_chat_template sets itself or takes as its own arguments: a request
-# sets these through its fields (messages, tools, add_generation_prompt, ...), not as variables.
-RESERVED_TEMPLATE_VARIABLES = frozenset({
-    "messages", "conversation", "conversations", "tools", "documents", "chat_template",
-    "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-})  # fmt: skip
+
+
+def _reserved_template_variables() -> frozenset[str]:
+    """What transformers' apply_chat_template takes as its own arguments or sets itself: a
+    request sets these through its fields (messages, tools, add_generation_prompt, ...), not
+    as template variables."""
+    from transformers import PreTrainedTokenizerBase
+
+    own = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+    return frozenset((own - {"self", "kwargs"}) | {"messages"})
+
+
+RESERVED_TEMPLATE_VARIABLES = _reserved_template_variables()
 
 
 def _encodable(text: str) -> str:
@@ -57,6 +65,21 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: plain ASCII digits
+MAX_TEMPLATE_DEPTH = 16  # nesting of a chat_template_kwargs value
+
+
+def _depth(value: Any, limit: int = MAX_TEMPLATE_DEPTH + 1) -> int:
+    """How deep JSON ``value`` nests (counting stops past ``limit``: no recursion error)."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+        ]
+    return depth
 
 
 class StrictModel(BaseModel):
@@ -224,6 +247,8 @@ class ChatTemplateFields(OpenAIModel):
     @field_validator("chat_template_kwargs", mode="after")
     @classmethod
     def _no_reserved_template_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _depth(value) > MAX_TEMPLATE_DEPTH:
+            raise ValueError(f"values nest more than {MAX_TEMPLATE_DEPTH} levels deep")
         try:  # keys and values end up in the prompt text: valid Unicode only
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
@@ -257,6 +282,10 @@ class ChatTemplateFields(OpenAIModel):
             template_kwargs=dict(self.chat_template_kwargs or {}),
         )
 
+    def template_chars(self) -> int:
+        """Characters the template variables add to the prompt's text (as JSON)."""
+        return len(json.dumps(self.chat_template_kwargs)) if self.chat_template_kwargs else 0
+
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as chat templates expect them: plain-string content, 'developer' as 'system'."""
         return [
@@ -274,9 +303,9 @@ class _SamplingFields(OpenAIModel):
     presence_penalty: float | None = Field(
         None, ge=-2, le=2, description="Minus this for each token that is in the output so far."
     )
-    logit_bias: (
-        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)] | None
-    ) = Field(None, description="Token id (as a string) -> a bias added to its logit, -100 to 100.")
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=1024)] | None = Field(
+        None, description="Token id (as a string) -> a bias added to its logit, -100 to 100."
+    )
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -328,21 +357,23 @@ class _SamplingFields(OpenAIModel):
 
     def _token_ids(self, vocab_size: int) -> tuple[tuple[tuple[int, float], ...], tuple[int, ...]]:
         """``logit_bias`` and ``stop_token_ids`` as ids of this model's logits."""
-        bias = []
+        bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= vocab_size:
+            if not TOKEN_ID.fullmatch(key) or int(key) >= vocab_size:
                 raise APIError(
                     f"logit_bias keys are token ids from 0 to {vocab_size - 1} (got {key[:40]!r})",
                     param="logit_bias",
                 )
-            bias.append((int(key), value))
+            if int(key) in bias:
+                raise APIError(f"logit_bias names token {int(key)} twice", param="logit_bias")
+            bias[int(key)] = value
         for token in self.stop_token_ids or ():
             if token >= vocab_size:
                 raise APIError(
                     f"stop_token_ids holds {token}; this model's ids run from 0 to {vocab_size - 1}",
                     param="stop_token_ids",
                 )
-        return tuple(bias), tuple(dict.fromkeys(self.stop_token_ids or ()))
+        return tuple(bias.items()), tuple(dict.fromkeys(self.stop_token_ids or ()))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -405,6 +436,10 @@ class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
         None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens."
     )
     max_completion_tokens: int | None = Field(None, ge=1)
+    # -- vLLM's extra chat field (with --reasoning-parser) --
+    include_reasoning: bool = Field(
+        True, description="With --reasoning-parser: return reasoning_content (false: only the content)."
+    )
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(value, the name the client used) -- max_completion_tokens wins when both are sent."""
@@ -436,6 +471,10 @@ class CompletionRequest(_SamplingFields):
         description="Default 16; 0 is allowed with echo: score the prompt only.",
     )
     suffix: str | None = None
+    # -- vLLM's extra completions field --
+    add_special_tokens: bool = Field(
+        True, description="Add the tokenizer's special tokens (e.g. BOS) to a text prompt (vLLM's default)."
+    )
 
     @field_validator("max_tokens", mode="after")
     @classmethod
@@ -464,8 +503,6 @@ class CompletionRequest(_SamplingFields):
 class TokenizeRequest(ChatTemplateFields):
     """POST /tokenize (vLLM's shapes): ``prompt`` as text, or ``messages`` rendered exactly as a
     chat request renders them (the chat templating fields apply to ``messages`` only)."""
-
-    ENDPOINT: ClassVar[str] = "chat"
 
     model: str | None = None
     prompt: Text | None = None

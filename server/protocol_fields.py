@@ -20,6 +20,14 @@ from .errors import APIError
 
 
 @dataclass(frozen=True)
+class NoEffect:
+    """A field whose own spec gives it no effect on the answer here (``why``), accepted."""
+
+    why: str
+    endpoints: tuple[str, ...] = ("chat", "completions")
+
+
+@dataclass(frozen=True)
 class Refused:
     """A field this server does not implement: ``reason`` for the 400; ``accepted``: values that
     ask for what it does anyway (``None`` always included)."""
@@ -92,18 +100,25 @@ REFUSED: dict[str, Refused] = {
     "return_token_ids": Refused(NOT_YET, accepted=(False,)),
     "kv_transfer_params": Refused("disaggregated serving is not supported"),
     "vllm_xargs": Refused(NOT_YET),
+    "prompt_embeds": Refused("prompts are text or token ids (prompt embeddings are not accepted)",
+                             endpoints=("completions",)),
+    "best_of": Refused("beam-style reranking is not supported: chat returns n choices", accepted=(1,),
+                       endpoints=("chat",)),
+    "thinking_token_budget": Refused(NOT_YET, endpoints=("chat",)),
     "request_id": Refused(NOT_YET + "; send the X-Request-ID header (responses and log lines carry it)"),
 }  # fmt: skip
 
 # Fields of either spec that change nothing in the answer here, by their own spec: accepted.
-NO_EFFECT: dict[str, str] = {
-    "metadata": "OpenAI keeps it with stored completions; this server stores none",
-    "prompt_cache_key": "a routing hint for OpenAI's prompt cache",
-    "prompt_cache_options": "settings of OpenAI's prompt cache; this server keeps no prompt cache",
-    "prompt_cache_retention": "how long OpenAI keeps a cached prompt; this server keeps none",
-    "safety_identifier": "an end-user id for OpenAI's abuse monitoring",
-    "parallel_tool_calls": "it shapes tool calls, and no tools are called (tools are refused)",
-    "cache_salt": "vLLM's prefix-cache salt; this server keeps no prefix cache",
+NO_EFFECT: dict[str, NoEffect] = {
+    "metadata": NoEffect("OpenAI keeps it with stored completions; this server stores none"),
+    "prompt_cache_key": NoEffect("a routing hint for OpenAI's prompt cache"),
+    "prompt_cache_options": NoEffect("settings of OpenAI's prompt cache; this server keeps no prompt cache"),
+    "prompt_cache_retention": NoEffect("how long OpenAI keeps a cached prompt; this server keeps none"),
+    "safety_identifier": NoEffect("an end-user id for OpenAI's abuse monitoring"),
+    "parallel_tool_calls": NoEffect(
+        "it shapes tool calls, and no tools are called (tools are refused)", endpoints=("chat",)
+    ),
+    "cache_salt": NoEffect("vLLM's prefix-cache salt; this server keeps no prefix cache"),
 }
 
 

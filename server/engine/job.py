@@ -55,12 +55,7 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         """Whether a processor reads the tokens so far (the loop keeps them only then)."""
-        return (
-            self.repetition_penalty != 1.0
-            or bool(self.frequency_penalty)
-            or bool(self.presence_penalty)
-            or self.min_tokens > 0
-        )
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -162,7 +157,8 @@ class RowState:
 
     text: CompletionText
     max_tokens: int
-    eos_ids: frozenset[int]  # ids that end it: EOS (unless ignore_eos) and stop_token_ids
+    eos_ids: frozenset[int]  # EOS ids that end it (empty with ignore_eos); not in the text
+    stop_token_ids: frozenset[int] = frozenset()  # more ids that end it; their text is kept (vLLM)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     stats: list[TokenStats] = field(default_factory=list)
@@ -171,8 +167,17 @@ class RowState:
     @classmethod
     def for_job(cls, job: GenerationJob, tokenizer, eos_ids: frozenset[int]) -> list[RowState]:
         params = job.params
-        eos = (frozenset() if params.ignore_eos else eos_ids) | frozenset(params.stop_token_ids)
-        return [cls(CompletionText(tokenizer, params.stop), params.max_tokens, eos) for _ in range(params.n)]
+        eos = frozenset() if params.ignore_eos else eos_ids
+        stops = frozenset(params.stop_token_ids)
+        return [
+            cls(CompletionText(tokenizer, params.stop, params.min_tokens), params.max_tokens, eos, stops)
+            for _ in range(params.n)
+        ]
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Every id that ends the row (what ``min_tokens`` holds back)."""
+        return self.eos_ids | self.stop_token_ids
 
     @property
     def finished(self) -> bool:
@@ -181,13 +186,14 @@ class RowState:
     def advance(
         self, token: int, logprob: TokenLogprob | None = None, stats: TokenStats | None = None
     ) -> None:
-        """Take the row's next token; ends the row on EOS, a stop string or ``max_tokens``."""
+        """Take the row's next token; ends the row on EOS, a stop token or string, or
+        ``max_tokens``. A stop token's text is kept (vLLM's rule; special tokens decode to none)."""
         self.token_ids.append(token)
         if logprob is not None:
             self.logprobs.append(logprob)
         if stats is not None:
             self.stats.append(stats)
-        if token in self.eos_ids or self.text.append(token):
+        if token in self.eos_ids or self.text.append(token) or token in self.stop_token_ids:
             self.finish(FINISH_STOP)
         elif len(self.token_ids) >= self.max_tokens:
             self.finish(FINISH_LENGTH)

@@ -45,7 +45,7 @@ from .capture import CaptureRecorder, CaptureResult
 from .job import ChoiceDelta, GenerationJob, GenerationResult, RowState, TokenStats
 from .lda import amplify, token_stats
 from .runtime import RowGroup, Runtime, RuntimeBatch
-from .sampler import check_finite, chosen_logprobs, generator_for, process, sample
+from .sampler import chosen_logprobs, finite_rows, generator_for, non_finite, process, sample
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,17 @@ class _Running:
         self.job = job
         self.rows = RowState.for_job(job, loop.tokenizer, loop.eos_ids)
         self.generator = generator_for(job.params, loop.runtime.device)
-        # the tokens so far, [n, prompt + generated], where a logits processor reads them
-        self.history = (
-            torch.tensor([list(job.prompt_ids)] * job.params.n, device=loop.runtime.device)
-            if job.params.needs_history
-            else None
-        )
+        # where a logits processor reads the tokens so far: [n, prompt + max_tokens], filled as
+        # they are chosen (choose() passes the filled part)
+        self.history = None
+        if job.params.needs_history:
+            prompt = torch.tensor(list(job.prompt_ids), device=loop.runtime.device)
+            self.history = torch.zeros(
+                (job.params.n, len(prompt) + job.params.max_tokens),
+                dtype=torch.long,
+                device=loop.runtime.device,
+            )
+            self.history[:, : len(prompt)] = prompt
         self.recorder = (
             CaptureRecorder(job.capture, len(job.prompt_ids), loop.capture_facts(job))
             if job.capture is not None
@@ -122,24 +127,35 @@ class _Running:
     def choose(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         """Its next token per row from this step's logits (``[n, vocab]`` per lane); advances rows."""
         job, params = self.job, self.job.params
+        n = params.n
         after = logits["served"]
-        check_finite(after, step=job.steps, edits=job.edits, side="after" if job.lda else "")
+        flags = [finite_rows(after)]  # read back with the tokens: no extra host sync
         if job.lda is not None:
             before = logits[job.lda.weights + ":before"].to(after.device)
-            check_finite(before, step=job.steps, side="before")
+            flags.append(finite_rows(before))
             scores = amplify(after, before, job.lda.alpha)
         else:
             before, scores = None, after
-        scores = process(scores, params, self.history, len(job.prompt_ids), self.rows[0].eos_ids)
+        prompt_len = len(job.prompt_ids)
+        history = None if self.history is None else self.history[:, : prompt_len + job.steps]
+        scores = process(scores, params, history, prompt_len, self.rows[0].stop_ids, job.steps)
+        if not params.greedy:  # a NaN row would make multinomial raise before it is reported
+            scores = torch.where(torch.stack(flags).all(0)[:, None], scores, torch.zeros_like(scores[:1]))
         tokens = sample(scores, params, self.generator)
+        host = torch.cat([tokens, *(f.long() for f in flags)]).tolist()
+        if not all(host[n : 2 * n]):
+            raise non_finite(step=job.steps, edits=job.edits, side="after" if job.lda else "")
+        if job.lda is not None and not all(host[2 * n :]):
+            raise non_finite(step=job.steps, side="before")
+        chosen = host[:n]
         stats = token_stats(after, before, tokens) if before is not None and job.lda.token_stats else None
         if self.history is not None:
-            self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+            self.history[:, prompt_len + job.steps] = tokens
         logprobs = chosen_logprobs(after, tokens, params.logprobs) if params.logprobs is not None else None
         job.steps += 1
         if job.first_token_at is None:
             job.first_token_at = time.monotonic()
-        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
             if row.finished:
                 continue
             logprob = logprobs[i] if logprobs else None

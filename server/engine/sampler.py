@@ -7,8 +7,8 @@ the decode loop (``loop.py``) whatever runs the forward pass:
   (added, as HF's ``SequenceBiasLogitsProcessor`` does for one-token sequences),
   ``repetition_penalty`` (HF's ``RepetitionPenaltyLogitsProcessor``: prompt and output,
   Keskar et al. 2019, "CTRL"), ``frequency_penalty`` and ``presence_penalty`` (OpenAI's
-  formula as vLLM applies it: output tokens only), ``min_tokens`` (HF's
-  ``MinNewTokensLengthLogitsProcessor`` over EOS and ``stop_token_ids``);
+  formula as vLLM applies it: output tokens only), ``min_tokens`` (EOS and
+  ``stop_token_ids`` at -inf, as HF's ``MinNewTokensLengthLogitsProcessor`` sets them);
 * :func:`sample`: argmax when greedy; else HF ``generate``'s own warpers in its order
   (temperature, top-k, top-p, min-p; transformers' classes), softmax, and one
   ``torch.multinomial`` draw over the job's rows from the job's generator (seeded
@@ -19,19 +19,19 @@ the decode loop (``loop.py``) whatever runs the forward pass:
   chosen tokens and the top ``k`` alternatives, as OpenAI's ``logprobs`` report them; a
   token the model rules out (logit -inf) reports :data:`LOGPROB_FLOOR`, as vLLM does (JSON
   has no infinity);
-* :func:`check_finite`: a job's logits must hold a distribution per row; an intervention that
-  overflowed the dtype ends that job (:class:`NonFiniteLogits`), not the batch.
+* :func:`finite_rows`: whether each row's logits hold a distribution (checked on the device;
+  the loop reads the flags with the sampled tokens, in one transfer); an intervention that
+  overflowed the dtype ends that job (:func:`non_finite`), not the batch.
 
 Adding a sampling parameter means a field in :class:`~server.engine.job.SamplingParams`
-(and the request model that fills it) and a step in :func:`sample`: see
-docs/architecture.md for a worked example.
+(and the request model that fills it) and a step in :func:`process` (a logits processor)
+or :func:`warp` (a warper): see docs/architecture.md for a worked example.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import (
-    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -56,12 +56,17 @@ class NonFiniteLogits(ArithmeticError):
         self.edited = edited
 
 
-def check_finite(logits: torch.Tensor, *, step: int, edits: tuple = (), side: str = "") -> None:
-    """Raise :class:`NonFiniteLogits` unless every row of float ``[rows, vocab]`` logits has
-    no NaN, no +inf and at least one finite value (one reduction: a row's max is NaN if it
-    holds one, +inf if it holds one, -inf if all are)."""
-    if bool(torch.isfinite(logits.max(dim=-1).values).all()):
-        return
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` bool on the logits' device: each row of float ``[rows, vocab]`` logits holds a
+    distribution (no NaN, no +inf, not all -inf). One reduction and no host sync: a row's max
+    is NaN if it holds one, +inf if it holds one, -inf if all are."""
+    return torch.isfinite(logits.max(dim=-1).values)
+
+
+def non_finite(*, step: int, edits: tuple = (), side: str = "") -> NonFiniteLogits:
+    """The error for a job whose logits went non-finite at generated token ``step``, naming its
+    interventions (``edits``) as the likely cause where it has any; ``side``: LDA's "after" or
+    "before", else empty."""
     where = f"the {side} side's " if side else "the "
     if edits:
         applied = "; ".join(f"{e.operation} at {e.point.name}" for e in edits)
@@ -71,7 +76,7 @@ def check_finite(logits: torch.Tensor, *, step: int, edits: tuple = (), side: st
         )
     else:
         cause = "the model itself produced them (no interventions in this request)"
-    raise NonFiniteLogits(
+    return NonFiniteLogits(
         f"{where}logits became non-finite (NaN or infinite) at generated token {step}: {cause}",
         step=step,
         edited=bool(edits),
@@ -91,6 +96,7 @@ def process(
     history: torch.Tensor | None,
     prompt_len: int,
     stop_ids: frozenset[int],
+    generated: int,
 ) -> torch.Tensor:
     """Float32 ``[rows, vocab]`` logits after the request's logits processors (see the module
     docstring for the order and sources); a new tensor where any applies, ``logits`` itself
@@ -98,25 +104,21 @@ def process(
 
     ``history``: ``[rows, prompt_len + generated]`` token ids, needed where
     ``params.needs_history``; ``stop_ids``: what ``min_tokens`` holds back (EOS unless
-    ``ignore_eos``, and ``stop_token_ids``)."""
+    ``ignore_eos``, and ``stop_token_ids``); ``generated``: tokens so far per row."""
     if params.logit_bias:
-        ids = torch.tensor([token for token, _ in params.logit_bias], device=logits.device)
-        bias = torch.tensor(
-            [value for _, value in params.logit_bias], device=logits.device, dtype=logits.dtype
-        )
+        ids, bias = zip(*params.logit_bias, strict=True)
         logits = logits.clone()
-        logits[:, ids] += bias
+        logits[:, list(ids)] += torch.tensor(bias, device=logits.device, dtype=logits.dtype)
     if params.repetition_penalty != 1.0:
         logits = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(history, logits)
     if params.frequency_penalty or params.presence_penalty:
-        generated = history[:, prompt_len:]
-        counts = torch.zeros_like(logits).scatter_add_(
-            1, generated, torch.ones_like(generated, dtype=logits.dtype)
-        )
+        generated_ids = history[:, prompt_len:]
+        ones = torch.ones_like(generated_ids, dtype=logits.dtype)
+        counts = torch.zeros_like(logits).scatter_add_(1, generated_ids, ones)
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-    if params.min_tokens and stop_ids and history.shape[1] - prompt_len < params.min_tokens:
-        masked = MinNewTokensLengthLogitsProcessor(prompt_len, params.min_tokens, sorted(stop_ids))
-        logits = masked(history, logits)
+    if generated < params.min_tokens and stop_ids:  # as HF's MinNewTokensLengthLogitsProcessor
+        logits = logits.clone()
+        logits[:, sorted(stop_ids)] = float("-inf")
     return logits
 
 

@@ -20,8 +20,11 @@ REPLACEMENT_CHAR = "\ufffd"
 class CompletionText:
     """Incremental text of one choice. Not thread-safe; owned by one decode loop."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
+        """``min_tokens``: stop strings are not looked for before this many tokens (vLLM's rule;
+        one that ends after it, even if it began before, still stops the text)."""
         self._tokenizer = tokenizer
+        self._min_tokens = min_tokens
         self._stop = tuple(s for s in stop if s)
         self._max_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
@@ -55,7 +58,7 @@ class CompletionText:
     def _add_text(self, new: str) -> None:
         search_from = max(0, len(self._text) - self._max_stop + 1)
         self._text += new
-        if not self._stop:
+        if not self._stop or len(self._ids) < self._min_tokens:
             return
         hits = [(i, s) for s in self._stop if (i := self._text.find(s, search_from)) >= 0]
         if hits:

@@ -82,8 +82,9 @@ class Admission:
             )
         return requested
 
-    def check_messages(self, messages: list[dict[str, str]]) -> None:
-        """Refuse more chat messages than --max-messages, or more text than --max-prompt-chars."""
+    def check_messages(self, messages: list[dict[str, str]], template_chars: int = 0) -> None:
+        """Refuse more chat messages than --max-messages, or more text than --max-prompt-chars
+        (``template_chars``: what the request's template variables add, as JSON)."""
         if len(messages) > self.settings.max_messages:
             raise APIError(
                 f"{len(messages)} messages in one request; this server takes at most "
@@ -91,7 +92,7 @@ class Admission:
                 param="messages",
                 code="too_many_messages",
             )
-        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages) + template_chars, "messages")
 
     def check_prompt_chars(self, chars: int, param: str) -> None:
         """Refuse a request with more prompt text than --max-prompt-chars, before tokenizing it."""

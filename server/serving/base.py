@@ -123,40 +123,49 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def place_activations(items: AsyncIterator[dict | ActivationsRef]) -> AsyncIterator[dict]:
-    """Chunks with a request's captured ``activations`` on a chunk that has choices.
+async def place_activations(chunks: AsyncIterator[dict], wait_for_capture: bool) -> AsyncIterator[dict]:
+    """A stream's chunks with its captured ``activations`` on a chunk that has choices.
 
-    ``items``: a stream's chunks, with its :class:`ActivationsRef` where it became known
-    (before every chunk in trace mode, after the last choice's finish in generate mode). It
-    rides on the next chunk with choices, or on the last finish chunk, which waits for it: a
-    client's usual ``chunk.choices[0]`` never meets a chunk without choices it did not ask for
-    (only ``stream_options.include_usage`` adds one, last, as OpenAI does). A finish chunk waits
-    at most one step (a generate-mode capture also reads the final token)."""
-    held: dict | None = None  # a finish chunk that may carry activations still to come
-    pending: ActivationsRef | None = None  # activations for the next chunk with choices
-    async for item in items:
-        if isinstance(item, ActivationsRef):
+    ``chunks``: a stream's chunks, with a chunk without choices carrying ``activations`` where
+    the capture became known (before every chunk in trace mode, after the finish in generate
+    mode). It rides on the next chunk with choices, or on the finish chunk before it, which
+    waits for it where ``wait_for_capture`` (a generate-mode capture also reads the final
+    token: one step). A client's usual ``chunk.choices[0]`` thus never meets a chunk without
+    choices it did not ask for (only ``stream_options.include_usage`` adds one, last, as
+    OpenAI does). Should the stream fail, what is held goes out before the error: a capture
+    written to disk always reaches the client."""
+    held: dict | None = None  # the finish chunk, waiting for a generate-mode capture
+    pending: dict | None = None  # a capture chunk, waiting for a chunk with choices
+    try:
+        async for chunk in chunks:
+            if not chunk["choices"] and "activations" in chunk:
+                if held is not None:
+                    yield {**held, **_activations_of(chunk)}
+                    held = None
+                else:
+                    pending = chunk
+                continue
             if held is not None:
-                yield {**held, **activation_fields(item)}
+                yield held
                 held = None
+            if chunk["choices"] and pending is not None:
+                chunk, pending = {**chunk, **_activations_of(pending)}, None
+            if wait_for_capture and chunk["choices"] and chunk["choices"][0].get("finish_reason") is not None:
+                held = chunk
             else:
-                pending = item
-            continue
-        if held is not None:
-            yield held
-            held = None
-        if not item["choices"]:
-            yield item
-            continue
-        if pending is not None:
-            item = {**item, **activation_fields(pending)}
-            pending = None
-        if item["choices"][0].get("finish_reason") is not None:
-            held = item
-        else:
-            yield item
-    if held is not None:
-        yield held
+                yield chunk
+    except Exception:
+        for known in (held, pending):
+            if known is not None:
+                yield known
+        raise
+    for known in (held, pending):
+        if known is not None:
+            yield known
+
+
+def _activations_of(chunk: dict) -> dict:
+    return {"activations": chunk["activations"], "ndif": chunk["ndif"]}
 
 
 async def leading_capture(items, trace: bool) -> tuple[CaptureResult | None, AsyncIterator]:

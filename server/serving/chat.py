@@ -16,7 +16,6 @@ from ..engine.engine import Engine
 from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
-    ActivationsRef,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -31,7 +30,7 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import generate, leading_capture, place_activations, stream, usage
+from .base import activation_fields, generate, leading_capture, place_activations, stream, usage
 from .capture_planning import extra_step
 from .parts import ServingParts
 from .reasoning import END as REASONING_END
@@ -56,8 +55,13 @@ async def render_messages(engine: Engine, request: ChatTemplateFields, messages:
             f"the chat template rejected these messages: {exc}",
             param="chat_template_kwargs" if options.template_kwargs else "messages",
         ) from exc
-    except ValueError as exc:  # transformers: the final message cannot be continued
-        raise APIError(f"cannot continue the final message: {exc}", param="continue_final_message") from exc
+    except ValueError as exc:  # transformers: e.g. the final message cannot be continued
+        if options.continue_final_message:
+            raise APIError(
+                f"cannot continue the final message: {exc}", param="continue_final_message"
+            ) from exc
+        param = "chat_template_kwargs" if options.template_kwargs else "messages"
+        raise APIError(f"the chat template could not render these messages: {exc}", param=param) from exc
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ class ChatServing:
         """Everything that can be refused is refused here, before any model work."""
         self.admission.check_model(request.model)
         messages = request.template_messages()
-        self.admission.check_messages(messages)
+        self.admission.check_messages(messages, request.template_chars())
         capture = self.captures.effective_capture(request.capture, request.ndif)
         plan = self.captures.capture_plan(capture, request.n)
         prompt_ids = await render_messages(self.engine, request, messages)
@@ -147,7 +151,7 @@ class ChatServing:
         choices = [
             ChatChoice(
                 index=c.index,
-                message=self._message(c.text),
+                message=self._message(c.text, prepared.request.include_reasoning),
                 logprobs=self._logprobs(c.logprobs) if c.logprobs is not None else None,
                 finish_reason=c.finish_reason,
             )
@@ -163,11 +167,13 @@ class ChatServing:
             ndif=activations,
         )
 
-    def _message(self, text: str) -> ChatResponseMessage:
+    def _message(self, text: str, include_reasoning: bool) -> ChatResponseMessage:
         if self.reasoning is None:
             return ChatResponseMessage(content=text)
         reasoning, content = self.reasoning.split(text)
-        return ChatResponseMessage(content=content, reasoning_content=reasoning)
+        return ChatResponseMessage(
+            content=content, reasoning_content=reasoning if include_reasoning else None
+        )
 
     def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
         """Role chunk per choice, deltas, one finish chunk per choice, then the usage if asked.
@@ -176,15 +182,13 @@ class ChatServing:
         chunk in generate mode (``place_activations``). (A trace-mode capture is kept if the
         stream fails later: its id has already reached the client.)
         """
-        return place_activations(self._chunks(prepared))
+        generate_mode = prepared.capture is not None and prepared.capture.mode == "generate"
+        return place_activations(self._chunks(prepared), wait_for_capture=generate_mode)
 
-    async def _chunks(self, prepared: PreparedChat) -> AsyncIterator[dict | ActivationsRef]:
+    async def _chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
         request, job = prepared.request, prepared.job
         trace = prepared.capture is not None and prepared.capture.mode == "trace"
         captured, items = await leading_capture(stream(self.engine, job), trace)
-        activations = self.captures.activations_ref(captured)
-        if activations is not None:
-            yield activations
         base = {
             "id": prepared.id,
             "object": "chat.completion.chunk",
@@ -193,6 +197,9 @@ class ChatServing:
         }
         if request.include_usage:
             base["usage"] = None
+        activations = self.captures.activations_ref(captured)
+        if activations is not None:
+            yield {**base, "choices": [], **activation_fields(activations)}
 
         def chunk(index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None):
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -214,7 +221,9 @@ class ChatServing:
                     if item.finish_reason:
                         held_reasoning, held_content = splitter.finish()
                         reasoning, content = reasoning + held_reasoning, content + held_content
-                    deltas = [{"reasoning_content": reasoning}] if reasoning else []
+                    deltas = (
+                        [{"reasoning_content": reasoning}] if reasoning and request.include_reasoning else []
+                    )
                     deltas += [{"content": content}] if content else []
                     if logprobs and not deltas:
                         deltas = [{}]  # a token whose text is a tag (or held back): its logprobs
@@ -226,7 +235,7 @@ class ChatServing:
                 if not trace:
                     captured = self.captures.activations_ref(item.capture)
                     if captured is not None:
-                        yield captured
+                        yield {**base, "choices": [], **activation_fields(captured)}
                 if request.include_usage:
                     totals = usage(item.prompt_tokens, item.completion_tokens)
                     yield {**base, "choices": [], "usage": dump(totals)}

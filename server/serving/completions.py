@@ -16,7 +16,6 @@ from ..engine.capture import CapturePlan, CaptureResult
 from ..engine.job import GenerationJob, GenerationResult, TokenLogprob
 from ..errors import APIError
 from ..protocol import (
-    ActivationsRef,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -25,7 +24,15 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import generate, leading_capture, out_of_memory, place_activations, stream, usage
+from .base import (
+    activation_fields,
+    generate,
+    leading_capture,
+    out_of_memory,
+    place_activations,
+    stream,
+    usage,
+)
 from .capture_planning import extra_step
 from .parts import ServingParts
 
@@ -79,7 +86,11 @@ class CompletionServing:
         single = isinstance(request.prompt, str) or isinstance(request.prompt[0], int)
         for i, prompt in enumerate(prompts):
             param = "prompt" if single else f"prompt[{i}]"
-            prompt_ids = await self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            prompt_ids = (
+                await self.engine.encode(prompt, add_special_tokens=request.add_special_tokens)
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
             if not prompt_ids:
                 raise APIError("prompt must not be empty", param=param)
             if any(t < 0 or t >= self.engine.vocab_size for t in prompt_ids):
@@ -177,9 +188,10 @@ class CompletionServing:
         """Per prompt: the echo (if asked), then its choices' deltas and finish; then the usage
         if asked. Captured ``activations`` ride on the first chunk in trace mode, on the last
         finish chunk in generate mode (``place_activations``)."""
-        return place_activations(self._chunks(prepared))
+        generate_mode = prepared.capture is not None and prepared.capture.mode == "generate"
+        return place_activations(self._chunks(prepared), wait_for_capture=generate_mode)
 
-    async def _chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict | ActivationsRef]:
+    async def _chunks(self, prepared: PreparedCompletion) -> AsyncIterator[dict]:
         request = prepared.request
         trace = prepared.capture is not None and prepared.capture.mode == "trace"
         first_items = stream(self.engine, prepared.prompts[0].job)  # a trace-mode capture comes first
@@ -194,7 +206,7 @@ class CompletionServing:
         if request.include_usage:
             base["usage"] = None
         if activations is not None:  # trace mode
-            yield activations
+            yield {**base, "choices": [], **activation_fields(activations)}
 
         def chunk(
             index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None
@@ -226,7 +238,7 @@ class CompletionServing:
                     completion_tokens += item.completion_tokens
                     generated = None if trace else self.captures.activations_ref(item.capture)
                     if generated is not None:
-                        yield generated
+                        yield {**base, "choices": [], **activation_fields(generated)}
                     continue
                 logprobs = None
                 if item.logprobs:

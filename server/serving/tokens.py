@@ -33,7 +33,7 @@ class TokenServing:
 
     def model(self, name: str) -> ModelCard:
         """``GET /v1/models/{model}``: the served model's card, or 404 ``model_not_found``."""
-        self.admission.check_model(name)
+        self.admission.check_model(name or "(none)")  # an empty id names no model
         return self.models().data[0]
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
@@ -41,7 +41,7 @@ class TokenServing:
         request.check()
         if request.messages is not None:
             messages = request.template_messages()
-            self.admission.check_messages(messages)
+            self.admission.check_messages(messages, request.template_chars())
             ids = await render_messages(self.engine, request, messages)
         else:
             self.admission.check_prompt_chars(len(request.prompt), "prompt")

@@ -24,6 +24,7 @@ def test_the_dry_run_passes_every_check(tmp_path):
     assert summary["a_capture_alone"]["tensors"] == 2 * 2  # 2 layers x resid_post, mlp_out
     assert summary["b_eight_at_once"]["statuses"] == [200] * 8
     assert summary["c_lda"]["status"] == 200
+    assert summary["g_sampling_fields"]["ok"]
     assert summary["d_out_of_memory"]["skipped"]
     assert summary["e_speed"]["server_alone_tokens_per_s"] > 0
     quantized = summary["f_bnb_4bit"]  # bitsandbytes computes on a CPU too

@@ -669,3 +669,18 @@ def test_the_manifest_records_what_it_takes_to_reproduce_the_capture(client):
         tensor(client, unsteered.json()["activations"]["id"], name),
         tensor(client, first["activations"]["id"], name),
     )  # the interventions mattered: without them the values differ
+
+
+def test_a_stream_that_fails_still_names_the_capture_it_wrote(client):
+    """A trace-mode capture is written before the first token; when the stream then fails (an
+    intervention that overflows, at token 0), the capture's id reaches the client before the
+    error event, so what is on disk is never anonymous."""
+    body = {"prompt": "Hello there", "max_tokens": 3, "stream": True,
+            "capture": {"mode": "trace", "layers": [0], "hook_points": ["resid_post"]},
+            "interventions": [{"type": "scale", "module": "lm_head.output", "factor": 1e39}]}  # fmt: skip
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["error"]["code"] == "non_finite_values"
+    (named,) = [c["activations"]["id"] for c in chunks if "activations" in c]
+    assert client.get(f"/v1/activations/{named}").status_code == 200

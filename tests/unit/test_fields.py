@@ -40,6 +40,67 @@ def test_every_field_of_openais_api_has_a_state(endpoint):
     assert openai_fields(endpoint) <= covered, openai_fields(endpoint) - covered
 
 
+# vLLM's extra request fields (vllm/entrypoints/openai protocol, as of vLLM 0.11-0.12), kept
+# by hand: vLLM has no client library to read them from.
+VLLM_CHAT = {
+    "best_of",
+    "use_beam_search",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "length_penalty",
+    "stop_token_ids",
+    "include_stop_str_in_output",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "truncate_prompt_tokens",
+    "prompt_logprobs",
+    "allowed_token_ids",
+    "bad_words",
+    "echo",
+    "add_generation_prompt",
+    "continue_final_message",
+    "add_special_tokens",
+    "documents",
+    "chat_template",
+    "chat_template_kwargs",
+    "mm_processor_kwargs",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structural_tag",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+    "priority",
+    "request_id",
+    "logits_processors",
+    "return_tokens_as_token_ids",
+    "return_token_ids",
+    "cache_salt",
+    "kv_transfer_params",
+    "vllm_xargs",
+    "include_reasoning",
+    "thinking_token_budget",
+}
+VLLM_COMPLETIONS = (VLLM_CHAT - {
+    "add_generation_prompt", "continue_final_message", "documents", "chat_template", "chat_template_kwargs",
+    "echo", "best_of", "include_reasoning", "thinking_token_budget",
+}) | {"prompt_embeds", "response_format"}  # fmt: skip
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_every_vllm_extra_field_has_a_state(endpoint):
+    model = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+    refused = {name for name, rule in REFUSED.items() if endpoint in rule.endpoints}
+    covered = set(model.model_fields) | {n for n, r in NO_EFFECT.items() if endpoint in r.endpoints} | refused
+    fields = VLLM_CHAT if endpoint == "chat" else VLLM_COMPLETIONS
+    assert fields <= covered, fields - covered
+
+
 def test_the_docs_table_is_the_codes():
     printed = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "fields_table.py")],
@@ -74,9 +135,12 @@ def test_a_refused_value_is_not_taken_for_an_accepted_one_of_another_json_type(c
         assert response.status_code == 400, response.text
 
 
-@pytest.mark.parametrize("name", sorted(NO_EFFECT))
-def test_a_field_without_effect_is_accepted_quietly(client, caplog, name):
-    path, body = BODIES["chat"]
+@pytest.mark.parametrize(
+    ("name", "endpoint"),
+    [(name, endpoint) for name, rule in sorted(NO_EFFECT.items()) for endpoint in rule.endpoints],
+)
+def test_a_field_without_effect_is_accepted_quietly(client, caplog, name, endpoint):
+    path, body = BODIES[endpoint]
     with caplog.at_level(logging.INFO, logger="server.protocol"):
         response = client.post(
             path, json={**body, "max_tokens": 2, name: {"k": "v"} if name == "metadata" else "x"}

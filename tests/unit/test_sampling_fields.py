@@ -69,15 +69,39 @@ def test_min_tokens_holds_back_eos_as_hf_does(loaded):
     assert choice.finish_reason == "stop"
 
 
-def test_a_stop_token_id_ends_the_choice_like_eos(loaded):
+def test_a_stop_token_id_ends_the_choice_and_keeps_its_text_as_vllm_does(loaded):
     plain = ours(loaded, GREEDY).token_ids
     stop_at = plain[3]
     first = plain.index(stop_at)
-    choice = ours(loaded, dataclasses.replace(GREEDY, stop_token_ids=(stop_at,)))
+    params = dataclasses.replace(GREEDY, stop_token_ids=(stop_at,))
+    choice = ours(loaded, params)
     assert choice.token_ids == plain[: first + 1] and choice.finish_reason == "stop"
-    assert (
-        choice.token_ids == theirs(loaded, dataclasses.replace(GREEDY, stop_token_ids=(stop_at,))).token_ids
-    )
+    assert choice.token_ids == theirs(loaded, params).token_ids
+    assert choice.text == loaded.tokenizer.decode(plain[: first + 1], skip_special_tokens=True)
+
+
+def test_min_tokens_holds_back_stop_token_ids_too(loaded):
+    plain = ours(loaded, GREEDY).token_ids
+    early = plain[0]  # what the model says first
+    held = dataclasses.replace(GREEDY, stop_token_ids=(early,), min_tokens=3)
+    choice = ours(loaded, held)
+    assert early not in choice.token_ids[:3] and len(choice.token_ids) >= 3
+    assert choice.token_ids == theirs(loaded, held).token_ids
+
+
+def test_stop_strings_wait_for_min_tokens_as_vllm_does(loaded):
+    from server.engine.text import CompletionText
+
+    plain = ours(loaded, GREEDY)
+    stop = loaded.tokenizer.decode(plain.token_ids[:1], skip_special_tokens=True)  # in the first token
+    assert stop
+    stopped = ours(loaded, dataclasses.replace(GREEDY, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) == 1
+    waited = ours(loaded, dataclasses.replace(GREEDY, stop=(stop,), min_tokens=4))
+    assert len(waited.token_ids) >= 4
+    text = CompletionText(loaded.tokenizer, ("b",), min_tokens=2)
+    ids = loaded.tokenizer.encode("ab", add_special_tokens=False)
+    assert len(ids) <= 2 and not any(text.append(t) for t in ids[:1])
 
 
 def greedy_with_penalties(model, ids: list[int], steps: int, frequency: float, presence: float) -> list[int]:
@@ -125,11 +149,28 @@ def test_logprobs_stay_those_of_the_raw_logits(loaded):
     assert ours(loaded, plain).logprobs[0].token_id != 77
 
 
-def test_the_fields_over_http(client):
-    body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6, "temperature": 0}
-    plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
-    fields = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3, "min_p": 0.05,
-              "min_tokens": 2, "stop_token_ids": [3], "logit_bias": {"77": 5}}  # fmt: skip
-    response = client.post("/v1/chat/completions", json={**body, **fields})
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] != plain
+HTTP_FIELDS = {
+    "frequency_penalty": 2.0,
+    "presence_penalty": 2.0,
+    "repetition_penalty": 3.0,
+    "min_p": 0.5,
+    "logit_bias": {"77": 30},
+    "min_tokens": 12,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HTTP_FIELDS))
+def test_each_field_over_http_changes_the_answer(client, name):
+    body = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 12, "temperature": 0.9,
+            "seed": 3, "logprobs": True}  # fmt: skip
+    if name in ("frequency_penalty", "presence_penalty", "repetition_penalty"):
+        body["temperature"] = 0  # greedy answers repeat tokens: the penalties show
+    if name == "min_tokens":  # EOS made likely, so holding it back shows
+        body["logit_bias"] = {str(client.app.state.engine.loaded.tokenizer.eos_token_id): 8}
+
+    def tokens(extra: dict) -> list[str]:
+        response = client.post("/v1/chat/completions", json={**body, **extra})
+        assert response.status_code == 200, response.text
+        return [entry["token"] for entry in response.json()["choices"][0]["logprobs"]["content"]]
+
+    assert tokens({name: HTTP_FIELDS[name]}) != tokens({})

@@ -80,3 +80,24 @@ def test_one_model_card_by_its_id_and_404_for_another(client, served_model):
     assert card.status_code == 200 and card.json() == client.get("/v1/models").json()["data"][0]
     missing = client.get("/v1/models/org/another-model")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_completions_take_add_special_tokens_as_vllm_does(client):
+    """With a tokenizer that adds BOS (the tiny one's post-processor is swapped for one that
+    does, for this test), a text prompt gets it unless add_special_tokens is false."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = client.app.state.engine.prompt_tokenizer
+    bos = tokenizer.bos_token
+    saved = tokenizer._tokenizer.post_processor
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    try:
+        body = {"prompt": "The quick brown fox", "max_tokens": 1}
+        with_bos = client.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
+        bare = client.post("/v1/completions", json={**body, "add_special_tokens": False}).json()
+    finally:
+        tokenizer._tokenizer.post_processor = saved
+    assert with_bos == bare["usage"]["prompt_tokens"] + 1
+    assert client.get("/v1/models/").status_code == 404  # an empty id names no model
