@@ -294,6 +294,104 @@ class ChatTemplateFields(OpenAIModel):
         ]
 
 
+class JsonSchemaFormat(StrictModel):
+    """OpenAI's ``response_format.json_schema``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="A JSON Schema (object).")
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's ``response_format``: plain text (the default), any JSON object, or JSON that
+    follows a schema; the last two are enforced while decoding."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+Choice = Annotated[Text, Field(max_length=1000)]
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's ``structured_outputs``: exactly one constraint, enforced while decoding."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json", description="A JSON Schema.")
+    regex: Annotated[Text, Field(max_length=10_000)] | None = None
+    choice: (
+        Annotated[list[Annotated[Text, Field(max_length=1000)]], Field(min_length=1, max_length=256)] | None
+    ) = None
+    grammar: Annotated[Text, Field(max_length=100_000)] | None = Field(None, description="A Lark grammar.")
+    json_object: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+def grammar_of(format_: ResponseFormat | None, outputs: StructuredOutputs | None) -> tuple[str, str] | None:
+    """(llguidance grammar, the field it came from) for a request's structured output, or None.
+
+    Raises:
+        APIError: both fields sent, an empty constraint, or a schema that is not an object.
+    """
+    from llguidance import LLMatcher
+
+    if format_ is not None and format_.type != "text" and outputs is not None:
+        raise APIError("send response_format or structured_outputs, not both", param="structured_outputs")
+    if format_ is not None and format_.type == "json_object":
+        return _from_schema({"type": "object"}, "response_format"), "response_format"
+    if format_ is not None and format_.type == "json_schema":
+        if format_.json_schema is None or format_.json_schema.schema_ is None:
+            raise APIError("json_schema needs a schema", param="response_format.json_schema")
+        return _from_schema(
+            format_.json_schema.schema_, "response_format.json_schema.schema"
+        ), "response_format"
+    if outputs is None:
+        return None
+    given = [
+        name for name in ("json_", "regex", "choice", "grammar", "json_object") if getattr(outputs, name)
+    ]
+    if len(given) != 1:
+        raise APIError(
+            "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+            param="structured_outputs",
+        )
+    if outputs.json_ is not None:
+        schema = outputs.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise APIError(f"json is not JSON: {exc}", param="structured_outputs.json") from None
+        return _from_schema(schema, "structured_outputs.json"), "structured_outputs"
+    if outputs.regex is not None:
+        return LLMatcher.grammar_from_regex(outputs.regex), "structured_outputs"
+    if outputs.choice is not None:
+        alternatives = " | ".join(json.dumps(choice) for choice in outputs.choice)  # Lark string literals
+        return LLMatcher.grammar_from_lark(f"start: {alternatives}"), "structured_outputs"
+    if outputs.grammar is not None:
+        return LLMatcher.grammar_from_lark(outputs.grammar), "structured_outputs"
+    return _from_schema({"type": "object"}, "structured_outputs"), "structured_outputs"
+
+
+# JSON as json.dumps writes it: no whitespace but ", " and ": ". Flexible whitespace lets a
+# model pad forever (small models do); a schema's own "x-guidance" options still win.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _from_schema(schema: Any, param: str) -> str:
+    from llguidance import LLMatcher
+
+    if not isinstance(schema, dict):
+        raise APIError("a JSON Schema is a JSON object", param=param)
+    try:
+        return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
+    except ValueError as exc:
+        raise APIError(f"not a usable JSON Schema: {exc}", param=param) from None
+
+
 class _SamplingFields(OpenAIModel):
     """Fields chat and completions share, and their conversion to SamplingParams."""
 
@@ -337,6 +435,17 @@ class _SamplingFields(OpenAIModel):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = Field(
         None, description="More token ids that end a choice (finish_reason stop), besides EOS."
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema: the last two enforced while decoding."
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's: one of json (a schema), regex, choice, grammar (Lark), json_object."
+    )
+
+    def grammar(self) -> tuple[str, str] | None:
+        """(llguidance grammar, the field it came from) of the request's structured output."""
+        return grammar_of(self.response_format, self.structured_outputs)
+
     capture: CaptureRequest | None = Field(
         None, description="Capture activations while answering; the response names the stored tensors."
     )
@@ -381,14 +490,29 @@ class _SamplingFields(OpenAIModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def sampling_params(
-        self, *, max_tokens: int, logprobs: int | None, max_n: int, vocab_size: int
+        self,
+        *,
+        max_tokens: int,
+        logprobs: int | None,
+        max_n: int,
+        vocab_size: int,
+        grammar: str | None = None,
     ) -> SamplingParams:
-        """The engine's sampling parameters; ``vocab_size``: the width of the model's logits.
+        """The engine's sampling parameters; ``vocab_size``: the width of the model's logits;
+        ``grammar``: the checked grammar of :meth:`grammar`, if any.
 
         Raises:
             APIError: a refused field, or a value this model or request cannot take.
         """
         self._check_unsupported()
+        if grammar is not None:
+            constrained = "response_format" if self.response_format is not None else "structured_outputs"
+            if self.ignore_eos:
+                raise APIError(
+                    f"ignore_eos cannot go with {constrained}: a finished structure ends", param="ignore_eos"
+                )
+            if self.min_tokens:
+                raise APIError(f"min_tokens cannot go with {constrained}", param="min_tokens")
         logit_bias, stop_token_ids = self._token_ids(vocab_size)
         if self.min_tokens and self.min_tokens > max_tokens:
             raise APIError(
@@ -418,6 +542,7 @@ class _SamplingFields(OpenAIModel):
             min_tokens=self.min_tokens or 0,
             min_p=self.min_p or 0.0,
             stop_token_ids=stop_token_ids,
+            grammar=grammar,
         )
 
     @property

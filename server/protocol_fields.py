@@ -39,7 +39,7 @@ class Refused:
 
 NOT_YET = "not supported by this server yet"
 TOOLS = "tool calling is not supported by this server yet; send no tools"
-STRUCTURED = "structured output (constrained decoding) is not supported by this server yet"
+GUIDED = "vLLM's guided_* fields are deprecated: send structured_outputs (or response_format)"
 
 REFUSED: dict[str, Refused] = {
     # OpenAI chat/completions
@@ -50,7 +50,6 @@ REFUSED: dict[str, Refused] = {
     "functions": Refused(TOOLS + " (functions is deprecated: tools)", accepted=([],), endpoints=("chat",)),
     "function_call": Refused(TOOLS + " (function_call is deprecated: tool_choice)", accepted=("none",),
                              endpoints=("chat",)),
-    "response_format": Refused(STRUCTURED + "; only {\"type\": \"text\"}", accepted=({"type": "text"},)),
     "prediction": Refused("predicted outputs are not supported", endpoints=("chat",)),
     "reasoning_effort": Refused(
         "reasoning effort is not a setting of open models; control thinking through the chat template "
@@ -73,14 +72,13 @@ REFUSED: dict[str, Refused] = {
     "prompt_logprobs": Refused("use /v1/completions with echo and logprobs to score a prompt"),
     "allowed_token_ids": Refused(NOT_YET),
     "bad_words": Refused(NOT_YET, accepted=([],)),
-    "guided_json": Refused(STRUCTURED),
-    "guided_regex": Refused(STRUCTURED),
-    "guided_choice": Refused(STRUCTURED),
-    "guided_grammar": Refused(STRUCTURED),
-    "guided_decoding_backend": Refused(STRUCTURED),
-    "guided_whitespace_pattern": Refused(STRUCTURED),
-    "structured_outputs": Refused(STRUCTURED),
-    "structural_tag": Refused(STRUCTURED),
+    "guided_json": Refused(GUIDED),
+    "guided_regex": Refused(GUIDED),
+    "guided_choice": Refused(GUIDED),
+    "guided_grammar": Refused(GUIDED),
+    "guided_decoding_backend": Refused(GUIDED),
+    "guided_whitespace_pattern": Refused(GUIDED),
+    "structural_tag": Refused(NOT_YET + "; use structured_outputs or response_format"),
     "echo": Refused("echo on chat is not supported (it is on /v1/completions)", accepted=(False,),
                     endpoints=("chat",)),
     "add_special_tokens": Refused(

@@ -251,6 +251,11 @@ class Engine:
 
         return await self._on_prompt_thread(encode)
 
+    async def check_grammar(self, grammar: str) -> None:
+        """Raise ``constraints.GrammarError`` unless the decode loop can follow ``grammar`` (the
+        first call converts the tokenizer for llguidance: about a second, on the prompt thread)."""
+        await self._on_prompt_thread(self.loop.constraints.check, grammar)
+
     async def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each token as the tokenizer spells it (``convert_ids_to_tokens``: ``Ġthe``, ``<0x0A>``)."""
         return await self._on_prompt_thread(self.prompt_tokenizer.convert_ids_to_tokens, token_ids)

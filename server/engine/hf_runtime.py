@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from interventions import placed
 
+from .constraints import Constraints
 from .hooks import HookPoint, first_tensor
 from .loading import LoadedModel
 from .loop import DecodeLoop
@@ -99,6 +100,7 @@ def decode_loop(
     """The one decode loop over this runtime: what the engine runs, and what scripts and tests
     use in process (``loop.run(jobs)``). ``token_text``: one token's text for capture
     manifests (default: built from the tokenizer)."""
+    width = served.hf_model.get_output_embeddings().weight.shape[0]
     return DecodeLoop(
         HFRuntime(served, before),
         served.tokenizer,
@@ -106,6 +108,7 @@ def decode_loop(
         token_text=token_text or build_vocabulary(served.tokenizer).text,
         manifest_facts=manifest_facts,
         logits_module=logits_module,
+        constraints=Constraints(served.tokenizer, width, served.eos_token_ids),
     )
 
 

@@ -51,6 +51,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids masked until this many tokens
     min_p: float = 0.0  # a warper, after top_p: drop tokens below min_p x the top probability
     stop_token_ids: tuple[int, ...] = ()  # more ids that end a choice (finish_reason "stop")
+    grammar: str | None = None  # an llguidance grammar each row follows (constraints.py)
 
     @property
     def needs_history(self) -> bool:

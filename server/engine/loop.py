@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .capture import CaptureRecorder, CaptureResult
+from .constraints import Constraints, GrammarError
 from .job import ChoiceDelta, GenerationJob, GenerationResult, RowState, TokenStats
 from .lda import amplify, token_stats
 from .runtime import RowGroup, Runtime, RuntimeBatch
@@ -59,6 +60,7 @@ class _Running:
         self.job = job
         self.rows = RowState.for_job(job, loop.tokenizer, loop.eos_ids)
         self.generator = generator_for(job.params, loop.runtime.device)
+        self.constraints = loop.constraints
         # where a logits processor reads the tokens so far: [n, prompt + max_tokens], filled as
         # they are chosen (choose() passes the filled part)
         self.history = None
@@ -77,6 +79,12 @@ class _Running:
         )
         self.capture: CaptureResult | None = None
         self.error: BaseException | None = None
+        self.matchers = None  # one grammar matcher per row, where the job is constrained
+        if job.params.grammar:
+            try:
+                self.matchers = self.constraints.matchers(job.params.grammar, job.params.n)
+            except GrammarError as exc:
+                self.error = exc
         self.forwards = 0  # forward steps its rows went through
         self.finished_at: int | None = 0 if job.params.max_tokens == 0 else None  # forwards then
         self.token_text = loop.token_text
@@ -139,6 +147,10 @@ class _Running:
         prompt_len = len(job.prompt_ids)
         history = None if self.history is None else self.history[:, : prompt_len + job.steps]
         scores = process(scores, params, history, prompt_len, self.rows[0].stop_ids, job.steps)
+        active = [not row.finished for row in self.rows]
+        if self.matchers is not None:
+            allowed = self.constraints.allowed(self.matchers, active).to(scores.device, non_blocking=True)
+            scores = scores.masked_fill(~allowed, float("-inf"))
         if not params.greedy:  # a NaN row would make multinomial raise before it is reported
             scores = torch.where(torch.stack(flags).all(0)[:, None], scores, torch.zeros_like(scores[:1]))
         tokens = sample(scores, params, self.generator)
@@ -148,6 +160,8 @@ class _Running:
         if job.lda is not None and not all(host[2 * n :]):
             raise non_finite(step=job.steps, side="before")
         chosen = host[:n]
+        if self.matchers is not None:
+            self.constraints.advance(self.matchers, chosen, active)
         stats = token_stats(after, before, tokens) if before is not None and job.lda.token_stats else None
         if self.history is not None:
             self.history[:, prompt_len + job.steps] = tokens
@@ -297,17 +311,20 @@ class DecodeLoop:
         token_text: Callable[[int], str],
         manifest_facts: dict[str, Any] | None = None,
         logits_module: str | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         """``tokenizer``: decodes generated tokens (the worker's own copy); ``token_text``: one
         token's text, for capture manifests; ``manifest_facts``: what every capture manifest
         says of the served model (model id, dtype, adapter); ``logits_module``: the module
-        whose output is the logits (a capture of it needs every position's logits)."""
+        whose output is the logits (a capture of it needs every position's logits);
+        ``constraints``: what constrained jobs (``SamplingParams.grammar``) are followed with."""
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.token_text = token_text
         self.manifest_facts = manifest_facts or {}
         self.logits_module = logits_module
+        self.constraints = constraints
 
     def wants_full_logits(self, points) -> bool:
         return any(p.module_path == self.logits_module and p.kind == "output" for p in points)

@@ -24,6 +24,7 @@ from http import HTTPStatus
 import torch
 
 from ..engine.capture import CaptureResult
+from ..engine.constraints import GrammarError
 from ..engine.engine import Engine, RequestTimedOut
 from ..engine.job import ChoiceDelta, GenerationJob, GenerationResult
 from ..engine.sampler import NonFiniteLogits
@@ -80,6 +81,7 @@ ENGINE_FAILURES = (
     QueueFull,
     RequestTimedOut,
     NonFiniteLogits,
+    GrammarError,
 )
 
 
@@ -96,6 +98,8 @@ def engine_error(exc: BaseException, interventions_param: str = "interventions")
         return APIError(str(exc), param="capture.save_dir")
     if isinstance(exc, OSError):
         return storage_error(exc)
+    if isinstance(exc, GrammarError):  # a matcher that failed while decoding
+        return APIError(f"structured output: {exc}", code="grammar_error")
     if isinstance(exc, NonFiniteLogits):
         if exc.edited:
             return APIError(str(exc), param=interventions_param, code="non_finite_values")
@@ -192,6 +196,23 @@ async def leading_capture(items, trace: bool) -> tuple[CaptureResult | None, Asy
 def activation_fields(ref: ActivationsRef | None) -> dict:
     """``activations``, and the same object under ``ndif`` for clients of the earlier server."""
     return {} if ref is None else {"activations": dump(ref), "ndif": dump(ref)}
+
+
+async def checked_grammar(engine: Engine, request) -> str | None:
+    """The request's structured-output grammar (``response_format`` or ``structured_outputs``),
+    checked against the served tokenizer; None when it asks for none.
+
+    Raises:
+        APIError: naming the field whose constraint cannot be followed."""
+    found = request.grammar()
+    if found is None:
+        return None
+    grammar, param = found
+    try:
+        await engine.check_grammar(grammar)
+    except GrammarError as exc:
+        raise APIError(f"{param}: this constraint cannot be followed: {exc}", param=param) from exc
+    return grammar
 
 
 async def generate(engine: Engine, job: GenerationJob) -> GenerationResult:

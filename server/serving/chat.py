@@ -30,7 +30,15 @@ from ..protocol import (
     dump,
     now,
 )
-from .base import activation_fields, generate, leading_capture, place_activations, stream, usage
+from .base import (
+    activation_fields,
+    checked_grammar,
+    generate,
+    leading_capture,
+    place_activations,
+    stream,
+    usage,
+)
 from .capture_planning import extra_step
 from .parts import ServingParts
 from .reasoning import END as REASONING_END
@@ -118,11 +126,13 @@ class ChatServing:
         max_tokens = self.admission.token_budget(
             len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)
         )
+        grammar = await checked_grammar(self.engine, request)
         params = request.sampling_params(
             max_tokens=max_tokens,
             logprobs=request.logprobs_k(),
             max_n=self.settings.max_n,
             vocab_size=self.engine.vocab_size,
+            grammar=grammar,
         )
         self.admission.check_queue()
         memory_bytes = self.admission.check_memory(

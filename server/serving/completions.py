@@ -26,6 +26,7 @@ from ..protocol import (
 )
 from .base import (
     activation_fields,
+    checked_grammar,
     generate,
     leading_capture,
     out_of_memory,
@@ -77,6 +78,7 @@ class CompletionServing:
                 "echo with logprobs scores the prompt without interventions; send one or the other",
                 param="interventions",
             )
+        grammar = await checked_grammar(self.engine, request)
         prompts = request.prompts()  # refuses an empty list
         self.admission.check_prompt_chars(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
         if plan is not None and len(prompts) > 1:
@@ -105,6 +107,7 @@ class CompletionServing:
                 logprobs=request.logprobs,
                 max_n=self.settings.max_n,
                 vocab_size=self.engine.vocab_size,
+                grammar=grammar,
             )
             memory_bytes = self.admission.check_memory(
                 prompt_tokens=len(prompt_ids),
