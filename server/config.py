@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="Return <think>...</think> apart from the answer as reasoning_content (vLLM's "
         "flag): qwen3 (the answer opens the block), deepseek_r1 (the template opens it).",
     )
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None,
+        description="Read <tool_call>{...}</tool_call> blocks in answers as tool calls (vLLM's flag), "
+        "for tool_choice auto; required and named choices need none.",
+    )
     chat_template: Path | None = Field(
         None,
         description="A Jinja chat template file that replaces the model's own (vLLM's flag). "

@@ -104,10 +104,51 @@ class TextContentPart(StrictModel):
     text: Text
 
 
+class FunctionCallIn(StrictModel):
+    name: Annotated[Text, Field(max_length=64)]
+    arguments: Annotated[Text, Field(max_length=1_000_000)]  # JSON, as the model wrote it
+
+
+class ToolCallIn(StrictModel):
+    """A call an earlier assistant message made (OpenAI's ``message.tool_calls[i]``)."""
+
+    id: Annotated[Text, Field(max_length=200)]
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=128)] | None = None  # assistant
+    tool_call_id: Annotated[Text, Field(max_length=200)] | None = None  # tool: the call answered
+
+    def template_form(self) -> dict[str, Any]:
+        """As chat templates expect it: plain-string content, 'developer' as 'system'; an
+        assistant's calls with their arguments as objects (the form transformers documents),
+        a tool message with the id of the call it answers."""
+        form: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            form["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _json_or_text(call.function.arguments),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            form["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            form["name"] = self.name
+        return form
 
     def text(self) -> str:
         if self.content is None:
@@ -115,6 +156,36 @@ class ChatMessage(OpenAIModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class FunctionDefinition(StrictModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Annotated[Text, Field(max_length=10_000)] | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema (object)
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    """A function the model may call (OpenAI's ``tools[i]``)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: Annotated[str, Field(max_length=64)]
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(StrictModel):
@@ -243,6 +314,9 @@ class ChatTemplateFields(OpenAIModel):
     chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=64)] | None = Field(
         None, description='More variables for the chat template, e.g. {"enable_thinking": false}.'
     )
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        None, description="Functions the model may call, rendered by the chat template."
+    )
 
     @field_validator("chat_template_kwargs", mode="after")
     @classmethod
@@ -280,18 +354,20 @@ class ChatTemplateFields(OpenAIModel):
             add_generation_prompt=self.add_generation_prompt,
             continue_final_message=self.continue_final_message,
             template_kwargs=dict(self.chat_template_kwargs or {}),
+            tools=self.tool_specs(),
         )
 
     def template_chars(self) -> int:
         """Characters the template variables add to the prompt's text (as JSON)."""
         return len(json.dumps(self.chat_template_kwargs)) if self.chat_template_kwargs else 0
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them: plain-string content, 'developer' as 'system'."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """Messages as chat templates expect them (``ChatMessage.template_form``)."""
+        return [m.template_form() for m in self.messages]
+
+    def tool_specs(self) -> list[dict] | None:
+        """``tools`` as the chat template gets them (OpenAI's shape, plain dicts)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
 
 
 class JsonSchemaFormat(StrictModel):
@@ -379,6 +455,14 @@ def grammar_of(format_: ResponseFormat | None, outputs: StructuredOutputs | None
 # JSON as json.dumps writes it: no whitespace but ", " and ": ". Flexible whitespace lets a
 # model pad forever (small models do); a schema's own "x-guidance" options still win.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def schema_grammar(schema: Any, param: str) -> str:
+    """The llguidance grammar of a JSON Schema, laid out as :data:`JSON_LAYOUT` says.
+
+    Raises:
+        APIError: naming ``param``, where the schema is not an object or not usable."""
+    return _from_schema(schema, param)
 
 
 def _from_schema(schema: Any, param: str) -> str:
@@ -561,6 +645,10 @@ class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
         None, ge=1, description="Deprecated by OpenAI in favour of max_completion_tokens."
     )
     max_completion_tokens: int | None = Field(None, ge=1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or a named function."
+    )
+    parallel_tool_calls: bool = Field(True, description="Allow more than one call in an answer.")
     # -- vLLM's extra chat field (with --reasoning-parser) --
     include_reasoning: bool = Field(
         True, description="With --reasoning-parser: return reasoning_content (false: only the content)."
@@ -701,13 +789,14 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None  # with --reasoning-parser: the answer's thinking
+    tool_calls: list[dict] | None = None  # [{"id", "type": "function", "function": {"name", "arguments"}}]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ActivationsRef(BaseModel):

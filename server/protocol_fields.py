@@ -38,17 +38,14 @@ class Refused:
 
 
 NOT_YET = "not supported by this server yet"
-TOOLS = "tool calling is not supported by this server yet; send no tools"
 GUIDED = "vLLM's guided_* fields are deprecated: send structured_outputs (or response_format)"
 
 REFUSED: dict[str, Refused] = {
     # OpenAI chat/completions
     "audio": Refused("audio output is not supported: this server serves text models"),
     "modalities": Refused("only text output is supported", accepted=(["text"],)),
-    "tools": Refused(TOOLS, accepted=([],), endpoints=("chat",)),
-    "tool_choice": Refused(TOOLS, accepted=("none",), endpoints=("chat",)),
-    "functions": Refused(TOOLS + " (functions is deprecated: tools)", accepted=([],), endpoints=("chat",)),
-    "function_call": Refused(TOOLS + " (function_call is deprecated: tool_choice)", accepted=("none",),
+    "functions": Refused("functions is deprecated: send tools", accepted=([],), endpoints=("chat",)),
+    "function_call": Refused("function_call is deprecated: send tool_choice", accepted=("none",),
                              endpoints=("chat",)),
     "prediction": Refused("predicted outputs are not supported", endpoints=("chat",)),
     "reasoning_effort": Refused(
@@ -113,9 +110,6 @@ NO_EFFECT: dict[str, NoEffect] = {
     "prompt_cache_options": NoEffect("settings of OpenAI's prompt cache; this server keeps no prompt cache"),
     "prompt_cache_retention": NoEffect("how long OpenAI keeps a cached prompt; this server keeps none"),
     "safety_identifier": NoEffect("an end-user id for OpenAI's abuse monitoring"),
-    "parallel_tool_calls": NoEffect(
-        "it shapes tool calls, and no tools are called (tools are refused)", endpoints=("chat",)
-    ),
     "cache_salt": NoEffect("vLLM's prefix-cache salt; this server keeps no prefix cache"),
 }
 

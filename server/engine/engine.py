@@ -59,11 +59,13 @@ class ChatOptions:
     """How a conversation becomes a prompt (vLLM's chat request fields): end with the header of
     the assistant's reply (``add_generation_prompt``), or leave the final (assistant) message
     open so the reply continues it (``continue_final_message``); ``template_kwargs``: more
-    variables for the template (``chat_template_kwargs``, e.g. ``enable_thinking``)."""
+    variables for the template (``chat_template_kwargs``, e.g. ``enable_thinking``); ``tools``:
+    the functions the model may call, rendered by the template."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    tools: list[dict] | None = None  # functions the template renders (OpenAI's tools)
 
 
 DEFAULT_CHAT = ChatOptions()
@@ -235,6 +237,7 @@ class Engine:
                     messages,
                     add_generation_prompt=options.add_generation_prompt,
                     continue_final_message=options.continue_final_message,
+                    tools=options.tools,
                     tokenize=False,
                     **options.template_kwargs,
                 )

@@ -7,11 +7,12 @@ Also ``/v1/models`` (the one model card). Built from parts: ``admission`` (limit
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jinja2
 
 from ..engine.capture import CapturePlan, CaptureResult, ReasoningMarks
+from ..engine.constraints import GrammarError
 from ..engine.engine import Engine
 from ..engine.job import ChoiceDelta, GenerationJob, TokenLogprob
 from ..errors import APIError
@@ -29,6 +30,7 @@ from ..protocol import (
     completion_id,
     dump,
     now,
+    schema_grammar,
 )
 from .base import (
     activation_fields,
@@ -44,11 +46,14 @@ from .parts import ServingParts
 from .reasoning import END as REASONING_END
 from .reasoning import START as REASONING_START
 from .reasoning import ReasoningParser
+from .tools import ToolCall, ToolPlan, named_schema, required_schema
 
 
 async def render_messages(engine: Engine, request: ChatTemplateFields, messages: list[dict]) -> list[int]:
     """The prompt's token ids: ``messages`` (``request.template_messages()``) in the chat
-    template with the request's chat fields, as chat requests and ``/tokenize`` render them.
+    template with the request's chat fields and tools, as chat requests and ``/tokenize``
+    render them. A template that would drop the tools, a tool result or a call made earlier
+    is refused rather than followed.
 
     Raises:
         APIError: no chat template, a chat field that cannot apply, or the template refused.
@@ -57,7 +62,12 @@ async def render_messages(engine: Engine, request: ChatTemplateFields, messages:
         raise APIError(f"{engine.model_id} has no chat template; use /v1/completions", param="messages")
     options = request.chat_options()
     try:
-        return await engine.render_chat(messages, options)
+        text, ids = await engine.format_prompt(messages, None, options)
+        if (
+            options.tools
+            and (await engine.format_prompt(messages, None, replace(options, tools=None)))[1] == ids
+        ):
+            raise APIError(f"{engine.model_id}'s chat template does not render tools", param="tools")
     except (jinja2.TemplateError, TypeError) as exc:  # e.g. "roles must alternate user/assistant"
         raise APIError(
             f"the chat template rejected these messages: {exc}",
@@ -65,11 +75,61 @@ async def render_messages(engine: Engine, request: ChatTemplateFields, messages:
         ) from exc
     except ValueError as exc:  # transformers: e.g. the final message cannot be continued
         if options.continue_final_message:
-            raise APIError(
-                f"cannot continue the final message: {exc}", param="continue_final_message"
-            ) from exc
+            param = "continue_final_message"
+            raise APIError(f"cannot continue the final message: {exc}", param=param) from exc
         param = "chat_template_kwargs" if options.template_kwargs else "messages"
         raise APIError(f"the chat template could not render these messages: {exc}", param=param) from exc
+    for i, message in enumerate(messages):
+        shown = [message["content"]] if message["role"] == "tool" else []
+        shown += [call["function"]["name"] for call in message.get("tool_calls", ())]
+        for part in shown:
+            if part and part not in text:
+                raise APIError(
+                    f"{engine.model_id}'s chat template drops this message's tool call or result",
+                    param=f"messages[{i}]",
+                )
+    return ids
+
+
+class _AnswerReader:
+    """One choice's text, streamed or whole, read by one piece of code into its reasoning
+    (``--reasoning-parser``), its content and its tool calls (the request's ``ToolPlan``)."""
+
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolPlan | None) -> None:
+        self.reasoning = reasoning.stream() if reasoning is not None else None
+        self.tools = tools.stream() if tools is not None else None
+        self.calls = 0  # calls read so far: the next one's index
+
+    def feed(self, text: str, last: bool) -> tuple[str, str, list[tuple[int, ToolCall]]]:
+        """(reasoning, content, indexed calls) this text makes certain; ``last``: the answer ended."""
+        reasoning, content = "", text
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(text)
+            if last:
+                held_reasoning, held_content = self.reasoning.finish()
+                reasoning, content = reasoning + held_reasoning, content + held_content
+        calls: list[ToolCall] = []
+        if self.tools is not None:
+            content, calls = self.tools.feed(content, last)
+        indexed = list(enumerate(calls, start=self.calls))
+        self.calls += len(calls)
+        return reasoning, content, indexed
+
+    def settle(
+        self, reasoning: str, content: str, calls: list
+    ) -> tuple[str | None, str | None, list[ToolCall]]:
+        """A whole answer's fields: None where it has no reasoning, or no content beside calls."""
+        thought: str | None = None
+        answer: str | None = content
+        if self.reasoning is not None:
+            thought, answer = self.reasoning.result(reasoning, content)
+        if calls and not (answer or "").strip():
+            answer = None
+        return thought, answer, [call for _, call in calls]
+
+    def finish_reason(self, reason: str) -> str:
+        """OpenAI's: ``tool_calls`` where the answer ended on its own after making calls."""
+        return "tool_calls" if reason == "stop" and self.calls else reason
 
 
 @dataclass(frozen=True)
@@ -78,6 +138,7 @@ class PreparedChat:
     job: GenerationJob
     capture: CapturePlan | None
     id: str
+    tools: ToolPlan | None = None  # how the answer becomes tool calls, if it may
 
 
 class ChatServing:
@@ -93,6 +154,50 @@ class ChatServing:
         name = parts.settings.reasoning_parser
         self.reasoning = ReasoningParser(name) if name else None
         self.reasoning_marks = self._marks() if self.reasoning else None
+        self.tool_call_parser = parts.settings.tool_call_parser
+
+    async def _tool_plan(self, request: ChatCompletionRequest) -> ToolPlan | None:
+        """How the answer becomes tool calls (OpenAI's tool_choice; vLLM's rules for each).
+
+        Raises:
+            APIError: a choice without tools, an unknown function, ``auto`` on a server started
+                without --tool-call-parser, or a constraint besides a required or named call."""
+        choice = request.tool_choice
+        if not request.tools:
+            if choice not in (None, "none"):
+                raise APIError("tool_choice needs tools", param="tool_choice")
+            return None
+        names = frozenset(tool.function.name for tool in request.tools)
+        if choice == "none":
+            return None
+        if choice in (None, "auto"):
+            if self.tool_call_parser is None:
+                raise APIError(
+                    "tool_choice auto reads calls from the model's own text: start the server with "
+                    "--tool-call-parser hermes, or send tool_choice required or a named function "
+                    "(enforced while decoding)",
+                    param="tool_choice",
+                )
+            return ToolPlan("auto", names)
+        if request.response_format is not None and request.response_format.type != "text":
+            raise APIError(f"tool_choice {choice!r} cannot go with response_format", param="tool_choice")
+        if request.structured_outputs is not None:
+            raise APIError(f"tool_choice {choice!r} cannot go with structured_outputs", param="tool_choice")
+        specs = request.tool_specs()
+        if choice == "required":
+            named, schema = None, required_schema(specs, request.parallel_tool_calls)
+        else:
+            named = choice.function.name
+            tool = next((spec for spec in specs if spec["function"]["name"] == named), None)
+            if tool is None:
+                raise APIError(f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
+            schema = named_schema(tool)
+        grammar = schema_grammar(schema, "tools")
+        try:
+            await self.engine.check_grammar(grammar)
+        except GrammarError as exc:
+            raise APIError(f"tools: a parameters schema cannot be followed: {exc}", param="tools") from exc
+        return ToolPlan("required" if named is None else "named", names, named, grammar)
 
     def _marks(self) -> ReasoningMarks:
         """Where the capture manifest finds the reasoning: the tags' token ids, where each is one
@@ -126,7 +231,12 @@ class ChatServing:
         max_tokens = self.admission.token_budget(
             len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)
         )
-        grammar = await checked_grammar(self.engine, request)
+        tools = await self._tool_plan(request)
+        grammar = (
+            tools.grammar
+            if tools is not None and tools.grammar
+            else await checked_grammar(self.engine, request)
+        )
         params = request.sampling_params(
             max_tokens=max_tokens,
             logprobs=request.logprobs_k(),
@@ -153,20 +263,28 @@ class ChatServing:
             capture=self.captures.capture_spec(plan, request, request_id, self.reasoning_marks),
             memory_bytes=memory_bytes,
         )
-        return PreparedChat(request, job, plan, request_id)
+        return PreparedChat(request, job, plan, request_id, tools)
 
     async def respond(self, prepared: PreparedChat) -> ChatCompletionResponse:
         result = await generate(self.engine, prepared.job)
         activations = self.captures.activations_ref(result.capture)
-        choices = [
-            ChatChoice(
-                index=c.index,
-                message=self._message(c.text, prepared.request.include_reasoning),
-                logprobs=self._logprobs(c.logprobs) if c.logprobs is not None else None,
-                finish_reason=c.finish_reason,
+        choices = []
+        for c in result.choices:
+            reader = _AnswerReader(self.reasoning, prepared.tools)
+            reasoning, content, calls = reader.settle(*reader.feed(c.text, last=True))
+            message = ChatResponseMessage(
+                content=content,
+                reasoning_content=reasoning if prepared.request.include_reasoning else None,
+                tool_calls=[call.wire() for call in calls] or None,
             )
-            for c in result.choices
-        ]
+            choices.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    logprobs=self._logprobs(c.logprobs) if c.logprobs is not None else None,
+                    finish_reason=reader.finish_reason(c.finish_reason),
+                )
+            )
         return ChatCompletionResponse(
             id=prepared.id,
             created=now(),
@@ -175,14 +293,6 @@ class ChatServing:
             usage=usage(result.prompt_tokens, result.completion_tokens),
             activations=activations,
             ndif=activations,
-        )
-
-    def _message(self, text: str, include_reasoning: bool) -> ChatResponseMessage:
-        if self.reasoning is None:
-            return ChatResponseMessage(content=text)
-        reasoning, content = self.reasoning.split(text)
-        return ChatResponseMessage(
-            content=content, reasoning_content=reasoning if include_reasoning else None
         )
 
     def chunks(self, prepared: PreparedChat) -> AsyncIterator[dict]:
@@ -217,30 +327,23 @@ class ChatServing:
 
         for index in range(job.params.n):
             yield chunk(index, {"role": "assistant", "content": ""})
-        splitters = {}  # per choice, with --reasoning-parser: its ReasoningStream
+        readers: dict[int, _AnswerReader] = {}  # per choice: reasoning and tool calls apart
         async for item in items:
             if isinstance(item, CaptureResult):
                 continue
             if isinstance(item, ChoiceDelta):
                 logprobs = dump(self._logprobs(list(item.logprobs))) if item.logprobs else None
-                if self.reasoning is None:
-                    deltas = [{"content": item.text}] if item.text or logprobs else []
-                else:
-                    splitter = splitters.setdefault(item.index, self.reasoning.stream())
-                    reasoning, content = splitter.feed(item.text)
-                    if item.finish_reason:
-                        held_reasoning, held_content = splitter.finish()
-                        reasoning, content = reasoning + held_reasoning, content + held_content
-                    deltas = (
-                        [{"reasoning_content": reasoning}] if reasoning and request.include_reasoning else []
-                    )
-                    deltas += [{"content": content}] if content else []
-                    if logprobs and not deltas:
-                        deltas = [{}]  # a token whose text is a tag (or held back): its logprobs
+                reader = readers.setdefault(item.index, _AnswerReader(self.reasoning, prepared.tools))
+                reasoning, content, calls = reader.feed(item.text, last=item.finish_reason is not None)
+                deltas = [{"reasoning_content": reasoning}] if reasoning and request.include_reasoning else []
+                deltas += [{"content": content}] if content else []
+                deltas += [{"tool_calls": [call.wire(index)]} for index, call in calls]
+                if logprobs and not deltas:
+                    deltas = [{}]  # a token whose text is held back (a tag, a call): its logprobs
                 for i, delta in enumerate(deltas):
                     yield chunk(item.index, delta, logprobs if i == len(deltas) - 1 else None)
                 if item.finish_reason:
-                    yield chunk(item.index, {}, None, item.finish_reason)
+                    yield chunk(item.index, {}, None, reader.finish_reason(item.finish_reason))
             else:  # the final GenerationResult: a generate-mode capture is known now
                 if not trace:
                     captured = self.captures.activations_ref(item.capture)

@@ -28,7 +28,7 @@ def assert_error(response, status: int, param: str | None):
 BAD_CHAT_BODIES = [
     ({"messages": []}, "messages"),
     ({"messages": "hello"}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
     (
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         "messages[0].content",
@@ -55,7 +55,7 @@ BAD_CHAT_BODIES = [
     ({"messages": HELLO, "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
     ({"messages": HELLO, "stop_token_ids": [99999]}, "stop_token_ids"),
     ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HELLO, "response_format": {"type": "yaml"}}, "response_format.type"),
     ({"messages": HELLO, "seed": 2**70}, "seed"),
     ({"messages": [{"role": "user", "content": "word " * 300}]}, "messages"),  # past the context
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),  # lone surrogate

@@ -62,8 +62,32 @@ def test_a_prompt_tokenizes_as_completions_do_and_detokenizes_back(client):
         ("/tokenize", {"prompt": "x", "chat_template_kwargs": {"a": 1}}, "chat_template_kwargs"),
         ("/tokenize", {"prompt": "x", "continue_final_message": True}, "continue_final_message"),
         ("/tokenize", {"messages": HELLO, "add_special_tokens": True}, "add_special_tokens"),
-        ("/tokenize", {"messages": HELLO, "tools": [{"type": "function"}]}, "tools"),
+        (
+            "/tokenize",
+            {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+        ),
         ("/tokenize", {"prompt": "x", "model": "another"}, "model"),
+        (
+            "/tokenize",
+            {
+                "messages": [
+                    *HELLO,
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                ]
+            },
+            "messages[1]",
+        ),  # the plain ChatML template drops an assistant's calls: refused, not lost
         ("/detokenize", {"tokens": [1, 10**9]}, "tokens[1]"),
         ("/detokenize", {"tokens": [-1]}, "tokens[0]"),
         ("/detokenize", {"tokens": "1 2"}, "tokens"),
