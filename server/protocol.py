@@ -454,7 +454,14 @@ def grammar_of(format_: ResponseFormat | None, outputs: StructuredOutputs | None
 
 # JSON as json.dumps writes it: no whitespace but ", " and ": ". Flexible whitespace lets a
 # model pad forever (small models do); a schema's own "x-guidance" options still win.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# oneOf is read as anyOf (pydantic's discriminated unions write oneOf; llguidance cannot check
+# exclusivity while decoding).
+JSON_LAYOUT = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "coerce_one_of": True,
+}
 
 
 def schema_grammar(schema: Any, param: str) -> str:

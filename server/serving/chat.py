@@ -79,15 +79,8 @@ async def render_messages(engine: Engine, request: ChatTemplateFields, messages:
             raise APIError(f"cannot continue the final message: {exc}", param=param) from exc
         param = "chat_template_kwargs" if options.template_kwargs else "messages"
         raise APIError(f"the chat template could not render these messages: {exc}", param=param) from exc
-    for i, message in enumerate(messages):
-        shown = [message["content"]] if message["role"] == "tool" else []
-        shown += [call["function"]["name"] for call in message.get("tool_calls", ())]
-        for part in shown:
-            if part and part not in text:
-                raise APIError(
-                    f"{engine.model_id}'s chat template drops this message's tool call or result",
-                    param=f"messages[{i}]",
-                )
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        await _check_tool_history_rendered(engine, messages, options)
     return ids
 
 
@@ -97,8 +90,10 @@ class _AnswerReader:
 
     def __init__(self, reasoning: ReasoningParser | None, tools: ToolPlan | None) -> None:
         self.reasoning = reasoning.stream() if reasoning is not None else None
+        self.plan = tools
         self.tools = tools.stream() if tools is not None else None
         self.calls = 0  # calls read so far: the next one's index
+        self.blank = ""  # with tools: trailing whitespace, held until more text or the end
 
     def feed(self, text: str, last: bool) -> tuple[str, str, list[tuple[int, ToolCall]]]:
         """(reasoning, content, indexed calls) this text makes certain; ``last``: the answer ended."""
@@ -111,6 +106,13 @@ class _AnswerReader:
         calls: list[ToolCall] = []
         if self.tools is not None:
             content, calls = self.tools.feed(content, last)
+            # trailing whitespace waits for more text: around calls it is no content (an answer
+            # of calls alone has content null, streamed or not)
+            held = self.blank + content
+            body = held.rstrip()
+            content, self.blank = body, held[len(body) :]
+            if last and not (self.calls or calls):
+                content, self.blank = content + self.blank, ""
         indexed = list(enumerate(calls, start=self.calls))
         self.calls += len(calls)
         return reasoning, content, indexed
@@ -128,8 +130,41 @@ class _AnswerReader:
         return thought, answer, [call for _, call in calls]
 
     def finish_reason(self, reason: str) -> str:
-        """OpenAI's: ``tool_calls`` where the answer ended on its own after making calls."""
-        return "tool_calls" if reason == "stop" and self.calls else reason
+        """OpenAI's: ``tool_calls`` where the answer ended on its own after calls it chose to
+        make (auto, required); a named function's call ends with ``stop``, as OpenAI and vLLM say."""
+        chose = self.plan is not None and self.plan.mode != "named"
+        return "tool_calls" if reason == "stop" and self.calls and chose else reason
+
+
+async def _check_tool_history_rendered(engine: Engine, messages: list[dict], options) -> None:
+    """Refuse a conversation whose template would drop a tool result or an earlier call: the
+    messages are rendered once more with each result's content and each call's name replaced
+    by a marker of its own, and every marker must reach the text (templates may quote or
+    JSON-encode contents, and list the tools' names anyway: markers tell them apart).
+
+    Raises:
+        APIError: naming the first message whose result or call the template drops."""
+    probe, markers = [], []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        if message["role"] == "tool":
+            message["content"] = f"nnsight-probe-{i}-result"
+            markers.append((i, message["content"]))
+        if message.get("tool_calls"):
+            calls = []
+            for j, call in enumerate(message["tool_calls"]):
+                name = f"nnsight_probe_{i}_{j}_call"
+                calls.append({**call, "function": {**call["function"], "name": name}})
+                markers.append((i, name))
+            message["tool_calls"] = calls
+        probe.append(message)
+    text, _ = await engine.format_prompt(probe, None, options)
+    for i, marker in markers:
+        if marker not in text:
+            raise APIError(
+                f"{engine.model_id}'s chat template drops this message's tool call or result",
+                param=f"messages[{i}]",
+            )
 
 
 @dataclass(frozen=True)
@@ -178,12 +213,19 @@ class ChatServing:
                     "(enforced while decoding)",
                     param="tool_choice",
                 )
-            return ToolPlan("auto", names)
+            return ToolPlan("auto", names, parallel=request.parallel_tool_calls)
         if request.response_format is not None and request.response_format.type != "text":
             raise APIError(f"tool_choice {choice!r} cannot go with response_format", param="tool_choice")
         if request.structured_outputs is not None:
             raise APIError(f"tool_choice {choice!r} cannot go with structured_outputs", param="tool_choice")
         specs = request.tool_specs()
+        for i, spec in enumerate(specs):
+            parameters = spec["function"].get("parameters")
+            if parameters is not None and parameters.get("type") != "object":
+                raise APIError(
+                    "a function's parameters are a JSON Schema of an object (OpenAI's rule)",
+                    param=f"tools[{i}].function.parameters",
+                )
         if choice == "required":
             named, schema = None, required_schema(specs, request.parallel_tool_calls)
         else:
@@ -232,11 +274,18 @@ class ChatServing:
             len(prompt_ids), requested, param, "messages", reserve=extra_step(plan)
         )
         tools = await self._tool_plan(request)
-        grammar = (
-            tools.grammar
-            if tools is not None and tools.grammar
-            else await checked_grammar(self.engine, request)
-        )
+        if tools is not None and tools.grammar is not None:
+            grammar, constrained = tools.grammar, "tool_choice"
+        else:
+            grammar = await checked_grammar(self.engine, request)
+            constrained = "response_format" if request.response_format is not None else "structured_outputs"
+        if grammar is not None and self.reasoning is not None:
+            raise APIError(
+                f"{constrained} cannot go with this server's --reasoning-parser yet: the constraint "
+                "would hold the thinking too (serve without the parser and switch thinking off, e.g. "
+                'chat_template_kwargs {"enable_thinking": false})',
+                param=constrained,
+            )
         params = request.sampling_params(
             max_tokens=max_tokens,
             logprobs=request.logprobs_k(),

@@ -36,8 +36,9 @@ class ToolCall:
     arguments: str
 
     @classmethod
-    def of(cls, name: str, arguments: object) -> ToolCall:
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    def of(cls, name: str, arguments: dict) -> ToolCall:
+        """A new call (a fresh id) of ``name`` with ``arguments`` (an object: sent as JSON)."""
+        text = json.dumps(arguments, ensure_ascii=False)
         return cls(id=f"call_{uuid.uuid4().hex[:24]}", name=name, arguments=text)
 
     def wire(self, index: int | None = None) -> dict:
@@ -65,10 +66,12 @@ def _read_block(body: str, tool_names: frozenset[str]) -> ToolCall | None:
 
 
 class HermesStream:
-    """Reads one answer's text deltas into (content delta, calls completed)."""
+    """Reads one answer's text deltas into (content delta, calls completed). ``parallel``
+    false: the first call only; later blocks stay content, as written."""
 
-    def __init__(self, tool_names: frozenset[str]) -> None:
+    def __init__(self, tool_names: frozenset[str], parallel: bool = True) -> None:
         self.tool_names = tool_names
+        self.parallel = parallel
         self.held = ""  # outside a block: text that may still start "<tool_call>"
         self.block: str | None = None  # inside a block: its text so far
         self.calls = 0
@@ -95,7 +98,7 @@ class HermesStream:
                 body, text = joined[:index], joined[index + len(END) :]
                 self.block = None
                 call = _read_block(body.strip(), self.tool_names)
-                if call is None:
+                if call is None or (self.calls and not self.parallel):
                     content += START + body + END
                 else:
                     calls.append(call)
@@ -109,9 +112,11 @@ class HermesStream:
         return rest
 
 
-def parse_hermes(text: str, tool_names: frozenset[str]) -> tuple[str | None, list[ToolCall]]:
+def parse_hermes(
+    text: str, tool_names: frozenset[str], parallel: bool = True
+) -> tuple[str | None, list[ToolCall]]:
     """(content, calls) of a whole answer; content None where only calls remain."""
-    stream = HermesStream(tool_names)
+    stream = HermesStream(tool_names, parallel)
     content, calls = stream.feed(text)
     content += stream.finish()
     return (content if content.strip() or not calls else None), calls
@@ -155,7 +160,7 @@ def calls_from_constrained(text: str, named: str | None) -> list[ToolCall]:
     except json.JSONDecodeError:
         return []
     if named is not None:
-        return [ToolCall.of(named, data)]
+        return [ToolCall.of(named, data)] if isinstance(data, dict) else []
     return [ToolCall.of(item["name"], item["parameters"]) for item in data]
 
 
@@ -169,11 +174,11 @@ class ToolPlan:
     names: frozenset[str]
     named: str | None = None
     grammar: str | None = None
+    parallel: bool = True  # auto: more than one call read from an answer
 
     def read(self, content: str | None) -> tuple[str | None, list[ToolCall]]:
-        """A whole answer's (content, calls)."""
-        if self.mode == "auto":
-            return parse_hermes(content or "", self.names)
+        """A whole constrained answer's (content, calls): no content beside its calls; a cut
+        answer (``max_tokens``, a stop string) keeps its text as content and makes no call."""
         calls = calls_from_constrained(content or "", self.named)
         return (None if calls else content), calls
 
@@ -186,7 +191,7 @@ class ToolStream:
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        self.hermes = HermesStream(plan.names) if plan.mode == "auto" else None
+        self.hermes = HermesStream(plan.names, plan.parallel) if plan.mode == "auto" else None
         self.buffer = ""  # constrained: the whole answer, read at the end
 
     def feed(self, delta: str, last: bool) -> tuple[str, list[ToolCall]]:

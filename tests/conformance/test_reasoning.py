@@ -162,3 +162,12 @@ def test_the_capture_manifest_marks_the_reasoning_positions(qwen3_client):
     vocab = qwen3_client.app.state.engine.loaded.tokenizer.get_vocab()
     assert tokens[prompt] == vocab["<think>"] and tokens[prompt + 3] == vocab["</think>"]
     assert len(tokens) == prompt + 8  # every position counted, reasoning included
+
+
+def test_a_constraint_with_a_reasoning_parser_is_refused_by_name(qwen3_client):
+    """A grammar would hold the thinking too (deepseek_r1: all of it read as reasoning; qwen3:
+    thinking silently off): refused until constraints start after the thinking."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "response_format": {"type": "json_object"}}  # fmt: skip
+    response = qwen3_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"

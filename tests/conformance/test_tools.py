@@ -138,7 +138,8 @@ def arguments_follow(call: dict) -> bool:
 def test_a_named_choice_calls_that_function_with_valid_arguments(client, seed):
     choice = answer(client, tools=[WEATHER, TIME], temperature=1.0, seed=seed,
                     tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
-    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    # a named function's call ends with "stop", as OpenAI and vLLM say (not "tool_calls")
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
     (call,) = choice["message"]["tool_calls"]
     assert (
         call["function"]["name"] == "get_weather"
@@ -241,6 +242,13 @@ def test_an_agent_loop_with_the_official_client(openai_client, client):
         ),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
         ({"tools": [WEATHER], "functions": [WEATHER["function"]]}, "functions"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+                "tool_choice": "required",
+            },
+            "tools[0].function.parameters",
+        ),
     ],
 )
 def test_tool_fields_that_cannot_work_are_400_naming_them(client, body, param):
@@ -256,3 +264,36 @@ def test_auto_needs_a_parser(client, monkeypatch):
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
     assert "--tool-call-parser" in response.json()["error"]["message"]
+
+
+def test_parallel_tool_calls_false_reads_the_first_call_only():
+    text = ('<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>')  # fmt: skip
+    content, calls = parse_hermes(text, NAMES, parallel=False)
+    assert [json.loads(c.arguments)["zone"] for c in calls] == ["UTC"]
+    assert content == '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+
+
+TOJSON_TEMPLATE = TEMPLATE.replace(
+    "{{ message.content }}<|im_end|>", "{{ message.content | tojson }}<|im_end|>", 1
+)
+
+
+def test_a_template_that_quotes_tool_results_is_accepted_and_one_that_drops_calls_is_not(client):
+    """Llama's templates write a tool result with tojson (quoted, escaped): it is rendered, not
+    dropped. A template that leaves out an assistant's calls is refused, even though the
+    tools' names are in its system prompt anyway."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": 'line1\nline2 "24"'}]  # fmt: skip
+    tokenizer = client.app.state.engine.prompt_tokenizer
+    saved = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = TOJSON_TEMPLATE
+        assert client.post("/tokenize", json={"messages": history, "tools": [WEATHER]}).status_code == 200
+        tokenizer.chat_template = TEMPLATE.replace("{% elif message.tool_calls %}", "{% elif false %}")
+        refused = client.post("/tokenize", json={"messages": history, "tools": [WEATHER]})
+    finally:
+        tokenizer.chat_template = saved
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages[1]"
