@@ -417,11 +417,11 @@ def grammar_of(format_: ResponseFormat | None, outputs: StructuredOutputs | None
     if format_ is not None and format_.type != "text" and outputs is not None:
         raise APIError("send response_format or structured_outputs, not both", param="structured_outputs")
     if format_ is not None and format_.type == "json_object":
-        return _from_schema({"type": "object"}, "response_format"), "response_format"
+        return schema_grammar({"type": "object"}, "response_format"), "response_format"
     if format_ is not None and format_.type == "json_schema":
         if format_.json_schema is None or format_.json_schema.schema_ is None:
             raise APIError("json_schema needs a schema", param="response_format.json_schema")
-        return _from_schema(
+        return schema_grammar(
             format_.json_schema.schema_, "response_format.json_schema.schema"
         ), "response_format"
     if outputs is None:
@@ -441,7 +441,7 @@ def grammar_of(format_: ResponseFormat | None, outputs: StructuredOutputs | None
                 schema = json.loads(schema)
             except json.JSONDecodeError as exc:
                 raise APIError(f"json is not JSON: {exc}", param="structured_outputs.json") from None
-        return _from_schema(schema, "structured_outputs.json"), "structured_outputs"
+        return schema_grammar(schema, "structured_outputs.json"), "structured_outputs"
     if outputs.regex is not None:
         return LLMatcher.grammar_from_regex(outputs.regex), "structured_outputs"
     if outputs.choice is not None:
@@ -449,7 +449,7 @@ def grammar_of(format_: ResponseFormat | None, outputs: StructuredOutputs | None
         return LLMatcher.grammar_from_lark(f"start: {alternatives}"), "structured_outputs"
     if outputs.grammar is not None:
         return LLMatcher.grammar_from_lark(outputs.grammar), "structured_outputs"
-    return _from_schema({"type": "object"}, "structured_outputs"), "structured_outputs"
+    return schema_grammar({"type": "object"}, "structured_outputs"), "structured_outputs"
 
 
 # JSON as json.dumps writes it: no whitespace but ", " and ": ". Flexible whitespace lets a
@@ -469,10 +469,6 @@ def schema_grammar(schema: Any, param: str) -> str:
 
     Raises:
         APIError: naming ``param``, where the schema is not an object or not usable."""
-    return _from_schema(schema, param)
-
-
-def _from_schema(schema: Any, param: str) -> str:
     from llguidance import LLMatcher
 
     if not isinstance(schema, dict):

@@ -211,7 +211,9 @@ class Engine:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.prompt_tokenizer, "chat_template", None))
 
-    async def _on_prompt_thread(self, fn: Callable[..., T], *args) -> T:
+    async def on_prompt_thread(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the prompt thread (tokenizing, templates, grammars: CPU work that
+        must not hold the event loop, and is no model work)."""
         return await asyncio.wrap_future(self._prompt_executor.submit(fn, *args))
 
     async def render_chat(self, messages: list[dict], options: ChatOptions = DEFAULT_CHAT) -> list[int]:
@@ -246,25 +248,25 @@ class Engine:
             ids = tokenizer.encode(text)
             return tokenizer.decode(ids), ids
 
-        return await self._on_prompt_thread(render)
+        return await self.on_prompt_thread(render)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         def encode() -> list[int]:
             return self.prompt_tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-        return await self._on_prompt_thread(encode)
+        return await self.on_prompt_thread(encode)
 
     async def check_grammar(self, grammar: str) -> None:
         """Raise ``constraints.GrammarError`` unless the decode loop can follow ``grammar`` (the
         first call converts the tokenizer for llguidance: about a second, on the prompt thread)."""
-        await self._on_prompt_thread(self.loop.constraints.check, grammar)
+        await self.on_prompt_thread(self.loop.constraints.check, grammar)
 
     async def token_strings(self, token_ids: list[int]) -> list[str]:
         """Each token as the tokenizer spells it (``convert_ids_to_tokens``: ``Ġthe``, ``<0x0A>``)."""
-        return await self._on_prompt_thread(self.prompt_tokenizer.convert_ids_to_tokens, token_ids)
+        return await self.on_prompt_thread(self.prompt_tokenizer.convert_ids_to_tokens, token_ids)
 
     async def decode(self, token_ids: list[int]) -> str:
-        return await self._on_prompt_thread(self.prompt_tokenizer.decode, token_ids)
+        return await self.on_prompt_thread(self.prompt_tokenizer.decode, token_ids)
 
     def token_text(self, token_id: int) -> str:
         return self.vocabulary.text(token_id)

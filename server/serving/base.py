@@ -204,7 +204,7 @@ async def checked_grammar(engine: Engine, request) -> str | None:
 
     Raises:
         APIError: naming the field whose constraint cannot be followed."""
-    found = request.grammar()
+    found = await engine.on_prompt_thread(request.grammar)  # a large schema takes a while
     if found is None:
         return None
     grammar, param = found

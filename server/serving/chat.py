@@ -234,7 +234,7 @@ class ChatServing:
             if tool is None:
                 raise APIError(f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
             schema = named_schema(tool)
-        grammar = schema_grammar(schema, "tools")
+        grammar = await self.engine.on_prompt_thread(schema_grammar, schema, "tools")
         try:
             await self.engine.check_grammar(grammar)
         except GrammarError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from apps import app_client
 from families import FAMILIES, build_family_model
 from reference import hf_generate, hooked_greedy, hooked_values
 
@@ -195,22 +196,12 @@ def test_the_estimate_counts_the_dequantized_weight_of_a_prompt_forward(loaded):
 def test_served_over_http_with_capture_steering_and_lda(method, tmp_path):
     """One family over HTTP (the engine checks above cover the others), with a before model for
     LDA, quantized the same way."""
-    from fastapi.testclient import TestClient
     from transformers import AutoModelForCausalLM
 
-    from server.app import create_app
-    from server.config import Settings
-
     model_dir = build_family_model(tmp_path / "model", FAMILIES["llama"])
-    settings = Settings(
-        model=str(model_dir),
-        lda_before=str(model_dir),
-        quantization=method,
-        max_tokens_cap=16,
-        activations_dir=tmp_path / "activations",
-        vectors_dir=tmp_path / "vectors",
-    )
-    with TestClient(create_app(settings)) as client:
+    with app_client(
+        model_dir, tmp_path, lda_before=str(model_dir), quantization=method, max_tokens_cap=16
+    ) as client:
         engine = client.app.state.engine
         meta = meta_copy(model_dir)
         # measured as loaded, before the start-up forward (which moves or repacks statistics)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from apps import app_client
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -26,23 +27,8 @@ def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def serve(model_dir: Path, work: Path, **settings):
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
-    from server.config import Settings
-
-    return TestClient(
-        create_app(
-            Settings(
-                model=str(model_dir),
-                dtype="bfloat16",
-                memory_budget="16GB",
-                activations_dir=work / "activations",
-                vectors_dir=work / "vectors",
-                **settings,
-            )
-        )
-    )
+    """The model served as the GPU check serves it: bfloat16, --memory-budget 16GB."""
+    return app_client(model_dir, work, dtype="bfloat16", memory_budget="16GB", **settings)
 
 
 @pytest.fixture(scope="module")

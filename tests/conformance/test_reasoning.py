@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from apps import app_client
 from families import FAMILIES, build_family_model
 
 from server.serving.reasoning import ReasoningParser
@@ -70,15 +71,7 @@ def thinking_model(tmp_path_factory):
 
 
 def serve(folder, tmp_path_factory, parser: str):
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
-    from server.config import Settings
-
-    work = tmp_path_factory.mktemp(parser)
-    settings = Settings(model=str(folder), reasoning_parser=parser, max_tokens_cap=32,
-                        activations_dir=work / "activations", vectors_dir=work / "vectors")  # fmt: skip
-    return TestClient(create_app(settings))
+    return app_client(folder, tmp_path_factory.mktemp(parser), reasoning_parser=parser, max_tokens_cap=32)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from apps import app_client
 from families import FAMILIES, build_family_model
 
 from server.serving.tools import HermesStream, parse_hermes
@@ -97,20 +98,14 @@ TEMPLATE = (  # Qwen's tool format, written for the tests (tools by name: the ti
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    from fastapi.testclient import TestClient
     from tiny_model import build_tokenizer
-
-    from server.app import create_app
-    from server.config import Settings
 
     tokenizer = build_tokenizer()
     tokenizer.add_tokens(["<tool_call>", "</tool_call>"])
     tokenizer.chat_template = TEMPLATE
     folder = build_family_model(tmp_path_factory.mktemp("tools-qwen3"), FAMILIES["qwen3"], tokenizer)
     work = tmp_path_factory.mktemp("tools-server")
-    settings = Settings(model=str(folder), tool_call_parser="hermes", max_tokens_cap=120,
-                        activations_dir=work / "activations", vectors_dir=work / "vectors")  # fmt: skip
-    with TestClient(create_app(settings)) as test_client:
+    with app_client(folder, work, tool_call_parser="hermes", max_tokens_cap=120) as test_client:
         yield test_client
 
 

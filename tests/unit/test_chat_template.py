@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from apps import app_client
 
 PREFILL = [
     {"role": "user", "content": "Count to three, comma-separated."},
@@ -96,21 +97,11 @@ TEMPLATE = (  # ChatML with an optional variable, as Qwen3's enable_thinking
 @pytest.fixture(scope="module")
 def templated_client(tiny_model_dir, tmp_path_factory):
     """A server started with --chat-template FILE."""
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
-    from server.config import Settings
-
     folder = tmp_path_factory.mktemp("templated")
     (folder / "template.jinja").write_text(TEMPLATE)
-    settings = Settings(
-        model=str(tiny_model_dir),
-        chat_template=folder / "template.jinja",
-        max_tokens_cap=16,
-        activations_dir=folder / "activations",
-        vectors_dir=folder / "vectors",
-    )
-    with TestClient(create_app(settings)) as client:
+    with app_client(
+        tiny_model_dir, folder, chat_template=folder / "template.jinja", max_tokens_cap=16
+    ) as client:
         yield client
 
 

@@ -14,6 +14,7 @@ import json
 import re
 
 import pytest
+from apps import app_client
 
 HELLO = [{"role": "user", "content": "Describe a cat as JSON."}]
 SCHEMA = {
@@ -56,15 +57,7 @@ def follows(value, schema: dict) -> bool:
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tmp_path_factory):
     """The tiny model with room for the longest answer SCHEMA allows (the shared app caps at 64)."""
-    from fastapi.testclient import TestClient
-
-    from server.app import create_app
-    from server.config import Settings
-
-    work = tmp_path_factory.mktemp("structured")
-    settings = Settings(model=str(tiny_model_dir), max_tokens_cap=160, activations_dir=work / "activations",
-                        vectors_dir=work / "vectors")  # fmt: skip
-    with TestClient(create_app(settings)) as test_client:
+    with app_client(tiny_model_dir, tmp_path_factory.mktemp("structured"), max_tokens_cap=160) as test_client:
         yield test_client
 
 
