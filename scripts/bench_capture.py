@@ -113,7 +113,7 @@ def child(args) -> None:
             "peak_rss_increase_bytes": rss.peak - rss.before,
             "bytes_written": written,
             "manifest_bytes": sum(t["bytes"] for t in manifest["tensors"]) if manifest else 0,
-            "positions": len(manifest["tensors"][0]["positions"]) if manifest else 0,
+            "positions": len(manifest["token_positions"]) if manifest else 0,
             "layers": engine.layout.count,
             "hidden": engine.shape.hidden,
         }

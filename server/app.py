@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = await asyncio.to_thread(Engine.from_settings, settings)
         app.state.engine = engine
-        store = ActivationStore(settings.activations_dir)
+        store = ActivationStore(settings.activations_dir, max_capture_bytes=settings.max_capture_bytes)
         app.state.store = store
         metrics.watch(engine, store)
         server_capture = ServerCapture()

@@ -28,7 +28,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .logs import request_id
-from .storage import UnknownActivation, UnknownPreset, UnknownVector
+from .storage import (
+    DamagedActivation,
+    DamagedPreset,
+    DamagedVector,
+    UnknownActivation,
+    UnknownPreset,
+    UnknownVector,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +202,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unknown_activation(_: Request, exc: UnknownActivation) -> JSONResponse:
         return APIError(
             f"no stored activations named {exc.args[0]!r}", status=HTTPStatus.NOT_FOUND, code="not_found"
+        ).response()
+
+    @app.exception_handler(DamagedActivation)
+    @app.exception_handler(DamagedVector)
+    @app.exception_handler(DamagedPreset)
+    async def _damaged(_: Request, exc: Exception) -> JSONResponse:
+        # A file under a root that the store did not write as it is (a symlink, a manifest naming
+        # another path, unreadable JSON): refused, never followed; the store logged it.
+        return APIError(
+            f"the stored entry {exc.args[0]!s} is damaged (not as this server wrote it); refused",
+            status=HTTPStatus.NOT_FOUND,
+            code="damaged_entry",
         ).response()
 
     @app.exception_handler(UnknownVector)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from .protocol import (
     ChatCompletionRequest,
@@ -187,9 +188,23 @@ async def activation_manifest(activation_id: str, request: Request) -> dict:
 
 
 @router.get("/v1/activations/{activation_id}/{name}", responses=_ERROR_RESPONSES)
-async def activation_tensor(activation_id: str, name: str, request: Request) -> FileResponse:
-    path = await asyncio.to_thread(_store(request).tensor_file, activation_id, name)
-    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+async def activation_tensor(activation_id: str, name: str, request: Request) -> StreamingResponse:
+    """The tensor's file, opened before the response starts: a delete meanwhile lets it finish."""
+    handle, file = await asyncio.to_thread(_store(request).open_tensor, activation_id, name)
+    size = os.fstat(handle.fileno()).st_size
+    return StreamingResponse(
+        _read_chunks(handle),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{file}"'},
+    )
+
+
+def _read_chunks(handle, chunk: int = 1 << 20):
+    """The file's bytes, a chunk at a time (Starlette runs a plain iterator in its thread pool),
+    closing it at the end or when the client goes away."""
+    with handle:
+        while data := handle.read(chunk):
+            yield data
 
 
 @router.delete("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)

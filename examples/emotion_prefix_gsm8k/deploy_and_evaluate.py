@@ -54,8 +54,8 @@ STAGES = ("deploy", "configure", "generate", "analyze")
 
 def write_atomically(path: Path, data: bytes) -> None:
     """A reader never sees half a file (the server's own atomic write, under a fresh folder if need be)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    with files.Directory.open_root(path.parent) as folder:  # made if missing
+        folder.write_bytes(path.name, data)
 
 
 def write_json(path: Path, value) -> None:

@@ -20,6 +20,7 @@ position p of a stored tensor is token p of prompt + completion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from .hooks import HookPoint, first_tensor
+from .interrupt import JobInterrupted
 
 
 @dataclass(frozen=True)
@@ -57,19 +59,44 @@ def stored_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int, model_dtyp
     Trace mode reads the prompt; generate mode every token fed in, the final generated one
     included (prompt + max_tokens positions when no choice ends early).
     """
-    generated = max_tokens if plan.mode == "generate" else 0
-    positions = {
-        "all": prompt_len + generated,
-        "prompt": prompt_len,
-        "generated": generated,
-        "last": 1,
-    }[plan.positions]
+    positions = kept_positions(plan, prompt_len, max_tokens)
     itemsize = (plan.dtype or model_dtype).itemsize
 
     def kept(width: int) -> int:  # sample_hidden keeps that many units of the last dimension
         return width if plan.sample_hidden is None else min(width, plan.sample_hidden)
 
     return sum(kept(point.width) for point in plan.points) * positions * itemsize
+
+
+def kept_positions(plan: CapturePlan, prompt_len: int, max_tokens: int) -> int:
+    """How many positions each of the capture's tensors holds at most."""
+    generated = max_tokens if plan.mode == "generate" else 0
+    return {
+        "all": prompt_len + generated,
+        "prompt": prompt_len,
+        "generated": generated,
+        "last": 1,
+    }[plan.positions]
+
+
+# A manifest's size, about (the written one is counted exactly against --max-capture-bytes):
+# its fixed facts (model, sampling, the request's interventions), one compact entry per tensor,
+# per kept position its index, token id and token text (JSON-escaped; most tokens are short),
+# and the sampled unit indices once per width.
+MANIFEST_BASE_BYTES = 8192
+MANIFEST_ENTRY_BYTES = 384
+MANIFEST_POSITION_BYTES = 48
+
+
+def manifest_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int) -> int:
+    """About how many bytes the capture's manifest takes (see the constants above)."""
+    widths = {point.width for point in plan.points} if plan.sample_hidden is not None else set()
+    return (
+        MANIFEST_BASE_BYTES
+        + len(plan.points) * MANIFEST_ENTRY_BYTES
+        + kept_positions(plan, prompt_len, max_tokens) * MANIFEST_POSITION_BYTES
+        + sum(min(width, plan.sample_hidden) for width in widths) * 8
+    )
 
 
 class CaptureSink(Protocol):
@@ -126,6 +153,12 @@ class CaptureResult:
     directory: Path
     tensors: tuple[str, ...]
     manifest: dict
+    sink: CaptureSink | None = field(default=None, repr=False, compare=False)
+
+    def remove(self) -> None:
+        """Delete the capture (its id never reached a client). KeyError if it is gone already."""
+        if self.sink is not None:
+            self.sink.delete(self.id)
 
 
 def reduce_values(values: list, plan: CapturePlan, positions: slice) -> list[torch.Tensor]:
@@ -154,24 +187,29 @@ def reduce_values(values: list, plan: CapturePlan, positions: slice) -> list[tor
     return stored
 
 
-def tensor_facts(
-    point: HookPoint,
-    original_shape,
-    positions: list[int],
-    token_ids: list[int],
-    tokens: list[str],
-    units: torch.Tensor | None,
-) -> dict:
-    """What the manifest says of one tensor besides what the writer knows (file, shape, dtype, bytes)."""
+def tensor_facts(point: HookPoint, original_shape, units: torch.Tensor | None) -> dict:
+    """What the manifest says of one tensor besides what the writer knows (file, shape, dtype,
+    bytes). The positions and tokens are the capture's, listed once (``capture_facts``)."""
     return {
         "layer": point.layer,
         "hook_point": point.hook,
         "module": f"{point.module_path}.{point.kind}",
         "original_shape": original_shape,
-        "positions": positions,
+        "sampled_units": units is not None,
+    }
+
+
+def capture_facts(
+    positions: list[int], token_ids: list[int], tokens: list[str], units: dict[int, torch.Tensor]
+) -> dict:
+    """What the manifest says once for all its tensors: the absolute positions each tensor's
+    rows hold, their token ids and texts, and (``sample_hidden``) the kept unit indices per
+    original width (``{"576": [...]}``)."""
+    return {
+        "token_positions": positions,
         "token_ids": token_ids,
         "tokens": tokens,
-        "unit_indices": None if units is None else units.tolist(),
+        "unit_indices": {str(width): kept.tolist() for width, kept in units.items()} or None,
     }
 
 
@@ -257,20 +295,30 @@ class CaptureRecorder:
             else:
                 self.writer.append(point.name, tensor)
 
-    def finish(self, token_ids: list[int], tokens: list[str]) -> CaptureResult:
+    def finish(
+        self, token_ids: list[int], tokens: list[str], stop: Callable[[], bool] = lambda: False
+    ) -> CaptureResult:
         """Close every tensor file and write the manifest; ``token_ids`` covers every position
-        fed in (prompt + completion in generate mode, the prompt in trace mode)."""
+        fed in (prompt + completion in generate mode, the prompt in trace mode).
+
+        Raises:
+            JobInterrupted: ``stop()`` became true between two files (the caller aborts).
+            OSError: the store could not write (the caller aborts).
+        """
         kept_ids = [token_ids[p] for p in self.kept]
         kept_tokens = [tokens[p] for p in self.kept]
+        sampled: dict[int, torch.Tensor] = {}
         for point in self.plan.points:
+            if stop():
+                raise JobInterrupted
             if point.name in self.latest:
                 self.writer.append(point.name, self.latest.pop(point.name))
             shape = self.shapes.get(point.name)
             units = self.units.get(point.name)
+            if units is not None:
+                sampled[shape[-1]] = units
             original = None if shape is None else [shape[0], self.position, *shape[2:]]
-            self.writer.close_appended(
-                point.name, **tensor_facts(point, original, self.kept, kept_ids, kept_tokens, units)
-            )
+            self.writer.close_appended(point.name, **tensor_facts(point, original, units))
         plan = self.plan
         marks = self.spec.reasoning
         reasoning = (
@@ -291,10 +339,12 @@ class CaptureRecorder:
             sample_hidden_method=plan.sample_method,
             sample_hidden_seed=plan.sample_seed,
             **({"reasoning": reasoning} if reasoning is not None else {}),
+            **capture_facts(self.kept, kept_ids, kept_tokens, sampled),
         )
         return CaptureResult(
             id=manifest["id"],
             directory=self.writer.directory,
             tensors=tuple(entry["name"] for entry in manifest["tensors"]),
             manifest=manifest,
+            sink=self.spec.sink,
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from ..config import Settings
-from ..engine.capture import CapturePlan, stored_bytes
+from ..engine.capture import CapturePlan, manifest_bytes, stored_bytes
 from ..engine.engine import Engine
 from ..engine.memory import estimate, format_size
 from ..errors import APIError
@@ -170,11 +170,13 @@ class Admission:
 
     def check_capture_size(self, plan: CapturePlan, prompt_tokens: int, max_tokens: int) -> None:
         limit = self.settings.max_capture_bytes
-        size = stored_bytes(plan, prompt_tokens, max_tokens, self.engine.loaded.dtype)
+        size = stored_bytes(plan, prompt_tokens, max_tokens, self.engine.loaded.dtype) + manifest_bytes(
+            plan, prompt_tokens, max_tokens
+        )
         if size > limit:
             raise APIError(
-                f"this capture would write up to {format_size(size)}, more than this server's "
-                f"--max-capture-bytes of {format_size(limit)}. Capture fewer layers or hook points, "
+                f"this capture would write up to {format_size(size)} with its manifest, more than this "
+                f"server's --max-capture-bytes of {format_size(limit)}. Capture fewer layers or hook points, "
                 "fewer positions, sample_hidden, a smaller dtype, or generate fewer tokens.",
                 param="capture",
                 code="capture_too_large",

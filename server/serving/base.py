@@ -32,7 +32,7 @@ from ..engine.scheduler import QueueFull
 from ..errors import APIError, internal_error
 from ..middleware import note_first_token, note_tokens
 from ..protocol import ActivationsRef, Usage, dump
-from ..storage import UnsafeSaveDir
+from ..storage import CaptureTooLarge, UnsafeSaveDir
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ ENGINE_FAILURES = (
     torch.OutOfMemoryError,
     OSError,
     UnsafeSaveDir,
+    CaptureTooLarge,
     QueueFull,
     RequestTimedOut,
     NonFiniteLogits,
@@ -96,6 +97,8 @@ def engine_error(exc: BaseException, interventions_param: str = "interventions")
         return APIError(str(exc), status=HTTPStatus.GATEWAY_TIMEOUT, code="timeout")
     if isinstance(exc, UnsafeSaveDir):
         return APIError(str(exc), param="capture.save_dir")
+    if isinstance(exc, CaptureTooLarge):
+        return APIError(str(exc), param="capture", code="capture_too_large")
     if isinstance(exc, OSError):
         return storage_error(exc)
     if isinstance(exc, GrammarError):  # a matcher that failed while decoding

@@ -17,9 +17,9 @@ sources are read from disk.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from interventions import Edit
 
@@ -29,6 +29,8 @@ from ..errors import APIError
 from ..protocol import InterventionRequest
 from ..storage import (
     ActivationStore,
+    DamagedPreset,
+    DamagedVector,
     PresetStore,
     UnknownActivation,
     UnknownPreset,
@@ -85,13 +87,14 @@ def resolve_interventions(
     edits: list[Edit] = []
     for j, name in enumerate(preset_names or ()):
         try:
-            stored = presets.get(name)["items"]
+            stored = [InterventionRequest.model_validate(raw) for raw in presets.get(name)["items"]]
         except UnknownPreset:
             raise APIError(
                 f"no preset named {name!r} (see GET /v1/interventions/presets)", param=f"presets[{j}]"
             ) from None
-        for i, raw in enumerate(stored):
-            item = InterventionRequest.model_validate(raw)
+        except (DamagedPreset, ValidationError) as exc:  # a file edited or planted by hand
+            raise APIError(f"the preset {name!r} is damaged: {exc}", param=f"presets[{j}]") from None
+        for i, item in enumerate(stored):
             edits += _resolve_item(engine, vectors, activations, item, f"presets[{j}].items[{i}]")
     for i, item in enumerate(items or ()):
         edits += _resolve_item(engine, vectors, activations, item, f"{field}[{i}]")
@@ -176,10 +179,11 @@ def _vector_values(engine: Engine, vectors: VectorStore, vector, param: str) -> 
     if not isinstance(vector, str):
         return torch.tensor(vector, dtype=torch.float32)
     try:
-        meta = vectors.metadata(vector)
-        values = vectors.vector(vector)
+        meta, values = vectors.read(vector)
     except UnknownVector:
         raise APIError(f"no stored vector named {vector!r} (see GET /v1/vectors)", param=param) from None
+    except DamagedVector as exc:
+        raise APIError(f"the stored vector {vector!r} is damaged: {exc}", param=param) from None
     if meta.get("model") not in (None, engine.model_id):
         raise APIError(
             f"vector {vector!r} was made for model {meta['model']!r}, not {engine.model_id!r}", param=param
@@ -195,36 +199,25 @@ def _patch_source(engine: Engine, activations: ActivationStore, item: Interventi
         )
     try:
         manifest = activations.manifest(item.activation_id)
-        path = activations.tensor_file(item.activation_id, item.tensor)
-    except UnknownActivation:
+        entry = next(t for t in manifest["tensors"] if t["name"] == item.tensor)
+        source = activations.load_tensor(item.activation_id, item.tensor, manifest["format"])
+    except (UnknownActivation, StopIteration):
         raise APIError(
             f"no captured tensor {item.tensor!r} under activation id {item.activation_id!r}",
             param=f"{param}.activation_id",
         ) from None
-    entry = next(t for t in manifest["tensors"] if t["name"] == item.tensor)
     if manifest.get("model") not in (None, engine.model_id):
         raise APIError("that capture was made with another model", param=f"{param}.activation_id")
-    if entry.get("unit_indices") is not None:
+    if entry.get("sampled_units") or entry.get("unit_indices") is not None:  # manifests 2 and 1
         raise APIError(
             "cannot patch from a capture with sample_hidden (units are missing)", param=f"{param}.tensor"
         )
-    source = _load_tensor(path, manifest["format"], item.tensor)
     if source.dim() != 2 or source.shape[-1] != point.width:
         raise APIError(
             f"the captured tensor has shape {list(source.shape)}; "
             f"{point.name} needs [positions, {point.width}]",
             param=f"{param}.tensor",
         )
-    return source, tuple(entry["positions"])  # converted where used, on the engine's worker
-
-
-def _load_tensor(path: Path, fmt: str, name: str) -> torch.Tensor:
-    if fmt == "safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))[name]
-    if fmt == "npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    return torch.load(path, weights_only=True)
+    # Manifest version 2 lists the positions once; version 1 (before 2026-11-30) per tensor.
+    positions = manifest["token_positions"] if "token_positions" in manifest else entry["positions"]
+    return source, tuple(positions)  # converted where used, on the engine's worker

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 
 import numpy as np
 import torch
@@ -28,7 +27,6 @@ from safetensors.torch import load as load_safetensors
 from ..engine.hooks import HookError
 from ..errors import APIError
 from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
-from ..storage import UnknownPreset, UnknownVector
 from .base import engine_error
 from .parts import ServingParts
 
@@ -114,14 +112,14 @@ class VectorServing:
         return tensor.float()
 
     def listing(self) -> dict:
-        data = []
-        for name in self.vectors.names():
-            with contextlib.suppress(UnknownVector):  # deleted while listing
-                data.append(self.vectors.metadata(name))
-        return {"object": "list", "data": data}
+        """Every vector's metadata; files that are not vectors of this store are skipped and
+        reported under ``damaged`` (``{name, error}``)."""
+        data, damaged = self.vectors.listing()
+        return {"object": "list", "data": data, "damaged": damaged}
 
     def read(self, name: str) -> dict:
-        return {**self.vectors.metadata(name), "values": self.vectors.vector(name).tolist()}
+        meta, values = self.vectors.read(name)
+        return {**meta, "values": values.tolist()}
 
     def delete(self, name: str) -> dict:
         self.vectors.delete(name)
@@ -140,11 +138,9 @@ class VectorServing:
         return {"name": body.name, "items": items}
 
     def preset_listing(self) -> dict:
-        data = []
-        for name in self.presets.names():
-            with contextlib.suppress(UnknownPreset):  # deleted while listing
-                data.append(self.presets.get(name))
-        return {"object": "list", "data": data}
+        """Every preset; damaged files are skipped and reported under ``damaged``."""
+        data, damaged = self.presets.listing()
+        return {"object": "list", "data": data, "damaged": damaged}
 
     async def contrastive(self, body: ContrastiveCreate) -> dict:
         self._check_name(body.name)

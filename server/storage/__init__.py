@@ -1,16 +1,29 @@
-"""On-disk stores under the server's own roots: captured activations and named vectors."""
+"""On-disk stores under the server's own roots: captured activations, named vectors, presets."""
 
-from .activations import ActivationStore, CaptureWriter, UnknownActivation, UnsafeSaveDir
-from .presets import PresetStore, UnknownPreset
-from .vectors import UnknownVector, VectorStore
+from .activations import (
+    ActivationStore,
+    CaptureTooLarge,
+    CaptureWriter,
+    DamagedActivation,
+    UnknownActivation,
+    UnsafeSaveDir,
+)
+from .files import UnsafeEntry
+from .presets import DamagedPreset, PresetStore, UnknownPreset
+from .vectors import DamagedVector, UnknownVector, VectorStore
 
 __all__ = [
     "ActivationStore",
+    "CaptureTooLarge",
     "CaptureWriter",
+    "DamagedActivation",
+    "DamagedPreset",
+    "DamagedVector",
     "PresetStore",
-    "UnknownPreset",
     "UnknownActivation",
+    "UnknownPreset",
     "UnknownVector",
+    "UnsafeEntry",
     "UnsafeSaveDir",
     "VectorStore",
 ]

@@ -1,55 +1,93 @@
 """Intervention presets: named lists of intervention items, one JSON file each under a root.
 
-Names are plain (as for vectors), files are written atomically, and the store is read
-from disk on every call, so presets survive restarts.
+Names are plain (as for vectors), files are written atomically through the root's directory
+handle and never read through a symlink (``files.Directory``), and the store is read from disk
+on every call, so presets survive restarts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 
-from .files import write_atomically
+from .files import Directory
 from .vectors import NAME
+
+logger = logging.getLogger(__name__)
 
 
 class UnknownPreset(KeyError):
     """No preset with this name."""
 
 
+class DamagedPreset(ValueError):
+    """A preset file that is not one the store wrote (unreadable JSON, a symlink)."""
+
+
 class PresetStore:
     """Named lists of intervention items, one JSON file each."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root.expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.folder = Directory.open_root(root)
+        self.root = self.folder.path
         self._lock = threading.Lock()
+        self.folder.remove_temporaries()
 
-    def _path(self, name: str) -> Path:
+    def close(self) -> None:
+        self.folder.close()
+
+    @staticmethod
+    def _file(name: str) -> str:
         if not NAME.fullmatch(name) or name.endswith(".json"):
             raise UnknownPreset(name)
-        return self.root / f"{name}.json"
+        return f"{name}.json"
 
     def put(self, name: str, items: list[dict]) -> None:
-        path = self._path(name)
+        """Store ``items`` as ``name`` (replacing one of that name in one step); OSError if the
+        disk refused (nothing is left half-written)."""
+        data = json.dumps({"name": name, "items": items}, indent=2).encode()
         with self._lock:
-            write_atomically(
-                path, lambda tmp: tmp.write_text(json.dumps({"name": name, "items": items}, indent=2))
-            )
+            self.folder.write_bytes(self._file(name), data)
 
     def get(self, name: str) -> dict:
+        """``{"name", "items"}``; raises UnknownPreset or DamagedPreset."""
         try:
-            return json.loads(self._path(name).read_text())
+            preset = json.loads(self.folder.read_bytes(self._file(name)))
         except FileNotFoundError:
             raise UnknownPreset(name) from None
+        except (OSError, ValueError) as exc:
+            raise DamagedPreset(f"{name}: {exc}") from None
+        if not isinstance(preset, dict) or not isinstance(preset.get("items"), list):
+            raise DamagedPreset(f"{name}: not a preset")
+        return preset
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.json") if NAME.fullmatch(p.stem))
+        """Every preset's name (regular files only: a symlink is never listed)."""
+        return sorted(
+            entry.name.removesuffix(".json")
+            for entry in self.folder.entries()
+            if entry.name.endswith(".json")
+            and entry.is_file(follow_symlinks=False)
+            and NAME.fullmatch(entry.name.removesuffix(".json"))
+        )
+
+    def listing(self) -> tuple[list[dict], list[dict]]:
+        """Every preset, and the damaged entries skipped (``{"name", "error"}``)."""
+        found, damaged = [], []
+        for name in self.names():
+            try:
+                found.append(self.get(name))
+            except UnknownPreset:  # deleted while listing
+                continue
+            except DamagedPreset as exc:
+                logger.warning("preset store: skipped a damaged entry: %s", exc)
+                damaged.append({"name": name, "error": str(exc)})
+        return found, damaged
 
     def delete(self, name: str) -> None:
-        path = self._path(name)
+        file = self._file(name)
         with self._lock:
-            if not path.exists():
+            if not self.folder.unlink(file):
                 raise UnknownPreset(name)
-            path.unlink()

@@ -1,51 +1,96 @@
 """The vector store: named vectors (steering directions, means) on disk under ``--vectors-dir``.
 
-Each vector is two files, written atomically: ``<name>.safetensors`` (one 1-D float32
-tensor named ``vector``) and ``<name>.json`` (its metadata: model, layer, hook point,
-size, norm, how it was made, when). Names are plain (letters, digits, ``_ - .``, at
-most 100 characters, not starting with ``.``), so a name can never be a path. The
-store is read from disk on every call: vectors survive restarts and need no index.
+Each vector is one file, ``<name>.safetensors``: a 1-D float32 tensor named ``vector``, with
+its metadata (model, layer, hook point, size, norm, how it was made, when) as JSON in the
+file's own header (safetensors' ``__metadata__``, key ``meta``). Values and metadata are thus
+one atomic unit: a write lands whole by one rename, and a reader sees the whole old or the
+whole new vector, never new values under old metadata. Names are plain (letters, digits,
+``_ - .``, at most 100 characters, not starting with ``.``), so a name can never be a path;
+files are reached through the root's directory handle without following a symlink
+(``files.Directory``). The store is read from disk on every call: vectors survive restarts and
+need no index. A store written before 2026-11-30 (values and a ``<name>.json`` beside them) is
+converted at start-up.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import struct
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
-from .files import write_atomically
+from .files import Directory
+
+logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+SUFFIX = ".safetensors"
 
 
 class UnknownVector(KeyError):
     """No vector with this name."""
 
 
+class DamagedVector(ValueError):
+    """A file in the store that is not a vector the store wrote (unreadable, no metadata, a symlink)."""
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (its header: an 8-byte little-endian length, then
+    that many bytes of JSON; https://github.com/huggingface/safetensors#format).
+
+    Raises:
+        DamagedVector: not a safetensors header.
+    """
+    try:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        return dict(header.get("__metadata__") or {})
+    except (struct.error, ValueError, AttributeError) as exc:
+        raise DamagedVector(f"not a safetensors file: {exc}") from None
+
+
 class VectorStore:
+    """Named 1-D vectors with their metadata, one safetensors file each (see the module docstring)."""
+
     def __init__(self, root: Path) -> None:
-        self.root = root.expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.folder = Directory.open_root(root)
+        self.root = self.folder.path
         self._lock = threading.Lock()
+        self.folder.remove_temporaries()
+        self._convert_legacy()
+
+    def close(self) -> None:
+        self.folder.close()
 
     @staticmethod
     def valid_name(name: str) -> bool:
-        return bool(NAME.fullmatch(name)) and not name.endswith((".json", ".safetensors"))
+        return bool(NAME.fullmatch(name)) and not name.endswith((".json", SUFFIX))
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
+    def _file(self, name: str) -> str:
         if not self.valid_name(name):
             raise UnknownVector(name)
-        return self.root / f"{name}.safetensors", self.root / f"{name}.json"
+        return name + SUFFIX
 
     def put(self, name: str, vector: torch.Tensor, **metadata) -> dict:
-        tensor_path, meta_path = self._paths(name)
-        vector = vector.detach().to("cpu", torch.float32).contiguous()
+        """Store ``vector`` (any shape, flattened to ``[size]`` float32) as ``name``, replacing
+        one of that name in one step; returns its metadata (``size``, ``norm``: its L2 norm,
+        ``created``: Unix seconds, and ``metadata``).
+
+        Raises:
+            UnknownVector: the name is not a plain one.
+            OSError: the disk refused (nothing is left half-written).
+        """
+        file = self._file(name)
+        vector = vector.detach().to("cpu", torch.float32).contiguous().reshape(-1)
         meta = {
             "name": name,
             "size": vector.numel(),
@@ -53,35 +98,91 @@ class VectorStore:
             "created": time.time(),
             **metadata,
         }
+        data = save({"vector": vector}, metadata={"meta": json.dumps(meta)})
         with self._lock:
-            write_atomically(tensor_path, lambda tmp: save_file({"vector": vector}, str(tmp)))
-            write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+            self.folder.write_bytes(file, data)
         return meta
 
-    def metadata(self, name: str) -> dict:
-        _, meta_path = self._paths(name)
+    def _read(self, name: str) -> bytes:
         try:
-            return json.loads(meta_path.read_text())
+            return self.folder.read_bytes(self._file(name))
         except FileNotFoundError:
             raise UnknownVector(name) from None
+        except OSError as exc:  # a symlink or not a regular file
+            raise DamagedVector(f"{name}: {exc}") from None
+
+    def metadata(self, name: str) -> dict:
+        """Raises UnknownVector (no such vector) or DamagedVector (a file that is not one)."""
+        try:
+            return json.loads(header_metadata(self._read(name))["meta"])
+        except (KeyError, ValueError) as exc:
+            raise DamagedVector(f"{name}: no metadata ({exc})") from None
 
     def vector(self, name: str) -> torch.Tensor:
-        tensor_path, _ = self._paths(name)
+        """The values, ``[size]`` float32; raises as :meth:`metadata`."""
         try:
-            return load_file(str(tensor_path))["vector"]
-        except FileNotFoundError:
-            raise UnknownVector(name) from None
+            return load(self._read(name))["vector"]
+        except (SafetensorError, KeyError) as exc:
+            raise DamagedVector(f"{name}: {exc}") from None
+
+    def read(self, name: str) -> tuple[dict, torch.Tensor]:
+        """Metadata and values from one read of the one file (never a mix of two versions)."""
+        data = self._read(name)
+        try:
+            return json.loads(header_metadata(data)["meta"]), load(data)["vector"]
+        except (SafetensorError, KeyError, ValueError) as exc:
+            raise DamagedVector(f"{name}: {exc}") from None
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.root.glob("*.json") if self.valid_name(p.stem))
+        """Every stored vector's name (regular files only: a symlink is never listed)."""
+        return sorted(
+            entry.name.removesuffix(SUFFIX)
+            for entry in self.folder.entries()
+            if entry.name.endswith(SUFFIX)
+            and entry.is_file(follow_symlinks=False)
+            and self.valid_name(entry.name.removesuffix(SUFFIX))
+        )
+
+    def listing(self) -> tuple[list[dict], list[dict]]:
+        """Every vector's metadata, and the damaged entries skipped (``{"name", "error"}``)."""
+        found, damaged = [], []
+        for name in self.names():
+            try:
+                found.append(self.metadata(name))
+            except UnknownVector:  # deleted while listing
+                continue
+            except DamagedVector as exc:
+                logger.warning("vector store: skipped a damaged entry: %s", exc)
+                damaged.append({"name": name, "error": str(exc)})
+        return found, damaged
 
     def count(self) -> int:
         return len(self.names())
 
     def delete(self, name: str) -> None:
-        tensor_path, meta_path = self._paths(name)
+        file = self._file(name)
         with self._lock:
-            if not meta_path.exists():
+            if not self.folder.unlink(file):
                 raise UnknownVector(name)
-            meta_path.unlink(missing_ok=True)
-            tensor_path.unlink(missing_ok=True)
+
+    def _convert_legacy(self) -> None:
+        """Values in ``<name>.safetensors`` and metadata in ``<name>.json`` (stores written before
+        2026-11-30) become one file each."""
+        for entry in list(self.folder.entries()):
+            name = entry.name.removesuffix(".json")
+            if not (entry.name.endswith(".json") and entry.is_file(follow_symlinks=False)):
+                continue
+            if not self.valid_name(name) or not self.folder.is_file(name + SUFFIX):
+                continue
+            try:
+                meta = json.loads(self.folder.read_bytes(entry.name))
+                values = load(self.folder.read_bytes(name + SUFFIX))["vector"]
+                if "meta" in header_metadata(self.folder.read_bytes(name + SUFFIX)):
+                    continue  # already one file
+            except (OSError, ValueError, KeyError, SafetensorError) as exc:
+                logger.warning("vector store: left %s as it was (%s)", entry.name, exc)
+                continue
+            data = save({"vector": values.float().reshape(-1)}, metadata={"meta": json.dumps(meta)})
+            self.folder.write_bytes(name + SUFFIX, data)
+            self.folder.unlink(entry.name)
+            logger.info("vector store: %s converted to one file", name)

@@ -151,7 +151,7 @@ def test_the_capture_manifest_marks_the_reasoning_positions(qwen3_client):
         "parser": "qwen3",
         "positions": [prompt, prompt + 4],
     }  # <think> .. </think>
-    tokens = manifest["tensors"][0]["token_ids"]
+    tokens = manifest["token_ids"]
     vocab = qwen3_client.app.state.engine.loaded.tokenizer.get_vocab()
     assert tokens[prompt] == vocab["<think>"] and tokens[prompt + 3] == vocab["</think>"]
     assert len(tokens) == prompt + 8  # every position counted, reasoning included

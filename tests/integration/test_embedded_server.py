@@ -208,7 +208,7 @@ def test_captured_residual_stream_equals_hf_hidden_states(embedded_server, oai, 
     )
     activations = reply.model_extra["activations"]
     manifest = httpx.get(f"{embedded_server.url}{activations['manifest']}", timeout=30).json()
-    token_ids = manifest["tensors"][0]["token_ids"]
+    token_ids = manifest["token_ids"]
     assert len(token_ids) == reply.usage.total_tokens
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir()).eval()
     with torch.no_grad():

@@ -145,7 +145,7 @@ def test_a_full_queue_refuses_and_a_timed_out_job_never_runs(loaded):
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFull):
             engine.scheduler.submit_job(GenerationJob([1], SamplingParams(max_tokens=1)))
-        with pytest.raises(RequestTimedOut, match="before it started"):
+        with pytest.raises(RequestTimedOut, match="before its first token"):
             await task
         return waiting
 
@@ -165,7 +165,6 @@ def test_a_full_queue_refuses_and_a_timed_out_job_never_runs(loaded):
 def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded, tmp_path):
     """Steered, capturing, steered-and-capturing and plain jobs decoded together: each job's
     tokens and captured values equal its solo run's; nothing crosses between rows."""
-    from safetensors.torch import load_file
 
     from interventions import Edit
     from server.engine.capture import CapturePlan, CaptureSpec
@@ -201,7 +200,7 @@ def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded
         finally:
             engine.close()
         captures = [
-            load_file(store.tensor_file(r.capture.id, "layers.0.resid_post")) if r.capture else None
+            store.load_tensor(r.capture.id, "layers.0.resid_post", "safetensors") if r.capture else None
             for r in results
         ]
         return engine.scheduler.stats, results, captures
@@ -214,9 +213,8 @@ def test_interventions_and_captures_in_one_batch_stay_with_their_own_rows(loaded
         if theirs is None:
             assert mine is None
             continue
-        ((name, value),) = theirs.items()
-        assert value.shape == mine[name].shape  # prompt + completion, no padding
-        torch.testing.assert_close(mine[name], value, atol=1e-5, rtol=1e-5)
+        assert theirs.shape == mine.shape  # prompt + completion, no padding
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     plain = summary(
         alone(loaded, GenerationJob(prompts[0], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))
     )
@@ -348,7 +346,6 @@ def test_closing_the_scheduler_resolves_everything_that_waits():
 def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
     """A batch is running; steered, capturing and plain jobs (other prompt lengths) arrive
     several steps in, join it, and still get exactly their solo answers and captures."""
-    from safetensors.torch import load_file
 
     from interventions import Edit
     from server.engine.capture import CapturePlan, CaptureSpec
@@ -391,8 +388,8 @@ def test_jobs_that_arrive_later_join_the_running_batch(loaded, tmp_path):
             results = asyncio.run(scenario())
         finally:
             engine.close()
-        captured = load_file(store.tensor_file(results[3].capture.id, "layers.1.resid_post"))
-        return engine.scheduler.stats, results, captured["layers.1.resid_post"]
+        captured = store.load_tensor(results[3].capture.id, "layers.1.resid_post", "safetensors")
+        return engine.scheduler.stats, results, captured
 
     solo_stats, solo, solo_capture = run(Engine(loaded, max_batch_size=1, batch_window_s=0))
     stats, together, capture = run(Engine(loaded, max_batch_size=8, batch_window_s=0.05))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,8 +77,10 @@ def test_manifest_describes_every_tensor(client, tiny_tokenizer, activations_dir
         and entry["module"] == "model.layers.0.output"
     )
     assert entry["original_shape"] == [1, len(ids), 64] and entry["saved_shape"] == [1, 64]
-    assert entry["positions"] == [len(ids) - 1] and entry["token_ids"] == [ids[-1]]
-    assert entry["tokens"] == [tiny_tokenizer.decode([ids[-1]])] and entry["unit_indices"] is None
+    assert manifest["manifest_version"] == 2
+    assert manifest["token_positions"] == [len(ids) - 1] and manifest["token_ids"] == [ids[-1]]
+    assert manifest["tokens"] == [tiny_tokenizer.decode([ids[-1]])] and manifest["unit_indices"] is None
+    assert entry["sampled_units"] is False
     assert entry["dtype"] == "float32"
     files = activations_dir / ref["directory"]
     assert sorted(p.name for p in files.iterdir()) == sorted(
@@ -100,8 +102,10 @@ def test_sample_hidden_keeps_the_recorded_units(client, method):
             "sample_hidden_seed": 3,
         },
     )
-    entry = client.get(kept["manifest"]).json()["tensors"][0]
-    units = entry["unit_indices"]
+    kept_manifest = client.get(kept["manifest"]).json()
+    entry = kept_manifest["tensors"][0]
+    units = kept_manifest["unit_indices"]["64"]  # by the tensor's original width
+    assert entry["sampled_units"] is True
     assert len(units) == 8 and units == sorted(set(units))
     if method == "first":
         assert units == list(range(8))
@@ -111,7 +115,7 @@ def test_sample_hidden_keeps_the_recorded_units(client, method):
             client,
             {"layers": [0], "hook_points": ["resid_post"], "sample_hidden": 8, "sample_hidden_seed": 3},
         )
-        assert client.get(again["manifest"]).json()["tensors"][0]["unit_indices"] == units
+        assert client.get(again["manifest"]).json()["unit_indices"]["64"] == units
     stored = tensor(client, kept["id"], "layers.0.resid_post")
     assert stored.shape[-1] == 8 and entry["saved_shape"][-1] == 8
     torch.testing.assert_close(stored, tensor(client, full["id"], "layers.0.resid_post")[:, units])
@@ -141,7 +145,7 @@ def test_completions_capture_and_openai_client(openai_client, served_model, clie
     )
     activations = response.model_extra["activations"]
     ids = tiny_tokenizer.encode("The capital of France")
-    assert client.get(activations["manifest"]).json()["tensors"][0]["token_ids"] == ids
+    assert client.get(activations["manifest"]).json()["token_ids"] == ids
     chat = openai_client.chat.completions.create(
         model=served_model,
         messages=HELLO,
@@ -218,30 +222,20 @@ def test_bad_capture_requests_name_the_field(client, capture_block, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_a_failed_write_leaves_no_partial_files(client, activations_dir, monkeypatch):
-    from server.storage import activations as storage
+def test_a_failed_write_leaves_no_partial_files(client, activations_dir):
+    from tests.faults import failing_disk
 
-    real_save = storage.save_tensor
-    calls = []
-
-    def full_disk_after_one(path: Path, name, value, fmt):
-        calls.append(name)
-        if len(calls) > 1:
-            raise OSError(28, "No space left on device")
-        real_save(path, name, value, fmt)
-
-    monkeypatch.setattr(storage, "save_tensor", full_disk_after_one)
     before = set(activations_dir.rglob("*"))
     body = {
         "messages": HELLO,
         "max_tokens": 2,
         "capture": {"layers": "all", "hook_points": ["resid_pre", "resid_post"]},
     }
-    response = client.post("/v1/chat/completions", json=body)
+    with failing_disk(errno.ENOSPC, budget=3000) as disk:  # the first tensor lands, the second fails
+        response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 507
     assert "No space left on device" in response.json()["error"]["message"]
-    assert len(calls) == 2 and set(activations_dir.rglob("*")) == before
-    monkeypatch.setattr(storage, "save_tensor", real_save)
+    assert disk.failures == 1 and set(activations_dir.rglob("*")) == before
     assert client.post("/v1/chat/completions", json=body).status_code == 200  # the next request works
 
 
@@ -268,7 +262,7 @@ def test_generate_capture_equals_a_forward_over_prompt_and_completion(
     asked = ["resid_pre", "attn_out", "resid_post"]
     data, manifest = generate_capture(client, {"layers": "all", "hook_points": asked}, ignore_eos=True)
     prompt = prompt_ids(tiny_tokenizer)
-    token_ids = manifest["tensors"][0]["token_ids"]
+    token_ids = manifest["token_ids"]
     assert token_ids[: len(prompt)] == prompt
     assert len(token_ids) == len(prompt) + data["usage"]["completion_tokens"] == len(prompt) + 7
     assert (
@@ -314,13 +308,13 @@ def test_generate_capture_positions(client, tiny_tokenizer, positions):
         "all": list(range(total)),
     }[positions]
     entry = manifest["tensors"][0]
-    assert entry["positions"] == expected and entry["original_shape"] == [1, total, 64]
+    assert manifest["token_positions"] == expected and entry["original_shape"] == [1, total, 64]
     stored = tensor(client, part["activations"]["id"], "layers.1.mlp_out")
     assert list(stored.shape) == entry["saved_shape"] == [len(expected), 64]
     torch.testing.assert_close(
         stored, tensor(client, full["activations"]["id"], "layers.1.mlp_out")[expected]
     )
-    assert entry["token_ids"] == [full_manifest["tensors"][0]["token_ids"][p] for p in expected]
+    assert manifest["token_ids"] == [full_manifest["token_ids"][p] for p in expected]
 
 
 def stream_chunks(client, path: str, body: dict) -> list[dict]:
@@ -443,7 +437,7 @@ def test_generate_capture_equals_a_trace_capture_of_the_same_tokens(client, monk
     data, manifest = generate_capture(
         client, {"layers": "all", "hook_points": ["resid_post"]}, ignore_eos=True
     )
-    token_ids = manifest["tensors"][0]["token_ids"]
+    token_ids = manifest["token_ids"]
     traced = client.post(
         "/v1/completions",
         json={
@@ -572,7 +566,7 @@ def test_generate_capture_ending_on_a_stop_string(client, tiny_tokenizer, refere
         client, {"layers": [1], "hook_points": ["resid_post"]}, stop=[stop], max_tokens=12, ignore_eos=True
     )
     assert data["choices"][0]["finish_reason"] == "stop"
-    token_ids = manifest["tensors"][0]["token_ids"]
+    token_ids = manifest["token_ids"]
     assert len(token_ids) == data["usage"]["total_tokens"]
     expected = hooked(reference_model, token_ids, [("model.layers.1", "output")])[
         ("model.layers.1", "output")

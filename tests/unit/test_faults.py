@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.faults import failing_disk
+
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
@@ -61,59 +63,24 @@ def test_out_of_memory_inside_a_batch_fails_each_request_clearly_and_the_next_ba
 
 @pytest.mark.parametrize("failure", [errno.EROFS, errno.ENOSPC, errno.EACCES])
 @pytest.mark.parametrize("mode", ["trace", "generate"])
+@pytest.mark.parametrize("budget", [0, 600, 5000], ids=["first-file", "mid-file", "later-file"])
 def test_a_store_that_cannot_be_written_is_507_and_leaves_nothing(
-    client, activations_dir, monkeypatch, failure, mode
+    client, activations_dir, failure, mode, budget
 ):
-    from server.storage import activations as storage
-
-    real_save, real_append = storage.save_tensor, storage._Appender.append
-
-    saved = []
-
-    def broken_save(*args, **kwargs):  # the first tensor lands, the second fails
-        if saved:
-            raise OSError(failure, "injected")
-        saved.append(args)
-        real_save(*args, **kwargs)
-
-    def broken_append(self, tensor):
-        real_append(self, tensor)
-        raise OSError(failure, "injected")
-
-    monkeypatch.setattr(storage, "save_tensor", broken_save)
-    monkeypatch.setattr(storage._Appender, "append", broken_append)
+    """The disk fails at the first byte, inside a tensor file, or after whole files (the
+    manifest, last, included): 507 storage_error, and nothing of the capture is left."""
     before = files_under(activations_dir)
     body = {
         "messages": HELLO,
         "max_tokens": 3,
         "capture": {"mode": mode, "layers": [0, 1], "hook_points": ["resid_post"]},
     }
-    response = client.post("/v1/chat/completions", json=body)
+    with failing_disk(failure, budget) as disk:
+        response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 507, response.text
     error = response.json()["error"]
     assert error["code"] == "storage_error" and "could not store the activations" in error["message"]
+    assert disk.failures == 1
     assert files_under(activations_dir) == before  # no partial file, no manifest-less directory
     assert not [d for d in activations_dir.rglob("act-*") if not (d / "manifest.json").exists()]
-    monkeypatch.setattr(storage, "save_tensor", real_save)
-    monkeypatch.setattr(storage._Appender, "append", real_append)
-    assert client.post("/v1/chat/completions", json=body).status_code == 200
-
-
-def test_a_manifest_that_cannot_be_written_leaves_nothing(client, activations_dir, monkeypatch):
-    from server.storage import activations as storage
-
-    real = storage._write_atomically
-
-    def no_manifest(path, write):
-        if path.name == storage.MANIFEST:
-            raise OSError(errno.ENOSPC, "injected")
-        real(path, write)
-
-    monkeypatch.setattr(storage, "_write_atomically", no_manifest)
-    before = files_under(activations_dir)
-    body = {"messages": HELLO, "max_tokens": 2, "capture": {"layers": [0, 1], "hook_points": ["resid_post"]}}
-    response = client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 507 and response.json()["error"]["code"] == "storage_error"
-    assert files_under(activations_dir) == before  # the tensors written before it are gone too
-    monkeypatch.setattr(storage, "_write_atomically", real)
     assert client.post("/v1/chat/completions", json=body).status_code == 200

@@ -82,7 +82,7 @@ def test_server_wide_generate_mode(client):
         manifest = client.get(data["activations"]["manifest"]).json()
         assert manifest["mode"] == "generate"
         assert len(manifest["tensors"]) == 2  # layers "all" of a 2-layer model
-        assert len(manifest["tensors"][0]["positions"]) == data["usage"]["total_tokens"]
+        assert len(manifest["token_positions"]) == data["usage"]["total_tokens"]
         response = client.post("/v1/chat/completions", json={"messages": HELLO, "n": 2})
         assert response.status_code == 400 and response.json()["error"]["param"] == "n"
     finally:

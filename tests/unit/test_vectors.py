@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 
 import pytest
 import torch
@@ -103,10 +102,8 @@ def test_interventions_use_stored_vectors_by_name(client, settings):
     assert first_logprob("steer") == pytest.approx(first_logprob(direction), abs=1e-5)
     for vector, message in (("missing", "no stored vector"), ("foreign", "was made for model")):
         if vector == "foreign":
-            make(client, "foreign", direction)
-            meta_path = settings.vectors_dir / "foreign.json"
-            meta = json.loads(meta_path.read_text())
-            meta_path.write_text(json.dumps({**meta, "model": "some-other-model"}))
+            store = client.app.state.vectors.vectors  # as another server would have made it
+            store.put("foreign", torch.tensor(direction), model="some-other-model", layer=0)
         item = {"type": "add", "layer": 0, "hook_point": "resid_post", "vector": vector}
         response = client.post("/v1/chat/completions", json={"messages": HELLO, "interventions": [item]})
         assert response.status_code == 400 and message in response.json()["error"]["message"]
