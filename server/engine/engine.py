@@ -36,10 +36,11 @@ import torch
 from .capture import CaptureResult
 from .hf_runtime import decode_loop
 from .hooks import HookPoint, HookResolver
+from .interrupt import JobInterrupted
 from .job import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob
 from .lda import LdaJob, LdaResult
 from .loading import LoadedModel, check_chat_template, check_same_vocabulary, load_model
-from .memory import MemoryLog, ModelShape, estimate
+from .memory import HostMemory, MemoryLog, ModelShape, estimate
 from .scheduler import Scheduler
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
@@ -134,7 +135,8 @@ class Engine:
             logits_module=self.hooks.logits_module,
         )
         self.runtime = self.loop.runtime
-        scheduler.bind(self._run_batch, self._batch_memory)
+        self.host_memory = HostMemory()
+        scheduler.bind(self._run_batch, self._batch_memory, on_idle=self.host_memory.release)
         self.scheduler = scheduler
         self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
@@ -327,48 +329,71 @@ class Engine:
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         """Run a job; if the caller is cancelled (client gone) or the request times out, the job
-        stops at its next token (or never starts)."""
-        return await self._wait(asyncio.wrap_future(self.scheduler.submit_job(job)), job)
+        stops at its next token (or between layers of its forward, or never starts)."""
+        future = asyncio.wrap_future(self.scheduler.submit_job(job))
+        return await self._wait(future, job.cancelled, lambda: _progress(job.steps))
 
-    async def _wait(self, future: asyncio.Future, job: GenerationJob | LdaJob):
-        """Await a job within the request timeout; past it, or if the caller goes away (a
-        disconnected client), the job is cancelled: it stops at its next step, or never starts."""
+    async def _wait(self, future: asyncio.Future, cancelled: threading.Event, progress: Callable[[], str]):
+        """Await work on the worker within the request timeout; past it, or if the caller goes
+        away (a disconnected client), ``cancelled`` is set: the work stops at its next step or
+        layer, or never starts. A result that finished as the caller went away is discarded
+        (its capture removed: nobody was told its id)."""
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
         except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+            caller_gone = isinstance(exc, asyncio.CancelledError)
             if future.done() and not future.cancelled():
-                return future.result()  # the job's own outcome (even its own TimeoutError), not ours
-            job.cancelled.set()
-            future.add_done_callback(_retrieve)
-            if isinstance(exc, asyncio.CancelledError):
+                if caller_gone:
+                    _discard(future)
+                    raise
+                return future.result()  # the work's own outcome (even its own TimeoutError), not ours
+            cancelled.set()
+            future.add_done_callback(_discard if caller_gone else _retrieve)
+            if caller_gone:
                 raise
-            raise RequestTimedOut(self._timeout_message(job)) from None
+            raise RequestTimedOut(self._timeout_message(progress())) from None
 
-    def _timeout_message(self, job: GenerationJob | LdaJob) -> str:
-        where = f"after {job.steps} generated token(s)" if job.steps else "before it started"
+    def _timeout_message(self, where: str) -> str:
         return f"the request took longer than --request-timeout ({self.request_timeout:g} s); stopped {where}"
+
+    async def _run_within_timeout(self, fn: Callable[..., T], *args) -> T:
+        """Model work that is not a generation job (echo scoring, contrastive examples) on the
+        worker, within the request timeout and cancelled with its caller: ``fn(*args, stop)``
+        runs with ``stop()`` true once nobody wants its result, and checks it between layers
+        (``Runtime.interrupted_when``) and between its own pieces of work."""
+        cancelled = threading.Event()
+
+        def run() -> T:
+            with self.runtime.interrupted_when(cancelled.is_set):
+                return fn(*args, cancelled.is_set)
+
+        future = asyncio.wrap_future(self.scheduler.submit_call(run))
+        return await self._wait(future, cancelled, lambda: "part-way")
 
     async def lda(self, job: LdaJob) -> LdaResult:
         """Run an LDA request (every row, both sides) in the decode loop, within the request timeout."""
-        results = await self._wait(asyncio.wrap_future(self.scheduler.submit_jobs(job.jobs)), job)
+        future = asyncio.wrap_future(self.scheduler.submit_jobs(job.jobs))
+        results = await self._wait(future, job.cancelled, lambda: _progress(job.steps))
         return LdaResult(rows=[result.choices[0] for result in results], steps=job.steps)
 
     async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
         """Logprob of every prompt token given the ones before it (see ``scoring.py``)."""
-        return await self._run(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
+        return await self._run_within_timeout(score_prompt, self.loaded.hf_model, prompt_ids, top_k)
 
     async def collect(
         self, prompts: list[list[int]], points: tuple[HookPoint, ...], position: str
     ) -> dict[str, torch.Tensor]:
         """Per hook point, one row per prompt: its value at the last token ("last") or averaged
         over the prompt ("mean"), as float32 on the CPU. For building contrastive vectors."""
-        return await self._run(self._collect_sync, prompts, points, position)
+        return await self._run_within_timeout(self._collect_sync, prompts, points, position)
 
     def _collect_sync(
-        self, prompts: list[list[int]], points: tuple, position: str
+        self, prompts: list[list[int]], points: tuple, position: str, stop: Callable[[], bool]
     ) -> dict[str, torch.Tensor]:
         rows: dict[str, list[torch.Tensor]] = {p.name: [] for p in points}
         for prompt_ids in prompts:  # one at a time: no padding, as each prompt alone
+            if stop():
+                raise JobInterrupted
             (values,) = self.runtime.read_prompts([prompt_ids], points)
             for point in points:
                 value = values[point.name].float()  # [positions, width]
@@ -404,7 +429,7 @@ class Engine:
                 try:
                     item = await asyncio.wait_for(queue.get(), timeout)
                 except asyncio.TimeoutError:
-                    raise RequestTimedOut(self._timeout_message(job)) from None
+                    raise RequestTimedOut(self._timeout_message(_progress(job.steps))) from None
                 if item is done:
                     break
                 yield item
@@ -446,7 +471,25 @@ class Engine:
         }
 
 
+def _progress(steps: int) -> str:
+    return f"after {steps} generated token(s)" if steps else "before its first token"
+
+
 def _retrieve(future: asyncio.Future) -> None:
     """Read the outcome of a job nobody waits for any more, so asyncio logs nothing about it."""
     if not future.cancelled():
         future.exception()
+
+
+def _discard(future: asyncio.Future) -> None:
+    """The outcome of work whose caller went away: read, and a capture it wrote removed (its
+    id never reached anyone)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+    capture = getattr(result, "capture", None)
+    if capture is not None:
+        try:
+            capture.remove()
+        except KeyError:  # deleted already
+            pass

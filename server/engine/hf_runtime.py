@@ -31,10 +31,12 @@ from interventions import placed
 
 from .constraints import Constraints
 from .hooks import HookPoint, first_tensor
+from .interrupt import LayerGate
 from .loading import LoadedModel
 from .loop import DecodeLoop
 from .runtime import RowGroup
 from .steps import BatchStepPlan
+from .structure import find_layers
 from .vocab import build_vocabulary
 
 
@@ -46,6 +48,16 @@ class HFRuntime:
         self.before = before
         self.device = served.device
         self.pad_token_id = served.tokenizer.pad_token_id
+        self.gate = LayerGate(
+            layer
+            for loaded in (served, before)
+            if loaded is not None
+            for layer in loaded.hf_model.get_submodule(find_layers(loaded.hf_model).path)
+        )
+
+    def interrupted_when(self, stop):
+        """See ``Runtime.interrupted_when``: a pre-hook on every decoder layer checks ``stop``."""
+        return self.gate.watching(stop)
 
     def _wrapper(self, weights: str):
         if weights == "before_model":

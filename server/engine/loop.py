@@ -43,6 +43,7 @@ import torch
 
 from .capture import CaptureRecorder, CaptureResult
 from .constraints import Constraints, GrammarError
+from .interrupt import JobInterrupted
 from .job import ChoiceDelta, GenerationJob, GenerationResult, RowState, TokenStats
 from .lda import amplify, token_stats
 from .runtime import RowGroup, Runtime, RuntimeBatch
@@ -187,12 +188,16 @@ class _Running:
             self.write_capture(list(self.job.prompt_ids))
             if self.job.on_capture is not None:
                 self.job.on_capture(self.capture)
+        except JobInterrupted:  # cancelled while its files were written: it ends as cancelled
+            pass
         except Exception as exc:  # its storage failure, or its stream is gone
             self.error = exc
 
     def write_capture(self, ids: list[int]) -> None:
-        """Close the capture's files and write its manifest; ``ids``: every position fed in."""
-        self.capture = self.recorder.finish(ids, [self.token_text(t) for t in ids])
+        """Close the capture's files and write its manifest; ``ids``: every position fed in.
+        Raises JobInterrupted if the job is cancelled between two files."""
+        tokens = [self.token_text(t) for t in ids]
+        self.capture = self.recorder.finish(ids, tokens, stop=self.job.cancelled.is_set)
 
     def placeholders(self) -> torch.Tensor:
         """Next input for rows that sample nothing more (the job leaves before it is used)."""
@@ -219,6 +224,7 @@ class _Cohort:
 
     def __init__(self, loop: DecodeLoop, jobs: list[_Running]) -> None:
         self.jobs = jobs
+        self.runtime = loop.runtime
         self.lanes: dict[str, _Lane] = {}
         by_lane: dict[str, list[_Running]] = {}
         for running in jobs:
@@ -241,13 +247,18 @@ class _Cohort:
         """One forward step on every lane and each job's next tokens; returns the jobs that ended
         (gone from every lane)."""
         logits: dict[int, dict[str, torch.Tensor]] = {id(r): {} for r in self.jobs}
-        for key, lane in self.lanes.items():
-            out = lane.batch.forward()
-            start = 0
-            for member in lane.members:
-                n = member.job.params.n
-                logits[id(member)][key] = out[start : start + n]
-                start += n
+        try:
+            with self.runtime.interrupted_when(self._all_cancelled):
+                for key, lane in self.lanes.items():
+                    out = lane.batch.forward()
+                    start = 0
+                    for member in lane.members:
+                        n = member.job.params.n
+                        logits[id(member)][key] = out[start : start + n]
+                        start += n
+        except JobInterrupted:  # every job here was cancelled mid-forward: all end, as cancelled
+            ended, self.jobs, self.lanes = self.jobs, [], {}
+            return ended
         tokens: dict[int, torch.Tensor] = {}
         cancelled = {id(r) for r in self.jobs if r.job.cancelled.is_set()}  # as the step began
         for running in self.jobs:
@@ -279,6 +290,9 @@ class _Cohort:
         for lane in self.lanes.values():
             lane.batch.append(torch.cat([_tokens_for(member, tokens) for member in lane.members]))
         return ended
+
+    def _all_cancelled(self) -> bool:
+        return all(running.job.cancelled.is_set() for running in self.jobs)
 
     def absorb(self, other: _Cohort | None) -> None:
         """Take ``other``'s jobs (both just stepped): lane by lane, its rows after this cohort's."""

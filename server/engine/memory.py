@@ -275,3 +275,43 @@ class MemoryLog:
             extra,
             time.perf_counter() - self.started,
         )
+
+
+class HostMemory:
+    """Hands host memory that requests freed back to the system, when the worker goes idle.
+
+    glibc's malloc keeps the memory of freed blocks in its arenas for reuse: after one
+    7,000-token scoring request and one 7,000-token capture the server's resident set (RSS)
+    stayed 1.2 GiB higher for good. ``malloc_trim(0)`` releases the free pages at the top of
+    each arena and, since glibc 2.8, the free pages inside them too (``man 3 malloc_trim``):
+    RSS went back to within 0.03 GiB of where it started, in about 0.1 s
+    (``scripts/bench_host_memory.py``). It runs only when RSS grew by ``GROWTH_BYTES`` since the
+    last trim, so small requests never pay for it. Elsewhere (macOS, musl) there is nothing to
+    call and :meth:`release` does nothing.
+    """
+
+    GROWTH_BYTES = 64 * 2**20
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self._floor = self._process.memory_info().rss
+        self._trim = None
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL(None).malloc_trim
+            self._trim.argtypes = [ctypes.c_size_t]
+            self._trim.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            logger.debug("no malloc_trim here: freed host memory stays with the allocator")
+
+    def release(self, force: bool = False) -> bool:
+        """Give free allocator memory back to the system if RSS grew by ``GROWTH_BYTES`` since
+        the last time (or ``force``); True if the allocator released some."""
+        if self._trim is None:
+            return False
+        if not force and self._process.memory_info().rss - self._floor < self.GROWTH_BYTES:
+            return False
+        released = bool(self._trim(0))
+        self._floor = self._process.memory_info().rss
+        return released

@@ -38,6 +38,7 @@ The contract in full (docs/architecture.md draws it):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,3 +96,8 @@ class Runtime(Protocol):
     def start(self, weights: str, groups: list[RowGroup]) -> RuntimeBatch: ...
 
     def place(self, edits: tuple[Edit, ...]) -> tuple[Edit, ...]: ...
+
+    def interrupted_when(self, stop: Callable[[], bool]) -> AbstractContextManager[None]:
+        """Forwards run inside the block end with ``interrupt.JobInterrupted`` once ``stop()``
+        is true (checked between layers)."""
+        ...

@@ -103,6 +103,7 @@ class Scheduler:
         # default: the sum of the jobs' own estimates.
         self._batch_memory = batch_memory or (lambda jobs: sum(job.memory_bytes for job in jobs))
         self._run_batch = run_batch
+        self._on_idle: Callable[[], None] | None = None
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.max_queue = max_queue
@@ -114,11 +115,14 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="engine", daemon=True)
         self._thread.start()
 
-    def bind(self, run_batch, batch_memory=None) -> None:
-        """Set how generation jobs run (an engine built on this scheduler's own thread calls it)."""
+    def bind(self, run_batch, batch_memory=None, on_idle: Callable[[], None] | None = None) -> None:
+        """Set how generation jobs run (an engine built on this scheduler's own thread calls it);
+        ``on_idle``: called on the worker each time it runs out of work (e.g. to hand freed memory
+        back to the system)."""
         self._run_batch = run_batch
         if batch_memory is not None:
             self._batch_memory = batch_memory
+        self._on_idle = on_idle
 
     # -- submitting (any thread) ---------------------------------------------------------
 
@@ -194,6 +198,13 @@ class Scheduler:
 
     def _work(self) -> None:
         while True:
+            with self._condition:
+                idle = not self._queue
+            if idle and self._on_idle is not None:
+                try:
+                    self._on_idle()
+                except Exception:
+                    logger.exception("the idle hook failed")
             with self._condition:
                 while not self._queue and not self._closing:
                     self._condition.wait()

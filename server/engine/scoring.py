@@ -10,22 +10,34 @@ Runs on the engine's worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from .interrupt import JobInterrupted
 from .job import TokenLogprob
 from .sampler import LOGPROB_FLOOR
 
 
 @torch.no_grad()
 def score_prompt(
-    hf_model: torch.nn.Module, prompt_ids: list[int], top_k: int, chunk: int = 256
+    hf_model: torch.nn.Module,
+    prompt_ids: list[int],
+    top_k: int,
+    cancelled: Callable[[], bool] = lambda: False,
+    chunk: int = 256,
 ) -> list[TokenLogprob]:
-    """One entry per prompt token; the first has ``logprob=None`` (nothing precedes it)."""
+    """One entry per prompt token; the first has ``logprob=None`` (nothing precedes it).
+
+    Raises JobInterrupted once ``cancelled()`` is true (checked between chunks; the engine also
+    checks it between layers of the forward pass)."""
     device = next(hf_model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     logits = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]  # [pos, vocab]
     scored = [TokenLogprob(prompt_ids[0], None)]
     for start in range(0, len(prompt_ids) - 1, chunk):
+        if cancelled():
+            raise JobInterrupted
         stop = min(start + chunk, len(prompt_ids) - 1)
         # predicts tokens start+1..stop; -inf (a token the model rules out) as vLLM reports it
         logprobs = torch.log_softmax(logits[start:stop].float(), dim=-1).clamp(min=LOGPROB_FLOOR)
