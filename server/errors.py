@@ -53,6 +53,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.headers = headers
         self.message = message
@@ -66,6 +67,16 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _printable(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate a client sent (and a message quotes) becomes
+    its escape, ``\\ud800``, so the error can always be encoded as UTF-8 JSON."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _default_type(status: int) -> str:
@@ -154,7 +165,9 @@ def error_body(message: str, *, type: str, param: str | None = None, code: str |
 
 # pydantic names the branch of a union it tried in the location ("str", "list[TextContentPart]",
 # "function-after[...]"); those are not field names, and the parameter ends before them.
-_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|bytes)$|\[")
+# A union branch's or a constrained type's tag in a location ("str", "constrained-str",
+# "list[...]", "function-after[...]"): where the field's own name ends.
+_UNION_BRANCH = re.compile(r"^(constrained-)?(str|int|float|bool|none|bytes)$|\[")
 
 
 def _param_from_location(loc: tuple) -> str | None:
@@ -181,7 +194,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     param = _param_from_location(tuple(errors[0].get("loc", ())))
     # A union reports one error per branch; the deepest one says most about what was wrong.
     same_param = [e for e in errors if _param_from_location(tuple(e.get("loc", ()))) == param]
-    first = max(same_param, key=lambda e: len(e.get("loc", ())))
+    # A branch of the right type whose value is wrong ("too short") says more than "not a str".
+    right_type = [e for e in same_param if not str(e.get("type", "")).endswith("_type")]
+    first = max(right_type or same_param, key=lambda e: len(e.get("loc", ())))
     message = first.get("msg", "invalid request")
     if param:
         message = f"{param}: {message}"

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from interventions import InterventionRequest
 
@@ -54,15 +54,32 @@ def _reserved_template_variables() -> frozenset[str]:
 RESERVED_TEMPLATE_VARIABLES = _reserved_template_variables()
 
 
-def _encodable(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text must be valid Unicode (it holds a lone surrogate escape)") from None
-    return text
+def invalid_unicode_at(value: Any) -> str | None:
+    """Where in ``value`` (a string, or lists, dicts and models holding strings, keys included)
+    a string is not valid Unicode: JSON's ``\\ud800`` escape decodes to a lone surrogate, which
+    no tokenizer, log or UTF-8 response can take. ``""`` for ``value`` itself, ``"[0].content"``
+    further in; None when every string is valid. Models of this module checked themselves."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((f"{where}.{key}", key))
+                stack.append((f"{where}.{key}", child))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
+        elif isinstance(item, BaseModel) and not isinstance(item, StrictModel):
+            fields = {**item.__dict__, **(item.__pydantic_extra__ or {})}
+            stack.extend((f"{where}.{name}", child) for name, child in fields.items())
+    return None
 
 
-Text = Annotated[str, AfterValidator(_encodable)]
+Text = str  # text a client sends: every request model refuses invalid Unicode in any field
 StopString = Annotated[Text, Field(max_length=MAX_STOP_CHARS)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: plain ASCII digits
@@ -83,7 +100,29 @@ def _depth(value: Any, limit: int = MAX_TEMPLATE_DEPTH + 1) -> int:
 
 
 class StrictModel(BaseModel):
+    """Base of every request model: strict types, finite numbers, valid Unicode in every string
+    (a field that holds a lone surrogate is refused, naming the field; unknown fields too)."""
+
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        where = invalid_unicode_at(value)
+        if where is not None:
+            at = f" (at {where.lstrip('.')})" if where else ""
+            raise ValueError(f"text must be valid Unicode: it holds a lone surrogate escape{at}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_unicode_in_unknown_fields(self):
+        for name, value in (self.model_extra or {}).items():
+            if invalid_unicode_at(name) is not None or invalid_unicode_at(value) is not None:
+                raise APIError(
+                    "text must be valid Unicode: an unknown field holds a lone surrogate escape",
+                    param=name,
+                )
+        return self
 
 
 class OpenAIModel(StrictModel):
@@ -238,12 +277,15 @@ class VectorCreate(StrictModel):
     description: Annotated[str, Field(max_length=2000)] | None = None
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1)]  # a conversation: never empty
+
+
 class ContrastiveCreate(StrictModel):
     """POST /v1/vectors/contrastive: one vector per layer from positive and negative examples."""
 
     name: Annotated[str, Field(min_length=1, max_length=90)]
-    positive: Annotated[list[Text | list[ChatMessage]], Field(min_length=1, max_length=256)]
-    negative: Annotated[list[Text | list[ChatMessage]], Field(min_length=1, max_length=256)]
+    positive: Annotated[list[Text | Messages], Field(min_length=1, max_length=256)]
+    negative: Annotated[list[Text | Messages], Field(min_length=1, max_length=256)]
     layers: list[int] | Literal["all"]
     hook_point: Annotated[str, Field(max_length=200)] = "resid_post"
     position: Literal["last", "mean"] = Field("last", description="Each example's last token, or its mean.")

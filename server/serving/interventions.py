@@ -17,6 +17,7 @@ sources are read from disk.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import torch
 from pydantic import ValidationError
@@ -125,6 +126,7 @@ def _resolve_item(
     if item.type == "scale" and item.factor is None:
         raise APIError("scale needs a factor", param=f"{param}.factor")
     values = _vector_values(engine, vectors, item.vector, f"{param}.vector")
+    _check_numbers(item, values, engine.loaded.dtype, param)
     edits = []
     for point in points:
         vector = None
@@ -137,8 +139,6 @@ def _resolve_item(
             # Kept float32 on the CPU: it reaches the model's device and dtype on the engine's worker
             # (steps.Edit), the one thread that may run torch's thread pool (docs/architecture.md).
             vector = values
-            if item.type in ("project_out", "clamp") and not vector.numpy().any():
-                raise APIError(f"{item.type} needs a non-zero vector", param=f"{param}.vector")
         edits.append(
             Edit(
                 point,
@@ -152,6 +152,52 @@ def _resolve_item(
             )
         )
     return edits
+
+
+def _check_numbers(item: InterventionRequest, values: torch.Tensor | None, dtype: torch.dtype, param: str):
+    """Refuse numbers that are finite in JSON but not in the model's dtype, before they reach it:
+    ``scale``/``factor``/``value`` or vector entries beyond the dtype's range (float16: 65504),
+    an ``add`` whose ``scale x vector`` overflows, and a ``project_out``/``clamp`` vector whose
+    direction (``v / |v|``, computed as the model computes it, in its dtype) is not finite
+    (e.g. ``[1e-45, 0, ...]``: its norm underflows to 0).
+
+    Raises:
+        APIError: 400 naming the field.
+    """
+    finfo = torch.finfo(dtype)
+    name = str(dtype).removeprefix("torch.")
+    for field in ("scale", "factor", "value"):
+        number = getattr(item, field)
+        if number is not None and not (math.isfinite(number) and abs(number) <= finfo.max):
+            raise APIError(
+                f"{field} {number!r} is outside what the model's dtype ({name}) holds (at most "
+                f"{finfo.max:.4g} in magnitude)",
+                param=f"{param}.{field}",
+            )
+    if values is None:
+        return
+    largest = float(values.abs().max()) if values.numel() else 0.0
+    if not (math.isfinite(largest) and largest <= finfo.max):
+        raise APIError(
+            f"the vector holds values outside what the model's dtype ({name}) holds (at most "
+            f"{finfo.max:.4g} in magnitude)",
+            param=f"{param}.vector",
+        )
+    if item.type == "add" and abs(item.scale) * largest > finfo.max:
+        raise APIError(
+            f"scale x vector reaches {abs(item.scale) * largest:.4g}, more than the model's dtype "
+            f"({name}) holds ({finfo.max:.4g})",
+            param=f"{param}.scale",
+        )
+    if item.type in ("project_out", "clamp"):
+        in_dtype = values.to(dtype)
+        unit = in_dtype / in_dtype.norm()
+        if not bool(torch.isfinite(unit).all()):
+            raise APIError(
+                f"{item.type} needs a direction: this vector's length is 0 in the model's dtype ({name}); "
+                "send a vector with larger entries",
+                param=f"{param}.vector",
+            )
 
 
 def _points(engine: Engine, item: InterventionRequest, param: str):

@@ -114,6 +114,100 @@ CASES = {
         400,
         "messages[0].content",
     ),
+    "lone surrogate in model": (
+        "/v1/chat/completions",
+        raw('{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}'),
+        {},
+        400,
+        "model",
+    ),
+    "lone surrogate in a completions model": (
+        "/v1/completions",
+        raw('{"model": "\\ud800", "prompt": "x"}'),
+        {},
+        400,
+        "model",
+    ),
+    "lone surrogate in an LDA model": (
+        "/v1/lda",
+        raw('{"model": "\\udfff", "prompt": "x"}'),
+        {},
+        400,
+        "model",
+    ),
+    "lone surrogate in a stop string": (
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udc00"]}'),
+        {},
+        400,
+        "stop",
+    ),
+    "lone surrogate in a template variable": (
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"a": ["\\ud800"]}}'),
+        {},
+        400,
+        "chat_template_kwargs",
+    ),
+    "lone surrogate in an ignored field": (
+        "/v1/chat/completions",
+        raw('{"messages": [{"role": "user", "content": "x"}], "user": "\\ud800"}'),
+        {},
+        400,
+        "user",
+    ),
+    "lone surrogate in a contrastive example": (
+        "/v1/vectors/contrastive",
+        raw('{"name": "c", "positive": ["\\ud800"], "negative": ["b"], "layers": [0]}'),
+        {},
+        400,
+        "positive",
+    ),
+    "an empty message list inside a list": (
+        "/v1/vectors/contrastive",
+        {"name": "c", "positive": [[]], "negative": ["b"], "layers": [0]},
+        {},
+        400,
+        "positive[0]",
+    ),
+    "an empty token list inside a list": ("/v1/completions", {"prompt": [[]]}, {}, 400, "prompt[0]"),
+    "scale factor 1e300 (overflows float32)": (
+        "/v1/chat/completions",
+        chat(interventions=[{"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": 1e300}]),
+        {},
+        400,
+        "interventions[0].factor",
+    ),
+    "vector of 1e39 (overflows float32)": (
+        "/v1/chat/completions",
+        chat(interventions=[add([1e39] + [0.0] * (HIDDEN - 1))]),
+        {},
+        400,
+        "interventions[0].vector",
+    ),
+    "scale x vector overflows float32": (
+        "/v1/chat/completions",
+        chat(interventions=[{**add([1e10] + [0.0] * (HIDDEN - 1)), "scale": 1e30}]),
+        {},
+        400,
+        "interventions[0].scale",
+    ),
+    "project_out of a vector with no length in float32": (
+        "/v1/chat/completions",
+        chat(
+            interventions=[
+                {
+                    "type": "project_out",
+                    "layer": 0,
+                    "hook_point": "resid_post",
+                    "vector": [1e-45] + [0.0] * 63,
+                }
+            ]
+        ),
+        {},
+        400,
+        "interventions[0].vector",
+    ),
     "layer out of range": (
         "/v1/chat/completions",
         chat(capture={"layers": [99], "hook_points": ["resid_post"]}),
@@ -227,15 +321,28 @@ def test_a_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(app_client, m
 def test_the_cases_cover_what_the_issue_names():
     names = " ".join(CASES)
     kinds = ["malformed", "string", "huge", "negative", "no messages", "too many", "role", "layer"]
-    kinds += ["hook", "size", "NaN", "save_dir", "oversized", "model", "key"]
+    kinds += [
+        "hook",
+        "size",
+        "NaN",
+        "save_dir",
+        "oversized",
+        "model",
+        "key",
+        "surrogate",
+        "empty",
+        "overflows",
+    ]
     for kind in kinds:
         assert kind in names, kind
 
 
 # -- the request models under arbitrary JSON (hypothesis) ---------------------------------------
 
+# Text with any code point, lone surrogates included (what JSON's \ud800 escape decodes to).
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=20)
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
@@ -245,14 +352,14 @@ FIELDS = ["messages", "prompt", "prompts", "model", "max_tokens", "n", "temperat
           "stream", "logprobs", "capture", "interventions", "alpha", "before", "name", "values"]  # fmt: skip
 
 
-@given(body=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), JSON_VALUES, max_size=6))
+@given(body=st.dictionaries(st.sampled_from(FIELDS) | ANY_TEXT, JSON_VALUES, max_size=6))
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 def test_request_models_accept_or_refuse_any_json_cleanly(body):
     """Any JSON object: a model is built, or a ValidationError that becomes a 400 naming a field."""
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
-    from server.errors import validation_error
+    from server.errors import APIError, validation_error
     from server.protocol import (
         ChatCompletionRequest,
         CompletionRequest,
@@ -274,6 +381,8 @@ def test_request_models_accept_or_refuse_any_json_cleanly(body):
     for model in models:
         try:
             model.model_validate(body)
+        except APIError as exc:  # an unknown field refused by name (invalid Unicode in it)
+            assert exc.status == 400 and exc.param is not None and exc.message
         except ValidationError as exc:
             located = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             error = validation_error(RequestValidationError(located))
