@@ -112,11 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from .app import create_app
+    from .connections import protocol_with_read_timeout
 
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=protocol_with_read_timeout(settings.read_timeout),
+        timeout_keep_alive=settings.keep_alive_timeout,
         log_config=None,  # keep the logging configured above
         access_log=False,  # one line per request comes from server.middleware, with its id
         timeout_graceful_shutdown=settings.shutdown_timeout,

@@ -133,6 +133,15 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         600.0, ge=0, description="Seconds a request may wait and run before a 504 (0: no limit)."
     )
+    read_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a client may send nothing while its request is incomplete (headers or "
+        "body) before the connection is closed (0: no limit).",
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open between requests."
+    )
     shutdown_timeout: float = Field(
         30.0,
         ge=0,

@@ -406,7 +406,9 @@ class Engine:
         """Deltas as the worker produces them (a trace-mode capture's result first, as soon as it
         is written), then the final result.
 
-        Closing the iterator early (a disconnected client) cancels the job.
+        Closing the iterator early (a disconnected client) cancels the job; a capture it wrote
+        whose item the caller never took past (its id may never have reached the client) is
+        removed, as is one that arrives after the caller left.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -423,6 +425,7 @@ class Engine:
             queue.put_nowait(done)
 
         future.add_done_callback(finished)
+        unconfirmed: CaptureResult | None = None  # handed over; the caller has not asked past it
         try:
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())
@@ -432,11 +435,30 @@ class Engine:
                     raise RequestTimedOut(self._timeout_message(_progress(job.steps))) from None
                 if item is done:
                     break
+                unconfirmed = item if isinstance(item, CaptureResult) else None
                 yield item
-            yield future.result()
+                unconfirmed = None
+            result = future.result()
+            unconfirmed = result.capture
+            yield result
+            unconfirmed = None
         finally:
             if not future.done():
                 job.cancelled.set()
+            lost = [unconfirmed] if unconfirmed is not None else []
+
+            def remove_lost(_: object = None) -> None:
+                while not queue.empty():  # captures the caller never took
+                    item = queue.get_nowait()
+                    if isinstance(item, CaptureResult):
+                        lost.append(item)
+                if lost:
+                    loop.run_in_executor(None, _remove_captures, list(lost))
+
+            if future.done():
+                remove_lost()
+            else:
+                future.add_done_callback(remove_lost)
 
     # -- introspection -------------------------------------------------------------
 
@@ -481,15 +503,24 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
+def _remove_captures(captures: list[CaptureResult]) -> None:
+    """Delete captures whose ids never reached a client (on a thread: file work)."""
+    for capture in captures:
+        try:
+            capture.remove()
+        except KeyError:  # deleted already
+            pass
+        except OSError:
+            logger.exception("could not remove capture %s", capture.id)
+        else:
+            logger.info("removed capture %s: its id never reached the client", capture.id)
+
+
 def _discard(future: asyncio.Future) -> None:
     """The outcome of work whose caller went away: read, and a capture it wrote removed (its
     id never reached anyone)."""
     if future.cancelled() or future.exception() is not None:
         return
-    result = future.result()
-    capture = getattr(result, "capture", None)
+    capture = getattr(future.result(), "capture", None)
     if capture is not None:
-        try:
-            capture.remove()
-        except KeyError:  # deleted already
-            pass
+        asyncio.get_running_loop().run_in_executor(None, _remove_captures, [capture])
