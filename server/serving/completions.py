@@ -10,8 +10,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
-
 from ..engine.capture import CapturePlan, CaptureResult
 from ..engine.job import GenerationJob, GenerationResult, TokenLogprob
 from ..errors import APIError
@@ -25,11 +23,12 @@ from ..protocol import (
     now,
 )
 from .base import (
+    ENGINE_FAILURES,
     activation_fields,
     checked_grammar,
+    engine_error,
     generate,
     leading_capture,
-    out_of_memory,
     place_activations,
     stream,
     usage,
@@ -147,8 +146,8 @@ class CompletionServing:
             return []
         try:
             return await self.engine.score_prompt(prompt.job.prompt_ids, k)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory(exc) from exc
+        except ENGINE_FAILURES as exc:  # out of memory, the request timeout
+            raise engine_error(exc) from exc
 
     async def respond(self, prepared: PreparedCompletion) -> CompletionResponse:
         async def answer(prompt: CompletionPrompt):

@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from ..engine.hooks import HookError
 from ..errors import APIError
 from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
-from .base import engine_error
+from .base import ENGINE_FAILURES, engine_error
 from .parts import ServingParts
 
 
@@ -161,7 +161,7 @@ class VectorServing:
         try:
             pos = await self.engine.collect(positive, points, body.position)
             neg = await self.engine.collect(negative, points, body.position)
-        except (torch.OutOfMemoryError, OSError) as exc:
+        except ENGINE_FAILURES as exc:  # out of memory, the request timeout
             raise engine_error(exc) from exc
         made = []
         for point in points:

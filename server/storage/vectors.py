@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 1 << 20  # a vector's header is a few hundred bytes
 
 
 class UnknownVector(KeyError):
@@ -112,11 +113,22 @@ class VectorStore:
             raise DamagedVector(f"{name}: {exc}") from None
 
     def metadata(self, name: str) -> dict:
-        """Raises UnknownVector (no such vector) or DamagedVector (a file that is not one)."""
+        """Its metadata, from the file's header alone (a listing reads no values).
+
+        Raises UnknownVector (no such vector) or DamagedVector (a file that is not one)."""
         try:
-            return json.loads(header_metadata(self._read(name))["meta"])
-        except (KeyError, ValueError) as exc:
-            raise DamagedVector(f"{name}: no metadata ({exc})") from None
+            with self.folder.open_file(self._file(name)) as handle:
+                head = handle.read(8)
+                (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+                if length > MAX_HEADER_BYTES:
+                    raise DamagedVector(f"{name}: a header of {length} bytes")
+                return json.loads(header_metadata(head + handle.read(length))["meta"])
+        except FileNotFoundError:
+            raise UnknownVector(name) from None
+        except DamagedVector:
+            raise
+        except (OSError, KeyError, ValueError) as exc:  # a symlink, not a file; no metadata
+            raise DamagedVector(f"{name}: {exc}") from None
 
     def vector(self, name: str) -> torch.Tensor:
         """The values, ``[size]`` float32; raises as :meth:`metadata`."""
