@@ -23,6 +23,7 @@ Threading contract:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import logging
 import threading
@@ -70,6 +71,11 @@ class ChatOptions:
 
 
 DEFAULT_CHAT = ChatOptions()
+
+
+# When the current request's --request-timeout runs out (event loop time), set by its first
+# piece of model work; a request runs in its own task, so each has its own.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
 
 
 class RequestTimedOut(TimeoutError):
@@ -339,7 +345,7 @@ class Engine:
         layer, or never starts. A result that finished as the caller went away is discarded
         (its capture removed: nobody was told its id)."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
+            return await asyncio.wait_for(asyncio.shield(future), self._time_left())
         except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
             caller_gone = isinstance(exc, asyncio.CancelledError)
             if future.done() and not future.cancelled():
@@ -348,10 +354,23 @@ class Engine:
                     raise
                 return future.result()  # the work's own outcome (even its own TimeoutError), not ours
             cancelled.set()
-            future.add_done_callback(_discard if caller_gone else _retrieve)
+            future.add_done_callback(_discard)  # what it still writes, nobody will be told of
             if caller_gone:
                 raise
             raise RequestTimedOut(self._timeout_message(progress())) from None
+
+    def _time_left(self) -> float | None:
+        """Seconds the current request has left of --request-timeout: the clock starts at its
+        first piece of model work and runs across all of them (echo scoring then generation, a
+        contrastive request's two sets of examples), not anew for each."""
+        if self.request_timeout is None:
+            return None
+        now = asyncio.get_running_loop().time()
+        deadline = _deadline.get()
+        if deadline is None:
+            deadline = now + self.request_timeout
+            _deadline.set(deadline)
+        return max(0.0, deadline - now)
 
     def _timeout_message(self, where: str) -> str:
         return f"the request took longer than --request-timeout ({self.request_timeout:g} s); stopped {where}"
@@ -407,8 +426,9 @@ class Engine:
         is written), then the final result.
 
         Closing the iterator early (a disconnected client) cancels the job; a capture it wrote
-        whose item the caller never took past (its id may never have reached the client) is
-        removed, as is one that arrives after the caller left.
+        that the caller never received (it arrived after the caller left, or came with a result
+        never handed over) is removed. Once handed over, a capture is the caller's to deliver
+        (the serving layer removes one whose id never reached the client).
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -417,7 +437,8 @@ class Engine:
         if job.capture is not None and job.capture.plan.mode == "trace":
             job.on_capture = lambda result: loop.call_soon_threadsafe(queue.put_nowait, result)
         future = asyncio.wrap_future(self.scheduler.submit_job(job))
-        deadline = None if self.request_timeout is None else loop.time() + self.request_timeout
+        left = self._time_left()
+        deadline = None if left is None else loop.time() + left
 
         def finished(task: asyncio.Future) -> None:
             if not task.cancelled():
@@ -425,7 +446,7 @@ class Engine:
             queue.put_nowait(done)
 
         future.add_done_callback(finished)
-        unconfirmed: CaptureResult | None = None  # handed over; the caller has not asked past it
+        handed_result = False
         try:
             while True:
                 timeout = None if deadline is None else max(0.0, deadline - loop.time())
@@ -435,30 +456,32 @@ class Engine:
                     raise RequestTimedOut(self._timeout_message(_progress(job.steps))) from None
                 if item is done:
                     break
-                unconfirmed = item if isinstance(item, CaptureResult) else None
                 yield item
-                unconfirmed = None
             result = future.result()
-            unconfirmed = result.capture
+            handed_result = True
             yield result
-            unconfirmed = None
         finally:
             if not future.done():
                 job.cancelled.set()
-            lost = [unconfirmed] if unconfirmed is not None else []
 
-            def remove_lost(_: object = None) -> None:
-                while not queue.empty():  # captures the caller never took
+            def remove_unhanded(_: object = None) -> None:
+                """Captures the caller never received: still queued, or on a result not handed."""
+                lost = []
+                while not queue.empty():
                     item = queue.get_nowait()
                     if isinstance(item, CaptureResult):
                         lost.append(item)
+                if not handed_result and not future.cancelled() and future.exception() is None:
+                    capture = future.result().capture
+                    if capture is not None and job.on_capture is None:  # a trace capture was queued
+                        lost.append(capture)
                 if lost:
-                    loop.run_in_executor(None, _remove_captures, list(lost))
+                    loop.run_in_executor(None, remove_captures, lost)
 
             if future.done():
-                remove_lost()
+                remove_unhanded()
             else:
-                future.add_done_callback(remove_lost)
+                future.add_done_callback(remove_unhanded)
 
     # -- introspection -------------------------------------------------------------
 
@@ -503,7 +526,7 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-def _remove_captures(captures: list[CaptureResult]) -> None:
+def remove_captures(captures: list[CaptureResult]) -> None:
     """Delete captures whose ids never reached a client (on a thread: file work)."""
     for capture in captures:
         try:
@@ -523,4 +546,4 @@ def _discard(future: asyncio.Future) -> None:
         return
     capture = getattr(future.result(), "capture", None)
     if capture is not None:
-        asyncio.get_running_loop().run_in_executor(None, _remove_captures, [capture])
+        asyncio.get_running_loop().run_in_executor(None, remove_captures, [capture])

@@ -16,16 +16,18 @@ these functions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from http import HTTPStatus
 
 import torch
 
 from ..engine.capture import CaptureResult
 from ..engine.constraints import GrammarError
-from ..engine.engine import Engine, RequestTimedOut
+from ..engine.engine import Engine, RequestTimedOut, remove_captures
 from ..engine.job import ChoiceDelta, GenerationJob, GenerationResult
 from ..engine.sampler import NonFiniteLogits
 from ..engine.scheduler import QueueFull
@@ -116,18 +118,25 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     A disconnected client cancels the task (CancelledError is not caught here),
     which closes the chunk generators and with them the engine's stream.
     """
+    delivery = CaptureDelivery()
+    _delivery.set(delivery)  # the response's own task: the chunk generators below see it
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-    except APIError as error:
-        yield f"data: {json.dumps(error.body())}\n\n"
-    except Exception as exc:  # every failure becomes one error event
-        error = engine_error(exc)
-        if error is None:
-            logger.exception("a streamed response failed")
-            error = internal_error(exc)
-        yield f"data: {json.dumps(error.body())}\n\n"
-    yield "data: [DONE]\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                if chunk.get("activations"):  # it went out: the server asked for the next chunk
+                    delivery.sent(chunk["activations"]["id"])
+        except APIError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+        except Exception as exc:  # every failure becomes one error event
+            error = engine_error(exc)
+            if error is None:
+                logger.exception("a streamed response failed")
+                error = internal_error(exc)
+            yield f"data: {json.dumps(error.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        delivery.remove_unsent()  # captures whose ids never went out (the client left first)
 
 
 async def place_activations(chunks: AsyncIterator[dict], wait_for_capture: bool) -> AsyncIterator[dict]:
@@ -239,4 +248,43 @@ async def stream(
         note_first_token(job.first_token_at)
         if isinstance(item, GenerationResult):
             note_tokens(item.prompt_tokens, item.completion_tokens)
+        capture = item.capture if isinstance(item, GenerationResult) else item
+        if isinstance(capture, CaptureResult):
+            expect_delivery(capture)
         yield item
+
+
+class CaptureDelivery:
+    """The captures a streamed response received from the engine, until the chunk naming each
+    has been sent: the SSE framing (``sse_stream``) marks each id sent once the chunk carrying it
+    went out, and when the response ends (finished, failed, or its client gone) removes the
+    captures never named to the client, on a thread. One per streamed response (a context
+    variable of its task); the engine itself removes captures it never handed over."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, CaptureResult] = {}
+        self.delivered: set[str] = set()
+
+    def expect(self, capture: CaptureResult) -> None:
+        if capture.id not in self.delivered:  # a trace capture comes again with the final result
+            self.pending[capture.id] = capture
+
+    def sent(self, capture_id: str) -> None:
+        self.pending.pop(capture_id, None)
+        self.delivered.add(capture_id)
+
+    def remove_unsent(self) -> None:
+        if self.pending:
+            lost = list(self.pending.values())
+            self.pending.clear()
+            asyncio.get_running_loop().run_in_executor(None, remove_captures, lost)
+
+
+_delivery: ContextVar[CaptureDelivery | None] = ContextVar("capture_delivery", default=None)
+
+
+def expect_delivery(capture: CaptureResult) -> None:
+    """Note a capture whose id the streamed response being produced must still send."""
+    delivery = _delivery.get()
+    if delivery is not None:
+        delivery.expect(capture)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -30,6 +31,7 @@ from ..errors import APIError
 from ..protocol import InterventionRequest
 from ..storage import (
     ActivationStore,
+    DamagedActivation,
     DamagedPreset,
     DamagedVector,
     PresetStore,
@@ -157,9 +159,10 @@ def _resolve_item(
 def _check_numbers(item: InterventionRequest, values: torch.Tensor | None, dtype: torch.dtype, param: str):
     """Refuse numbers that are finite in JSON but not in the model's dtype, before they reach it:
     ``scale``/``factor``/``value`` or vector entries beyond the dtype's range (float16: 65504),
-    an ``add`` whose ``scale x vector`` overflows, and a ``project_out``/``clamp`` vector whose
-    direction (``v / |v|``, computed as the model computes it, in its dtype) is not finite
-    (e.g. ``[1e-45, 0, ...]``: its norm underflows to 0).
+    an ``add`` whose ``scale x vector`` overflows, and a ``project_out``/``clamp`` vector too
+    short to give a direction in that dtype (``v / |v|`` needs ``|v|^2`` to be a normal number
+    there: e.g. ``[1e-45, 0, ...]`` has no length at all in float32). numpy, not torch: this runs
+    off the engine's worker (docs/architecture.md, "One thread for torch's thread pool").
 
     Raises:
         APIError: 400 naming the field.
@@ -174,9 +177,10 @@ def _check_numbers(item: InterventionRequest, values: torch.Tensor | None, dtype
                 f"{finfo.max:.4g} in magnitude)",
                 param=f"{param}.{field}",
             )
-    if values is None:
+    if values is None or values.numel() == 0:
         return
-    largest = float(values.abs().max()) if values.numel() else 0.0
+    array = values.numpy()  # float32, on the CPU
+    largest = float(np.abs(array).max())
     if not (math.isfinite(largest) and largest <= finfo.max):
         raise APIError(
             f"the vector holds values outside what the model's dtype ({name}) holds (at most "
@@ -187,15 +191,17 @@ def _check_numbers(item: InterventionRequest, values: torch.Tensor | None, dtype
         raise APIError(
             f"scale x vector reaches {abs(item.scale) * largest:.4g}, more than the model's dtype "
             f"({name}) holds ({finfo.max:.4g})",
-            param=f"{param}.scale",
+            param=f"{param}.vector" if abs(item.scale) <= 1 else f"{param}.scale",
         )
     if item.type in ("project_out", "clamp"):
-        in_dtype = values.to(dtype)
-        unit = in_dtype / in_dtype.norm()
-        if not bool(torch.isfinite(unit).all()):
+        # float16 flushes small entries to zero; bfloat16 has float32's range.
+        in_dtype = array.astype(np.float16) if dtype == torch.float16 else array
+        length = float(np.linalg.norm(in_dtype.astype(np.float64)))
+        if length < math.sqrt(finfo.tiny):
             raise APIError(
-                f"{item.type} needs a direction: this vector's length is 0 in the model's dtype ({name}); "
-                "send a vector with larger entries",
+                f"{item.type} needs a direction: this vector's length ({length:.3g}) is too small "
+                f"for the model's dtype ({name}; at least {math.sqrt(finfo.tiny):.3g}); scale it up "
+                "(the direction is what counts)",
                 param=f"{param}.vector",
             )
 
@@ -247,6 +253,12 @@ def _patch_source(engine: Engine, activations: ActivationStore, item: Interventi
         manifest = activations.manifest(item.activation_id)
         entry = next(t for t in manifest["tensors"] if t["name"] == item.tensor)
         source = activations.load_tensor(item.activation_id, item.tensor, manifest["format"])
+    except DamagedActivation:
+        raise APIError(
+            f"the captured tensor {item.tensor!r} of {item.activation_id!r} is damaged (not as the "
+            "server wrote it)",
+            param=f"{param}.activation_id",
+        ) from None
     except (UnknownActivation, StopIteration):
         raise APIError(
             f"no captured tensor {item.tensor!r} under activation id {item.activation_id!r}",
@@ -265,5 +277,10 @@ def _patch_source(engine: Engine, activations: ActivationStore, item: Interventi
             param=f"{param}.tensor",
         )
     # Manifest version 2 lists the positions once; version 1 (before 2026-11-30) per tensor.
-    positions = manifest["token_positions"] if "token_positions" in manifest else entry["positions"]
+    positions = manifest.get("token_positions", entry.get("positions"))
+    if not isinstance(positions, list) or len(positions) != source.shape[0]:
+        raise APIError(
+            f"the capture {item.activation_id!r} is damaged: its positions do not match its tensor",
+            param=f"{param}.activation_id",
+        )
     return source, tuple(positions)  # converted where used, on the engine's worker

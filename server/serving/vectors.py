@@ -66,7 +66,10 @@ class VectorServing:
             else self._decode_safetensors(body.safetensors_base64)
         )
         if not np.isfinite(vector.numpy()).all():  # numpy: off the worker, no torch thread team
-            raise APIError("the vector holds NaN or infinite values", param="safetensors_base64")
+            raise APIError(
+                "the vector holds NaN or infinite values (in float32: at most 3.4e38 in magnitude)",
+                param="values" if body.values is not None else "safetensors_base64",
+            )
         if body.hook_point is not None or body.layer is not None:
             if body.hook_point is None or body.layer is None:
                 raise APIError("layer and hook_point go together", param="hook_point")

@@ -143,7 +143,8 @@ class _Appender:
         if not self.pending:
             return
         data = torch.cat(self.pending)
-        self.directory.append(self.name, data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        first = self.flushed_rows == 0
+        self.directory.append(self.name, data.reshape(-1).view(torch.uint8).numpy().tobytes(), create=first)
         self.flushed_rows += data.shape[0]
         self.pending, self.pending_bytes = [], 0
 
@@ -401,7 +402,12 @@ class ActivationStore:
             raise UnknownActivation(request_id) from None
         except OSError as exc:
             raise self._damaged(request_id, exc) from None
-        if not directory.is_file(MANIFEST):
+        try:
+            finished = directory.is_file(MANIFEST)
+        except OSError as exc:
+            directory.close()
+            raise self._damaged(request_id, exc) from None
+        if not finished:
             directory.close()
             raise UnknownActivation(request_id)
         return directory
@@ -437,7 +443,9 @@ class ActivationStore:
     def _checked_files(self, request_id: str, manifest: object) -> dict[str, str]:
         try:
             files = {entry["name"]: entry["file"] for entry in manifest["tensors"]}
-        except (TypeError, KeyError) as exc:
+            if manifest["format"] not in FORMATS:
+                raise ValueError(f"format {manifest['format']!r}")
+        except (TypeError, KeyError, ValueError) as exc:
             raise self._damaged(request_id, exc) from None
         for file in files.values():
             if not isinstance(file, str) or "/" in file or file.startswith(".") or file == MANIFEST:
@@ -474,10 +482,14 @@ class ActivationStore:
                 raise self._damaged(f"{request_id}/{name}", exc) from None
 
     def load_tensor(self, request_id: str, name: str, fmt: str) -> torch.Tensor:
-        """The stored tensor itself (for ``patch``); raises as :meth:`open_tensor`."""
+        """The stored tensor itself (for ``patch``); raises as :meth:`open_tensor`, and
+        DamagedActivation for a file that does not hold it in ``fmt``."""
         handle, _ = self.open_tensor(request_id, name)
         with handle:
-            return deserialize_tensor(handle, name, fmt)
+            try:
+                return deserialize_tensor(handle, name, fmt)
+            except Exception as exc:  # safetensors, numpy and pickle each raise their own
+                raise self._damaged(f"{request_id}/{name}", exc) from None
 
     def delete(self, request_id: str) -> None:
         with self._lock:  # two deletes of one id: one succeeds, the other finds nothing

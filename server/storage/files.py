@@ -20,7 +20,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -114,10 +114,18 @@ class Directory:
         os.mkdir(name, 0o755, dir_fd=self.fd)
         return self.child(name)
 
-    def entries(self) -> Iterator[os.DirEntry]:
-        """What this folder holds (``DirEntry.is_file/is_dir(follow_symlinks=False)`` say what)."""
-        with os.scandir(self.fd) as scan:
-            yield from scan
+    def entries(self) -> list[os.DirEntry]:
+        """What this folder holds (``DirEntry.is_file/is_dir(follow_symlinks=False)`` say what).
+
+        Scans a handle of its own: ``os.scandir(fd)`` reads through a duplicate of ``fd``, which
+        shares the read position, so two threads listing through one handle would split the
+        entries between them."""
+        fd = os.open(".", _DIRECTORY_FLAGS & ~os.O_NOFOLLOW, dir_fd=self.fd)
+        try:
+            with os.scandir(fd) as scan:
+                return list(scan)
+        finally:
+            os.close(fd)
 
     def remove_tree(self, name: str) -> None:
         """Remove the folder ``name`` and the files in it (a capture's folder holds files only;
@@ -148,10 +156,13 @@ class Directory:
             fd = os.open(name, _READ_FLAGS, dir_fd=self.fd)
         except OSError as exc:
             raise _refused(exc, name) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafeEntry(errno.EINVAL, f"{name!r} is not a regular file; refused")
+            return os.fdopen(fd, "rb")
+        except BaseException:
             os.close(fd)
-            raise UnsafeEntry(errno.EINVAL, f"{name!r} is not a regular file; refused")
-        return os.fdopen(fd, "rb")
+            raise
 
     def read_bytes(self, name: str) -> bytes:
         with self.open_file(name) as handle:
@@ -173,7 +184,13 @@ class Directory:
         temporary = f".{name}.{secrets.token_hex(4)}{TEMPORARY_SUFFIX}"
         fd = os.open(temporary, _CREATE_FLAGS, 0o644, dir_fd=self.fd)
         try:
-            with _open_for_writing(fd, "wb") as handle:
+            handle = _open_for_writing(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            os.unlink(temporary, dir_fd=self.fd)
+            raise
+        try:
+            with handle:
                 write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -188,14 +205,21 @@ class Directory:
     def write_bytes(self, name: str, data: bytes) -> int:
         return self.write(name, lambda handle: handle.write(data))
 
-    def append(self, name: str, data: bytes) -> None:
-        """Append ``data`` to the file ``name`` (made if missing; never through a symlink)."""
+    def append(self, name: str, data: bytes, create: bool = False) -> None:
+        """Append ``data`` to the file ``name``, never through a symlink; ``create``: it must not
+        exist yet (made here: a file planted under that name, or a hard link to one elsewhere,
+        is refused with FileExistsError instead of appended to)."""
         _check_name(name)
         try:
-            fd = os.open(name, _APPEND_FLAGS, 0o644, dir_fd=self.fd)
+            fd = os.open(name, _APPEND_FLAGS | (os.O_EXCL if create else 0), 0o644, dir_fd=self.fd)
         except OSError as exc:
             raise _refused(exc, name) from None
-        with _open_for_writing(fd, "ab") as handle:
+        try:
+            handle = _open_for_writing(fd, "ab")
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
             handle.write(data)
 
     def unlink(self, name: str) -> bool:

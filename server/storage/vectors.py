@@ -54,9 +54,23 @@ def header_metadata(data: bytes) -> dict[str, str]:
     try:
         (length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8 : 8 + length])
-        return dict(header.get("__metadata__") or {})
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise ValueError("its __metadata__ is not a map of strings")
+        return metadata
     except (struct.error, ValueError, AttributeError) as exc:
         raise DamagedVector(f"not a safetensors file: {exc}") from None
+
+
+def _meta(metadata: dict[str, str]) -> dict:
+    """The store's metadata in a header's ``__metadata__`` (DamagedVector if it is not there)."""
+    try:
+        meta = json.loads(metadata["meta"])
+    except (KeyError, ValueError) as exc:
+        raise DamagedVector(f"no metadata: {exc}") from None
+    if not isinstance(meta, dict):
+        raise DamagedVector("its metadata is not an object")
+    return meta
 
 
 class VectorStore:
@@ -122,7 +136,7 @@ class VectorStore:
                 (length,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
                 if length > MAX_HEADER_BYTES:
                     raise DamagedVector(f"{name}: a header of {length} bytes")
-                return json.loads(header_metadata(head + handle.read(length))["meta"])
+                return _meta(header_metadata(head + handle.read(length)))
         except FileNotFoundError:
             raise UnknownVector(name) from None
         except DamagedVector:
@@ -141,7 +155,9 @@ class VectorStore:
         """Metadata and values from one read of the one file (never a mix of two versions)."""
         data = self._read(name)
         try:
-            return json.loads(header_metadata(data)["meta"]), load(data)["vector"]
+            return _meta(header_metadata(data)), load(data)["vector"]
+        except DamagedVector as exc:
+            raise DamagedVector(f"{name}: {exc}") from None
         except (SafetensorError, KeyError, ValueError) as exc:
             raise DamagedVector(f"{name}: {exc}") from None
 
@@ -191,6 +207,8 @@ class VectorStore:
                 values = load(self.folder.read_bytes(name + SUFFIX))["vector"]
                 if "meta" in header_metadata(self.folder.read_bytes(name + SUFFIX)):
                     continue  # already one file
+                if not isinstance(meta, dict):
+                    raise ValueError("its metadata is not an object")
             except (OSError, ValueError, KeyError, SafetensorError) as exc:
                 logger.warning("vector store: left %s as it was (%s)", entry.name, exc)
                 continue

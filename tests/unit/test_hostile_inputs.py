@@ -258,6 +258,13 @@ CASES = {
         400,
         "values[0]",
     ),
+    "stored values past float32": (
+        "/v1/vectors",
+        {"name": "v", "values": [1e39] + [0.0] * (HIDDEN - 1)},
+        {},
+        400,
+        "values",
+    ),
     "vector name with a path": (
         "/v1/vectors",
         {"name": "../evil", "values": [0.0] * HIDDEN},

@@ -191,7 +191,7 @@ def test_symlinks_and_damaged_files_in_the_vector_and_preset_stores(client, outs
 
 def test_a_delete_during_a_download_lets_it_finish(client):
     """The file is opened before the response starts; the delete removes its name, not the bytes
-    the download is reading (over HTTP, on the real server: test_faults_live.py)."""
+    the download is reading (over HTTP, on the real server: test_stores_live.py)."""
     store = client.app.state.store
     ref = capture(client, mode="generate")
     name = ref["tensors"][0]
@@ -366,31 +366,78 @@ def test_a_manifest_stays_small_and_downloads_skip_it(client, monkeypatch):
 # -- a capture whose id never reached the client -----------------------------------------------
 
 
-def test_a_streamed_trace_capture_the_client_never_took_is_removed(client):
-    from server.engine.capture import CapturePlan, CaptureResult, CaptureSpec
+def _finished_capture(store):
+    from server.engine.capture import CaptureResult
+
+    writer = store.create(None, "safetensors")
+    writer.write("t", torch.ones(2, 3))
+    manifest = writer.finish(mode="trace")
+    return CaptureResult(manifest["id"], writer.directory, ("t",), manifest, sink=store)
+
+
+@pytest.mark.parametrize("went_out", [False, True])
+def test_a_streamed_capture_is_removed_unless_the_chunk_naming_it_went_out(client, went_out):
+    """The SSE framing marks a capture's id sent once the chunk carrying it went out (the server
+    asked for the next chunk); a response that ends before that removes the capture."""
+    from server.serving.base import expect_delivery, sse_stream
+
+    store = client.app.state.store
+    capture = _finished_capture(store)
+
+    async def chunks():
+        expect_delivery(capture)  # as the serving layer does when the engine hands it over
+        yield {"choices": [{"index": 0, "delta": {}}], "activations": {"id": capture.id}}
+        yield {"choices": [{"index": 0, "delta": {"content": "hi"}}]}
+
+    async def respond():
+        events = sse_stream(chunks())
+        assert capture.id in await anext(events)
+        if went_out:
+            await anext(events)
+        await events.aclose()  # the client left
+        await asyncio.sleep(0.2)  # removal runs on a thread
+
+    asyncio.run(respond())
+    if went_out:
+        assert store.manifest(capture.id)["id"] == capture.id
+    else:
+        with pytest.raises(UnknownActivation):
+            store.manifest(capture.id)
+        assert not capture.directory.exists()
+
+
+@pytest.mark.parametrize("mode", ["trace", "generate"])
+def test_a_capture_the_engine_never_handed_over_is_removed(client, mode):
+    """The caller leaves before the capture reaches it: a trace capture still queued, or a
+    generate-mode capture on a result never handed over (the job ended while the client read
+    slowly)."""
+    from server.engine.capture import CapturePlan, CaptureSpec
     from server.engine.job import GenerationJob, SamplingParams
 
     engine, store = client.app.state.engine, client.app.state.store
+    before = {p.name for p in store.root.rglob("act-*")}
     points = tuple(engine.hooks.resolve(layers=[0, 1], hook_points=["resid_post"], modules=None))
-    spec = CaptureSpec(CapturePlan(points=points, mode="trace"), store, "chatcmpl-test")
+    spec = CaptureSpec(CapturePlan(points=points, mode=mode), store, "chatcmpl-test")
     prompt = engine.loaded.tokenizer.encode("Hello there, how are you today?")
 
-    async def leave_after_the_capture() -> CaptureResult:
+    async def leave_early() -> None:
         job = GenerationJob(
-            prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), capture=spec
+            prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), capture=spec
         )
         stream = engine.stream(job)
-        first = await anext(stream)
-        await stream.aclose()  # the client left before the chunk naming it went out
-        await asyncio.wrap_future(engine.scheduler.submit_call(lambda: None))  # the job has ended
-        await asyncio.sleep(0.2)  # the removal runs on a thread
-        return first
+        if mode == "generate":
+            await anext(stream)  # a first delta; then the job ends while nobody reads
+            await asyncio.wrap_future(engine.scheduler.submit_call(lambda: None))
+        else:
+            first = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)
+            first.cancel()  # gone before the capture arrived
+            await asyncio.wrap_future(engine.scheduler.submit_call(lambda: None))
+        await stream.aclose()
+        await asyncio.sleep(0.3)  # removal runs on a thread
 
-    written = asyncio.run(leave_after_the_capture())
-    assert isinstance(written, CaptureResult)
-    with pytest.raises(UnknownActivation):
-        store.manifest(written.id)
-    assert not written.directory.exists()
+    asyncio.run(leave_early())
+    assert {p.name for p in store.root.rglob("act-*")} == before
 
 
 def test_damaged_activation_is_a_not_found_for_clients():

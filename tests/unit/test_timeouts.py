@@ -101,3 +101,32 @@ def test_every_job_kind_stops_at_the_timeout_between_layers(slow, kind):
     assert sorted(p for p in stores.rglob("*") if p.is_file()) == before  # nothing written or left
     good = slow.client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
     assert good.status_code == 200  # the worker is free
+
+
+def test_a_requests_pieces_of_work_share_one_clock(slow):
+    """Two pieces of model work in one request (one task) share --request-timeout: each fits
+    alone, the second does not fit in what the first left. Two requests each get their own."""
+    import asyncio
+
+    from server.engine.engine import RequestTimedOut
+
+    engine = slow.client.app.state.engine
+    prompt = engine.loaded.tokenizer.encode("Hello there")
+    first_layer = engine.loaded.hf_model.model.layers[0]
+    handle = first_layer.register_forward_pre_hook(lambda module, args: time.sleep(0.5))
+
+    async def one_request():
+        await engine.score_prompt(prompt, 0)  # 0.5 s of the 0.8 s
+        with pytest.raises(RequestTimedOut):
+            await engine.score_prompt(prompt, 0)
+
+    async def two_requests():  # each in a task of its own, as each HTTP request is
+        await asyncio.ensure_future(engine.score_prompt(prompt, 0))
+        await asyncio.ensure_future(engine.score_prompt(prompt, 0))
+
+    try:
+        asyncio.run(one_request())
+        slow.wait_idle()
+        asyncio.run(two_requests())
+    finally:
+        handle.remove()
