@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from .downloads import file_response
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -188,23 +188,10 @@ async def activation_manifest(activation_id: str, request: Request) -> dict:
 
 
 @router.get("/v1/activations/{activation_id}/{name}", responses=_ERROR_RESPONSES)
-async def activation_tensor(activation_id: str, name: str, request: Request) -> StreamingResponse:
-    """The tensor's file, opened before the response starts: a delete meanwhile lets it finish."""
+async def activation_tensor(activation_id: str, name: str, request: Request) -> Response:
+    """The tensor's file (or one byte range of it), opened before the response starts."""
     handle, file = await asyncio.to_thread(_store(request).open_tensor, activation_id, name)
-    size = os.fstat(handle.fileno()).st_size
-    return StreamingResponse(
-        _read_chunks(handle),
-        media_type="application/octet-stream",
-        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{file}"'},
-    )
-
-
-def _read_chunks(handle, chunk: int = 1 << 20):
-    """The file's bytes, a chunk at a time (Starlette runs a plain iterator in its thread pool),
-    closing it at the end or when the client goes away."""
-    with handle:
-        while data := handle.read(chunk):
-            yield data
+    return file_response(handle, file, request.headers.get("range"))
 
 
 @router.delete("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)

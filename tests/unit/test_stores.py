@@ -204,6 +204,28 @@ def test_a_delete_during_a_download_lets_it_finish(client):
     assert client.get(f"/v1/activations/{ref['id']}/{name}").status_code == 404  # refused cleanly now
 
 
+def test_a_download_takes_one_byte_range(client):
+    """Large tensors can be fetched in parts (and a download resumed): RFC 9110 ranges."""
+    ref = capture(client)
+    url = f"/v1/activations/{ref['id']}/{ref['tensors'][0]}"
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.headers["accept-ranges"] == "bytes"
+    size = len(whole.content)
+    for header, part in (
+        ("bytes=0-9", whole.content[:10]),
+        ("bytes=10-", whole.content[10:]),
+        ("bytes=-5", whole.content[-5:]),
+        (f"bytes=3-{size + 100}", whole.content[3:]),
+    ):
+        response = client.get(url, headers={"Range": header})
+        assert response.status_code == 206 and response.content == part, header
+        assert response.headers["content-range"].endswith(f"/{size}")
+    assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
+    for ignored in ("bytes=0-1,4-5", "lines=1-2", "bytes=9-3"):
+        response = client.get(url, headers={"Range": ignored})
+        assert response.status_code == 200 and response.content == whole.content, ignored
+
+
 def test_two_deletes_of_one_capture_one_succeeds(client):
     from concurrent.futures import ThreadPoolExecutor
 
