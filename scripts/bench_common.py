@@ -113,3 +113,10 @@ def _log_tail(log: Path | None, lines: int = 20) -> str:
     if log is None or not log.is_file():
         return ""
     return "; its log ends:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def print_figures(figures: dict) -> None:
+    """A measurement's figures as indented JSON, floats to three decimals."""
+    import json
+
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))

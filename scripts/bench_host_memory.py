@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import add_model_arguments  # noqa: E402
+from bench_common import add_model_arguments, print_figures  # noqa: E402
 
 
 def rss_gib() -> float:
@@ -78,4 +77,4 @@ if __name__ == "__main__":
     add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=7000)
     figures = asyncio.run(main(parser.parse_args()))
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))
+    print_figures(figures)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import add_model_arguments  # noqa: E402
+from bench_common import add_model_arguments, print_figures  # noqa: E402
 
 
 async def main(args) -> dict:
@@ -105,4 +105,4 @@ if __name__ == "__main__":
     add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=256)
     figures = asyncio.run(main(parser.parse_args()))
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}, indent=2))
+    print_figures(figures)

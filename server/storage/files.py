@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
@@ -126,6 +130,15 @@ class Directory:
                 return list(scan)
         finally:
             os.close(fd)
+
+    def file_stems(self, suffix: str) -> list[str]:
+        """The names of the regular files here that end in ``suffix``, without it, sorted (a
+        symlink is not a regular file: never listed)."""
+        return sorted(
+            entry.name.removesuffix(suffix)
+            for entry in self.entries()
+            if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False)
+        )
 
     def remove_tree(self, name: str) -> None:
         """Remove the folder ``name`` and the files in it (a capture's folder holds files only;
@@ -238,3 +251,20 @@ class Directory:
             if entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX):
                 removed += self.unlink(entry.name)
         return removed
+
+
+def read_listing(
+    names: list[str], read: Callable[[str], T], missing: type[Exception], damaged: type[Exception], what: str
+) -> tuple[list[T], list[dict]]:
+    """``read(name)`` for each name: what was read, and the damaged entries skipped
+    (``{"name", "error"}``, logged); a name that went missing meanwhile is left out."""
+    found, skipped = [], []
+    for name in names:
+        try:
+            found.append(read(name))
+        except missing:  # deleted while listing
+            continue
+        except damaged as exc:
+            logger.warning("%s: skipped a damaged entry: %s", what, exc)
+            skipped.append({"name": name, "error": str(exc)})
+    return found, skipped

@@ -8,14 +8,11 @@ on every call, so presets survive restarts.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from pathlib import Path
 
-from .files import Directory
+from .files import Directory, read_listing
 from .vectors import NAME
-
-logger = logging.getLogger(__name__)
 
 
 class UnknownPreset(KeyError):
@@ -65,26 +62,11 @@ class PresetStore:
 
     def names(self) -> list[str]:
         """Every preset's name (regular files only: a symlink is never listed)."""
-        return sorted(
-            entry.name.removesuffix(".json")
-            for entry in self.folder.entries()
-            if entry.name.endswith(".json")
-            and entry.is_file(follow_symlinks=False)
-            and NAME.fullmatch(entry.name.removesuffix(".json"))
-        )
+        return [name for name in self.folder.file_stems(".json") if NAME.fullmatch(name)]
 
     def listing(self) -> tuple[list[dict], list[dict]]:
         """Every preset, and the damaged entries skipped (``{"name", "error"}``)."""
-        found, damaged = [], []
-        for name in self.names():
-            try:
-                found.append(self.get(name))
-            except UnknownPreset:  # deleted while listing
-                continue
-            except DamagedPreset as exc:
-                logger.warning("preset store: skipped a damaged entry: %s", exc)
-                damaged.append({"name": name, "error": str(exc)})
-        return found, damaged
+        return read_listing(self.names(), self.get, UnknownPreset, DamagedPreset, "preset store")
 
     def delete(self, name: str) -> None:
         file = self._file(name)

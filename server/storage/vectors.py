@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .files import Directory
+from .files import Directory, read_listing
 
 logger = logging.getLogger(__name__)
 
@@ -163,26 +163,11 @@ class VectorStore:
 
     def names(self) -> list[str]:
         """Every stored vector's name (regular files only: a symlink is never listed)."""
-        return sorted(
-            entry.name.removesuffix(SUFFIX)
-            for entry in self.folder.entries()
-            if entry.name.endswith(SUFFIX)
-            and entry.is_file(follow_symlinks=False)
-            and self.valid_name(entry.name.removesuffix(SUFFIX))
-        )
+        return [name for name in self.folder.file_stems(SUFFIX) if self.valid_name(name)]
 
     def listing(self) -> tuple[list[dict], list[dict]]:
         """Every vector's metadata, and the damaged entries skipped (``{"name", "error"}``)."""
-        found, damaged = [], []
-        for name in self.names():
-            try:
-                found.append(self.metadata(name))
-            except UnknownVector:  # deleted while listing
-                continue
-            except DamagedVector as exc:
-                logger.warning("vector store: skipped a damaged entry: %s", exc)
-                damaged.append({"name": name, "error": str(exc)})
-        return found, damaged
+        return read_listing(self.names(), self.metadata, UnknownVector, DamagedVector, "vector store")
 
     def count(self) -> int:
         return len(self.names())
