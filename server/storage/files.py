@@ -70,6 +70,8 @@ class Directory:
     def open_root(cls, path: Path) -> Directory:
         """A server root (created if missing). The root itself may be reached through a symlink
         (the operator's choice, resolved once, here); nothing under it is."""
+        if os.open not in os.supports_dir_fd or os.scandir not in os.supports_fd:
+            raise OSError(errno.ENOSYS, "the stores need a POSIX system (openat): on Windows, run under WSL")
         path = path.expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
         return cls(os.open(path, _DIRECTORY_FLAGS & ~os.O_NOFOLLOW), path)
