@@ -557,10 +557,10 @@ class _SamplingFields(OpenAIModel):
     )
     repetition_penalty: float | None = Field(
         None,
-        gt=0,
+        ge=0.01,  # symmetric to le: 1e-300 would divide a logit into infinity
         le=100,
         description="Divide (>1: discourage) the logits of tokens already in the "
-        "prompt or output (HF's repetition_penalty; 1: off).",
+        "prompt or output (HF's repetition_penalty; 1: off; 0.01 to 100).",
     )
     min_p: float | None = Field(
         None, ge=0, le=1, description="Drop tokens whose probability is below min_p x the top one's (0: off)."

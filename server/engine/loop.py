@@ -154,7 +154,8 @@ class _Running:
             scores = scores.masked_fill(~allowed, float("-inf"))
         if not params.greedy:  # a NaN row would make multinomial raise before it is reported
             scores = torch.where(torch.stack(flags).all(0)[:, None], scores, torch.zeros_like(scores[:1]))
-        tokens = sample(scores, params, self.generator)
+        tokens, sampled = sample(scores, params, self.generator)
+        flags[0] = flags[0] & sampled
         host = torch.cat([tokens, *(f.long() for f in flags)]).tolist()
         if not all(host[n : 2 * n]):
             raise non_finite(step=job.steps, edits=job.edits, side="after" if job.lda else "")

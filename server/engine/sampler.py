@@ -135,13 +135,20 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token id per row (``[rows]``, long) from float32 ``[rows, vocab]`` logits (after
-    :func:`process`; :func:`check_finite` has passed them)."""
+    :func:`process`), and per row whether its distribution was finite (``[rows]``, bool; read
+    back with the tokens, no extra sync). Finite logits can still overflow once warped (huge
+    edited logits divided by a small temperature): such a row draws from a placeholder and is
+    reported instead of making ``multinomial`` raise."""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1), finite_rows(logits)
     probs = torch.softmax(warp(logits, params), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    finite = finite_rows(probs)
+    probs = torch.where(finite[:, None], probs, torch.ones_like(probs[:1]))
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1), finite
 
 
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_k: int) -> list[TokenLogprob]:

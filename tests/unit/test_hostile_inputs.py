@@ -208,6 +208,13 @@ CASES = {
         400,
         "interventions[0].vector",
     ),
+    "repetition_penalty 5e-324 (divides logits into infinity)": (
+        "/v1/chat/completions",
+        chat(repetition_penalty=5e-324),
+        {},
+        400,
+        "repetition_penalty",
+    ),
     "layer out of range": (
         "/v1/chat/completions",
         chat(capture={"layers": [99], "hook_points": ["resid_post"]}),

@@ -300,6 +300,17 @@ def test_an_intervention_that_overflows_is_a_400_naming_interventions(client, sa
     assert text(client, []) != ""  # the server keeps serving
 
 
+def test_logits_that_overflow_only_once_warped_are_a_400_not_a_500(client):
+    """Edited logits that are finite (about 1e36) but overflow when divided by a small
+    temperature: the sampler reports the row instead of torch.multinomial raising."""
+    scaled = [{"type": "scale", "module": "lm_head.output", "factor": 1e35}]
+    body = {"messages": HELLO, "max_tokens": 3, "interventions": scaled, "temperature": 1e-3, "seed": 1}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "interventions" and error["code"] == "non_finite_values"
+
+
 def test_a_stream_that_overflows_ends_with_one_valid_error_event(client):
     import json
 
