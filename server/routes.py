@@ -10,7 +10,6 @@ from typing import TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from .downloads import file_response
 from .protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -37,6 +36,7 @@ from .protocol_lda import (
     LdaRequest,
     LdaResponse,
 )
+from .responses import ClosingStreamingResponse, file_response
 from .serving import sse_stream
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Resp
 
 
 def _sse(chunks) -> StreamingResponse:
-    return StreamingResponse(sse_stream(chunks), media_type="text/event-stream", headers=_SSE_HEADERS)
+    return ClosingStreamingResponse(sse_stream(chunks), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 @router.get("/health", response_model=Health)
@@ -191,7 +191,7 @@ async def activation_manifest(activation_id: str, request: Request) -> dict:
 async def activation_tensor(activation_id: str, name: str, request: Request) -> Response:
     """The tensor's file (or one byte range of it), opened before the response starts."""
     handle, file = await asyncio.to_thread(_store(request).open_tensor, activation_id, name)
-    return file_response(handle, file, request.headers.get("range"))
+    return file_response(handle, file, request.headers.get("range"), request.headers.get("if-range"))
 
 
 @router.delete("/v1/activations/{activation_id}", responses=_ERROR_RESPONSES)

@@ -136,6 +136,9 @@ async def sse_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
             yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
     finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()  # the generators below now: their job stops at its next step
         delivery.remove_unsent()  # captures whose ids never went out (the client left first)
 
 
@@ -269,6 +272,9 @@ class CaptureDelivery:
         if capture.id not in self.delivered:  # a trace capture comes again with the final result
             self.pending[capture.id] = capture
 
+    # "Sent" is as far as the server can tell: the chunk was handed to the HTTP server, which
+    # drops what it is handed once it noticed the client left. A capture can thus be kept whose
+    # chunk was lost with the connection; it is never removed after its id went out.
     def sent(self, capture_id: str) -> None:
         self.pending.pop(capture_id, None)
         self.delivered.add(capture_id)

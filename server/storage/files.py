@@ -23,13 +23,15 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, NamedTuple, TypeVar
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: opening a FIFO planted under a name would otherwise wait for a writer forever
+# (it is then refused as not a regular file); reads of regular files never block on it.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _APPEND_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 TEMPORARY_SUFFIX = ".tmp"
@@ -56,6 +58,19 @@ def _refused(exc: OSError, name: str) -> OSError:
     if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
         return UnsafeEntry(exc.errno, f"{name!r} is a symlink or not a plain entry; refused")
     return exc
+
+
+class Entry(NamedTuple):
+    """A name in a folder and its kind: ``"file"`` (a regular file), ``"dir"`` or ``"other"``."""
+
+    name: str
+    kind: str
+
+
+def _kind(entry: os.DirEntry) -> str:
+    if entry.is_file(follow_symlinks=False):
+        return "file"
+    return "dir" if entry.is_dir(follow_symlinks=False) else "other"
 
 
 class Directory:
@@ -120,16 +135,18 @@ class Directory:
         os.mkdir(name, 0o755, dir_fd=self.fd)
         return self.child(name)
 
-    def entries(self) -> list[os.DirEntry]:
-        """What this folder holds (``DirEntry.is_file/is_dir(follow_symlinks=False)`` say what).
+    def entries(self) -> list[Entry]:
+        """What this folder holds: each name and its kind, ``"file"`` (regular), ``"dir"`` or
+        ``"other"`` (a symlink, a FIFO, ...), never following a symlink.
 
         Scans a handle of its own: ``os.scandir(fd)`` reads through a duplicate of ``fd``, which
         shares the read position, so two threads listing through one handle would split the
-        entries between them."""
+        entries between them. The kinds are read while that handle is open (a ``DirEntry`` may
+        need it to stat, on file systems that do not report types)."""
         fd = os.open(".", _DIRECTORY_FLAGS & ~os.O_NOFOLLOW, dir_fd=self.fd)
         try:
             with os.scandir(fd) as scan:
-                return list(scan)
+                return [Entry(entry.name, _kind(entry)) for entry in scan]
         finally:
             os.close(fd)
 
@@ -139,7 +156,7 @@ class Directory:
         return sorted(
             entry.name.removesuffix(suffix)
             for entry in self.entries()
-            if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False)
+            if entry.name.endswith(suffix) and entry.kind == "file"
         )
 
     def remove_tree(self, name: str) -> None:
@@ -151,7 +168,7 @@ class Directory:
             return
         with directory:
             for entry in directory.entries():
-                if not entry.is_dir(follow_symlinks=False):
+                if entry.kind != "dir":
                     directory.unlink(entry.name)
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(name, dir_fd=self.fd)
@@ -202,7 +219,8 @@ class Directory:
             handle = _open_for_writing(fd, "wb")
         except BaseException:
             os.close(fd)
-            os.unlink(temporary, dir_fd=self.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary, dir_fd=self.fd)
             raise
         try:
             with handle:

@@ -54,7 +54,7 @@ class PresetStore:
             preset = json.loads(self.folder.read_bytes(self._file(name)))
         except FileNotFoundError:
             raise UnknownPreset(name) from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past json's limit
             raise DamagedPreset(f"{name}: {exc}") from None
         if not isinstance(preset, dict) or not isinstance(preset.get("items"), list):
             raise DamagedPreset(f"{name}: not a preset")

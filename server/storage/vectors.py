@@ -58,7 +58,7 @@ def header_metadata(data: bytes) -> dict[str, str]:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError("its __metadata__ is not a map of strings")
         return metadata
-    except (struct.error, ValueError, AttributeError) as exc:
+    except (struct.error, ValueError, AttributeError, RecursionError) as exc:
         raise DamagedVector(f"not a safetensors file: {exc}") from None
 
 
@@ -66,7 +66,7 @@ def _meta(metadata: dict[str, str]) -> dict:
     """The store's metadata in a header's ``__metadata__`` (DamagedVector if it is not there)."""
     try:
         meta = json.loads(metadata["meta"])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise DamagedVector(f"no metadata: {exc}") from None
     if not isinstance(meta, dict):
         raise DamagedVector("its metadata is not an object")
@@ -181,9 +181,9 @@ class VectorStore:
     def _convert_legacy(self) -> None:
         """Values in ``<name>.safetensors`` and metadata in ``<name>.json`` (stores written before
         2026-11-30) become one file each."""
-        for entry in list(self.folder.entries()):
+        for entry in self.folder.entries():
             name = entry.name.removesuffix(".json")
-            if not (entry.name.endswith(".json") and entry.is_file(follow_symlinks=False)):
+            if not (entry.name.endswith(".json") and entry.kind == "file"):
                 continue
             if not self.valid_name(name) or not self.folder.is_file(name + SUFFIX):
                 continue

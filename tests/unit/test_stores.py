@@ -126,6 +126,11 @@ def test_planted_symlinks_and_manifest_entries_are_refused_not_followed(client, 
     response = client.get(f"/v1/activations/{ref['id']}/{name}")
     assert response.status_code == 404 and response.json()["error"]["code"] == "damaged_entry"
     assert b"not for clients" not in response.content
+    fifo = folder / f"{ref['tensors'][1]}.safetensors"
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    response = client.get(f"/v1/activations/{ref['id']}/{ref['tensors'][1]}")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "damaged_entry"
 
     second = capture(client)
     manifest_path = activations_dir / second["directory"] / "manifest.json"
@@ -163,11 +168,13 @@ def test_symlinks_and_damaged_files_in_the_vector_and_preset_stores(client, outs
     (vectors_root / "garbage.safetensors").write_bytes(b"\x00" * 12)
     (presets_root / "stolen.json").symlink_to(outside / "secret")
     (presets_root / "garbage.json").write_text("{not json")
+    (presets_root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # past json's recursion
+    os.mkfifo(vectors_root / "pipe.safetensors")  # opening it would wait for a writer
     try:
         listing = client.get("/v1/vectors").json()
         assert "stolen" not in [v["name"] for v in listing["data"]]  # a symlink is never listed
         assert [d["name"] for d in listing["damaged"]] == ["garbage"]
-        for name in ("stolen", "garbage"):
+        for name in ("stolen", "garbage", "pipe"):
             response = client.get(f"/v1/vectors/{name}")
             assert response.status_code == 404, response.text
         item = {"type": "add", "layer": 0, "hook_point": "resid_post", "vector": "stolen"}
@@ -175,15 +182,15 @@ def test_symlinks_and_damaged_files_in_the_vector_and_preset_stores(client, outs
         assert response.status_code == 400 and response.json()["error"]["param"] == "interventions[0].vector"
         presets = client.get("/v1/interventions/presets").json()
         assert "stolen" not in [p["name"] for p in presets["data"]]
-        assert [d["name"] for d in presets["damaged"]] == ["garbage"]
+        assert [d["name"] for d in presets["damaged"]] == ["deep", "garbage"]
         response = client.post("/v1/chat/completions", json={"messages": HELLO, "presets": ["stolen"]})
         assert response.status_code == 400 and response.json()["error"]["param"] == "presets[0]"
         assert (outside / "secret").read_text() == "not for clients"
     finally:
-        for path in (vectors_root / "stolen.safetensors", vectors_root / "garbage.safetensors"):
-            path.unlink()
-        for path in (presets_root / "stolen.json", presets_root / "garbage.json"):
-            path.unlink()
+        for path in ("stolen", "garbage", "pipe"):
+            (vectors_root / f"{path}.safetensors").unlink()
+        for path in ("stolen", "garbage", "deep"):
+            (presets_root / f"{path}.json").unlink()
 
 
 # -- races -------------------------------------------------------------------------------------
@@ -220,10 +227,13 @@ def test_a_download_takes_one_byte_range(client):
         response = client.get(url, headers={"Range": header})
         assert response.status_code == 206 and response.content == part, header
         assert response.headers["content-range"].endswith(f"/{size}")
+    assert client.get(url, headers={"Range": "Bytes=0-1"}).content == whole.content[:2]
     assert client.get(url, headers={"Range": f"bytes={size}-"}).status_code == 416
-    for ignored in ("bytes=0-1,4-5", "lines=1-2", "bytes=9-3"):
+    for ignored in ("bytes=0-1,4-5", "lines=1-2", "bytes=9-3", "bytes=" + "9" * 5000 + "-"):
         response = client.get(url, headers={"Range": ignored})
-        assert response.status_code == 200 and response.content == whole.content, ignored
+        assert response.status_code == 200 and response.content == whole.content, ignored[:20]
+    response = client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"some-etag"'})
+    assert response.status_code == 200 and response.content == whole.content  # no validator matches
 
 
 def test_two_deletes_of_one_capture_one_succeeds(client):
