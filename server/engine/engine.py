@@ -359,10 +359,16 @@ class Engine:
                 raise
             raise RequestTimedOut(self._timeout_message(progress())) from None
 
+    def start_clock(self) -> None:
+        """Start the current request's --request-timeout clock, if its work has not already:
+        tasks it then starts (its prompts, queued at once) share it rather than each starting
+        their own."""
+        self._time_left()
+
     def _time_left(self) -> float | None:
         """Seconds the current request has left of --request-timeout: the clock starts at its
-        first piece of model work and runs across all of them (echo scoring then generation, a
-        contrastive request's two sets of examples), not anew for each."""
+        first piece of model work (or ``start_clock``) and runs across all of them (echo scoring
+        then generation, a contrastive request's two sets of examples), not anew for each."""
         if self.request_timeout is None:
             return None
         now = asyncio.get_running_loop().time()

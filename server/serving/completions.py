@@ -153,7 +153,9 @@ class CompletionServing:
         async def answer(prompt: CompletionPrompt):
             return await self._echo_logprobs(prompt), await generate(self.engine, prompt.job)
 
-        # Every prompt is queued at once, so the scheduler can batch them together.
+        # Every prompt is queued at once, so the scheduler can batch them together; one
+        # request-timeout clock for them all, as when they are streamed one after another.
+        self.engine.start_clock()
         tasks = [asyncio.ensure_future(answer(prompt)) for prompt in prepared.prompts]
         try:
             answers = await asyncio.gather(*tasks)
