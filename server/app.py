@@ -67,6 +67,8 @@ def create_app(settings: Settings) -> FastAPI:
             # cancelled the rest (their jobs stop at the next token, captures removed); the
             # worker gets as long again (at least 5 s) to get there.
             await asyncio.to_thread(engine.close, max(settings.shutdown_timeout, 5.0))
+            for opened in (store, vectors, presets):  # their root folder handles
+                opened.close()
             logger.info("engine stopped")
 
     metrics = Metrics()

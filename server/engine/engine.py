@@ -526,12 +526,6 @@ def _progress(steps: int) -> str:
     return f"after {steps} generated token(s)" if steps else "before its first token"
 
 
-def _retrieve(future: asyncio.Future) -> None:
-    """Read the outcome of a job nobody waits for any more, so asyncio logs nothing about it."""
-    if not future.cancelled():
-        future.exception()
-
-
 def remove_captures(captures: list[CaptureResult]) -> None:
     """Delete captures whose ids never reached a client (on a thread: file work)."""
     for capture in captures:
