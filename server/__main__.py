@@ -73,7 +73,7 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
     """The checks that need no model: the port is free, ``--model`` and ``--lda-before`` name
     something that exists, ``--adapter`` is a PEFT folder the installed peft and transformers
     can switch off, ``--quantization`` has bitsandbytes installed, ``--chat-template`` is a
-    readable Jinja template.
+    readable Jinja template, ``--backend`` takes the other flags (and vLLM is installed for it).
 
     Raises:
         StartupRefused: with the reason.
@@ -85,6 +85,7 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         check_model_source,
         check_quantization_support,
     )
+    from .engine.vllm_engine import check_backend_settings
 
     if check_port and not port_free(settings.host, settings.port):
         raise StartupRefused(port_in_use(settings.host, settings.port))
@@ -97,6 +98,7 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         check_quantization_support(settings.quantization)
         if settings.chat_template is not None:
             check_chat_template(settings.chat_template)
+        check_backend_settings(settings)
     except ModelLoadError as exc:
         raise StartupRefused(str(exc)) from None
 

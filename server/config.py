@@ -44,6 +44,27 @@ class Settings(BaseSettings):
         description="Quantize the weights as they load (bitsandbytes): bnb-4bit (NF4) fits an 8B model "
         "on a 16 GB card. Activations, captures and edits stay in --dtype.",
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What runs the model: hf (transformers through nnsight) or vllm (vLLM through "
+        "nnsight, for models and traffic past one GPU; install with scripts/install_vllm.sh; "
+        "docs/scale_out.md).",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="--backend vllm: GPUs one model is split over (vLLM's flag)."
+    )
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None,
+        description="--backend vllm: how vLLM runs its workers: mp (one machine) or ray (several; "
+        "vLLM's flag). Default: vLLM's choice.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="--backend vllm: the share of GPU memory vLLM takes for weights and KV cache "
+        "(vLLM's flag; default vLLM's, 0.9; on a CPU, the share of host memory).",
+    )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto|cpu|cuda|cuda:N")
     host: str = Field(
         "127.0.0.1",

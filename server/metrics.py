@@ -180,7 +180,7 @@ class EngineCollector(Collector):
             "Bytes of the served weights resident on the device.",
             value=engine.resident_weight_bytes,
         )
-        if loaded.device.type == "cuda":
+        if loaded.device.type == "cuda" and engine.backend == "hf":  # vLLM allocates in its workers
             yield from _cuda_memory(loaded.device)
 
 

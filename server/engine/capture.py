@@ -264,9 +264,13 @@ class CaptureRecorder:
         if self._writer is not None:
             self._writer.abort()
 
-    def on_step(self, values: dict[str, torch.Tensor]) -> None:
-        """Take one step's values (``{name: [1, positions fed, ...]}``) and hand them to the writer."""
-        length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
+    def on_step(self, values: dict[str, torch.Tensor], length: int | None = None) -> None:
+        """Take one step's values (``{name: [1, positions fed, ...]}``) and hand them to the writer.
+
+        ``length``: the positions fed in; by default the prompt at the first step, then one (a
+        caller replaying stored steps may hand over several generated positions at once)."""
+        if length is None:
+            length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
         for name, value in values.items():
             if first_tensor(value).shape[1] != length:
                 raise ValueError(

@@ -83,7 +83,12 @@ class RequestTimedOut(TimeoutError):
 
 
 class Engine:
-    """One served model, one worker thread."""
+    """One served model, one worker thread. ``backend``: which runtime runs the batches
+    (``hf`` here; ``vllm``: :class:`~server.engine.vllm_engine.VLLMEngine`); ``unsupported``:
+    the features it does not run (the serving layer refuses them, naming the field)."""
+
+    backend = "hf"
+    unsupported: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -155,7 +160,12 @@ class Engine:
         decode step on a 2-core machine 1.65x slower (measured: one forward pass, or one large
         tensor copy, on any other long-lived thread). So the worker is the only thread that
         loads, measures and runs the model, and other threads keep to small tensor work or
-        numpy (``docs/architecture.md``)."""
+        numpy (``docs/architecture.md``). ``--backend vllm`` builds a
+        :class:`~server.engine.vllm_engine.VLLMEngine` instead (vLLM must be installed)."""
+        if cls is Engine and settings.backend == "vllm":
+            from .vllm_engine import VLLMEngine
+
+            return VLLMEngine.from_settings(settings)
         scheduler = Scheduler(
             max_batch_size=settings.max_batch_size,
             batch_window_s=(settings.batch_window_ms or 0) / 1000,

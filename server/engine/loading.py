@@ -368,7 +368,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoders pad on the left for batched generation
     checkpoint_generation_config = hf_model.generation_config.to_diff_dict()
-    eos_token_ids = _eos_token_ids(hf_model.generation_config, tokenizer)
+    eos_token_ids = eos_token_ids_of(hf_model.generation_config, tokenizer)
     hf_model.generation_config = neutral_generation_config(hf_model.generation_config, tokenizer)
     wrapper = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
     elapsed = time.perf_counter() - started
@@ -432,7 +432,8 @@ def check_same_vocabulary(served: LoadedModel, other: LoadedModel, flag: str = "
         )
 
 
-def _eos_token_ids(generation_config, tokenizer) -> frozenset[int]:
+def eos_token_ids_of(generation_config, tokenizer) -> frozenset[int]:
+    """Every id that ends a choice: the generation config's EOS ids and the tokenizer's."""
     ids = generation_config.eos_token_id
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
     if tokenizer.eos_token_id is not None:

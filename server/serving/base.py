@@ -213,6 +213,29 @@ def activation_fields(ref: ActivationsRef | None) -> dict:
     return {} if ref is None else {"activations": dump(ref), "ndif": dump(ref)}
 
 
+FEATURES = {
+    "lda": "logit difference amplification (/v1/lda)",
+    "prompt_logprobs": "prompt logprobs (echo with logprobs)",
+    "structured_output": "structured output",
+    "contrastive_vectors": "contrastive vectors",
+}
+
+
+def require_feature(engine: Engine, feature: str, param: str | None) -> None:
+    """Refuse (400 naming ``param`` and the backend) a feature the engine's runtime does not run
+    (``Engine.unsupported``; docs/scale_out.md lists them): never run on another runtime instead.
+
+    Raises:
+        APIError: ``unsupported_on_backend``."""
+    if feature in engine.unsupported:
+        raise APIError(
+            f"{FEATURES[feature]} is not available on the {engine.backend} backend this server runs "
+            "(docs/scale_out.md); use a server started with --backend hf",
+            param=param,
+            code="unsupported_on_backend",
+        )
+
+
 async def checked_grammar(engine: Engine, request) -> str | None:
     """The request's structured-output grammar (``response_format`` or ``structured_outputs``),
     checked against the served tokenizer; None when it asks for none.
@@ -223,6 +246,7 @@ async def checked_grammar(engine: Engine, request) -> str | None:
     if found is None:
         return None
     grammar, param = found
+    require_feature(engine, "structured_output", param)
     try:
         await engine.check_grammar(grammar)
     except GrammarError as exc:

@@ -38,6 +38,7 @@ from .base import (
     generate,
     leading_capture,
     place_activations,
+    require_feature,
     stream,
     usage,
 )
@@ -234,6 +235,7 @@ class ChatServing:
             if tool is None:
                 raise APIError(f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
             schema = named_schema(tool)
+        require_feature(self.engine, "structured_output", "tool_choice")
         grammar = await self.engine.on_prompt_thread(schema_grammar, schema, "tools")
         try:
             await self.engine.check_grammar(grammar)

@@ -46,7 +46,7 @@ from ..protocol_lda import (
     LdaRowResult,
     LdaTokenStats,
 )
-from .base import ENGINE_FAILURES, engine_error, usage
+from .base import ENGINE_FAILURES, engine_error, require_feature, usage
 from .parts import ServingParts
 
 logger = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class LdaServing:
         token_stats: bool = False,
     ) -> _Ran:
         self.admission.check_model(request.model)
+        require_feature(self.engine, "lda", None)
         self.admission.check_queue()
         settings = self.settings
         if abs(request.alpha) > settings.lda_max_alpha:

@@ -1,0 +1,169 @@
+"""What runs inside vLLM's worker for one request: its edits and capture reads, step by step.
+
+The vLLM runtime (``vllm_engine.py``) traces each request through nnsight with a block that
+only calls :func:`run_request`; nnsight ships that call to vLLM's worker (this module by
+reference: it is installed there too; the :class:`RequestPlan` by value), where it runs
+inside the request's forward passes, on the request's own rows (nnsight narrows every value
+to the invoke's tokens while vLLM batches requests together).
+
+Hook points on vLLM's module tree (the alias table, docs/hook_points.md). vLLM's Llama-family
+decoder layer (Llama, Mistral, Qwen2, Qwen3, SmolLM) returns a ``(hidden, residual)`` pair
+whose sum is the residual stream after the layer (HF's ``hidden_states[i + 1]``); the next
+layer, and the final norm, read the sum. So:
+
+=============  ===================================================  ==========================
+alias          read from                                            an edit writes
+=============  ===================================================  ==========================
+resid_pre i    ``embed_tokens`` output (i = 0), else ``layers.{i-1}``  the same place
+               output summed
+resid_post i   ``layers.{i}`` output, ``hidden + residual``         ``(edited, zeros)``: the
+                                                                    next layer reads ``edited``
+attn_out i     ``layers.{i}.self_attn`` output                      the tensor itself
+mlp_out i      ``layers.{i}.mlp`` output                            the tensor itself
+=============  ===================================================  ==========================
+
+Values are ``[tokens this step, width]`` (vLLM flattens a batch over tokens): the prompt at
+step 0, one token at each later step. Positions are absolute (the prompt covers ``[0, P)``),
+as :class:`interventions.Edit` expects; a step that feeds more than one token after the first
+is vLLM recomputing a preempted request from position 0, and is edited as such.
+
+A capture's values are appended, step by step, to one raw file per hook point in a spool
+folder the server made for the request (each position once, in the model's dtype): nothing
+accumulates in the worker, and the server turns the spool into the activation store's files
+(``vllm_engine.py``). Only the first rank writes (with tensor parallelism every rank holds the
+whole value: vLLM's row-parallel layers all-reduce their outputs).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from interventions import Edit
+
+# The order of the places a layer's hook points are read or edited at, within a step.
+_PLACE_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
+
+
+@dataclass(frozen=True)
+class Place:
+    """One location in vLLM's module tree: ``module`` (a path under the traced model, e.g.
+    ``model.layers.3``) and how its value is read: ``pair`` (a layer's ``(hidden, residual)``,
+    summed) or ``tensor``."""
+
+    module: str
+    pair: bool
+
+    def envoy(self, model):
+        envoy = model
+        for part in self.module.split("."):
+            envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+        return envoy
+
+
+@dataclass(frozen=True)
+class Site:
+    """What happens at one place in one step: the edits applied (in order) and the hook points
+    whose values, after those edits, are spooled. ``names`` and ``edits`` may both be empty
+    only by mistake."""
+
+    place: Place
+    edits: tuple[Edit, ...]
+    names: tuple[str, ...]  # capture tensor names read here (after this place's edits)
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """One request's worker-side work: ``sites`` in execution order, the prompt length, how
+    many steps the capture reads (None: all), and the spool folder (None: no capture)."""
+
+    sites: tuple[Site, ...]
+    prompt_len: int
+    read_steps: int | None = None
+    spool: str | None = None
+
+
+def place_of(hook: str, layer: int, layers_path: str, embed_path: str) -> tuple[Place, int]:
+    """Where alias ``hook`` of ``layer`` lives in vLLM's Llama-family tree, and its order key.
+
+    Raises:
+        KeyError: ``hook`` is not one of the aliases mapped on vLLM.
+    """
+    if hook == "resid_pre":
+        if layer == 0:
+            return Place(embed_path, pair=False), -1
+        return Place(f"{layers_path}.{layer - 1}", pair=True), (layer - 1) * 3 + _PLACE_ORDER["resid_post"]
+    child = {"attn_out": "self_attn", "mlp_out": "mlp", "resid_post": None}[hook]
+    module = f"{layers_path}.{layer}" + (f".{child}" if child else "")
+    return Place(module, pair=child is None), layer * 3 + _PLACE_ORDER[hook]
+
+
+def run_request(model, tracer, plan: RequestPlan) -> None:
+    """The request's block (runs in vLLM's worker): at every step, each site in order.
+
+    The loop over steps is open-ended (``tracer.iter[:]``) unless only a trace-mode capture
+    reads (its first steps); nnsight ends it when the request ends, with a warning per request
+    that says so, silenced here (it is this loop's normal end)."""
+    _quiet_open_loops()
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    spooled = 0  # positions already in the spool
+    fed = 0  # positions fed in so far
+    steps = tracer.iter[:] if any(site.edits for site in plan.sites) else tracer.iter[: plan.read_steps]
+    for step in steps:
+        reading = plan.spool is not None and rank0 and (plan.read_steps is None or step < plan.read_steps)
+        start = None
+        for site in plan.sites:
+            envoy = site.place.envoy(model)
+            output = envoy.output
+            if site.place.pair:
+                hidden, residual = output[0], output[1]
+                value = hidden + residual
+            else:
+                value = output
+            length = value.shape[0]
+            if start is None:
+                start = fed if (step > 0 and length == 1) else 0
+            edited = False
+            for edit in site.edits:
+                index = edit.indexes(start, length, plan.prompt_len, step)
+                if index:
+                    rows = torch.tensor(index, device=value.device)
+                    value = value.index_copy(0, rows, edit.new_values(value[rows][None], start, index)[0])
+                    edited = True
+            if edited:
+                envoy.output = (value, torch.zeros_like(value)) if site.place.pair else value
+            if reading and site.names:
+                skip = max(0, spooled - start)
+                if skip < length:
+                    for name in site.names:
+                        _append(plan.spool, name, value[skip:])
+        if start is not None:
+            fed = start + length
+            spooled = max(spooled, fed)
+
+
+_quieted = False
+
+
+def _quiet_open_loops() -> None:
+    global _quieted
+    if not _quieted:
+        warnings.filterwarnings("ignore", message=r".*was never reached: the loop asked for a step")
+        _quieted = True
+
+
+def _append(folder: str, name: str, value: torch.Tensor) -> None:
+    """Append ``value``'s bytes (``[positions, width]``, the model's dtype) to ``folder/name.raw``."""
+    data = value.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    fd = os.open(
+        os.path.join(folder, f"{name}.raw"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+    )
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)

@@ -1,0 +1,686 @@
+"""The vLLM runtime: the same engine seam, with nnsight's vLLM integration behind it (``--backend vllm``).
+
+:class:`VLLMEngine` is an :class:`~server.engine.engine.Engine` whose batches run on vLLM
+instead of the HF decode loop: the serving layer, the scheduler (queue, ``--max-queue``,
+cancellation, ``--request-timeout``), prompts and chat templates, the activation store
+and the result types are the HF runtime's. The weights are loaded once, by vLLM, through
+nnsight's ``VLLM`` wrapper (``mode="async"``: vLLM's ``AsyncLLM``); every job is one
+nnsight trace per choice, each a vLLM request, so vLLM's continuous batching runs
+concurrent requests together while nnsight keeps each request's edits and reads on its
+own tokens (``vllm_block.py`` is the part that runs in vLLM's worker).
+
+Threading: the scheduler's worker thread runs a private asyncio loop that owns the
+``AsyncLLM``; while a batch runs, that loop streams every request's outputs, hands each
+new token to the job's :class:`~server.engine.job.RowState` (the same rule for stop
+strings, EOS and ``max_tokens`` as the HF runtime; text decoded the same way) and takes
+newly queued jobs in (``take_more``) as rows free up. The model itself runs in vLLM's
+engine process, never on a thread of this one.
+
+A capture's values are spooled by the worker, step by step, into a private folder and
+turned into the activation store's files here (on a thread of their own), so the manifest
+and files are the HF runtime's. Generate mode stores each position fed in: on vLLM the
+final generated token is never fed (the request ends there), so a generate-mode capture
+holds ``prompt + completion - 1`` positions where the HF runtime holds one more; the
+manifest's ``token_positions`` lists exactly what is stored.
+
+What this runtime refuses (400 naming the field and the backend, ``Engine.unsupported``)
+is listed in docs/scale_out.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import importlib.util
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .capture import CaptureRecorder, CaptureResult
+from .engine import Engine
+from .hooks import HookError, HookPoint, HookResolver
+from .interrupt import JobInterrupted
+from .job import ChoiceDelta, GenerationJob, GenerationResult, RowState, TokenLogprob
+from .loading import (
+    LoadedModel,
+    ModelLoadError,
+    eos_token_ids_of,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
+from .memory import HostMemory, ModelShape
+from .scheduler import Scheduler
+from .structure import LayerLayout, context_length, find_layers, module_tree
+from .vllm_block import Place, RequestPlan, Site, place_of, run_request
+from .vocab import build_vocabulary
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "vllm"
+# vLLM's Llama-family module layout: the architectures whose alias table (vllm_block.py) holds.
+LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+# What the HF runtime does and this one does not (yet); the serving layer refuses each with a
+# 400 naming the request field and the backend (serving/base.py require_feature).
+UNSUPPORTED = frozenset({"lda", "prompt_logprobs", "structured_output", "contrastive_vectors"})
+# How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
+POLL_S = 0.005
+# Generated positions a spool is replayed into the capture recorder at once (bounds its memory).
+SPOOL_CHUNK = 256
+
+
+class VLLMHooks(HookResolver):
+    """Hook points on vLLM's module tree: the per-layer aliases only (``vllm_block.py`` maps
+    them); module paths and submodule hook points are refused (vLLM's module tree differs
+    from HF's, so the same name would not mean the same value)."""
+
+    def __init__(self, layout: LayerLayout, hidden: int, architecture: str) -> None:
+        self.layout = layout
+        self.hidden = hidden
+        self.architecture = architecture
+        self.logits_module = None
+
+    def resolve(self, *, layers, hook_points, modules) -> list[HookPoint]:
+        if modules:
+            raise HookError(
+                "module paths are not mapped on the vllm backend; use per-layer hook_points "
+                f"({', '.join(ALIASES)})",
+                "modules",
+            )
+        if not hook_points:
+            if layers is not None:
+                raise HookError('layers needs hook_points (e.g. ["resid_post"])', "hook_points")
+            raise HookError("name at least one hook point (hook_points or modules)", "hook_points")
+        if self.architecture not in LLAMA_FAMILY:
+            raise HookError(
+                f"hook points are not mapped for {self.architecture} on the vllm backend "
+                f"(mapped: {', '.join(sorted(LLAMA_FAMILY))})",
+                "hook_points",
+            )
+        indexes = self.layer_indexes("all" if layers is None else layers)
+        points = {}
+        for j, hook in enumerate(hook_points):
+            if hook not in ALIASES:
+                raise HookError(
+                    f"hook point {hook!r} is not mapped on the vllm backend; use one of {', '.join(ALIASES)}",
+                    f"hook_points[{j}]",
+                )
+            for layer in indexes:
+                place, order = place_of(hook, layer, self.layout.path, _embed_path(self.layout))
+                name = f"layers.{layer}.{hook}"
+                points[name] = HookPoint(name, place.module, "output", layer, hook, order, self.hidden)
+        return sorted(points.values(), key=lambda p: (p.order, p.name))
+
+
+def _embed_path(layout: LayerLayout) -> str:
+    return layout.path.rsplit(".", 1)[0] + ".embed_tokens"
+
+
+class VLLMEngine(Engine):
+    """The engine on vLLM (see the module docstring); built by :meth:`from_settings`."""
+
+    backend = BACKEND
+    unsupported = UNSUPPORTED
+
+    def __init__(
+        self,
+        model,
+        loaded: LoadedModel,
+        config,
+        *,
+        scheduler: Scheduler,
+        max_model_len: int | None = None,
+        request_timeout: float | None = None,
+        chat_template: str | None = None,
+        events: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """``model``: nnsight's ``VLLM`` (dispatched, async); ``config``: the checkpoint's HF config;
+        ``events``: the loop the model's ``AsyncLLM`` was built on (the worker thread's)."""
+        self.built_on_thread = threading.get_ident()
+        self.model = model
+        self.loaded = loaded
+        self.config = config
+        self.before = None
+        self.before_shape = None
+        self.before_context_length = None
+        self.model_id = loaded.model_id
+        meta = model._module  # vLLM's module tree, on the meta device
+        self.architecture = type(meta).__name__
+        self.layout = find_layers(meta)
+        self.shape = ModelShape._from_config(
+            config,
+            self.layout.count,
+            weight_bytes=sum(p.numel() for p in meta.parameters()) * loaded.dtype.itemsize,
+            dtype_bytes=loaded.dtype.itemsize,
+        )
+        self.hooks = VLLMHooks(self.layout, self.shape.hidden, self.architecture)
+        self.context_length = context_length(config, loaded.tokenizer, max_model_len)
+        self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
+        if chat_template is not None:
+            self.prompt_tokenizer.chat_template = chat_template
+        self.vocabulary = build_vocabulary(loaded.tokenizer)
+        self.request_timeout = request_timeout
+        self.host_memory = HostMemory()
+        self.runtime = None  # no HF runtime: batches run in vLLM
+        self.loop = None
+        self.spool_root = Path(tempfile.mkdtemp(prefix="nnsight-vllm-spool-"))
+        self._events = events or asyncio.new_event_loop()  # the worker thread's loop: vLLM's AsyncLLM on it
+        self._capture_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-captures")
+        scheduler.bind(self._run_batch, None, on_idle=self.host_memory.release)
+        self.scheduler = scheduler
+        self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
+
+    # -- building ---------------------------------------------------------------------
+
+    @classmethod
+    def _build(cls, settings, scheduler: Scheduler) -> VLLMEngine:
+        check_backend_settings(settings)
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        from .loading import check_chat_template
+
+        started = time.perf_counter()
+        source, model_id = resolve_source(settings.model, settings.cache_dir)
+        accelerator = resolve_device(settings.device).type == "cuda"
+        dtype = resolve_dtype(settings.dtype, torch.device("cuda" if accelerator else "cpu"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            config = AutoConfig.from_pretrained(source)
+            try:
+                generation_config = GenerationConfig.from_pretrained(source)
+            except OSError:
+                generation_config = GenerationConfig()
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load model {settings.model!r}: {exc}") from exc
+        engine_args = {
+            "dtype": str(dtype).removeprefix("torch."),
+            "max_model_len": settings.max_model_len,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+            "gpu_memory_utilization": settings.gpu_memory_utilization,
+            "max_num_seqs": settings.max_batch_size,
+            "served_model_name": settings.served_model_name or model_id,
+            "generation_config": "vllm",  # sample exactly as each request says (loading.py)
+        }
+        if settings.distributed_executor_backend is not None:
+            engine_args["distributed_executor_backend"] = settings.distributed_executor_backend
+        logger.info("loading %s from %s on vLLM (%s)", model_id, source, engine_args)
+        events = asyncio.new_event_loop()
+        asyncio.set_event_loop(events)
+        try:
+            model = vllm_model(source, accelerator, **{k: v for k, v in engine_args.items() if v is not None})
+        except Exception as exc:
+            raise ModelLoadError(f"vLLM could not load {settings.model!r}: {exc}") from exc
+        elapsed = time.perf_counter() - started
+        logger.info("loaded %s on vLLM in %.1f s", model_id, elapsed)
+        loaded = LoadedModel(
+            wrapper=model,
+            tokenizer=tokenizer,
+            model_id=settings.served_model_name or model_id,
+            source=source,
+            dtype=dtype,
+            device=torch.device("cuda" if accelerator else "cpu"),  # where vLLM's workers run it
+            load_seconds=elapsed,
+            eos_token_ids=eos_token_ids_of(generation_config, tokenizer),
+            checkpoint_generation_config=generation_config.to_diff_dict(),
+        )
+        engine = cls(
+            model,
+            loaded,
+            config,
+            scheduler=scheduler,
+            max_model_len=settings.max_model_len,
+            request_timeout=settings.request_timeout or None,
+            chat_template=check_chat_template(settings.chat_template) if settings.chat_template else None,
+            events=events,
+        )
+        return engine
+
+    def close(self, timeout: float | None = None) -> None:
+        """Fail queued work, let the running batch end, then stop vLLM's engine and remove the spool."""
+        super().close(timeout)
+        self._capture_executor.shutdown(wait=True)
+        if not self._events.is_running():  # a batch that outlived the timeout still holds it
+            self._events.run_until_complete(self._stop_vllm())
+            self._events.close()
+        shutil.rmtree(self.spool_root, ignore_errors=True)
+
+    async def _stop_vllm(self) -> None:
+        """vLLM's engine processes stopped, and its output handler ended, on the loop it ran on."""
+        entrypoint = getattr(self.model, "vllm_entrypoint", None)
+        if entrypoint is not None:
+            with contextlib.suppress(Exception):
+                entrypoint.shutdown()
+        pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.get_text_config().vocab_size
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        return self.shape.weight_bytes
+
+    # -- what this runtime refuses --------------------------------------------------------
+
+    async def check_grammar(self, grammar: str) -> None:
+        raise AssertionError("the serving layer refuses structured output on the vllm backend first")
+
+    async def score_prompt(self, prompt_ids, top_k):
+        raise AssertionError("the serving layer refuses prompt logprobs on the vllm backend first")
+
+    async def collect(self, prompts, points, position):
+        raise AssertionError("the serving layer refuses contrastive vectors on the vllm backend first")
+
+    async def lda(self, job):
+        raise AssertionError("the serving layer refuses LDA on the vllm backend first")
+
+    # -- batches (the worker thread) -----------------------------------------------------
+
+    def _batch_memory(self, jobs: list[GenerationJob]) -> int:
+        return 0  # vLLM sizes its own KV cache (--gpu-memory-utilization)
+
+    def _run_batch(
+        self,
+        jobs: list[GenerationJob],
+        on_done: Callable[[GenerationJob, GenerationResult | BaseException], None],
+        take_more: Callable[[int], list[GenerationJob]],
+    ) -> None:
+        """Run ``jobs`` as vLLM requests, taking newly queued jobs in as rows free up (at most
+        ``--max-batch-size`` rows in flight); each ends through ``on_done``."""
+        self._events.run_until_complete(self._drive(jobs, on_done, take_more))
+
+    async def _drive(self, jobs, on_done, take_more) -> None:
+        running: dict[asyncio.Task, GenerationJob] = {}
+
+        def launch(new_jobs: list[GenerationJob]) -> None:
+            for job in new_jobs:
+                running[asyncio.create_task(self._run_job(job))] = job
+
+        launch(jobs)
+        try:
+            while running:
+                done, _ = await asyncio.wait(running, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    job = running.pop(task)
+                    on_done(job, JobInterrupted() if task.cancelled() else task.exception() or task.result())
+                for task, job in running.items():
+                    if job.cancelled.is_set():
+                        task.cancel()
+                free = self.scheduler.max_batch_size - sum(job.rows for job in running.values())
+                if free > 0:
+                    launch(take_more(free))
+        except BaseException as exc:
+            for task, job in running.items():
+                task.cancel()
+                on_done(job, exc)
+            raise
+
+    async def _run_job(self, job: GenerationJob) -> GenerationResult:
+        """One job: ``n`` vLLM requests (choice 0 carries the capture), to their ends."""
+        rows = RowState.for_job(job, self.loaded.tokenizer, self.loaded.eos_token_ids)
+        capture = _Capture(self, job) if job.capture is not None else None
+        try:
+            if job.params.max_tokens == 0:
+                for i, row in enumerate(rows):
+                    row.finish()
+                    _emit(job, i, row)
+            if job.params.max_tokens > 0 or capture is not None:
+                await asyncio.gather(
+                    *(self._run_row(job, i, row, capture if i == 0 else None) for i, row in enumerate(rows))
+                )
+            for i, row in enumerate(rows):
+                if not row.finished:
+                    row.finish()
+                    _emit(job, i, row)
+            result = None
+            if capture is not None:
+                if capture.recorder.trace:
+                    result = capture.result
+                else:  # every position fed in: the prompt and each generated token but the last
+                    ids = list(job.prompt_ids) + rows[0].token_ids
+                    result = await capture.write(
+                        len(job.prompt_ids) + max(0, len(rows[0].token_ids) - 1), ids
+                    )
+            with_logprobs = job.params.logprobs is not None
+            return GenerationResult(
+                choices=[row.choice(job.first_index + i, with_logprobs) for i, row in enumerate(rows)],
+                prompt_tokens=len(job.prompt_ids),
+                capture=result,
+            )
+        except BaseException:
+            if capture is not None:
+                capture.abort()
+            raise
+        finally:
+            if capture is not None:
+                capture.clean()
+
+    async def _run_row(self, job: GenerationJob, i: int, row: RowState, capture: _Capture | None) -> None:
+        """One choice as one traced vLLM request: its tokens into ``row`` as they stream."""
+        params = job.params
+        plan = self._plan(job, capture)
+        sampling = self._sampling(job, i)
+        model = self.model  # the block names only what nnsight can ship: the model, the plan
+        with model.trace(list(job.prompt_ids), **sampling) as tracer:
+            if plan.sites:
+                run_request(model, tracer, plan)
+        stream = tracer.backend.__aiter__()
+        try:
+            async for output in stream:
+                completion = output.outputs[0]
+                new = completion.token_ids[len(row.token_ids) :]
+                if job.first_token_at is None:
+                    job.first_token_at = time.monotonic()
+                if capture is not None and capture.recorder.trace and capture.result is None:
+                    await capture.write(len(job.prompt_ids), list(job.prompt_ids))
+                    if job.on_capture is not None:
+                        job.on_capture(capture.result)
+                if params.max_tokens == 0:
+                    break
+                offset = len(row.token_ids)
+                for k, token in enumerate(new):
+                    if row.finished:
+                        break
+                    logprob = None
+                    if params.logprobs is not None:
+                        logprob = _logprob(completion.logprobs[offset + k], token, params.logprobs)
+                    row.advance(token, logprob)
+                    if i == 0:
+                        job.steps += 1
+                    _emit(job, i, row, (logprob,) if logprob is not None else ())
+                if row.finished:
+                    break
+        finally:
+            await stream.aclose()  # an unfinished request is aborted, its worker state freed
+
+    def _sampling(self, job: GenerationJob, i: int) -> dict:
+        """vLLM's ``SamplingParams`` fields for choice ``i`` (each choice is its own request)."""
+        p = job.params
+        eos = () if p.ignore_eos else tuple(self.loaded.eos_token_ids)
+        sampling = {
+            "max_tokens": max(1, p.max_tokens),
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "min_p": p.min_p,
+            "seed": None if p.seed is None else p.seed + i,
+            "stop_token_ids": sorted(set(eos) | set(p.stop_token_ids)) or None,
+            "ignore_eos": p.ignore_eos,
+            "min_tokens": min(p.min_tokens, max(1, p.max_tokens)),
+            "repetition_penalty": p.repetition_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "presence_penalty": p.presence_penalty,
+            "logit_bias": dict(p.logit_bias) or None,
+            "logprobs": p.logprobs,
+            # The text is ours (RowState, as on the HF runtime), and so are stop strings: a row that
+            # ends on one is aborted in vLLM.
+            "detokenize": False,
+        }
+        return {key: value for key, value in sampling.items() if value is not None}
+
+    def _plan(self, job: GenerationJob, capture: _Capture | None) -> RequestPlan:
+        """The worker-side plan: the job's edits and (choice 0 only) capture reads, by place."""
+        sites: dict[str, tuple[Place, int, list, list]] = {}
+
+        def site(point: HookPoint) -> list:
+            place, order = place_of(point.hook, point.layer, self.layout.path, _embed_path(self.layout))
+            return sites.setdefault(place.module, (place, order, [], []))
+
+        dtype = self.loaded.dtype
+        for edit in job.edits:
+            moved = replace(
+                edit,
+                vector=None if edit.vector is None else edit.vector.to(dtype),
+                source=None if edit.source is None else edit.source.to(dtype),
+            )
+            site(edit.point)[2].append(moved)
+        if capture is not None:
+            for point in capture.recorder.plan.points:
+                site(point)[3].append(point.name)
+        ordered = sorted(sites.values(), key=lambda entry: entry[1])
+        return RequestPlan(
+            sites=tuple(Site(place, tuple(edits), tuple(names)) for place, _, edits, names in ordered),
+            prompt_len=len(job.prompt_ids),
+            read_steps=None if capture is None else capture.recorder.reads_steps,
+            spool=None if capture is None else str(capture.spool),
+        )
+
+    # -- introspection -------------------------------------------------------------
+
+    def _aliases(self) -> dict[str, str]:
+        """Where each alias is read on vLLM's tree (``vllm_block.py``); none outside the family."""
+        if self.architecture not in LLAMA_FAMILY:
+            return {}
+        layers, embed = self.layout.path, _embed_path(self.layout)
+        return {
+            "resid_pre": f"{layers}.{{layer-1}}.output summed (hidden + residual); {embed}.output at layer 0",
+            "resid_post": f"{layers}.{{layer}}.output summed (hidden + residual)",
+            "attn_out": f"{layers}.{{layer}}.self_attn.output",
+            "mlp_out": f"{layers}.{{layer}}.mlp.output",
+        }
+
+    def structure(self) -> dict:
+        """What /v1/model/structure reports: vLLM's module tree and the hook points mapped on it."""
+        meta = self.model._module
+        layout = self.layout
+        return {
+            "model": self.model_id,
+            "backend": BACKEND,
+            "source": self.loaded.source,
+            "architecture": self.architecture,
+            "dtype": str(self.loaded.dtype).removeprefix("torch."),
+            "quantization": None,
+            "device": str(self.loaded.device),
+            "num_layers": layout.count,
+            "hidden_size": self.shape.hidden,
+            "vocab_size": self.vocab_size,
+            "context_length": self.context_length,
+            "num_parameters": sum(p.numel() for p in meta.parameters()),
+            "parameter_bytes": self.shape.weight_bytes,
+            "layers_path": layout.path,
+            "hook_points": {
+                "layer_path_template": f"{layout.path}.{{layer}}",
+                "aliases": self._aliases(),
+                "per_layer": list(ALIASES) if self.architecture in LLAMA_FAMILY else [],
+            },
+            "modules": module_tree(meta),
+            "checkpoint_generation_config": self.loaded.checkpoint_generation_config,
+            "adapter": None,
+            "lda_before": None,
+        }
+
+
+class _Capture:
+    """A job's capture on vLLM: the spool the worker appends to, and the recorder that turns it
+    into the activation store's files."""
+
+    def __init__(self, engine: VLLMEngine, job: GenerationJob) -> None:
+        self.engine = engine
+        self.job = job
+        self.recorder = CaptureRecorder(job.capture, len(job.prompt_ids), _capture_facts(engine, job))
+        self.spool = engine.spool_root / uuid.uuid4().hex
+        self.spool.mkdir(mode=0o700)
+        self.result: CaptureResult | None = None
+
+    async def write(self, positions: int, ids: list[int]) -> CaptureResult:
+        """Feed the first ``positions`` spooled positions to the recorder, step by step, and
+        write the manifest (on the capture thread); ``ids``: the token ids of those positions."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        future = loop.run_in_executor(self.engine._capture_executor, self._write, positions, ids)
+        try:
+            self.result = await asyncio.shield(future)
+        except asyncio.CancelledError:  # its files are being written: let that end before any abort
+            with contextlib.suppress(BaseException):
+                await future
+            raise
+        logger.debug(
+            "capture %s: %d positions written in %.3f s",
+            self.result.id,
+            positions,
+            time.perf_counter() - started,
+        )
+        return self.result
+
+    def _write(self, positions: int, ids: list[int]) -> CaptureResult:
+        recorder, prompt_len = self.recorder, len(self.job.prompt_ids)
+        dtype, width = self.engine.loaded.dtype, self.engine.shape.hidden
+        names = [point.name for point in recorder.plan.points]
+        with contextlib.ExitStack() as stack:
+            spooled = {
+                name: stack.enter_context(_mapped(self.spool / f"{name}.raw", dtype, width)) for name in names
+            }
+            available = min(len(values) for values in spooled.values())
+            if available < min(positions, prompt_len):
+                raise RuntimeError(f"the worker spooled {available} of {positions} positions")
+            positions = min(positions, available)
+            start = 0
+            while start < positions:  # the prompt, then the generated positions a chunk at a time
+                length = prompt_len if start == 0 else min(SPOOL_CHUNK, positions - start)
+                step = {name: values[None, start : start + length] for name, values in spooled.items()}
+                recorder.on_step(step, length)
+                start += length
+        ids = ids[:positions]
+        tokens = [self.engine.vocabulary.text(t) for t in ids]
+        return recorder.finish(ids, tokens, stop=self.job.cancelled.is_set)
+
+    def abort(self) -> None:
+        """Remove what the capture wrote, unless a trace-mode capture's id already went out."""
+        if self.result is None:
+            self.recorder.abort()
+        elif self.job.on_capture is None:  # written, but nobody was told its id
+            with contextlib.suppress(KeyError):
+                self.recorder.spec.sink.delete(self.result.id)
+
+    def clean(self) -> None:
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path, dtype: torch.dtype, width: int):
+    """A spool file as a ``[positions, width]`` tensor (memory-mapped, read-only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield torch.empty((0, width), dtype=dtype)
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            yield torch.empty((0, width), dtype=dtype)
+            return
+        with mmap.mmap(fd, size, access=mmap.ACCESS_COPY) as mapped:
+            flat = torch.frombuffer(mapped, dtype=dtype)
+            yield flat[: flat.numel() // width * width].view(-1, width)
+            del flat
+    finally:
+        os.close(fd)
+
+
+def _capture_facts(engine: VLLMEngine, job: GenerationJob) -> dict:
+    p = job.params
+    return {
+        "model": engine.model_id,
+        "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+        "adapter": None,
+        "quantization": None,
+        "backend": BACKEND,
+        "sampling": {
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "seed": p.seed,
+            "max_tokens": p.max_tokens,
+            "n": p.n,
+            "stop": list(p.stop),
+            "ignore_eos": p.ignore_eos,
+            "min_p": p.min_p,
+            "logit_bias": {str(token): bias for token, bias in p.logit_bias},
+            "repetition_penalty": p.repetition_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "presence_penalty": p.presence_penalty,
+            "min_tokens": p.min_tokens,
+            "stop_token_ids": list(p.stop_token_ids),
+        },
+    }
+
+
+def _logprob(step: dict, token: int, top_k: int) -> TokenLogprob:
+    """The chosen token's logprob and the ``top_k`` most likely tokens, best first, from one
+    step of vLLM's logprobs (``{token id: Logprob}``: the chosen token and the top ones; raw
+    logprobs, the model's distribution before sampling warpers, as on the HF runtime)."""
+    ranked = sorted(step.items(), key=lambda item: item[1].rank)
+    top = tuple((tid, lp.logprob) for tid, lp in ranked if lp.rank <= top_k)[:top_k]
+    return TokenLogprob(token, step[token].logprob, top)
+
+
+def _emit(job: GenerationJob, i: int, row: RowState, logprobs: tuple = ()) -> None:
+    if job.on_delta is None:
+        return
+    text = row.text.take_delta()
+    if text or logprobs or row.finish_reason:
+        job.on_delta(ChoiceDelta(job.first_index + i, text, logprobs, row.finish_reason))
+
+
+def check_backend_settings(settings) -> None:
+    """Refuse, before anything loads, flags the chosen backend does not take: vLLM's flags
+    without ``--backend vllm``; with it, the HF runtime's loading flags, or vLLM missing.
+
+    Raises:
+        ModelLoadError: naming the flag.
+    """
+    if settings.backend != BACKEND:
+        if settings.tensor_parallel_size != 1 or settings.distributed_executor_backend is not None:
+            raise ModelLoadError(
+                "--tensor-parallel-size and --distributed-executor-backend need --backend vllm "
+                "(docs/scale_out.md)"
+            )
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ModelLoadError(
+            "--backend vllm: vLLM is not installed in this environment; run `bash scripts/install_vllm.sh` "
+            "and start the server with .venv-vllm/bin/python (docs/scale_out.md)"
+        )
+    refused = {
+        "quantization": "--quantization (serve a checkpoint quantized for vLLM instead)",
+        "adapter": "--adapter",
+        "lda_before": "--lda-before (LDA runs on the hf backend)",
+        "memory_budget": "--memory-budget (vLLM sizes its own cache: --gpu-memory-utilization)",
+    }
+    for field, flag in refused.items():
+        if getattr(settings, field, None) is not None:
+            raise ModelLoadError(f"{flag} is not available with --backend vllm (docs/scale_out.md)")
+    if settings.device not in ("auto", "cuda", "cpu"):
+        raise ModelLoadError("--device: vLLM places the model itself; use --tensor-parallel-size")
+
+
+def vllm_model(source: str, accelerator: bool, **engine_args):
+    """nnsight's async ``VLLM`` on ``source``: on vLLM's GPU worker (``accelerator``), else on this
+    project's CPU worker (``vllm_cpu.py``).
+
+    Raises:
+        ImportError: vLLM is not installed (``scripts/install_vllm.sh``).
+    """
+    if accelerator:
+        from nnsight.modeling.vllm import VLLM
+
+        return VLLM(source, dispatch=True, mode="async", **engine_args)
+    from .vllm_cpu import cpu_vllm
+
+    return cpu_vllm(source, mode="async", **engine_args)
