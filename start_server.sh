@@ -12,6 +12,7 @@
 # Server flags are those of `python -m server --help` (--model, --host, --port, --dtype, --device,
 # --api-key, --activations-dir, --memory-budget, ...); each also reads NNSIGHT_SERVER_<NAME> from
 # the environment. --api-key never reaches a command line: it is handed over in the environment.
+# --backend vllm runs from .venv-vllm (made by scripts/install_vllm.sh, run here if it is missing).
 # They are checked before anything starts: an unknown flag, a model folder that does not exist or
 # an unusable --adapter is refused at once, and so is an unknown command.
 # Flags of this script (each also an environment variable):
@@ -35,6 +36,7 @@ state_dir="${NNSIGHT_SERVER_STATE_DIR:-$HOME/.nnsight_server}"
 host="${NNSIGHT_SERVER_HOST:-127.0.0.1}"
 port="${NNSIGHT_SERVER_PORT:-8000}"
 shutdown_s="${NNSIGHT_SERVER_SHUTDOWN_TIMEOUT:-30}"
+backend="${NNSIGHT_SERVER_BACKEND:-hf}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 export PYTHONUNBUFFERED=1
 
@@ -128,10 +130,17 @@ while (($#)); do
                 --port=*) port="${1#*=}" ;;
                 --shutdown-timeout) shutdown_s="$2" ;;
                 --shutdown-timeout=*) shutdown_s="${1#*=}" ;;
+                --backend) backend="${2:-}" ;;
+                --backend=*) backend="${1#*=}" ;;
             esac
             server_args+=("$1"); shift ;;
     esac
 done
+# --backend vllm runs from the vLLM runtime's own environment (docs/scale_out.md).
+if [[ "$backend" == vllm && -z "${NNSIGHT_SERVER_VENV:-}" ]]; then
+    venv="$root/.venv-vllm"
+    python="$venv/bin/python"
+fi
 [[ "$session" =~ ^[A-Za-z0-9_.-]+$ ]] || fail "--session must be letters, digits, '_', '.' or '-' (got '$session')"
 [[ "$port" =~ ^[0-9]+$ ]] || fail "--port must be a number (got '$port')"
 if [[ -n "$follow" || "$lines" != 100 ]] && [[ "$command" != logs ]]; then
@@ -151,7 +160,17 @@ url="http://$url_host:$port"
 
 # install.sh records the lock and the extras it installed; a venv from another lock (or none) is
 # brought in line, with the same extras (a --dev venv keeps its test tools current too).
+# The vLLM environment is install_vllm.sh's: its CPU build from requirements-vllm.lock, or a --gpu
+# install (which records "gpu" and is left as it is).
 ensure_installed() {
+    if [[ "$backend" == vllm ]]; then
+        if ! cmp -s "$root/requirements-vllm.lock" "$venv/.installed-lock" 2>/dev/null &&
+            [[ "$(cat "$venv/.installed-lock" 2>/dev/null || true)" != gpu ]]; then
+            say "installing vLLM's CPU build into $venv (about 4 minutes the first time; on a GPU machine run scripts/install_vllm.sh --gpu first)"
+            NNSIGHT_SERVER_VLLM_VENV="$venv" bash "$root/scripts/install_vllm.sh"
+        fi
+        return
+    fi
     if ! cmp -s "$root/requirements.lock" "$venv/.installed-lock" 2>/dev/null; then
         local extras=()
         [[ "$(cat "$venv/.installed-extras" 2>/dev/null || true)" == dev ]] && extras=(--dev)
