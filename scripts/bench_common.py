@@ -82,15 +82,19 @@ def stop_process(process: subprocess.Popen, timeout: float = 60) -> None:
 
 @contextlib.contextmanager
 def running_server(
-    command: list[str], url: str, health: str = "/health", log: Path | None = None
+    command: list[str],
+    url: str,
+    health: str = "/health",
+    log: Path | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[subprocess.Popen]:
     """Run any HTTP server ``command`` for the length of the block, once ``url + health`` answers
-    200, and stop it however the block ends. Its output goes to ``log`` if given (its tail is
-    printed if it fails to start), else to this process's."""
+    200 (within ``startup_timeout`` seconds), and stop it however the block ends. Its output goes
+    to ``log`` if given (its tail is printed if it fails to start), else to this process's."""
     sink = open(log, "wb") if log else None  # noqa: SIM115 (closed below, after the process)
     process = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT if sink else None)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
                 raise SystemExit(f"{command[0]} exited with {process.returncode}{_log_tail(log)}")
@@ -100,7 +104,7 @@ def running_server(
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not become healthy in {STARTUP_TIMEOUT_S} s{_log_tail(log)}")
+                raise SystemExit(f"{url} did not become healthy in {startup_timeout:g} s{_log_tail(log)}")
             time.sleep(0.5)
         yield process
     finally:
