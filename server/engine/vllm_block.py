@@ -25,7 +25,8 @@ mlp_out i      ``layers.{i}.mlp`` output                            the tensor i
 Values are ``[tokens this step, width]`` (vLLM flattens a batch over tokens): the prompt at
 step 0, one token at each later step. Positions are absolute (the prompt covers ``[0, P)``),
 as :class:`interventions.Edit` expects; a step that feeds more than one token after the first
-is vLLM recomputing a preempted request from position 0, and is edited as such.
+is vLLM recomputing a preempted request from position 0: its positions are edited as the steps
+that first fed them were.
 
 A capture's values are appended, step by step, to one raw file per hook point in a spool
 folder the server made for the request (each position once, in the model's dtype): nothing
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,14 +66,23 @@ class Place:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One hook point's work at a place, in a step: its edits (in order), then the capture
+    tensors read there (after those edits, as on the HF runtime)."""
+
+    edits: tuple[Edit, ...] = ()
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Site:
-    """What happens at one place in one step: the edits applied (in order) and the hook points
-    whose values, after those edits, are spooled. ``names`` and ``edits`` may both be empty
-    only by mistake."""
+    """One place and its stages in execution order: where two aliases share a place
+    (``resid_post`` of layer i and ``resid_pre`` of layer i + 1), ``resid_post``'s stage comes
+    first, so its read does not see ``resid_pre``'s edits (the HF runtime reads layer i's
+    output before it edits layer i + 1's input)."""
 
     place: Place
-    edits: tuple[Edit, ...]
-    names: tuple[str, ...]  # capture tensor names read here (after this place's edits)
+    stages: tuple[Stage, ...]
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,9 @@ def run_request(model, tracer, plan: RequestPlan) -> None:
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     spooled = 0  # positions already in the spool
     fed = 0  # positions fed in so far
-    steps = tracer.iter[:] if any(site.edits for site in plan.sites) else tracer.iter[: plan.read_steps]
+    placed: dict[int, Edit] = {}  # each edit with its tensors on the model's device and dtype
+    edits = any(stage.edits for site in plan.sites for stage in site.stages)
+    steps = tracer.iter[:] if edits else tracer.iter[: plan.read_steps]
     for step in steps:
         reading = plan.spool is not None and rank0 and (plan.read_steps is None or step < plan.read_steps)
         start = None
@@ -126,23 +138,54 @@ def run_request(model, tracer, plan: RequestPlan) -> None:
             length = value.shape[0]
             if start is None:
                 start = fed if (step > 0 and length == 1) else 0
+                segments = _segments(start, length, plan.prompt_len, step)
             edited = False
-            for edit in site.edits:
-                index = edit.indexes(start, length, plan.prompt_len, step)
-                if index:
-                    rows = torch.tensor(index, device=value.device)
-                    value = value.index_copy(0, rows, edit.new_values(value[rows][None], start, index)[0])
-                    edited = True
+            for stage in site.stages:
+                for edit in stage.edits:
+                    if id(edit) not in placed:
+                        placed[id(edit)] = _placed(edit, value)
+                    edit = placed[id(edit)]
+                    index = _indexes(edit, segments, start, plan.prompt_len)
+                    if index:
+                        rows = torch.tensor(index, device=value.device)
+                        new = edit.new_values(value[rows][None], start, index)[0]
+                        value = value.index_copy(0, rows, new.to(value.dtype))
+                        edited = True
+                if reading and stage.names:
+                    skip = max(0, spooled - start)
+                    if skip < length:
+                        for name in stage.names:
+                            _append(plan.spool, name, value[skip:])
             if edited:
                 envoy.output = (value, torch.zeros_like(value)) if site.place.pair else value
-            if reading and site.names:
-                skip = max(0, spooled - start)
-                if skip < length:
-                    for name in site.names:
-                        _append(plan.spool, name, value[skip:])
         if start is not None:
             fed = start + length
             spooled = max(spooled, fed)
+
+
+def _segments(start: int, length: int, prompt_len: int, step: int) -> list[tuple[int, int, int]]:
+    """The forward steps a step's positions were first fed at, as ``(start, length, step)``: the
+    step itself, or, where vLLM recomputes a preempted request from position 0, the prompt
+    (step 0) and each generated position at its own step, so that ``positions`` and ``steps``
+    select what they selected the first time."""
+    if step == 0 or start > 0 or length == 1:
+        return [(start, length, step)]
+    return [(0, prompt_len, 0)] + [(p, 1, p - prompt_len + 1) for p in range(prompt_len, length)]
+
+
+def _indexes(edit: Edit, segments, start: int, prompt_len: int) -> list[int]:
+    """Which of this step's positions (relative to ``start``) ``edit`` touches."""
+    return [s + i - start for s, n, k in segments for i in edit.indexes(s, n, prompt_len, k)]
+
+
+def _placed(edit: Edit, value: torch.Tensor) -> Edit:
+    """``edit`` with its vector and patch source on ``value``'s device and in its dtype (they
+    travel to the worker as float32 CPU tensors)."""
+
+    def move(tensor):
+        return None if tensor is None else tensor.to(value.device, value.dtype)
+
+    return replace(edit, vector=move(edit.vector), source=move(edit.source))
 
 
 _quieted = False

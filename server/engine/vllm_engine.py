@@ -43,7 +43,6 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -64,7 +63,7 @@ from .loading import (
 from .memory import HostMemory, ModelShape
 from .scheduler import Scheduler
 from .structure import LayerLayout, context_length, find_layers, module_tree
-from .vllm_block import Place, RequestPlan, Site, place_of, run_request
+from .vllm_block import Place, RequestPlan, Site, Stage, place_of, run_request
 from .vocab import build_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -307,6 +306,7 @@ class VLLMEngine(Engine):
 
     async def _drive(self, jobs, on_done, take_more) -> None:
         running: dict[asyncio.Task, GenerationJob] = {}
+        cancelled: set[asyncio.Task] = set()  # each cancelled once: its cleanup must not be cut short
 
         def launch(new_jobs: list[GenerationJob]) -> None:
             for job in new_jobs:
@@ -318,10 +318,12 @@ class VLLMEngine(Engine):
                 done, _ = await asyncio.wait(running, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     job = running.pop(task)
+                    cancelled.discard(task)
                     on_done(job, JobInterrupted() if task.cancelled() else task.exception() or task.result())
                 for task, job in running.items():
-                    if job.cancelled.is_set():
+                    if job.cancelled.is_set() and task not in cancelled:
                         task.cancel()
+                        cancelled.add(task)
                 free = self.scheduler.max_batch_size - sum(job.rows for job in running.values())
                 if free > 0:
                     launch(take_more(free))
@@ -329,6 +331,7 @@ class VLLMEngine(Engine):
             for task, job in running.items():
                 task.cancel()
                 on_done(job, exc)
+            await asyncio.gather(*running, return_exceptions=True)  # their requests aborted
             raise
 
     async def _run_job(self, job: GenerationJob) -> GenerationResult:
@@ -336,14 +339,14 @@ class VLLMEngine(Engine):
         rows = RowState.for_job(job, self.loaded.tokenizer, self.loaded.eos_token_ids)
         capture = _Capture(self, job) if job.capture is not None else None
         try:
-            if job.params.max_tokens == 0:
+            if job.params.max_tokens == 0:  # echo only: nothing to generate (a capture still reads)
                 for i, row in enumerate(rows):
                     row.finish()
                     _emit(job, i, row)
-            if job.params.max_tokens > 0 or capture is not None:
-                await asyncio.gather(
-                    *(self._run_row(job, i, row, capture if i == 0 else None) for i, row in enumerate(rows))
-                )
+                runs = [0] if capture is not None else []
+            else:
+                runs = list(range(len(rows)))
+            await _all_or_none(self._run_row(job, i, rows[i], capture if i == 0 else None) for i in runs)
             for i, row in enumerate(rows):
                 if not row.finished:
                     row.finish()
@@ -354,9 +357,8 @@ class VLLMEngine(Engine):
                     result = capture.result
                 else:  # every position fed in: the prompt and each generated token but the last
                     ids = list(job.prompt_ids) + rows[0].token_ids
-                    result = await capture.write(
-                        len(job.prompt_ids) + max(0, len(rows[0].token_ids) - 1), ids
-                    )
+                    fed = len(job.prompt_ids) + max(0, len(rows[0].token_ids) - 1)
+                    result = await capture.write(fed, ids)
             with_logprobs = job.params.logprobs is not None
             return GenerationResult(
                 choices=[row.choice(job.first_index + i, with_logprobs) for i, row in enumerate(rows)],
@@ -372,7 +374,12 @@ class VLLMEngine(Engine):
                 capture.clean()
 
     async def _run_row(self, job: GenerationJob, i: int, row: RowState, capture: _Capture | None) -> None:
-        """One choice as one traced vLLM request: its tokens into ``row`` as they stream."""
+        """One choice as one traced vLLM request: its tokens into ``row`` as they stream.
+
+        vLLM ends the request itself where the row ends on an EOS or stop token or at
+        ``max_tokens``; the stream is read to its finished output then, which is where nnsight
+        raises an error of the request's block. A row that ends on a stop string (which vLLM
+        is not told of) or whose job is cancelled is aborted in vLLM."""
         params = job.params
         plan = self._plan(job, capture)
         sampling = self._sampling(job, i)
@@ -380,9 +387,12 @@ class VLLMEngine(Engine):
         with model.trace(list(job.prompt_ids), **sampling) as tracer:
             if plan.sites:
                 run_request(model, tracer, plan)
-        stream = tracer.backend.__aiter__()
+        backend = tracer.backend
+        stream = backend.__aiter__()
+        finished = False
         try:
             async for output in stream:
+                finished = output.finished
                 completion = output.outputs[0]
                 new = completion.token_ids[len(row.token_ids) :]
                 if job.first_token_at is None:
@@ -404,10 +414,21 @@ class VLLMEngine(Engine):
                     if i == 0:
                         job.steps += 1
                     _emit(job, i, row, (logprob,) if logprob is not None else ())
-                if row.finished:
+                if row.finished and not _vllm_ends_too(row):
                     break
         finally:
-            await stream.aclose()  # an unfinished request is aborted, its worker state freed
+            # nnsight's request id: its stream does not close vLLM's own generator, whose abort
+            # would wait for garbage collection (and this loop runs only while a batch does).
+            await asyncio.shield(self._end_request(stream, None if finished else backend._request_id))
+
+    async def _end_request(self, stream, unfinished: str | None) -> None:
+        """Close a request's stream (nnsight frees its worker state) and abort it in vLLM if it
+        had not finished."""
+        try:
+            await stream.aclose()
+        finally:
+            if unfinished is not None:
+                await self.model.vllm_entrypoint.abort(unfinished)
 
     def _sampling(self, job: GenerationJob, i: int) -> dict:
         """vLLM's ``SamplingParams`` fields for choice ``i`` (each choice is its own request)."""
@@ -435,27 +456,35 @@ class VLLMEngine(Engine):
         return {key: value for key, value in sampling.items() if value is not None}
 
     def _plan(self, job: GenerationJob, capture: _Capture | None) -> RequestPlan:
-        """The worker-side plan: the job's edits and (choice 0 only) capture reads, by place."""
-        sites: dict[str, tuple[Place, int, list, list]] = {}
+        """The worker-side plan: the job's edits and (choice 0 only) capture reads, by place in
+        execution order, and at a place by hook point (``resid_post`` before ``resid_pre``).
+        Edit tensors travel as they are (float32 on the CPU); the worker places them."""
+        stages: dict[tuple[str, str], tuple[list, list]] = {}
+        places: dict[str, tuple[Place, int]] = {}
 
-        def site(point: HookPoint) -> list:
+        def stage(point: HookPoint) -> tuple[list, list]:
             place, order = place_of(point.hook, point.layer, self.layout.path, _embed_path(self.layout))
-            return sites.setdefault(place.module, (place, order, [], []))
+            places[place.module] = (place, order)
+            return stages.setdefault((place.module, point.hook), ([], []))
 
-        dtype = self.loaded.dtype
         for edit in job.edits:
-            moved = replace(
-                edit,
-                vector=None if edit.vector is None else edit.vector.to(dtype),
-                source=None if edit.source is None else edit.source.to(dtype),
-            )
-            site(edit.point)[2].append(moved)
+            stage(edit.point)[0].append(edit)
         if capture is not None:
             for point in capture.recorder.plan.points:
-                site(point)[3].append(point.name)
-        ordered = sorted(sites.values(), key=lambda entry: entry[1])
+                stage(point)[1].append(point.name)
+        sites = []
+        for module, (place, _) in sorted(places.items(), key=lambda item: item[1][1]):
+            hooks = sorted(
+                (hook for where, hook in stages if where == module), key=lambda h: h == "resid_pre"
+            )
+            sites.append(
+                Site(
+                    place,
+                    tuple(Stage(tuple(stages[module, h][0]), tuple(stages[module, h][1])) for h in hooks),
+                )
+            )
         return RequestPlan(
-            sites=tuple(Site(place, tuple(edits), tuple(names)) for place, _, edits, names in ordered),
+            sites=tuple(sites),
             prompt_len=len(job.prompt_ids),
             read_steps=None if capture is None else capture.recorder.reads_steps,
             spool=None if capture is None else str(capture.spool),
@@ -547,9 +576,8 @@ class _Capture:
                 name: stack.enter_context(_mapped(self.spool / f"{name}.raw", dtype, width)) for name in names
             }
             available = min(len(values) for values in spooled.values())
-            if available < min(positions, prompt_len):
-                raise RuntimeError(f"the worker spooled {available} of {positions} positions")
-            positions = min(positions, available)
+            if available < positions:
+                raise RuntimeError(f"the worker spooled {available} of the {positions} positions fed in")
             start = 0
             while start < positions:  # the prompt, then the generated positions a chunk at a time
                 length = prompt_len if start == 0 else min(SPOOL_CHUNK, positions - start)
@@ -623,11 +651,41 @@ def _capture_facts(engine: VLLMEngine, job: GenerationJob) -> dict:
 
 def _logprob(step: dict, token: int, top_k: int) -> TokenLogprob:
     """The chosen token's logprob and the ``top_k`` most likely tokens, best first, from one
-    step of vLLM's logprobs (``{token id: Logprob}``: the chosen token and the top ones; raw
-    logprobs, the model's distribution before sampling warpers, as on the HF runtime)."""
-    ranked = sorted(step.items(), key=lambda item: item[1].rank)
-    top = tuple((tid, lp.logprob) for tid, lp in ranked if lp.rank <= top_k)[:top_k]
-    return TokenLogprob(token, step[token].logprob, top)
+    step of vLLM's logprobs (``{token id: Logprob}``: the top ``top_k`` and the chosen token, an
+    extra entry where it is not among them, whose rank can tie the k-th's; raw logprobs, the
+    model's distribution before sampling warpers, as on the HF runtime)."""
+    candidates = [(tid, lp) for tid, lp in step.items() if len(step) <= top_k or tid != token]
+    ranked = sorted(candidates, key=lambda item: (item[1].rank, -item[1].logprob))
+    return TokenLogprob(token, step[token].logprob, tuple((tid, lp.logprob) for tid, lp in ranked[:top_k]))
+
+
+async def _all_or_none(coroutines) -> None:
+    """Run ``coroutines`` together; when one fails or this is cancelled, cancel the others and
+    wait for them (their requests aborted) before raising (``asyncio.gather`` leaves them
+    running)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    if not tasks:
+        return
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in tasks:
+        if task in done and task.exception() is not None:
+            raise task.exception()
+
+
+def _vllm_ends_too(row: RowState) -> bool:
+    """Whether vLLM ends the request where ``row`` ended: on an EOS or stop token, or at
+    ``max_tokens`` (a stop string it is not told of)."""
+    last = row.token_ids[-1] if row.token_ids else None
+    return last in row.stop_ids or len(row.token_ids) >= row.max_tokens
 
 
 def _emit(job: GenerationJob, i: int, row: RowState, logprobs: tuple = ()) -> None:
@@ -646,10 +704,14 @@ def check_backend_settings(settings) -> None:
         ModelLoadError: naming the flag.
     """
     if settings.backend != BACKEND:
-        if settings.tensor_parallel_size != 1 or settings.distributed_executor_backend is not None:
+        if (
+            settings.tensor_parallel_size != 1
+            or settings.distributed_executor_backend is not None
+            or settings.gpu_memory_utilization is not None
+        ):
             raise ModelLoadError(
-                "--tensor-parallel-size and --distributed-executor-backend need --backend vllm "
-                "(docs/scale_out.md)"
+                "--tensor-parallel-size, --distributed-executor-backend and --gpu-memory-utilization "
+                "need --backend vllm (docs/scale_out.md)"
             )
         return
     if importlib.util.find_spec("vllm") is None:

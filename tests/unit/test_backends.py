@@ -109,3 +109,43 @@ def test_a_feature_the_runtime_does_not_run_is_a_400_naming_the_field_and_the_ba
         error = refused.value
         assert (error.status, error.param, error.code) == (400, param, "unsupported_on_backend")
         assert "vllm backend" in error.message
+
+
+def test_logprobs_take_the_top_k_and_leave_out_an_extra_sampled_token():
+    from server.engine.vllm_engine import _logprob
+
+    def lp(logprob: float, rank: int):
+        return SimpleNamespace(logprob=logprob, rank=rank)
+
+    # vLLM's dict: the top 2 and the sampled token (not among them; its rank ties the second's)
+    step = {5: lp(-0.1, 1), 7: lp(-1.0, 2), 9: lp(-1.0, 2)}
+    chosen = _logprob(step, 9, 2)
+    assert (chosen.token_id, chosen.logprob, chosen.top) == (9, -1.0, ((5, -0.1), (7, -1.0)))
+    # the sampled token among the top: two entries, both kept
+    assert _logprob({5: lp(-0.1, 1), 7: lp(-1.0, 2)}, 7, 2).top == ((5, -0.1), (7, -1.0))
+    assert _logprob({9: lp(-3.0, 40)}, 9, 0).top == ()
+
+
+def test_one_failing_choice_cancels_the_others_before_the_error_is_raised():
+    import asyncio
+
+    from server.engine.vllm_engine import _all_or_none
+
+    ended: list[str] = []
+
+    async def fails():
+        await asyncio.sleep(0.01)
+        raise ValueError("worker error")
+
+    async def runs_long():
+        try:
+            await asyncio.sleep(10)
+        finally:
+            ended.append("cleaned up")
+
+    async def main():
+        with pytest.raises(ValueError, match="worker error"):
+            await _all_or_none([fails(), runs_long()])
+        assert ended == ["cleaned up"]  # before the error reached the caller
+
+    asyncio.run(main())

@@ -19,7 +19,7 @@ import torch
 
 from interventions import Edit
 from server.engine.hooks import HookPoint
-from server.engine.vllm_block import Place, RequestPlan, Site, place_of, run_request
+from server.engine.vllm_block import Place, RequestPlan, Site, Stage, place_of, run_request
 
 WIDTH = 4
 PROMPT = 3
@@ -113,7 +113,7 @@ def test_resid_post_is_read_summed_and_an_edit_reaches_what_the_next_layer_reads
     vector = torch.arange(WIDTH, dtype=torch.float32)
     edit = Edit(_point("resid_post", 0), "add", positions="generated", vector=vector, scale=2.0)
     plan = RequestPlan(
-        sites=(Site(Place("model.layers.0", True), (edit,), ("layers.0.resid_post",)),),
+        sites=(Site(Place("model.layers.0", True), (Stage((edit,), ("layers.0.resid_post",)),)),),
         prompt_len=PROMPT,
         spool=str(tmp_path),
     )
@@ -141,7 +141,7 @@ def test_positions_and_steps_are_absolute_and_a_recomputed_request_is_edited_and
     model = _model()
     edit = Edit(_point("mlp_out", 0), "scale", positions=(1, 4), factor=0.0, steps=(0, 10))
     plan = RequestPlan(
-        sites=(Site(Place("model.layers.0.mlp", False), (edit,), ("layers.0.mlp_out",)),),
+        sites=(Site(Place("model.layers.0.mlp", False), (Stage((edit,), ("layers.0.mlp_out",)),)),),
         prompt_len=PROMPT,
         spool=str(tmp_path),
     )
@@ -165,7 +165,7 @@ def test_positions_and_steps_are_absolute_and_a_recomputed_request_is_edited_and
 def test_a_trace_capture_reads_the_first_step_only_and_resid_pre_0_is_the_embedding(tmp_path):
     model = _model()
     plan = RequestPlan(
-        sites=(Site(Place("model.embed_tokens", False), (), ("layers.0.resid_pre",)),),
+        sites=(Site(Place("model.embed_tokens", False), (Stage((), ("layers.0.resid_pre",)),)),),
         prompt_len=PROMPT,
         read_steps=1,
         spool=str(tmp_path),
@@ -176,3 +176,71 @@ def test_a_trace_capture_reads_the_first_step_only_and_resid_pre_0_is_the_embedd
     assert tracer.asked == [slice(None, 1)]  # no edits: the loop stops after the prompt step
     torch.testing.assert_close(_spooled(tmp_path, "layers.0.resid_pre"), embedded)
     assert not model.model.embed_tokens.assigned
+
+
+def test_a_recomputed_request_is_edited_as_its_steps_were_first(tmp_path):
+    """``steps`` and ``positions: last`` select, in a recompute, what they selected the first time:
+    the prompt step's last position, and each generated position at its own step."""
+    model = _model()
+    last = Edit(_point("attn_out", 0), "scale", positions="last", factor=0.0)
+    first_two_steps = Edit(_point("attn_out", 0), "scale", factor=-1.0, steps=(0, 2))
+    plan = RequestPlan(
+        sites=(Site(Place("model.layers.0.self_attn", False), (Stage((last, first_two_steps)),)),),
+        prompt_len=PROMPT,
+    )
+    ones = torch.ones
+    steps = [
+        {"model.layers.0.self_attn": ones(PROMPT, WIDTH)},  # step 0: positions 0..2
+        {"model.layers.0.self_attn": ones(1, WIDTH)},  # step 1: position 3
+        {"model.layers.0.self_attn": ones(PROMPT + 2, WIDTH)},  # recompute 0..4 (position 4: step 2)
+    ]
+    run_request(model, _Tracer(model, steps), plan)
+    *_, recomputed = model.model.layers[0].self_attn.assigned
+    # position 2 (the prompt step's last) and 3, 4 (each the last of its step) zeroed by "last";
+    # positions 0..3 (steps 0 and 1) negated by steps (0, 2); position 4 (step 2) not
+    assert recomputed[:, 0].tolist() == [-1, -1, 0, 0, 0]
+
+
+def test_resid_post_is_read_before_the_next_layers_resid_pre_is_edited(tmp_path):
+    """Two aliases at one place: layer 0's resid_post capture does not see an edit of layer 1's
+    resid_pre (the HF runtime reads layer 0's output before it edits layer 1's input)."""
+    model = _model()
+    zero = Edit(_point("resid_pre", 1), "scale", factor=0.0)
+    plan = RequestPlan(
+        sites=(
+            Site(
+                Place("model.layers.0", True),
+                (Stage((), ("layers.0.resid_post",)), Stage((zero,), ("layers.1.resid_pre",))),
+            ),
+        ),
+        prompt_len=PROMPT,
+        read_steps=1,
+        spool=str(tmp_path),
+    )
+    hidden, residual = _pair(PROMPT, 3)
+    run_request(model, _Tracer(model, [{"model.layers.0": (hidden, residual)}]), plan)
+    torch.testing.assert_close(_spooled(tmp_path, "layers.0.resid_post"), hidden + residual)
+    assert not _spooled(tmp_path, "layers.1.resid_pre").any()
+    (written,) = model.model.layers[0].assigned
+    assert not written[0].any() and not written[1].any()
+
+
+def test_edit_tensors_are_placed_in_the_values_dtype(tmp_path):
+    model = _model()
+    vector = torch.full((WIDTH,), 1 / 3)  # float32, as it travels
+    plan = RequestPlan(
+        sites=(
+            Site(
+                Place("model.layers.0.mlp", False),
+                (Stage((Edit(_point("mlp_out", 0), "add", vector=vector),)),),
+            ),
+        ),
+        prompt_len=PROMPT,
+    )
+    value = torch.zeros(PROMPT, WIDTH, dtype=torch.float64)
+    run_request(model, _Tracer(model, [{"model.layers.0.mlp": value}]), plan)
+    (written,) = model.model.layers[0].mlp.assigned
+    assert written.dtype == torch.float64
+    torch.testing.assert_close(
+        written, torch.full((PROMPT, WIDTH), 1 / 3, dtype=torch.float64).to(torch.float32).double()
+    )
