@@ -28,16 +28,18 @@ as :class:`interventions.Edit` expects; a step that feeds more than one token af
 is vLLM recomputing a preempted request from position 0: its positions are edited as the steps
 that first fed them were.
 
-A capture's values are appended, step by step, to one raw file per hook point in a spool
-folder the server made for the request (each position once, in the model's dtype): nothing
-accumulates in the worker, and the server turns the spool into the activation store's files
-(``vllm_engine.py``). Only the first rank writes (with tensor parallelism every rank holds the
-whole value: vLLM's row-parallel layers all-reduce their outputs).
+A capture's values are appended, step by step, to one spool file in a folder the server made
+for the request: one record per step (each position once, every hook point's values, in the
+model's dtype; :func:`spool_records` reads it). Nothing accumulates in the worker beyond a
+step, and the server turns the spool into the activation store's files (``vllm_engine.py``).
+Only the first rank writes (with tensor parallelism every rank holds the whole value: vLLM's
+row-parallel layers all-reduce their outputs).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from dataclasses import dataclass, replace
 
@@ -95,6 +97,10 @@ class RequestPlan:
     read_steps: int | None = None
     spool: str | None = None
 
+    def names(self) -> list[str]:
+        """The capture tensors a spool record holds, in its order."""
+        return [name for site in self.sites for stage in site.stages for name in stage.names]
+
 
 def place_of(hook: str, layer: int, layers_path: str, embed_path: str) -> tuple[Place, int]:
     """Where alias ``hook`` of ``layer`` lives in vLLM's Llama-family tree, and its order key.
@@ -124,6 +130,7 @@ def run_request(model, tracer, plan: RequestPlan) -> None:
     placed: dict[int, Edit] = {}  # each edit with its tensors on the model's device and dtype
     edits = any(stage.edits for site in plan.sites for stage in site.stages)
     steps = tracer.iter[:] if edits else tracer.iter[: plan.read_steps]
+    kept: list[torch.Tensor] = []  # this step's values to spool, in plan.names() order
     for step in steps:
         reading = plan.spool is not None and rank0 and (plan.read_steps is None or step < plan.read_steps)
         start = None
@@ -151,13 +158,14 @@ def run_request(model, tracer, plan: RequestPlan) -> None:
                         new = edit.new_values(value[rows][None], start, index)[0]
                         value = value.index_copy(0, rows, new.to(value.dtype))
                         edited = True
-                if reading and stage.names:
-                    skip = max(0, spooled - start)
-                    if skip < length:
-                        for name in stage.names:
-                            _append(plan.spool, name, value[skip:])
+                if reading and stage.names and spooled < start + length:
+                    # a copy: vLLM's next norm adds into some of these tensors in place
+                    kept += [value[max(0, spooled - start) :].clone()] * len(stage.names)
             if edited:
                 envoy.output = (value, torch.zeros_like(value)) if site.place.pair else value
+        if kept:
+            _append_record(plan.spool, kept)
+            kept = []
         if start is not None:
             fed = start + length
             spooled = max(spooled, fed)
@@ -198,15 +206,47 @@ def _quiet_open_loops() -> None:
         _quieted = True
 
 
-def _append(folder: str, name: str, value: torch.Tensor) -> None:
-    """Append ``value``'s bytes (``[positions, width]``, the model's dtype) to ``folder/name.raw``."""
-    data = value.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+SPOOL_FILE = "steps.raw"
+_HEADER = struct.Struct("<q")  # a record's positions
+
+
+def _append_record(folder: str, values: list[torch.Tensor]) -> None:
+    """Append one step's record to the request's spool: its new positions ``n``, then each
+    name's ``[n, width]`` values in :meth:`RequestPlan.names` order (the model's dtype): one
+    copy off the device and one write per step."""
+    data = torch.cat(values).to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
     fd = os.open(
-        os.path.join(folder, f"{name}.raw"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
+        os.path.join(folder, SPOOL_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
     )
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        os.writev(fd, [_HEADER.pack(values[0].shape[0]), data])
     finally:
         os.close(fd)
+
+
+def spool_records(buffer, names: int, width: int, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """Where each record of a spool (``buffer``: its bytes, e.g. a memory map) holds its values:
+    ``(offset of its data, positions)``, in the order the steps wrote them. A record cut short
+    (a worker that died mid-write) ends the list.
+
+    Read one name's rows with :func:`spool_rows`."""
+    records, offset, size = [], 0, len(buffer)
+    while offset + _HEADER.size <= size:
+        (positions,) = _HEADER.unpack_from(buffer, offset)
+        data = offset + _HEADER.size
+        end = data + positions * names * width * dtype.itemsize
+        if positions < 0 or end > size:
+            break
+        records.append((data, positions))
+        offset = end
+    return records
+
+
+def spool_rows(buffer, record: tuple[int, int], name: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Name number ``name``'s ``[positions, width]`` values in one record (a view of ``buffer``)."""
+    data, positions = record
+    if positions == 0:
+        return torch.empty((0, width), dtype=dtype)
+    offset = data + name * positions * width * dtype.itemsize
+    flat = torch.frombuffer(buffer, dtype=dtype, count=positions * width, offset=offset)
+    return flat.view(positions, width)

@@ -63,7 +63,17 @@ from .loading import (
 from .memory import HostMemory, ModelShape
 from .scheduler import Scheduler
 from .structure import LayerLayout, context_length, find_layers, module_tree
-from .vllm_block import Place, RequestPlan, Site, Stage, place_of, run_request
+from .vllm_block import (
+    SPOOL_FILE,
+    Place,
+    RequestPlan,
+    Site,
+    Stage,
+    place_of,
+    run_request,
+    spool_records,
+    spool_rows,
+)
 from .vocab import build_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -76,7 +86,7 @@ ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 # 400 naming the request field and the backend (serving/base.py require_feature).
 UNSUPPORTED = frozenset({"lda", "prompt_logprobs", "structured_output", "contrastive_vectors"})
 # How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
-POLL_S = 0.005
+POLL_S = 0.02
 # Generated positions a spool is replayed into the capture recorder at once (bounds its memory).
 SPOOL_CHUNK = 256
 
@@ -382,6 +392,8 @@ class VLLMEngine(Engine):
         is not told of) or whose job is cancelled is aborted in vLLM."""
         params = job.params
         plan = self._plan(job, capture)
+        if capture is not None:
+            capture.names = plan.names()
         sampling = self._sampling(job, i)
         model = self.model  # the block names only what nnsight can ship: the model, the plan
         with model.trace(list(job.prompt_ids), **sampling) as tracer:
@@ -545,6 +557,7 @@ class _Capture:
         self.recorder = CaptureRecorder(job.capture, len(job.prompt_ids), _capture_facts(engine, job))
         self.spool = engine.spool_root / uuid.uuid4().hex
         self.spool.mkdir(mode=0o700)
+        self.names: list[str] = []  # the spool records' order (RequestPlan.names), set with the plan
         self.result: CaptureResult | None = None
 
     async def write(self, positions: int, ids: list[int]) -> CaptureResult:
@@ -568,22 +581,31 @@ class _Capture:
         return self.result
 
     def _write(self, positions: int, ids: list[int]) -> CaptureResult:
-        recorder, prompt_len = self.recorder, len(self.job.prompt_ids)
+        """The spool's first ``positions`` positions through the recorder, a few hundred at a
+        time, then the manifest. Raises RuntimeError where the worker spooled fewer."""
+        recorder, names = self.recorder, self.names
         dtype, width = self.engine.loaded.dtype, self.engine.shape.hidden
-        names = [point.name for point in recorder.plan.points]
-        with contextlib.ExitStack() as stack:
-            spooled = {
-                name: stack.enter_context(_mapped(self.spool / f"{name}.raw", dtype, width)) for name in names
-            }
-            available = min(len(values) for values in spooled.values())
+        with _mapped(self.spool / SPOOL_FILE) as buffer:
+            records = spool_records(buffer, len(names), width, dtype)
+            available = sum(n for _, n in records)
             if available < positions:
                 raise RuntimeError(f"the worker spooled {available} of the {positions} positions fed in")
-            start = 0
-            while start < positions:  # the prompt, then the generated positions a chunk at a time
-                length = prompt_len if start == 0 else min(SPOOL_CHUNK, positions - start)
-                step = {name: values[None, start : start + length] for name, values in spooled.items()}
-                recorder.on_step(step, length)
-                start += length
+            chunk: list[tuple[tuple[int, int], int]] = []  # (record, rows of it taken)
+            fed = 0
+            for record in records:
+                take = min(record[1], positions - fed)
+                if take <= 0:
+                    break
+                chunk.append((record, take))
+                fed += take
+                if fed == positions or sum(t for _, t in chunk) >= SPOOL_CHUNK:
+                    rows = sum(t for _, t in chunk)
+                    step = {
+                        name: torch.cat([spool_rows(buffer, r, j, width, dtype)[:t] for r, t in chunk])[None]
+                        for j, name in enumerate(names)
+                    }
+                    recorder.on_step(step, rows)
+                    chunk = []
         ids = ids[:positions]
         tokens = [self.engine.vocabulary.text(t) for t in ids]
         return recorder.finish(ids, tokens, stop=self.job.cancelled.is_set)
@@ -601,22 +623,20 @@ class _Capture:
 
 
 @contextlib.contextmanager
-def _mapped(path: Path, dtype: torch.dtype, width: int):
-    """A spool file as a ``[positions, width]`` tensor (memory-mapped, read-only)."""
+def _mapped(path: Path):
+    """A spool file's bytes, memory-mapped read-only (empty where the worker wrote nothing)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        yield torch.empty((0, width), dtype=dtype)
+        yield b""
         return
     try:
         size = os.fstat(fd).st_size
         if size == 0:
-            yield torch.empty((0, width), dtype=dtype)
+            yield b""
             return
         with mmap.mmap(fd, size, access=mmap.ACCESS_COPY) as mapped:
-            flat = torch.frombuffer(mapped, dtype=dtype)
-            yield flat[: flat.numel() // width * width].view(-1, width)
-            del flat
+            yield mapped
     finally:
         os.close(fd)
 

@@ -13,13 +13,22 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from interventions import Edit
 from server.engine.hooks import HookPoint
-from server.engine.vllm_block import Place, RequestPlan, Site, Stage, place_of, run_request
+from server.engine.vllm_block import (
+    SPOOL_FILE,
+    Place,
+    RequestPlan,
+    Site,
+    Stage,
+    place_of,
+    run_request,
+    spool_records,
+    spool_rows,
+)
 
 WIDTH = 4
 PROMPT = 3
@@ -80,8 +89,12 @@ def _pair(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(tokens, WIDTH, generator=generator), torch.randn(tokens, WIDTH, generator=generator)
 
 
-def _spooled(folder, name: str) -> torch.Tensor:
-    return torch.from_numpy(np.fromfile(folder / f"{name}.raw", dtype=np.float32).reshape(-1, WIDTH))
+def _spooled(folder, plan: RequestPlan, name: str) -> torch.Tensor:
+    """One name's values across the spool's records, as the server reads them."""
+    data = (folder / SPOOL_FILE).read_bytes()
+    j = plan.names().index(name)
+    records = spool_records(data, len(plan.names()), WIDTH, torch.float32)
+    return torch.cat([spool_rows(bytearray(data), r, j, WIDTH, torch.float32) for r in records])
 
 
 def test_aliases_map_onto_vllms_llama_layout_in_execution_order():
@@ -130,7 +143,7 @@ def test_resid_post_is_read_summed_and_an_edit_reaches_what_the_next_layer_reads
         expected = sum(step["model.layers.0"]) + 2.0 * vector
         torch.testing.assert_close(hidden + residual, expected)  # what the next layer reads
         assert not residual.any()
-    spooled = _spooled(tmp_path, "layers.0.resid_post")
+    spooled = _spooled(tmp_path, plan, "layers.0.resid_post")
     assert spooled.shape == (PROMPT + 2, WIDTH)
     torch.testing.assert_close(spooled[:PROMPT], sum(steps[0]["model.layers.0"]))  # unedited
     after = sum(steps[1]["model.layers.0"]) + 2.0 * vector
@@ -157,7 +170,7 @@ def test_positions_and_steps_are_absolute_and_a_recomputed_request_is_edited_and
     prompt_step, recomputed = mlp.assigned  # step 1 and step 3 touch neither position 1 nor 4
     assert prompt_step[1].abs().sum() == 0 and prompt_step[[0, 2]].eq(1).all()
     assert recomputed[[1, 4]].abs().sum() == 0 and recomputed[[0, 2, 3]].eq(3).all()
-    spooled = _spooled(tmp_path, "layers.0.mlp_out")
+    spooled = _spooled(tmp_path, plan, "layers.0.mlp_out")
     # each position once: 0..2 from the prompt step, 3 from step 1, 4 from the recompute, 5 from step 3
     assert spooled[:, 0].tolist() == [1, 0, 1, 2, 0, 4]
 
@@ -174,7 +187,7 @@ def test_a_trace_capture_reads_the_first_step_only_and_resid_pre_0_is_the_embedd
     tracer = _Tracer(model, [{"model.embed_tokens": embedded}, {"model.embed_tokens": torch.randn(1, WIDTH)}])
     run_request(model, tracer, plan)
     assert tracer.asked == [slice(None, 1)]  # no edits: the loop stops after the prompt step
-    torch.testing.assert_close(_spooled(tmp_path, "layers.0.resid_pre"), embedded)
+    torch.testing.assert_close(_spooled(tmp_path, plan, "layers.0.resid_pre"), embedded)
     assert not model.model.embed_tokens.assigned
 
 
@@ -219,8 +232,8 @@ def test_resid_post_is_read_before_the_next_layers_resid_pre_is_edited(tmp_path)
     )
     hidden, residual = _pair(PROMPT, 3)
     run_request(model, _Tracer(model, [{"model.layers.0": (hidden, residual)}]), plan)
-    torch.testing.assert_close(_spooled(tmp_path, "layers.0.resid_post"), hidden + residual)
-    assert not _spooled(tmp_path, "layers.1.resid_pre").any()
+    torch.testing.assert_close(_spooled(tmp_path, plan, "layers.0.resid_post"), hidden + residual)
+    assert not _spooled(tmp_path, plan, "layers.1.resid_pre").any()
     (written,) = model.model.layers[0].assigned
     assert not written[0].any() and not written[1].any()
 
@@ -244,3 +257,24 @@ def test_edit_tensors_are_placed_in_the_values_dtype(tmp_path):
     torch.testing.assert_close(
         written, torch.full((PROMPT, WIDTH), 1 / 3, dtype=torch.float64).to(torch.float32).double()
     )
+
+
+def test_a_spool_cut_short_mid_record_reads_as_the_records_before_it(tmp_path):
+    model = _model()
+    plan = RequestPlan(
+        sites=(Site(Place("model.layers.0.mlp", False), (Stage((), ("a", "b")),)),),
+        prompt_len=PROMPT,
+        spool=str(tmp_path),
+    )
+    steps = [
+        {"model.layers.0.mlp": torch.randn(PROMPT, WIDTH)},
+        {"model.layers.0.mlp": torch.randn(1, WIDTH)},
+    ]
+    run_request(model, _Tracer(model, steps), plan)
+    data = (tmp_path / SPOOL_FILE).read_bytes()
+    records = spool_records(data, 2, WIDTH, torch.float32)
+    assert [n for _, n in records] == [PROMPT, 1]
+    torch.testing.assert_close(
+        _spooled(tmp_path, plan, "b"), torch.cat([s["model.layers.0.mlp"] for s in steps])
+    )
+    assert [n for _, n in spool_records(data[:-1], 2, WIDTH, torch.float32)] == [PROMPT]
