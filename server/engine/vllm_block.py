@@ -30,8 +30,9 @@ that first fed them were.
 
 A capture's values are appended, step by step, to one spool file in a folder the server made
 for the request: one record per step (each position once, every hook point's values, in the
-model's dtype; :func:`spool_records` reads it). Nothing accumulates in the worker beyond a
-step, and the server turns the spool into the activation store's files (``vllm_engine.py``).
+model's dtype; :func:`spool_records` reads it), each value written as it is read: nothing
+accumulates in the worker, and the server turns the spool into the activation store's files
+(``vllm_engine.py``).
 Only the first rank writes (with tensor parallelism every rank holds the whole value: vLLM's
 row-parallel layers all-reduce their outputs).
 """
@@ -125,12 +126,19 @@ def run_request(model, tracer, plan: RequestPlan) -> None:
     that says so, silenced here (it is this loop's normal end)."""
     _quiet_open_loops()
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    edits = any(stage.edits for site in plan.sites for stage in site.stages)
+    steps = tracer.iter[:] if edits else tracer.iter[: plan.read_steps]
+    record = _Record(plan.spool)
+    try:
+        _run_steps(model, steps, plan, rank0, record)
+    finally:
+        record.close()
+
+
+def _run_steps(model, steps, plan: RequestPlan, rank0: bool, record: _Record) -> None:
     spooled = 0  # positions already in the spool
     fed = 0  # positions fed in so far
     placed: dict[int, Edit] = {}  # each edit with its tensors on the model's device and dtype
-    edits = any(stage.edits for site in plan.sites for stage in site.stages)
-    steps = tracer.iter[:] if edits else tracer.iter[: plan.read_steps]
-    kept: list[torch.Tensor] = []  # this step's values to spool, in plan.names() order
     for step in steps:
         reading = plan.spool is not None and rank0 and (plan.read_steps is None or step < plan.read_steps)
         start = None
@@ -159,13 +167,12 @@ def run_request(model, tracer, plan: RequestPlan) -> None:
                         value = value.index_copy(0, rows, new.to(value.dtype))
                         edited = True
                 if reading and stage.names and spooled < start + length:
-                    # a copy: vLLM's next norm adds into some of these tensors in place
-                    kept += [value[max(0, spooled - start) :].clone()] * len(stage.names)
+                    new_rows = value[max(0, spooled - start) :]
+                    for _ in stage.names:  # bytes now: vLLM's next norm adds into some values in place
+                        record.add(new_rows)
             if edited:
                 envoy.output = (value, torch.zeros_like(value)) if site.place.pair else value
-        if kept:
-            _append_record(plan.spool, kept)
-            kept = []
+        record.end_step()
         if start is not None:
             fed = start + length
             spooled = max(spooled, fed)
@@ -210,18 +217,36 @@ SPOOL_FILE = "steps.raw"
 _HEADER = struct.Struct("<q")  # a record's positions
 
 
-def _append_record(folder: str, values: list[torch.Tensor]) -> None:
-    """Append one step's record to the request's spool: its new positions ``n``, then each
-    name's ``[n, width]`` values in :meth:`RequestPlan.names` order (the model's dtype): one
-    copy off the device and one write per step."""
-    data = torch.cat(values).to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-    fd = os.open(
-        os.path.join(folder, SPOOL_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600
-    )
-    try:
-        os.writev(fd, [_HEADER.pack(values[0].shape[0]), data])
-    finally:
-        os.close(fd)
+class _Record:
+    """The spool file's writer: one record per step, its header (the step's new positions) then
+    each name's ``[n, width]`` values in :meth:`RequestPlan.names` order, each written as it is
+    read (one value in memory at a time); the file opened once per step that reads."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.path = None if folder is None else os.path.join(folder, SPOOL_FILE)
+        self.fd: int | None = None
+
+    def add(self, values: torch.Tensor) -> None:
+        if self.fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+            self.fd = os.open(self.path, flags, 0o600)
+            _write_all(self.fd, _HEADER.pack(values.shape[0]))
+        _write_all(self.fd, values.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
+
+    def end_step(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _write_all(fd: int, data) -> None:
+    """All of ``data`` (a write may take less: at most about 2 GiB at once on Linux)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def spool_records(buffer, names: int, width: int, dtype: torch.dtype) -> list[tuple[int, int]]:

@@ -87,7 +87,7 @@ ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 UNSUPPORTED = frozenset({"lda", "prompt_logprobs", "structured_output", "contrastive_vectors"})
 # How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
 POLL_S = 0.02
-# Generated positions a spool is replayed into the capture recorder at once (bounds its memory).
+# Positions a spool is replayed into the capture recorder at once (bounds the replay's memory).
 SPOOL_CHUNK = 256
 
 
@@ -339,7 +339,8 @@ class VLLMEngine(Engine):
                     launch(take_more(free))
         except BaseException as exc:
             for task, job in running.items():
-                task.cancel()
+                if task not in cancelled:
+                    task.cancel()
                 on_done(job, exc)
             await asyncio.gather(*running, return_exceptions=True)  # their requests aborted
             raise
@@ -431,16 +432,16 @@ class VLLMEngine(Engine):
         finally:
             # nnsight's request id: its stream does not close vLLM's own generator, whose abort
             # would wait for garbage collection (and this loop runs only while a batch does).
-            await asyncio.shield(self._end_request(stream, None if finished else backend._request_id))
+            await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
 
     async def _end_request(self, stream, unfinished: str | None) -> None:
-        """Close a request's stream (nnsight frees its worker state) and abort it in vLLM if it
-        had not finished."""
+        """Abort a request in vLLM if it had not finished (first: it stops decoding at once),
+        then close its stream (nnsight frees its worker state)."""
         try:
-            await stream.aclose()
-        finally:
             if unfinished is not None:
                 await self.model.vllm_entrypoint.abort(unfinished)
+        finally:
+            await stream.aclose()
 
     def _sampling(self, job: GenerationJob, i: int) -> dict:
         """vLLM's ``SamplingParams`` fields for choice ``i`` (each choice is its own request)."""
@@ -590,22 +591,21 @@ class _Capture:
             available = sum(n for _, n in records)
             if available < positions:
                 raise RuntimeError(f"the worker spooled {available} of the {positions} positions fed in")
-            chunk: list[tuple[tuple[int, int], int]] = []  # (record, rows of it taken)
             fed = 0
-            for record in records:
-                take = min(record[1], positions - fed)
-                if take <= 0:
-                    break
-                chunk.append((record, take))
-                fed += take
-                if fed == positions or sum(t for _, t in chunk) >= SPOOL_CHUNK:
-                    rows = sum(t for _, t in chunk)
+            batch: list[tuple[tuple[int, int], int, int]] = []
+            for piece in _pieces(records, positions):
+                batch.append(piece)
+                size = sum(end - first for _, first, end in batch)
+                if size >= SPOOL_CHUNK or fed + size == positions:
                     step = {
-                        name: torch.cat([spool_rows(buffer, r, j, width, dtype)[:t] for r, t in chunk])[None]
+                        name: torch.cat([spool_rows(buffer, r, j, width, dtype)[a:b] for r, a, b in batch])[
+                            None
+                        ]
                         for j, name in enumerate(names)
                     }
-                    recorder.on_step(step, rows)
-                    chunk = []
+                    recorder.on_step(step, size)  # copies: nothing keeps a view of the map
+                    fed += size
+                    batch = []
         ids = ids[:positions]
         tokens = [self.engine.vocabulary.text(t) for t in ids]
         return recorder.finish(ids, tokens, stop=self.job.cancelled.is_set)
@@ -620,6 +620,19 @@ class _Capture:
 
     def clean(self) -> None:
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def _pieces(records: list[tuple[int, int]], positions: int):
+    """The spool's first ``positions`` rows as ``(record, first row, end row)`` pieces of at most
+    ``SPOOL_CHUNK`` rows (a long prompt's record is split: the replay's memory stays bounded)."""
+    left = positions
+    for record in records:
+        first = 0
+        while first < record[1] and left > 0:
+            end = min(record[1], first + SPOOL_CHUNK, first + left)
+            yield record, first, end
+            left -= end - first
+            first = end
 
 
 @contextlib.contextmanager
@@ -677,6 +690,24 @@ def _logprob(step: dict, token: int, top_k: int) -> TokenLogprob:
     candidates = [(tid, lp) for tid, lp in step.items() if len(step) <= top_k or tid != token]
     ranked = sorted(candidates, key=lambda item: (item[1].rank, -item[1].logprob))
     return TokenLogprob(token, step[token].logprob, tuple((tid, lp.logprob) for tid, lp in ranked[:top_k]))
+
+
+async def _to_the_end(coroutine) -> None:
+    """Await ``coroutine`` to its end even if the caller is cancelled meanwhile (once or more),
+    then re-raise the cancellation: cleanup that must not be cut short."""
+    task = asyncio.ensure_future(coroutine)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+            if task.done():
+                break
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
 
 
 async def _all_or_none(coroutines) -> None:

@@ -149,3 +149,37 @@ def test_one_failing_choice_cancels_the_others_before_the_error_is_raised():
         assert ended == ["cleaned up"]  # before the error reached the caller
 
     asyncio.run(main())
+
+
+def test_a_long_prompt_record_is_replayed_in_bounded_pieces():
+    from server.engine.vllm_engine import SPOOL_CHUNK, _pieces
+
+    records = [(0, 2 * SPOOL_CHUNK + 10), (100, 1), (200, 1)]
+    pieces = list(_pieces(records, 2 * SPOOL_CHUNK + 11))  # the last record is past what was fed
+    assert [end - first for _, first, end in pieces] == [SPOOL_CHUNK, SPOOL_CHUNK, 10, 1]
+    assert [record for record, _, _ in pieces] == [records[0]] * 3 + [records[1]]
+
+
+def test_cleanup_runs_to_its_end_however_often_its_caller_is_cancelled():
+    import asyncio
+
+    from server.engine.vllm_engine import _to_the_end
+
+    steps: list[str] = []
+
+    async def cleanup():
+        await asyncio.sleep(0.05)
+        steps.append("aborted")
+        await asyncio.sleep(0.05)
+        steps.append("closed")
+
+    async def main():
+        task = asyncio.ensure_future(_to_the_end(cleanup()))
+        for _ in range(3):
+            await asyncio.sleep(0.02)
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["aborted", "closed"]
+
+    asyncio.run(main())
