@@ -62,6 +62,26 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def manifest(self) -> dict:
+        """How it sampled, as a capture's manifest says (``sampling``), JSON-ready."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+            "n": self.n,
+            "stop": list(self.stop),
+            "ignore_eos": self.ignore_eos,
+            "min_p": self.min_p,
+            "logit_bias": {str(token): bias for token, bias in self.logit_bias},
+            "repetition_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "min_tokens": self.min_tokens,
+            "stop_token_ids": list(self.stop_token_ids),
+        }
+
 
 @dataclass(frozen=True)
 class TokenLogprob:

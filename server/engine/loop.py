@@ -346,25 +346,7 @@ class DecodeLoop:
 
     def capture_facts(self, job: GenerationJob) -> dict[str, Any]:
         """What a capture's manifest says besides its tensors: the model and how it sampled."""
-        p = job.params
-        sampling = {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "seed": p.seed,
-            "max_tokens": p.max_tokens,
-            "n": p.n,
-            "stop": list(p.stop),
-            "ignore_eos": p.ignore_eos,
-            "min_p": p.min_p,
-            "logit_bias": {str(token): bias for token, bias in p.logit_bias},
-            "repetition_penalty": p.repetition_penalty,
-            "frequency_penalty": p.frequency_penalty,
-            "presence_penalty": p.presence_penalty,
-            "min_tokens": p.min_tokens,
-            "stop_token_ids": list(p.stop_token_ids),
-        }
-        return {**self.manifest_facts, "sampling": sampling}
+        return {**self.manifest_facts, "sampling": job.params.manifest()}
 
     def run(
         self,

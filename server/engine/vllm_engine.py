@@ -655,30 +655,14 @@ def _mapped(path: Path):
 
 
 def _capture_facts(engine: VLLMEngine, job: GenerationJob) -> dict:
-    p = job.params
+    """What the capture's manifest says besides its tensors (as the HF runtime's, plus the backend)."""
     return {
         "model": engine.model_id,
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
         "adapter": None,
         "quantization": None,
         "backend": BACKEND,
-        "sampling": {
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "top_k": p.top_k,
-            "seed": p.seed,
-            "max_tokens": p.max_tokens,
-            "n": p.n,
-            "stop": list(p.stop),
-            "ignore_eos": p.ignore_eos,
-            "min_p": p.min_p,
-            "logit_bias": {str(token): bias for token, bias in p.logit_bias},
-            "repetition_penalty": p.repetition_penalty,
-            "frequency_penalty": p.frequency_penalty,
-            "presence_penalty": p.presence_penalty,
-            "min_tokens": p.min_tokens,
-            "stop_token_ids": list(p.stop_token_ids),
-        },
+        "sampling": job.params.manifest(),
     }
 
 
