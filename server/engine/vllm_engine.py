@@ -61,6 +61,7 @@ from .loading import (
     resolve_source,
 )
 from .memory import HostMemory, ModelShape
+from .sampler import LOGPROB_FLOOR
 from .scheduler import Scheduler
 from .structure import LayerLayout, context_length, find_layers, module_tree
 from .vllm_block import (
@@ -84,7 +85,7 @@ LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCau
 ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 # What the HF runtime does and this one does not (yet); the serving layer refuses each with a
 # 400 naming the request field and the backend (serving/base.py require_feature).
-UNSUPPORTED = frozenset({"lda", "prompt_logprobs", "structured_output", "contrastive_vectors"})
+UNSUPPORTED = frozenset({"lda", "structured_output", "contrastive_vectors"})
 # How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
 POLL_S = 0.02
 # Positions a spool is replayed into the capture recorder at once (bounds the replay's memory).
@@ -290,8 +291,42 @@ class VLLMEngine(Engine):
     async def check_grammar(self, grammar: str) -> None:
         raise AssertionError("the serving layer refuses structured output on the vllm backend first")
 
-    async def score_prompt(self, prompt_ids, top_k):
-        raise AssertionError("the serving layer refuses prompt logprobs on the vllm backend first")
+    async def score_prompt(self, prompt_ids: list[int], top_k: int) -> list[TokenLogprob]:
+        """Logprob of every prompt token given the ones before it (``echo`` with ``logprobs``):
+        vLLM's own prompt logprobs (raw, as on the HF runtime), from one request that generates
+        one token, on the worker, within the request timeout. The first entry has
+        ``logprob=None``."""
+        cancelled = threading.Event()
+
+        def run() -> list[TokenLogprob]:
+            return self._events.run_until_complete(self._score(prompt_ids, top_k, cancelled))
+
+        future = asyncio.wrap_future(self.scheduler.submit_call(run))
+        return await self._wait(future, cancelled, lambda: "part-way")
+
+    async def _score(
+        self, prompt_ids: list[int], top_k: int, cancelled: threading.Event
+    ) -> list[TokenLogprob]:
+        if cancelled.is_set():
+            raise JobInterrupted
+        model = self.model
+        with model.trace(
+            list(prompt_ids), max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False
+        ) as tracer:
+            pass  # nothing read or edited: echo scores the prompt without interventions
+        backend = tracer.backend
+        stream = backend.__aiter__()
+        finished = None
+        try:
+            async for output in stream:
+                if output.finished:
+                    finished = output
+        finally:
+            await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
+        steps = finished.prompt_logprobs
+        return [TokenLogprob(prompt_ids[0], None)] + [
+            _logprob(step, token, top_k) for step, token in zip(steps[1:], prompt_ids[1:], strict=True)
+        ]
 
     async def collect(self, prompts, points, position):
         raise AssertionError("the serving layer refuses contrastive vectors on the vllm backend first")
@@ -670,10 +705,12 @@ def _logprob(step: dict, token: int, top_k: int) -> TokenLogprob:
     """The chosen token's logprob and the ``top_k`` most likely tokens, best first, from one
     step of vLLM's logprobs (``{token id: Logprob}``: the top ``top_k`` and the chosen token, an
     extra entry where it is not among them, whose rank can tie the k-th's; raw logprobs, the
-    model's distribution before sampling warpers, as on the HF runtime)."""
+    model's distribution before sampling warpers, as on the HF runtime; -inf reported as
+    ``LOGPROB_FLOOR``, as there). For a prompt token, "chosen" is the token itself."""
     candidates = [(tid, lp) for tid, lp in step.items() if len(step) <= top_k or tid != token]
     ranked = sorted(candidates, key=lambda item: (item[1].rank, -item[1].logprob))
-    return TokenLogprob(token, step[token].logprob, tuple((tid, lp.logprob) for tid, lp in ranked[:top_k]))
+    top = tuple((tid, max(lp.logprob, LOGPROB_FLOOR)) for tid, lp in ranked[:top_k])
+    return TokenLogprob(token, max(step[token].logprob, LOGPROB_FLOOR), top)
 
 
 async def _to_the_end(coroutine) -> None:

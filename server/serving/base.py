@@ -215,7 +215,6 @@ def activation_fields(ref: ActivationsRef | None) -> dict:
 
 FEATURES = {
     "lda": "logit difference amplification (/v1/lda)",
-    "prompt_logprobs": "prompt logprobs (echo with logprobs)",
     "structured_output": "structured output",
     "contrastive_vectors": "contrastive vectors",
 }

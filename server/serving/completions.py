@@ -30,7 +30,6 @@ from .base import (
     generate,
     leading_capture,
     place_activations,
-    require_feature,
     stream,
     usage,
 )
@@ -68,8 +67,6 @@ class CompletionServing:
         """Everything that can be refused is refused here, before any model work."""
         self.admission.check_model(request.model)
         request.check_supported()
-        if request.echo and request.logprobs is not None:
-            require_feature(self.engine, "prompt_logprobs", "echo")
         capture = self.captures.effective_capture(request.capture, request.ndif)
         plan = self.captures.capture_plan(capture, request.n)
         prepared: list[CompletionPrompt] = []

@@ -136,6 +136,29 @@ def test_completion_logprobs_equal_hf(hf, vllm, model_name):
         )
 
 
+def test_echo_scores_the_prompt_as_on_hf(hf, vllm, model_name):
+    """Prompt scoring as loglikelihood evaluations use it: echo, logprobs, max_tokens 0."""
+    fields = {"prompt": "The capital of France is Paris.", "echo": True, "logprobs": 2, "max_tokens": 0}
+    expected = run_completion(hf, model_name, **fields)["choices"][0]
+    got = run_completion(vllm, model_name, **fields)["choices"][0]
+    assert got["text"] == expected["text"]
+    mine, theirs = got["logprobs"], expected["logprobs"]
+    assert mine["tokens"] == theirs["tokens"] and mine["token_logprobs"][0] is None
+    torch.testing.assert_close(
+        torch.tensor(mine["token_logprobs"][1:]),
+        torch.tensor(theirs["token_logprobs"][1:]),
+        atol=1e-4,
+        rtol=0,
+    )
+    for a, b in zip(mine["top_logprobs"][1:], theirs["top_logprobs"][1:], strict=True):
+        assert list(a) == list(b)
+    # and with a continuation generated after the echoed prompt
+    fields = {**fields, "max_tokens": 4}
+    got = run_completion(vllm, model_name, **fields)["choices"][0]
+    expected = run_completion(hf, model_name, **fields)["choices"][0]
+    assert (got["text"], got["logprobs"]["tokens"]) == (expected["text"], expected["logprobs"]["tokens"])
+
+
 def test_stop_strings_and_min_tokens_end_a_choice_as_on_hf(hf, vllm, model_name):
     plain = run_completion(hf, model_name, max_tokens=16)["choices"][0]["text"]
     stop = plain[3:5]
@@ -326,7 +349,6 @@ def test_a_row_ending_on_a_stop_string_is_aborted_in_vllm(vllm, model_name):
 
 def test_what_the_vllm_runtime_does_not_run_is_refused_naming_the_field(vllm, model_name):
     refused = [
-        ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo"),
         (
             "/v1/chat/completions",
             {"messages": CHAT, "response_format": {"type": "json_object"}},
