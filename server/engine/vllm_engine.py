@@ -85,7 +85,7 @@ LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCau
 ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 # What the HF runtime does and this one does not (yet); the serving layer refuses each with a
 # 400 naming the request field and the backend (serving/base.py require_feature).
-UNSUPPORTED = frozenset({"lda", "structured_output", "contrastive_vectors"})
+UNSUPPORTED = frozenset({"lda", "structured_output"})
 # How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
 POLL_S = 0.02
 # Positions a spool is replayed into the capture recorder at once (bounds the replay's memory).
@@ -328,8 +328,58 @@ class VLLMEngine(Engine):
             _logprob(step, token, top_k) for step, token in zip(steps[1:], prompt_ids[1:], strict=True)
         ]
 
-    async def collect(self, prompts, points, position):
-        raise AssertionError("the serving layer refuses contrastive vectors on the vllm backend first")
+    async def collect(
+        self, prompts: list[list[int]], points: tuple[HookPoint, ...], position: str
+    ) -> dict[str, torch.Tensor]:
+        """Per hook point, one row per prompt: its value at the last token ("last") or averaged
+        over the prompt ("mean"), float32 on the CPU (contrastive vectors). The prompts run as
+        vLLM requests together, each reading its prompt step through a spool, within the
+        request timeout."""
+        cancelled = threading.Event()
+
+        def run() -> dict[str, torch.Tensor]:
+            return self._events.run_until_complete(self._collect(prompts, points, position, cancelled))
+
+        future = asyncio.wrap_future(self.scheduler.submit_call(run))
+        return await self._wait(future, cancelled, lambda: "part-way")
+
+    async def _collect(
+        self, prompts, points, position: str, cancelled: threading.Event
+    ) -> dict[str, torch.Tensor]:
+        if cancelled.is_set():
+            raise JobInterrupted
+        rows = await _all_or_none(self._read_prompt(ids, points, position) for ids in prompts)
+        return {point.name: torch.stack([row[point.name] for row in rows]) for point in points}
+
+    async def _read_prompt(self, prompt_ids: list[int], points, position: str) -> dict[str, torch.Tensor]:
+        """One prompt's values at ``points`` (its prompt step), reduced to one row each."""
+        spool = Path(tempfile.mkdtemp(dir=self.spool_root))
+        try:
+            plan = self._plan_for((), points, len(prompt_ids), read_steps=1, spool=spool)
+            model = self.model
+            with model.trace(list(prompt_ids), max_tokens=1, temperature=0.0, detokenize=False) as tracer:
+                run_request(model, tracer, plan)
+            backend = tracer.backend
+            stream = backend.__aiter__()
+            finished = False
+            try:
+                async for output in stream:
+                    finished = output.finished
+            finally:
+                await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
+            names, width, dtype = plan.names(), self.shape.hidden, self.loaded.dtype
+            with _mapped(spool / SPOOL_FILE) as buffer:
+                records = spool_records(buffer, len(names), width, dtype)
+                if not records or records[0][1] != len(prompt_ids):
+                    raise RuntimeError("the worker did not spool the prompt step")
+                out = {}
+                for j, name in enumerate(names):
+                    values = spool_rows(buffer, records[0], j, width, dtype).float()
+                    out[name] = (values[-1] if position == "last" else values.mean(0)).clone()
+                    del values  # a view of the map, closed next
+            return out
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
 
     async def lda(self, job):
         raise AssertionError("the serving layer refuses LDA on the vllm backend first")
@@ -504,9 +554,25 @@ class VLLMEngine(Engine):
         return {key: value for key, value in sampling.items() if value is not None}
 
     def _plan(self, job: GenerationJob, capture: _Capture | None) -> RequestPlan:
-        """The worker-side plan: the job's edits and (choice 0 only) capture reads, by place in
-        execution order, and at a place by hook point (``resid_post`` before ``resid_pre``).
-        Edit tensors travel as they are (float32 on the CPU); the worker places them."""
+        """The worker-side plan of a job's choice: its edits and (choice 0 only) capture reads."""
+        if capture is None:
+            return self._plan_for(job.edits, (), len(job.prompt_ids))
+        plan = capture.recorder.plan
+        return self._plan_for(
+            job.edits, plan.points, len(job.prompt_ids), capture.recorder.reads_steps, capture.spool
+        )
+
+    def _plan_for(
+        self,
+        edits,
+        reads: tuple[HookPoint, ...],
+        prompt_len: int,
+        read_steps: int | None = None,
+        spool: Path | None = None,
+    ) -> RequestPlan:
+        """Edits and reads by place in execution order, and at a place by hook point
+        (``resid_post`` before ``resid_pre``). Edit tensors travel as they are (float32 on the
+        CPU); the worker places them."""
         stages: dict[tuple[str, str], tuple[list, list]] = {}
         places: dict[str, tuple[Place, int]] = {}
 
@@ -515,11 +581,10 @@ class VLLMEngine(Engine):
             places[place.module] = (place, order)
             return stages.setdefault((place.module, point.hook), ([], []))
 
-        for edit in job.edits:
+        for edit in edits:
             stage(edit.point)[0].append(edit)
-        if capture is not None:
-            for point in capture.recorder.plan.points:
-                stage(point)[1].append(point.name)
+        for point in reads:
+            stage(point)[1].append(point.name)
         sites = []
         for module, (place, _) in sorted(places.items(), key=lambda item: item[1][1]):
             hooks = sorted(
@@ -533,9 +598,9 @@ class VLLMEngine(Engine):
             )
         return RequestPlan(
             sites=tuple(sites),
-            prompt_len=len(job.prompt_ids),
-            read_steps=None if capture is None else capture.recorder.reads_steps,
-            spool=None if capture is None else str(capture.spool),
+            prompt_len=prompt_len,
+            read_steps=read_steps if reads else None,
+            spool=None if spool is None else str(spool),
         )
 
     # -- introspection -------------------------------------------------------------
@@ -731,13 +796,13 @@ async def _to_the_end(coroutine) -> None:
     task.result()
 
 
-async def _all_or_none(coroutines) -> None:
-    """Run ``coroutines`` together; when one fails or this is cancelled, cancel the others and
-    wait for them (their requests aborted) before raising (``asyncio.gather`` leaves them
-    running)."""
+async def _all_or_none(coroutines) -> list:
+    """Run ``coroutines`` together and return their results in order; when one fails or this is
+    cancelled, cancel the others and wait for them (their requests aborted) before raising
+    (``asyncio.gather`` leaves them running)."""
     tasks = [asyncio.ensure_future(c) for c in coroutines]
     if not tasks:
-        return
+        return []
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     except asyncio.CancelledError:
@@ -751,6 +816,7 @@ async def _all_or_none(coroutines) -> None:
     for task in tasks:
         if task in done and task.exception() is not None:
             raise task.exception()
+    return [task.result() for task in tasks]
 
 
 def _vllm_ends_too(row: RowState) -> bool:

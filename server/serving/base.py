@@ -216,7 +216,6 @@ def activation_fields(ref: ActivationsRef | None) -> dict:
 FEATURES = {
     "lda": "logit difference amplification (/v1/lda)",
     "structured_output": "structured output",
-    "contrastive_vectors": "contrastive vectors",
 }
 
 

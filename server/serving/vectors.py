@@ -27,7 +27,7 @@ from safetensors.torch import load as load_safetensors
 from ..engine.hooks import HookError
 from ..errors import APIError
 from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
-from .base import ENGINE_FAILURES, engine_error, require_feature
+from .base import ENGINE_FAILURES, engine_error
 from .parts import ServingParts
 
 
@@ -146,7 +146,6 @@ class VectorServing:
         return {"object": "list", "data": data, "damaged": damaged}
 
     async def contrastive(self, body: ContrastiveCreate) -> dict:
-        require_feature(self.engine, "contrastive_vectors", "positive")
         self._check_name(body.name)
         try:
             points = tuple(

@@ -100,7 +100,6 @@ def test_a_feature_the_runtime_does_not_run_is_a_400_naming_the_field_and_the_ba
     vllm = SimpleNamespace(backend="vllm", unsupported=UNSUPPORTED)
     for feature, param in (
         ("lda", None),
-        ("contrastive_vectors", "positive"),
         ("structured_output", "response_format"),
     ):
         require_feature(Engine, feature, param)  # nothing refused on hf

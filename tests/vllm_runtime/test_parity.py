@@ -292,6 +292,32 @@ def test_positions_steps_and_patching_as_on_hf(hf, vllm, model_name):
     assert texts[1] == texts[0] != plain
 
 
+@pytest.mark.parametrize(
+    ("hook", "position"), [("resid_post", "last"), ("resid_pre", "mean"), ("mlp_out", "last")]
+)
+def test_contrastive_vectors_equal_hf(hf, vllm, model_name, hook, position):
+    body = {
+        "name": f"c-{hook}-{position}",
+        "positive": ["The quick brown fox", "Steering vectors change what a model says."],
+        "negative": ["What is the capital of France?", "Count from one to ten."],
+        "layers": "all",
+        "hook_point": hook,
+        "position": position,
+        "method": "mean_diff",
+    }
+    made = {}
+    for name, client in (("hf", hf), ("vllm", vllm)):
+        response = post(client, "/v1/vectors/contrastive", model_name, body)
+        assert response.status_code == 200, response.text
+        vectors = [v["name"] for v in response.json()["data"]]
+        made[name] = {v: client.get(f"/v1/vectors/{v}").json()["values"] for v in vectors}
+    assert set(made["vllm"]) == set(made["hf"]) == {f"{body['name']}-layer0", f"{body['name']}-layer1"}
+    for vector, values in made["vllm"].items():
+        torch.testing.assert_close(
+            torch.tensor(values), torch.tensor(made["hf"][vector]), atol=1e-4, rtol=1e-5
+        )
+
+
 def test_steered_and_plain_requests_batched_together_equal_their_solo_runs(vllm, model_name):
     steer = [{"type": "add", "layer": 0, "hook_point": "resid_post", "vector": _direction(6), "scale": 2.0}]
     solo_plain = run_completion(vllm, model_name, max_tokens=16)["choices"][0]["text"]
@@ -376,17 +402,6 @@ def test_what_the_vllm_runtime_does_not_run_is_refused_naming_the_field(vllm, mo
                 },
             },
             None,
-        ),
-        (
-            "/v1/vectors/contrastive",
-            {
-                "name": "v",
-                "positive": ["good"],
-                "negative": ["bad"],
-                "layers": [0],
-                "hook_point": "resid_post",
-            },
-            "positive",
         ),
     ]
     for path, body, param in refused:
