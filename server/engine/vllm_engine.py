@@ -189,6 +189,7 @@ class VLLMEngine(Engine):
         self.spool_root = Path(tempfile.mkdtemp(prefix="nnsight-vllm-spool-"))
         self._events = events or asyncio.new_event_loop()  # the worker thread's loop: vLLM's AsyncLLM on it
         self._capture_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-captures")
+        # no batch memory estimate: vLLM sizes its own KV cache (--gpu-memory-utilization)
         scheduler.bind(self._run_batch, None, on_idle=self.host_memory.release)
         self.scheduler = scheduler
         self._prompt_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
@@ -385,9 +386,6 @@ class VLLMEngine(Engine):
         raise AssertionError("the serving layer refuses LDA on the vllm backend first")
 
     # -- batches (the worker thread) -----------------------------------------------------
-
-    def _batch_memory(self, jobs: list[GenerationJob]) -> int:
-        return 0  # vLLM sizes its own KV cache (--gpu-memory-utilization)
 
     def _run_batch(
         self,
