@@ -310,20 +310,10 @@ class VLLMEngine(Engine):
     ) -> list[TokenLogprob]:
         if cancelled.is_set():
             raise JobInterrupted
-        model = self.model
-        with model.trace(
-            list(prompt_ids), max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False
-        ) as tracer:
-            pass  # nothing read or edited: echo scores the prompt without interventions
-        backend = tracer.backend
-        stream = backend.__aiter__()
-        finished = None
-        try:
-            async for output in stream:
-                if output.finished:
-                    finished = output
-        finally:
-            await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
+        # nothing read or edited: echo scores the prompt without interventions
+        finished = await self._finished_output(
+            prompt_ids, None, max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False
+        )
         steps = finished.prompt_logprobs
         return [TokenLogprob(prompt_ids[0], None)] + [
             _logprob(step, token, top_k) for step, token in zip(steps[1:], prompt_ids[1:], strict=True)
@@ -357,17 +347,7 @@ class VLLMEngine(Engine):
         spool = Path(tempfile.mkdtemp(dir=self.spool_root))
         try:
             plan = self._plan_for((), points, len(prompt_ids), read_steps=1, spool=spool)
-            model = self.model
-            with model.trace(list(prompt_ids), max_tokens=1, temperature=0.0, detokenize=False) as tracer:
-                run_request(model, tracer, plan)
-            backend = tracer.backend
-            stream = backend.__aiter__()
-            finished = False
-            try:
-                async for output in stream:
-                    finished = output.finished
-            finally:
-                await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
+            await self._finished_output(prompt_ids, plan, max_tokens=1, temperature=0.0, detokenize=False)
             names, width, dtype = plan.names(), self.shape.hidden, self.loaded.dtype
             with _mapped(spool / SPOOL_FILE) as buffer:
                 records = spool_records(buffer, len(names), width, dtype)
@@ -516,6 +496,24 @@ class VLLMEngine(Engine):
             # nnsight's request id: its stream does not close vLLM's own generator, whose abort
             # would wait for garbage collection (and this loop runs only while a batch does).
             await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
+
+    async def _finished_output(self, prompt_ids: list[int], plan: RequestPlan | None, **sampling):
+        """One request (``sampling``: vLLM's fields; ``plan``: its reads and edits, if any) run to
+        its end without streaming: its finished ``RequestOutput``."""
+        model = self.model
+        with model.trace(list(prompt_ids), **sampling) as tracer:
+            if plan is not None:
+                run_request(model, tracer, plan)
+        backend = tracer.backend
+        stream = backend.__aiter__()
+        finished = None
+        try:
+            async for output in stream:
+                if output.finished:
+                    finished = output
+        finally:
+            await _to_the_end(self._end_request(stream, None if finished else backend._request_id))
+        return finished
 
     async def _end_request(self, stream, unfinished: str | None) -> None:
         """Abort a request in vLLM if it had not finished (first: it stops decoding at once),
