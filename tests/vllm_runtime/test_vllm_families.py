@@ -10,6 +10,7 @@ each backend gets the same requests: greedy text, a generate-mode capture of all
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -22,7 +23,7 @@ else:
 pytestmark = pytest.mark.vllm
 
 from apps import app_client  # noqa: E402
-from tiny_model import build_tokenizer  # noqa: E402
+from conformance.families import Family, build_family_model  # noqa: E402
 
 HIDDEN = 256
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -58,25 +59,9 @@ def _config(family: str, ids: dict):
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen2", "mistral"])
 def servers(request, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     family = request.param
-    folder = tmp_path_factory.mktemp(f"tiny-{family}")
-    tokenizer = build_tokenizer()
-    ids = {
-        "vocab": len(tokenizer),
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "pad": tokenizer.pad_token_id,
-    }
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(family, ids))
-    with torch.no_grad():  # larger logits: a less uniform, more model-like distribution
-        output = model.get_output_embeddings()
-        if output.weight is not model.get_input_embeddings().weight:
-            output.weight.mul_(8.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    layout = Family(family, functools.partial(_config, family), "model.layers", "self_attn", "mlp")
+    folder = build_family_model(tmp_path_factory.mktemp(f"tiny-{family}"), layout)
     common = {"dtype": "float32", "max_model_len": 256}
     work = tmp_path_factory.mktemp(f"work-{family}")
     with (
