@@ -28,6 +28,7 @@ from .ops import apply_operation
 
 if TYPE_CHECKING:  # the engine's resolved hook point; only its attributes are used here
     from server.engine.hooks import HookPoint
+    from server.engine.sae import SparseAutoencoder
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Edit:
     steps: tuple[int, int] | None = None  # [first, end) forward steps; None: every step
     source: torch.Tensor | None = None  # patch: [captured positions, width]
     source_positions: tuple[int, ...] = ()  # patch: the absolute position of each source row
+    sae: SparseAutoencoder | None = None  # sae_*: the SAE (on the model's device), read at ``point``
+    feature: int = 0  # sae_*: the feature's index
 
     def indexes(self, start: int, length: int, prompt_len: int, step: int = 0) -> list[int]:
         """Which of this step's positions (0 .. length-1) the edit touches.
@@ -72,7 +75,14 @@ class Edit:
     def new_values(self, selected: torch.Tensor, start: int, index: list[int]) -> torch.Tensor:
         """The replacement for ``selected`` (``[rows, len(index), ...]``, the columns ``index``
         of a step whose first column is absolute position ``start``)."""
-        arguments = {"vector": self.vector, "scale": self.scale, "factor": self.factor, "value": self.value}
+        arguments = {
+            "vector": self.vector,
+            "scale": self.scale,
+            "factor": self.factor,
+            "value": self.value,
+            "sae": self.sae,
+            "feature": self.feature,
+        }
         if self.operation == "patch":
             row_of = {p: i for i, p in enumerate(self.source_positions)}
             arguments["source"] = self.source[[row_of[start + j] for j in index]]

@@ -17,7 +17,9 @@ class InterventionRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
-    type: Literal["add", "scale", "ablate", "project_out", "clamp", "patch"]
+    type: Literal[
+        "add", "scale", "ablate", "project_out", "clamp", "patch", "sae_add", "sae_clamp", "sae_ablate"
+    ]
     layer: int | None = Field(None, description="One layer (negative counts from the end).")
     layers: list[int] | Literal["all"] | None = Field(None, description="Several layers, or all.")
     hook_point: Annotated[str, Field(max_length=200)] | None = Field(
@@ -39,7 +41,18 @@ class InterventionRequest(BaseModel):
     )
     scale: float = Field(1.0, description="add: the multiple of the vector added.")
     factor: float | None = Field(None, description="scale: the factor to multiply by.")
-    value: float = Field(0.0, description="clamp: the component along the direction is set to this.")
+    value: float = Field(
+        0.0,
+        description="clamp: the component along the direction is set to this; sae_clamp: the feature's "
+        "activation.",
+    )
+    sae: Annotated[str, Field(max_length=64)] | None = Field(
+        None,
+        description="sae_add/sae_clamp/sae_ablate: a loaded SAE's name (GET /v1/saes); it acts at the "
+        "SAE's hook point.",
+    )
+    feature: Annotated[int, Field(ge=0)] | None = Field(None, description="sae_*: the SAE feature's index.")
+    strength: float = Field(1.0, description="sae_add: the multiple of the feature's decoder row added.")
     activation_id: Annotated[str, Field(max_length=40)] | None = Field(
         None, description="patch: the id of an earlier capture (act-...)."
     )

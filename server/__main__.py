@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         choices = _literal_choices(field.annotation)
         if choices:
             kwargs["choices"] = choices
+        if get_origin(field.annotation) is list:
+            kwargs["action"] = "append"  # a repeatable flag
         parser.add_argument(flag, **kwargs)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
@@ -85,10 +87,15 @@ def preflight(settings: Settings, *, check_port: bool = True) -> None:
         check_model_source,
         check_quantization_support,
     )
+    from .engine.sae import sae_flag_problem
     from .engine.vllm_engine import check_backend_settings
 
     if check_port and not port_free(settings.host, settings.port):
         raise StartupRefused(port_in_use(settings.host, settings.port))
+    for spec in settings.sae:
+        problem = sae_flag_problem(spec, settings.backend)
+        if problem:
+            raise StartupRefused(f"--sae {spec}: {problem}")
     try:
         check_model_source(settings.model)
         if settings.lda_before:

@@ -112,6 +112,14 @@ class Settings(BaseSettings):
         Path("activations"), description="Root of the activation store; client save_dirs stay inside it."
     )
     vectors_dir: Path = Field(Path("vectors"), description="Root of the vector store.")
+    saes_dir: Path = Field(
+        Path("saes"), description="Root of the SAE folders clients may load (POST /v1/saes)."
+    )
+    sae: list[str] = Field(
+        default_factory=list,
+        description="NAME=FOLDER: serve an SAE in SAELens' format (cfg.json, sae_weights.safetensors) "
+        "from the start; repeatable.",
+    )
     max_vectors: int = Field(10_000, ge=1, description="Most vectors the store keeps.")
     reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
         None,

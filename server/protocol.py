@@ -269,6 +269,30 @@ class CaptureRequest(StrictModel):
     save_dir: Text | None = Field(
         None, max_length=500, description="A subdirectory of the server's --activations-dir."
     )
+    saes: Annotated[list[Annotated[str, Field(max_length=64)]], Field(min_length=1, max_length=16)] | None = (
+        Field(
+            None,
+            description="Loaded SAEs (GET /v1/saes): store each one's top sae_top_k features and its "
+            "reconstruction error norm at every position (saes.<name>.indices/.values/.error_norm).",
+        )
+    )
+    sae_top_k: int = Field(16, ge=1, le=1024, description="Features stored per position and SAE.")
+    logit_lens: list[int] | Literal["all"] | None = Field(
+        None,
+        description="Layers whose resid_post goes through the model's final norm and unembedding: "
+        "store the top logit_lens_top_k next tokens and logprobs at every position "
+        "(logit_lens.layers.<L>.indices/.logprobs).",
+    )
+    logit_lens_top_k: int = Field(5, ge=1, le=100, description="Tokens stored per position and layer.")
+
+
+class SaeLoad(StrictModel):
+    """Body of ``POST /v1/saes``: serve the SAE in a folder under ``--saes-dir``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    folder: Annotated[str, Field(min_length=1, max_length=500)] = Field(
+        description="A folder under the server's --saes-dir holding cfg.json and sae_weights.safetensors."
+    )
 
 
 class VectorCreate(StrictModel):

@@ -12,6 +12,13 @@ and appends them to the writer, which holds at most 256 KiB per tensor before it
 disk: so neither accelerator nor host memory grows with the tokens. The recorder writes
 the manifest (the one place that does) and returns a typed :class:`CaptureResult`.
 
+A plan may also ask for values *derived* on the device from what it reads, stored beside
+the raw ones: an SAE's top features at every position (:class:`SaeRead`:
+``saes.<name>.indices`` / ``.values`` ``[pos, k]`` and ``.error_norm`` ``[pos]``) and the
+logit lens of chosen layers (:class:`LensRead`: ``logit_lens.layers.<L>.indices`` /
+``.logprobs`` ``[pos, k]``). The hook points they read are stored only where the plan's
+``points`` name them too.
+
 Values are ``[1, pos, ...]`` tensors of the job's first row (a module that returns a
 tuple is read at its first element); stored tensors are ``[pos, ...]``. In generate
 mode the loop runs one extra step so that the final generated token is fed in too:
@@ -32,6 +39,34 @@ from .interrupt import JobInterrupted
 
 
 @dataclass(frozen=True)
+class SaeRead:
+    """Store an SAE's ``top_k`` most active features (and its reconstruction error norm) at every
+    kept position of its hook point (``sae``: a :class:`~server.engine.sae.SparseAutoencoder`)."""
+
+    name: str
+    point: HookPoint
+    sae: Any
+    top_k: int
+
+    def tensor_names(self) -> tuple[str, str, str]:
+        return (f"saes.{self.name}.indices", f"saes.{self.name}.values", f"saes.{self.name}.error_norm")
+
+
+@dataclass(frozen=True)
+class LensRead:
+    """Store the logit lens (``top_k`` tokens and logprobs) of each layer's ``resid_post``
+    (``points``) at every kept position; ``unembed``: a :class:`~server.engine.lens.Unembedding`."""
+
+    points: tuple[HookPoint, ...]
+    top_k: int
+    unembed: Any
+
+    @staticmethod
+    def tensor_names(point: HookPoint) -> tuple[str, str]:
+        return (f"logit_lens.layers.{point.layer}.indices", f"logit_lens.layers.{point.layer}.logprobs")
+
+
+@dataclass(frozen=True)
 class CapturePlan:
     points: tuple[HookPoint, ...]
     mode: str = "trace"  # "trace": the prompt forward only; "generate": every token fed in
@@ -42,6 +77,29 @@ class CapturePlan:
     dtype: torch.dtype | None = None  # storage dtype; None: the model's
     format: str = "safetensors"
     save_dir: str | None = None  # inside the activation store's root
+    saes: tuple[SaeRead, ...] = ()
+    lens: LensRead | None = None
+
+    @property
+    def reads(self) -> tuple[HookPoint, ...]:
+        """Every hook point the capture reads (stored ones, and those SAEs and the lens read), in
+        execution order."""
+        found = {point.name: point for point in self.points}
+        for read in self.saes:
+            found.setdefault(read.point.name, read.point)
+        for point in self.lens.points if self.lens else ():
+            found.setdefault(point.name, point)
+        return tuple(sorted(found.values(), key=lambda p: (p.order, p.name)))
+
+    def derived_row_bytes(self) -> int:
+        """Bytes the SAE and lens tensors store per position (int64 indices, float32 values)."""
+        sae = sum(read.top_k * (8 + 4) + 4 for read in self.saes)
+        lens = len(self.lens.points) * self.lens.top_k * (8 + 4) if self.lens else 0
+        return sae + lens
+
+    def derived_count(self) -> int:
+        """How many SAE and lens tensors the capture stores."""
+        return 3 * len(self.saes) + (2 * len(self.lens.points) if self.lens else 0)
 
     def unit_indices(self, width: int) -> torch.Tensor | None:
         """Which hidden units to keep for a last dimension of ``width`` (sorted), or None for all."""
@@ -65,7 +123,8 @@ def stored_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int, model_dtyp
     def kept(width: int) -> int:  # sample_hidden keeps that many units of the last dimension
         return width if plan.sample_hidden is None else min(width, plan.sample_hidden)
 
-    return sum(kept(point.width) for point in plan.points) * positions * itemsize
+    raw = sum(kept(point.width) for point in plan.points) * positions * itemsize
+    return raw + plan.derived_row_bytes() * positions
 
 
 def kept_positions(plan: CapturePlan, prompt_len: int, max_tokens: int) -> int:
@@ -93,7 +152,7 @@ def manifest_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int) -> int:
     widths = {point.width for point in plan.points} if plan.sample_hidden is not None else set()
     return (
         MANIFEST_BASE_BYTES
-        + len(plan.points) * MANIFEST_ENTRY_BYTES
+        + (len(plan.points) + plan.derived_count()) * MANIFEST_ENTRY_BYTES
         + kept_positions(plan, prompt_len, max_tokens) * MANIFEST_POSITION_BYTES
         + sum(min(width, plan.sample_hidden) for width in widths) * 8
     )
@@ -185,6 +244,41 @@ def reduce_values(values: list, plan: CapturePlan, positions: slice) -> list[tor
         for i, tensor in zip(indexes, joined.unbind(0), strict=True):
             stored[i] = tensor
     return stored
+
+
+def derived_values(plan: CapturePlan, values: dict, keep: slice) -> list[tuple[str, torch.Tensor]]:
+    """The SAE and lens tensors of one step (``values``: ``{name: [1, pos, ...]}``; ``keep``: the
+    positions kept), computed on the values' device, returned on the CPU."""
+    out: list[tuple[str, torch.Tensor]] = []
+    for read in plan.saes:
+        x = first_tensor(values[read.point.name])[0, keep].reshape(-1, read.sae.d_in)  # [pos', d_in]
+        found = read.sae.top_features(x, read.top_k)
+        out += zip(read.tensor_names(), (found.indices, found.values, found.error_norm), strict=True)
+    if plan.lens is not None:
+        for point in plan.lens.points:
+            ids, logprobs = plan.lens.unembed.top(first_tensor(values[point.name])[0, keep], plan.lens.top_k)
+            out += zip(LensRead.tensor_names(point), (ids, logprobs), strict=True)
+    return out
+
+
+def derived_facts(plan: CapturePlan) -> list[tuple[str, dict]]:
+    """Each SAE and lens tensor's name and what the manifest says of it."""
+    facts: list[tuple[str, dict]] = []
+    for read in plan.saes:
+        where = {"layer": read.point.layer, "hook_point": read.point.hook, "sae": read.name}
+        for name, kind in zip(
+            read.tensor_names(), ("sae_indices", "sae_values", "sae_error_norm"), strict=True
+        ):
+            facts.append((name, {**where, "kind": kind, "top_k": read.top_k}))
+    for point in plan.lens.points if plan.lens else ():
+        for name, kind in zip(LensRead.tensor_names(point), ("lens_indices", "lens_logprobs"), strict=True):
+            facts.append(
+                (
+                    name,
+                    {"layer": point.layer, "hook_point": point.hook, "kind": kind, "top_k": plan.lens.top_k},
+                )
+            )
+    return facts
 
 
 def tensor_facts(point: HookPoint, original_shape, units: torch.Tensor | None) -> dict:
@@ -294,10 +388,15 @@ class CaptureRecorder:
                 )
         stored = reduce_values([values[p.name] for p in points], self.plan, keep)
         for point, tensor in zip(points, stored, strict=True):
-            if self.plan.positions == "last":
-                self.latest[point.name] = tensor
-            else:
-                self.writer.append(point.name, tensor)
+            self._keep(point.name, tensor)
+        for name, tensor in derived_values(self.plan, values, keep):
+            self._keep(name, tensor)
+
+    def _keep(self, name: str, tensor: torch.Tensor) -> None:
+        if self.plan.positions == "last":
+            self.latest[name] = tensor
+        else:
+            self.writer.append(name, tensor)
 
     def finish(
         self, token_ids: list[int], tokens: list[str], stop: Callable[[], bool] = lambda: False
@@ -323,6 +422,12 @@ class CaptureRecorder:
                 sampled[shape[-1]] = units
             original = None if shape is None else [shape[0], self.position, *shape[2:]]
             self.writer.close_appended(point.name, **tensor_facts(point, original, units))
+        for name, facts in derived_facts(self.plan):
+            if stop():
+                raise JobInterrupted
+            if name in self.latest:
+                self.writer.append(name, self.latest.pop(name))
+            self.writer.close_appended(name, **facts)
         plan = self.plan
         marks = self.spec.reasoning
         reasoning = (

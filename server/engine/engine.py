@@ -30,6 +30,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -40,8 +41,10 @@ from .hooks import HookPoint, HookResolver
 from .interrupt import JobInterrupted
 from .job import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob
 from .lda import LdaJob, LdaResult
+from .lens import Unembedding, final_norm_path
 from .loading import LoadedModel, check_chat_template, check_same_vocabulary, load_model
-from .memory import HostMemory, MemoryLog, ModelShape, estimate
+from .memory import HostMemory, MemoryLog, ModelShape, estimate, format_size
+from .sae import CFG_FILE, WEIGHTS_FILE, SaeError, SaeSet, load_sae
 from .scheduler import Scheduler
 from .scoring import score_prompt
 from .structure import context_length, find_layers, layer_hook_points, module_tree
@@ -146,6 +149,8 @@ class Engine:
             logits_module=self.hooks.logits_module,
         )
         self.runtime = self.loop.runtime
+        self.saes = SaeSet()  # changed on the worker only (add_sae, remove_sae)
+        self.unembedding = self._unembedding()
         self.host_memory = HostMemory()
         scheduler.bind(self._run_batch, self._batch_memory, on_idle=self.host_memory.release)
         self.scheduler = scheduler
@@ -211,7 +216,58 @@ class Engine:
             engine.scheduler.memory_room = max(0, settings.memory_budget - engine.resident_weight_bytes)
         if settings.batch_window_ms is None and not engine.runtime.joins_running_batches:
             engine.scheduler.batch_window_s = NO_JOIN_BATCH_WINDOW_S
+        for spec in settings.sae:  # checked by the preflight: NAME=FOLDER with both files
+            name, folder = spec.split("=", 1)
+            files = Path(folder).expanduser()
+            try:
+                engine.add_sae(
+                    name, (files / CFG_FILE).read_bytes(), (files / WEIGHTS_FILE).read_bytes(), folder
+                )
+            except SaeError as exc:
+                raise SaeError(f"--sae {name}: {exc}", exc.field) from None
         return engine
+
+    def _unembedding(self) -> Unembedding | None:
+        """The model's own final norm and unembedding, for the logit lens (None: no logits module)."""
+        head = self.hooks.logits_module
+        if head is None:
+            return None
+        norm = final_norm_path(self.hooks, self.layout.path, self.layout.count)
+        softcap = getattr(self.loaded.hf_model.config, "final_logit_softcapping", None)
+        return Unembedding(self.loaded.wrapper, norm, head, softcap)
+
+    # -- SAEs (worker side) ------------------------------------------------------------
+
+    def add_sae(self, name: str, cfg_bytes: bytes, weights_bytes: bytes, folder: str) -> dict:
+        """Load an SAE onto the model's device and serve it as ``name`` (on the worker). Its
+        weights count against ``--memory-budget`` like the model's.
+
+        Raises:
+            SaeError: it does not fit the model, the format or the memory budget (``field``)."""
+        if name in self.saes:
+            raise SaeError(f"an SAE named {name!r} is loaded already (DELETE /v1/saes/{name} first)", "name")
+        served = load_sae(name, cfg_bytes, weights_bytes, folder, self.hooks, self.loaded.device)
+        room = self.scheduler.memory_room
+        if room is not None:
+            if served.sae.nbytes > room:
+                raise SaeError(
+                    f"the SAE's weights take {format_size(served.sae.nbytes)}; --memory-budget leaves "
+                    f"{format_size(room)} beside the weights and SAEs already loaded",
+                    WEIGHTS_FILE,
+                )
+            self.scheduler.memory_room = room - served.sae.nbytes
+        self.saes.add(served)
+        logger.info(
+            "SAE %s loaded from %s at %s (%d features)", name, folder, served.point.name, served.sae.d_sae
+        )
+        return served.describe()
+
+    def remove_sae(self, name: str) -> None:
+        """Stop serving an SAE (on the worker). Raises KeyError for a name not loaded."""
+        served = self.saes.remove(name)
+        if self.scheduler.memory_room is not None:
+            self.scheduler.memory_room += served.sae.nbytes
+        logger.info("SAE %s unloaded", name)
 
     @property
     def resident_weight_bytes(self) -> int:
@@ -404,6 +460,11 @@ class Engine:
 
         future = asyncio.wrap_future(self.scheduler.submit_call(run))
         return await self._wait(future, cancelled, lambda: "part-way")
+
+    async def run_analysis(self, fn: Callable[..., T], *args) -> T:
+        """A model analysis that is not generation (a patching sweep) on the worker: ``fn(*args,
+        stop)``, within the request timeout and stopped (``JobInterrupted``) once its caller goes."""
+        return await self._run_within_timeout(fn, *args)
 
     async def lda(self, job: LdaJob) -> LdaResult:
         """Run an LDA request (every row, both sides) in the decode loop, within the request timeout."""

@@ -71,6 +71,19 @@ class HookResolver:
         # The module computing the logits: generation computes them for the last position only.
         self.logits_module = next((name for name, m in self._modules.items() if m is logits), None)
 
+    def outputs(self) -> list[tuple[int, str, int]]:
+        """``(order, module path, width)`` of every module's output in one forward pass, in order
+        (width 0: not one ``[batch, pos, ...]`` tensor)."""
+        return sorted(
+            (i, path, self._width[(path, kind)])
+            for (path, kind), i in self._order.items()
+            if kind == "output"
+        )
+
+    def order_of(self, path: str, kind: str) -> int | None:
+        """When ``<path>.<kind>`` is reached in one forward pass (None: never)."""
+        return self._order.get((path, kind))
+
     def layer_indexes(self, layers: list[int] | str, param: str = "layers") -> list[int]:
         count = self.layout.count
         if layers == "all":

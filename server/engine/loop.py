@@ -96,7 +96,7 @@ class _Running:
             job.prompt_ids,
             job.params.n,
             edits=edits,
-            reads=recorder.plan.points if recorder else (),
+            reads=recorder.plan.reads if recorder else (),
             read_steps=recorder.reads_steps if recorder else None,
             on_values=recorder.on_step if recorder else None,
             full_logits=recorder is not None and loop.wants_full_logits(recorder.plan.points),

@@ -33,7 +33,7 @@ from ..engine.sampler import NonFiniteLogits
 from ..engine.scheduler import QueueFull
 from ..errors import APIError, internal_error
 from ..middleware import note_first_token, note_tokens
-from ..protocol import ActivationsRef, Usage, dump
+from ..protocol import ActivationsRef, ChatMessage, Usage, dump
 from ..storage import CaptureTooLarge, UnsafeSaveDir
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,9 @@ def activation_fields(ref: ActivationsRef | None) -> dict:
 FEATURES = {
     "lda": "logit difference amplification (/v1/lda)",
     "structured_output": "structured output",
+    "saes": "SAEs (/v1/saes, capture.saes, the sae_* interventions)",
+    "logit_lens": "the logit lens (capture.logit_lens)",
+    "patching": "patching sweeps (/v1/patching/sweep)",
 }
 
 
@@ -232,6 +235,26 @@ def require_feature(engine: Engine, feature: str, param: str | None) -> None:
             param=param,
             code="unsupported_on_backend",
         )
+
+
+async def example_ids(engine: Engine, example: str | list[ChatMessage], param: str) -> list[int]:
+    """The token ids of an example prompt: a string is tokenized as plain text; a message list is
+    rendered with the chat template, ready for the assistant's reply.
+
+    Raises:
+        APIError: 400 naming ``param`` for an empty example or one past the context window."""
+    if isinstance(example, str):
+        ids = await engine.encode(example)
+    else:
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in example
+        ]
+        ids = await engine.render_chat(messages)
+    if not ids:
+        raise APIError("an example must not be empty", param=param)
+    if len(ids) > engine.context_length:
+        raise APIError("the example is longer than the context window", param=param)
+    return ids
 
 
 async def checked_grammar(engine: Engine, request) -> str | None:

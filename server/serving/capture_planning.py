@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 
-from ..engine.capture import CapturePlan, CaptureResult, CaptureSpec, ReasoningMarks
+from ..engine.capture import CapturePlan, CaptureResult, CaptureSpec, LensRead, ReasoningMarks, SaeRead
 from ..engine.engine import Engine
 from ..engine.hooks import HookError
 from ..engine.loading import DTYPES
 from ..errors import APIError
 from ..protocol import ActivationsRef, CaptureRequest, NdifOverrides, ServerCaptureConfig, dump
 from ..storage import ActivationStore, UnsafeSaveDir
+from .base import require_feature
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,16 @@ class CapturePlanning:
             raise APIError('capture mode "generate" records one choice: send n=1', param="n")
         if capture.positions == "generated" and capture.mode != "generate":
             raise APIError('positions "generated" needs capture mode "generate"', param="capture.positions")
+        derived_only = (capture.saes or capture.logit_lens is not None) and not (
+            capture.hook_points or capture.modules or capture.layers is not None
+        )
         try:
-            points = self.engine.hooks.resolve(
-                layers=capture.layers, hook_points=capture.hook_points, modules=capture.modules
+            points = (
+                []
+                if derived_only
+                else self.engine.hooks.resolve(
+                    layers=capture.layers, hook_points=capture.hook_points, modules=capture.modules
+                )
             )
             self.store.resolve_subdir(capture.save_dir)
         except HookError as exc:
@@ -137,7 +145,52 @@ class CapturePlanning:
             sample_seed=capture.sample_hidden_seed,
             dtype=DTYPES[capture.dtype] if capture.dtype else None,
             format=capture.format,
+            saes=self._sae_reads(capture),
+            lens=self._lens_read(capture),
         )
+
+    def _sae_reads(self, capture: CaptureRequest) -> tuple[SaeRead, ...]:
+        """``capture.saes``: each loaded SAE, with how many features to keep per position."""
+        if not capture.saes:
+            return ()
+        require_feature(self.engine, "saes", "capture.saes")
+        reads = []
+        for i, name in enumerate(dict.fromkeys(capture.saes)):
+            try:
+                served = self.engine.saes.get(name)
+            except KeyError:
+                raise APIError(
+                    f"no SAE named {name!r} is loaded (see GET /v1/saes)", param=f"capture.saes[{i}]"
+                ) from None
+            if capture.sae_top_k > served.sae.d_sae:
+                raise APIError(
+                    f"sae_top_k {capture.sae_top_k} is more than {name!r} has features ({served.sae.d_sae})",
+                    param="capture.sae_top_k",
+                )
+            reads.append(SaeRead(name, served.point, served.sae, capture.sae_top_k))
+        return tuple(reads)
+
+    def _lens_read(self, capture: CaptureRequest) -> LensRead | None:
+        """``capture.logit_lens``: each chosen layer's ``resid_post`` through the final norm and head."""
+        if capture.logit_lens is None:
+            return None
+        require_feature(self.engine, "logit_lens", "capture.logit_lens")
+        unembed = self.engine.unembedding
+        if unembed is None:
+            raise APIError(
+                "the served model has no unembedding module for the lens", param="capture.logit_lens"
+            )
+        if capture.logit_lens_top_k > self.engine.vocab_size:
+            raise APIError("logit_lens_top_k is more than the vocabulary", param="capture.logit_lens_top_k")
+        try:
+            points = self.engine.hooks.resolve(
+                layers=self.engine.hooks.layer_indexes(capture.logit_lens, "logit_lens"),
+                hook_points=["resid_post"],
+                modules=None,
+            )
+        except HookError as exc:
+            raise APIError(str(exc), param=f"capture.{exc.param}") from exc
+        return LensRead(tuple(points), capture.logit_lens_top_k, unembed)
 
     def capture_spec(
         self, plan: CapturePlan | None, request, completion_id: str, reasoning: ReasoningMarks | None = None

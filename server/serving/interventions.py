@@ -40,6 +40,7 @@ from ..storage import (
     UnknownVector,
     VectorStore,
 )
+from .base import require_feature
 
 
 class InterventionResolver:
@@ -107,6 +108,8 @@ def resolve_interventions(
 def _resolve_item(
     engine: Engine, vectors: VectorStore, activations: ActivationStore, item: InterventionRequest, param: str
 ) -> list[Edit]:
+    if item.type.startswith("sae_") or item.sae is not None or item.feature is not None:
+        return [_sae_edit(engine, item, param)]
     points = _points(engine, item, param)
     for point in points:
         if not point.floating:
@@ -156,6 +159,48 @@ def _resolve_item(
     return edits
 
 
+def _sae_edit(engine: Engine, item: InterventionRequest, param: str) -> Edit:
+    """An SAE operation: it acts at the SAE's own hook point, on one of its features."""
+    if not item.type.startswith("sae_"):
+        raise APIError(
+            f"sae and feature go with sae_add, sae_clamp or sae_ablate, not {item.type}", param=f"{param}.sae"
+        )
+    require_feature(engine, "saes", f"{param}.sae")
+    for field in ("layer", "layers", "hook_point", "module", "vector", "activation_id", "tensor"):
+        if getattr(item, field) is not None:
+            raise APIError(
+                f"{item.type} acts at its SAE's hook point, along a feature's decoder row: leave {field} out",
+                param=f"{param}.{field}",
+            )
+    if item.sae is None:
+        raise APIError(f"{item.type} needs sae (a loaded SAE's name, GET /v1/saes)", param=f"{param}.sae")
+    if item.feature is None:
+        raise APIError(f"{item.type} needs feature (the feature's index)", param=f"{param}.feature")
+    try:
+        served = engine.saes.get(item.sae)
+    except KeyError:
+        raise APIError(
+            f"no SAE named {item.sae!r} is loaded (see GET /v1/saes)", param=f"{param}.sae"
+        ) from None
+    if item.feature >= served.sae.d_sae:
+        raise APIError(
+            f"feature {item.feature} is out of range: {item.sae!r} has {served.sae.d_sae} features",
+            param=f"{param}.feature",
+        )
+    _check_numbers(item, None, engine.loaded.dtype, param)
+    positions = item.positions if isinstance(item.positions, str) else tuple(item.positions)
+    return Edit(
+        served.point,
+        item.type,
+        positions,
+        scale=item.strength,
+        value=item.value,
+        steps=tuple(item.steps) if item.steps is not None else None,
+        sae=served.sae,
+        feature=item.feature,
+    )
+
+
 def _check_numbers(item: InterventionRequest, values: torch.Tensor | None, dtype: torch.dtype, param: str):
     """Refuse numbers that are finite in JSON but not in the model's dtype, before they reach it:
     ``scale``/``factor``/``value`` or vector entries beyond the dtype's range (float16: 65504),
@@ -169,7 +214,7 @@ def _check_numbers(item: InterventionRequest, values: torch.Tensor | None, dtype
     """
     finfo = torch.finfo(dtype)
     name = str(dtype).removeprefix("torch.")
-    for field in ("scale", "factor", "value"):
+    for field in ("scale", "factor", "value", "strength"):
         number = getattr(item, field)
         if number is not None and not (math.isfinite(number) and abs(number) <= finfo.max):
             raise APIError(

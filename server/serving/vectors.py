@@ -26,8 +26,8 @@ from safetensors.torch import load as load_safetensors
 
 from ..engine.hooks import HookError
 from ..errors import APIError
-from ..protocol import ChatMessage, ContrastiveCreate, PresetCreate, VectorCreate
-from .base import ENGINE_FAILURES, engine_error
+from ..protocol import ContrastiveCreate, PresetCreate, VectorCreate
+from .base import ENGINE_FAILURES, engine_error, example_ids
 from .parts import ServingParts
 
 
@@ -159,8 +159,14 @@ class VectorServing:
             raise APIError("pca needs at least two positive and two negative examples", param="method")
         existing = set(self.vectors.names())
         self._check_room(sum(f"{body.name}-layer{p.layer}" not in existing for p in points))
-        positive = [await self._prompt(example, f"positive[{i}]") for i, example in enumerate(body.positive)]
-        negative = [await self._prompt(example, f"negative[{i}]") for i, example in enumerate(body.negative)]
+        positive = [
+            await example_ids(self.engine, example, f"positive[{i}]")
+            for i, example in enumerate(body.positive)
+        ]
+        negative = [
+            await example_ids(self.engine, example, f"negative[{i}]")
+            for i, example in enumerate(body.negative)
+        ]
         try:
             pos = await self.engine.collect(positive, points, body.position)
             neg = await self.engine.collect(negative, points, body.position)
@@ -183,20 +189,6 @@ class VectorServing:
             }
             made.append(await self._put(f"{body.name}-layer{point.layer}", vector, meta))
         return {"object": "list", "data": made}
-
-    async def _prompt(self, example: str | list[ChatMessage], param: str) -> list[int]:
-        if isinstance(example, str):
-            ids = await self.engine.encode(example)
-        else:
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in example
-            ]
-            ids = await self.engine.render_chat(messages)
-        if not ids:
-            raise APIError("an example must not be empty", param=param)
-        if len(ids) > self.engine.context_length:
-            raise APIError("the example is longer than the context window", param=param)
-        return ids
 
 
 def contrastive_vector(positive: torch.Tensor, negative: torch.Tensor, method: str) -> torch.Tensor:
