@@ -24,6 +24,8 @@ from .serving import (
     ChatServing,
     CompletionServing,
     LdaServing,
+    PatchingServing,
+    SaeServing,
     ServerCapture,
     ServingParts,
     TokenServing,
@@ -51,6 +53,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.completions = CompletionServing(parts)
         app.state.vectors = VectorServing(parts)
         app.state.lda = LdaServing(parts)
+        app.state.saes = SaeServing(parts)
+        app.state.patching = PatchingServing(parts)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         budget = settings.memory_budget
@@ -87,7 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_size=settings.max_body_size,
         metrics=metrics,
         routes=router.routes,
-        redactor=Redactor(secrets=[api_key], roots=[settings.activations_dir, settings.vectors_dir]),
+        redactor=Redactor(
+            secrets=[api_key], roots=[settings.activations_dir, settings.vectors_dir, settings.saes_dir]
+        ),
     )
     install_error_handlers(app)
     app.include_router(router)

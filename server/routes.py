@@ -22,6 +22,7 @@ from .protocol import (
     ModelCard,
     ModelList,
     PresetCreate,
+    SaeLoad,
     ServerCaptureConfig,
     ServerCaptureResponse,
     TokenizeRequest,
@@ -36,6 +37,7 @@ from .protocol_lda import (
     LdaRequest,
     LdaResponse,
 )
+from .protocol_patching import PatchingSweepRequest
 from .responses import ClosingStreamingResponse, file_response
 from .serving import sse_stream
 
@@ -227,3 +229,28 @@ async def read_vector(name: str, request: Request) -> dict:
 @router.delete("/v1/vectors/{name}", responses=_ERROR_RESPONSES)
 async def delete_vector(name: str, request: Request) -> dict:
     return await asyncio.to_thread(request.app.state.vectors.delete, name)
+
+
+@router.get("/v1/saes")
+async def list_saes(request: Request) -> dict:
+    return request.app.state.saes.listing()
+
+
+@router.post("/v1/saes", responses=_ERROR_RESPONSES)
+async def load_sae(body: SaeLoad, request: Request) -> dict:
+    return await request.app.state.saes.load(body)
+
+
+@router.get("/v1/saes/{name}", responses=_ERROR_RESPONSES)
+async def read_sae(name: str, request: Request) -> dict:
+    return request.app.state.saes.describe(name)
+
+
+@router.delete("/v1/saes/{name}", responses=_ERROR_RESPONSES)
+async def unload_sae(name: str, request: Request) -> dict:
+    return await request.app.state.saes.unload(name)
+
+
+@router.post("/v1/patching/sweep", responses=_ERROR_RESPONSES)
+async def patching_sweep(body: PatchingSweepRequest, request: Request):
+    return await cancel_on_disconnect(request, request.app.state.patching.sweep(body))

@@ -1,7 +1,7 @@
 """The serving layer: OpenAI requests in, engine jobs out, OpenAI responses back.
 
 One module per endpoint family (``chat``, ``completions``, ``lda``, ``vectors``,
-``tokens``), each
+``tokens``, ``saes``, ``patching``), each
 composed from small parts rather than a shared base class:
 
 * ``admission``: the limits a request is refused by before any model work (model name,
@@ -23,6 +23,8 @@ from .completions import CompletionServing
 from .interventions import InterventionResolver
 from .lda import LdaServing
 from .parts import ServingParts
+from .patching import PatchingServing
+from .saes import SaeServing
 from .tokens import TokenServing
 from .vectors import VectorServing
 
@@ -34,6 +36,8 @@ __all__ = [
     "InterventionResolver",
     "LdaServing",
     "ServerCapture",
+    "PatchingServing",
+    "SaeServing",
     "ServingParts",
     "TokenServing",
     "VectorServing",

@@ -1,0 +1,100 @@
+"""Activation-patching sweeps, run as batched forward passes on the engine's worker.
+
+Denoising activation patching (Meng et al. 2022, "Locating and Editing Factual Associations
+in GPT", causal tracing; Heimersheim & Nanda 2024, "How to use and interpret activation
+patching"): run the *corrupted* prompt with one value -- one hook point, one layer, one
+position -- replaced by the value the *clean* prompt had there, and measure the logit
+difference ``logit[correct] - logit[incorrect]`` of the next token. A sweep does this for
+every cell of hook points x layers x positions.
+
+Each cell is one row of a batch: the rows are all the corrupted prompt, each with its own
+``patch`` edit (``interventions.Edit``, applied by the runtime to that row only, as any
+request's edits are), so a forward pass measures ``rows`` cells at once. The clean values
+come from one forward over the clean prompt. Clean and corrupted prompts have the same
+number of tokens (the positions line up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from interventions import Edit
+
+from .hooks import HookPoint
+from .interrupt import JobInterrupted
+from .runtime import RowGroup
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patched value: ``point`` (a hook point of one layer) at absolute ``position``."""
+
+    point: HookPoint
+    position: int
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The metric (``logit[correct] - logit[incorrect]``, float32 logits of the last position)
+    of the clean run, the corrupted run and each cell, in the cells' order; ``forwards``: the
+    forward passes run (the clean and corrupted ones included)."""
+
+    clean: float
+    corrupted: float
+    cells: list[float]
+    forwards: int
+
+
+def logit_difference(logits: torch.Tensor, correct: int, incorrect: int) -> list[float]:
+    """``[rows, vocab]`` -> per row ``logits[correct] - logits[incorrect]`` (float32)."""
+    logits = logits.float()
+    return (logits[:, correct] - logits[:, incorrect]).tolist()
+
+
+def run_sweep(
+    runtime,
+    clean_ids: list[int],
+    corrupted_ids: list[int],
+    cells: list[Cell],
+    correct: int,
+    incorrect: int,
+    rows: int,
+    stop: Callable[[], bool] = lambda: False,
+) -> SweepResult:
+    """Every cell's metric, ``rows`` cells per forward pass (on the worker).
+
+    Raises:
+        JobInterrupted: ``stop()`` became true (checked between forward passes and layers).
+        ValueError: the prompts differ in length."""
+    if len(clean_ids) != len(corrupted_ids):
+        raise ValueError("the clean and corrupted prompts must have the same number of tokens")
+    points = tuple({cell.point.name: cell.point for cell in cells}.values())
+    values: dict[str, torch.Tensor] = {}
+    clean_group = RowGroup(clean_ids, reads=points, on_values=values.update)
+    clean = logit_difference(runtime.start("served", [clean_group]).forward(), correct, incorrect)[0]
+    if clean_group.error is not None:
+        raise clean_group.error
+    clean_rows = {name: value[0].clone() for name, value in values.items()}  # [P, ...]
+    corrupted = logit_difference(
+        runtime.start("served", [RowGroup(corrupted_ids)]).forward(), correct, incorrect
+    )[0]
+    scores: list[float] = []
+    forwards = 2
+    for first in range(0, len(cells), rows):
+        if stop():
+            raise JobInterrupted
+        groups = [_patched_row(corrupted_ids, cell, clean_rows) for cell in cells[first : first + rows]]
+        scores += logit_difference(runtime.start("served", groups).forward(), correct, incorrect)
+        forwards += 1
+    return SweepResult(clean, corrupted, scores, forwards)
+
+
+def _patched_row(corrupted_ids: list[int], cell: Cell, clean_rows: dict[str, torch.Tensor]) -> RowGroup:
+    """One row of the corrupted prompt with ``cell`` patched in from the clean run."""
+    position = cell.position
+    source = clean_rows[cell.point.name][position : position + 1]  # [1, ...]
+    edit = Edit(cell.point, "patch", (position,), steps=(0, 1), source=source, source_positions=(position,))
+    return RowGroup(corrupted_ids, edits=(edit,))
