@@ -284,6 +284,14 @@ class CaptureRequest(StrictModel):
         "(logit_lens.layers.<L>.indices/.logprobs).",
     )
     logit_lens_top_k: int = Field(5, ge=1, le=100, description="Tokens stored per position and layer.")
+    attention: list[int] | Literal["all"] | None = Field(
+        None,
+        description="Layers whose attention probabilities to store (attention.layers.<L>.pattern, "
+        "[query position, head, key position]), read beside the model's own attention.",
+    )
+    attention_heads: (
+        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=256)] | None
+    ) = Field(None, description="Only these heads of each attention pattern (default: all).")
 
 
 class SaeLoad(StrictModel):

@@ -16,8 +16,10 @@ A plan may also ask for values *derived* on the device from what it reads, store
 the raw ones: an SAE's top features at every position (:class:`SaeRead`:
 ``saes.<name>.indices`` / ``.values`` ``[pos, k]`` and ``.error_norm`` ``[pos]``) and the
 logit lens of chosen layers (:class:`LensRead`: ``logit_lens.layers.<L>.indices`` /
-``.logprobs`` ``[pos, k]``). The hook points they read are stored only where the plan's
-``points`` name them too.
+``.logprobs`` ``[pos, k]``) and attention patterns (``patterns``, ``attention.py``:
+``attention.layers.<L>.pattern``, ``[query pos, heads, key pos]``, keys up to the last
+position the capture can reach, zeros past each query's own). The hook points they read
+are stored only where the plan's ``points`` name them too.
 
 Values are ``[1, pos, ...]`` tensors of the job's first row (a module that returns a
 tuple is read at its first element); stored tensors are ``[pos, ...]``. In generate
@@ -34,6 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .attention import PatternPoint
 from .hooks import HookPoint, first_tensor
 from .interrupt import JobInterrupted
 
@@ -79,6 +82,8 @@ class CapturePlan:
     save_dir: str | None = None  # inside the activation store's root
     saes: tuple[SaeRead, ...] = ()
     lens: LensRead | None = None
+    patterns: tuple[PatternPoint, ...] = ()
+    pattern_heads: int = 0  # heads each pattern keeps (for the size estimate)
 
     @property
     def reads(self) -> tuple[HookPoint, ...]:
@@ -99,7 +104,12 @@ class CapturePlan:
 
     def derived_count(self) -> int:
         """How many SAE and lens tensors the capture stores."""
-        return 3 * len(self.saes) + (2 * len(self.lens.points) if self.lens else 0)
+        return 3 * len(self.saes) + (2 * len(self.lens.points) if self.lens else 0) + len(self.patterns)
+
+    def max_keys(self, prompt_len: int, max_tokens: int) -> int:
+        """Key positions a stored pattern has: every position a query can see (the prompt in
+        trace mode; prompt and every token fed in generate mode)."""
+        return prompt_len + (max_tokens if self.mode == "generate" else 0)
 
     def unit_indices(self, width: int) -> torch.Tensor | None:
         """Which hidden units to keep for a last dimension of ``width`` (sorted), or None for all."""
@@ -124,7 +134,8 @@ def stored_bytes(plan: CapturePlan, prompt_len: int, max_tokens: int, model_dtyp
         return width if plan.sample_hidden is None else min(width, plan.sample_hidden)
 
     raw = sum(kept(point.width) for point in plan.points) * positions * itemsize
-    return raw + plan.derived_row_bytes() * positions
+    patterns = len(plan.patterns) * plan.pattern_heads * plan.max_keys(prompt_len, max_tokens) * itemsize
+    return raw + (plan.derived_row_bytes() + patterns) * positions
 
 
 def kept_positions(plan: CapturePlan, prompt_len: int, max_tokens: int) -> int:
@@ -246,10 +257,17 @@ def reduce_values(values: list, plan: CapturePlan, positions: slice) -> list[tor
     return stored
 
 
-def derived_values(plan: CapturePlan, values: dict, keep: slice) -> list[tuple[str, torch.Tensor]]:
-    """The SAE and lens tensors of one step (``values``: ``{name: [1, pos, ...]}``; ``keep``: the
-    positions kept), computed on the values' device, returned on the CPU."""
+def derived_values(
+    plan: CapturePlan, values: dict, keep: slice, max_keys: int = 0
+) -> list[tuple[str, torch.Tensor]]:
+    """The SAE, lens and pattern tensors of one step (``values``: ``{name: [1, pos, ...]}``;
+    ``keep``: the positions kept; ``max_keys``: a pattern's stored key positions), computed on
+    the values' device, returned on the CPU."""
     out: list[tuple[str, torch.Tensor]] = []
+    for point in plan.patterns:
+        pattern = values[point.name][0, keep]  # [queries, heads, keys so far]
+        padded = torch.nn.functional.pad(pattern, (0, max_keys - pattern.shape[-1]))
+        out.append((point.name, padded.to("cpu", plan.dtype or padded.dtype)))
     for read in plan.saes:
         x = first_tensor(values[read.point.name])[0, keep].reshape(-1, read.sae.d_in)  # [pos', d_in]
         found = read.sae.top_features(x, read.top_k)
@@ -270,6 +288,19 @@ def derived_facts(plan: CapturePlan) -> list[tuple[str, dict]]:
             read.tensor_names(), ("sae_indices", "sae_values", "sae_error_norm"), strict=True
         ):
             facts.append((name, {**where, "kind": kind, "top_k": read.top_k}))
+    for point in plan.patterns:
+        heads = None if point.heads is None else list(point.heads)
+        facts.append(
+            (
+                point.name,
+                {
+                    "layer": point.layer,
+                    "kind": "attention_pattern",
+                    "heads": heads,
+                    "layout": "query, head, key",
+                },
+            )
+        )
     for point in plan.lens.points if plan.lens else ():
         for name, kind in zip(LensRead.tensor_names(point), ("lens_indices", "lens_logprobs"), strict=True):
             facts.append(
@@ -316,10 +347,13 @@ class CaptureRecorder:
     first step, on the worker thread: a request cancelled before it ran leaves nothing.
     """
 
-    def __init__(self, spec: CaptureSpec, prompt_len: int, facts: dict[str, Any]) -> None:
+    def __init__(
+        self, spec: CaptureSpec, prompt_len: int, facts: dict[str, Any], max_tokens: int = 0
+    ) -> None:
         self.spec = spec
         self.plan = spec.plan
         self.prompt_len = prompt_len
+        self.max_keys = spec.plan.max_keys(prompt_len, max_tokens)  # a stored pattern's key positions
         self.facts = facts  # what the engine knows for the manifest (model, dtype, sampling, ...)
         self._writer = None
         self.position = 0  # absolute position of the next value
@@ -389,7 +423,7 @@ class CaptureRecorder:
         stored = reduce_values([values[p.name] for p in points], self.plan, keep)
         for point, tensor in zip(points, stored, strict=True):
             self._keep(point.name, tensor)
-        for name, tensor in derived_values(self.plan, values, keep):
+        for name, tensor in derived_values(self.plan, values, keep, self.max_keys):
             self._keep(name, tensor)
 
     def _keep(self, name: str, tensor: torch.Tensor) -> None:

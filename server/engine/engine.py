@@ -41,7 +41,7 @@ from .hooks import HookPoint, HookResolver
 from .interrupt import JobInterrupted
 from .job import ChoiceDelta, GenerationJob, GenerationResult, TokenLogprob
 from .lda import LdaJob, LdaResult
-from .lens import Unembedding, final_norm_path
+from .lens import unembedding_of
 from .loading import LoadedModel, check_chat_template, check_same_vocabulary, load_model
 from .memory import HostMemory, MemoryLog, ModelShape, estimate, format_size
 from .sae import CFG_FILE, WEIGHTS_FILE, SaeError, SaeSet, load_sae
@@ -150,7 +150,8 @@ class Engine:
         )
         self.runtime = self.loop.runtime
         self.saes = SaeSet()  # changed on the worker only (add_sae, remove_sae)
-        self.unembedding = self._unembedding()
+        self.unembedding = unembedding_of(loaded.wrapper, loaded.hf_model, self.hooks)  # the logit lens
+        self.reads_attention_patterns = self.runtime.reads_patterns  # capture.attention
         self.host_memory = HostMemory()
         scheduler.bind(self._run_batch, self._batch_memory, on_idle=self.host_memory.release)
         self.scheduler = scheduler
@@ -226,15 +227,6 @@ class Engine:
             except SaeError as exc:
                 raise SaeError(f"--sae {name}: {exc}", exc.field) from None
         return engine
-
-    def _unembedding(self) -> Unembedding | None:
-        """The model's own final norm and unembedding, for the logit lens (None: no logits module)."""
-        head = self.hooks.logits_module
-        if head is None:
-            return None
-        norm = final_norm_path(self.hooks, self.layout.path, self.layout.count)
-        softcap = getattr(self.loaded.hf_model.config, "final_logit_softcapping", None)
-        return Unembedding(self.loaded.wrapper, norm, head, softcap)
 
     # -- SAEs (worker side) ------------------------------------------------------------
 

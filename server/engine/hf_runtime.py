@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from interventions import placed
 
+from .attention import install_taps, supports_taps
 from .constraints import Constraints
 from .hooks import HookPoint, first_tensor
 from .interrupt import LayerGate
@@ -48,6 +49,12 @@ class HFRuntime:
         self.before = before
         self.device = served.device
         self.pad_token_id = served.tokenizer.pad_token_id
+        layout = find_layers(served.hf_model)
+        attention = f"{layout.path}.0.{layout.attention}" if layout.attention else None
+        # attention patterns (capture.attention) are read where the model's attention allows it
+        self.reads_patterns = attention is not None and supports_taps(served.hf_model, attention)
+        if self.reads_patterns:
+            install_taps(served.hf_model)
         self.gate = LayerGate(
             layer
             for loaded in (served, before)
@@ -164,13 +171,14 @@ class HFBatch:
             inputs["logits_to_keep"] = 1
         self.full_logits = False  # only ever the prompt step
         with self._adapter(), torch.no_grad():
-            if self.plan.empty:
-                logits = self.model(self.input_ids, **inputs).logits[:, -1]
-                self.plan.advance()
-            else:
-                with self.wrapper.trace(self.input_ids, **inputs):
-                    self.plan.run_step(self.wrapper)
-                    logits = self.wrapper.output.logits[:, -1].save()
+            with self.plan.attention_taps(self.model):
+                if self.plan.empty:
+                    logits = self.model(self.input_ids, **inputs).logits[:, -1]
+                else:
+                    with self.wrapper.trace(self.input_ids, **inputs):
+                        self.plan.run_step(self.wrapper)
+                        logits = self.wrapper.output.logits[:, -1].save()
+            self.plan.deliver()
         return logits.float()
 
     def append(self, tokens: torch.Tensor) -> None:

@@ -64,3 +64,13 @@ class Unembedding:
         if not ids:
             return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k))
         return torch.cat(ids).cpu(), torch.cat(logprobs).cpu()
+
+
+def unembedding_of(wrapper, hf_model: torch.nn.Module, resolver: HookResolver) -> Unembedding | None:
+    """The served model's own final norm, unembedding and soft-capping (None: no logits module)."""
+    head = resolver.logits_module
+    if head is None:
+        return None
+    layout = resolver.layout
+    norm = final_norm_path(resolver, layout.path, layout.count)
+    return Unembedding(wrapper, norm, head, getattr(hf_model.config, "final_logit_softcapping", None))

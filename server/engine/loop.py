@@ -74,7 +74,7 @@ class _Running:
             )
             self.history[:, : len(prompt)] = prompt
         self.recorder = (
-            CaptureRecorder(job.capture, len(job.prompt_ids), loop.capture_facts(job))
+            CaptureRecorder(job.capture, len(job.prompt_ids), loop.capture_facts(job), job.params.max_tokens)
             if job.capture is not None
             else None
         )
@@ -97,6 +97,7 @@ class _Running:
             job.params.n,
             edits=edits,
             reads=recorder.plan.reads if recorder else (),
+            patterns=recorder.plan.patterns if recorder else (),
             read_steps=recorder.reads_steps if recorder else None,
             on_values=recorder.on_step if recorder else None,
             full_logits=recorder is not None and loop.wants_full_logits(recorder.plan.points),

@@ -24,8 +24,10 @@ The contract in full (docs/architecture.md draws it):
     (the served weights, LoRA adapter off) or ``"before_model"`` (LDA's second checkpoint).
 ``RuntimeBatch.forward() -> logits``
     One forward step over the pending input (the prompts first, then one token per row),
-    reading and editing what the groups planned; a group whose ``on_values`` raised gets
-    the exception in ``error`` (the other groups go on).
+    reading and editing what the groups planned, then handing each reading group its values
+    (``on_values``, after the forward); a group whose ``on_values`` raised gets the exception
+    in ``error`` (the other groups go on). Attention patterns (``RowGroup.patterns``) come
+    with the values, ``[1, positions fed, heads, keys]``.
 ``RuntimeBatch.append(tokens)``
     The chosen tokens become the next step's input, one per row.
 ``RuntimeBatch.keep(rows)``
@@ -46,6 +48,7 @@ import torch
 
 from interventions import Edit
 
+from .attention import PatternPoint
 from .hooks import HookPoint
 
 WEIGHTS = ("served", "adapter_off", "before_model")
@@ -59,6 +62,7 @@ class RowGroup:
     n: int = 1
     edits: tuple[Edit, ...] = ()  # applied to these rows only, at their own positions
     reads: tuple[HookPoint, ...] = ()  # values handed to on_values at each step (first row only)
+    patterns: tuple[PatternPoint, ...] = ()  # attention patterns handed to on_values too (first row only)
     read_steps: int | None = None  # read at the first k forward steps only; None: every step
     on_values: Callable[[dict[str, torch.Tensor]], None] | None = None
     full_logits: bool = False  # the prompt step computes logits at every position (a read needs them)

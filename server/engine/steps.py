@@ -6,7 +6,9 @@ read the model has passed); each group's edits (``interventions.Edit``) are appl
 its own rows only, at its rows' own absolute positions (left padding shifts them, see
 :func:`edit_value`), and the result is written back into the forward; each group that
 reads gets its first row's values, after the edits and without the padding, handed to
-its ``on_values`` inside the trace. So a capture records values *after* the edits.
+its ``on_values`` once the forward has run (:meth:`BatchStepPlan.deliver`), with the
+attention patterns it asked for (``attention.py``). So a capture records values *after*
+the edits.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from interventions import Edit
 
+from .attention import AttentionTap, tapping
 from .hooks import first_tensor
 from .runtime import RowGroup
 
@@ -75,6 +78,7 @@ class BatchStepPlan:
         self.pads: tuple[int, ...] = ()  # left padding of each row (set by the batch)
         self.start = 0  # the absolute column of the current step's first token, before padding
         self.entries: list[_Entry] = []
+        self._values: dict[int, dict[str, torch.Tensor]] = {}  # this step's, per member, until delivered
         self._uses: dict[tuple[str, str], list[tuple[_Member, list[str], list[Edit]]]] = {}
         row = 0
         for group in groups:
@@ -105,9 +109,9 @@ class BatchStepPlan:
         return not self.entries
 
     def run_step(self, wrapper) -> None:
-        """Inside a trace: one step's reads and edits; each reading group gets its row's values."""
+        """Inside a trace: one step's reads and edits; the values wait for :meth:`deliver`."""
         length = self.width if self.start == 0 else 1  # columns fed in at this step
-        values: dict[int, dict[str, torch.Tensor]] = {}
+        values = self._values
         for entry in self.entries:
             envoy = wrapper.get(entry.path)
             value = getattr(envoy, entry.kind)
@@ -134,6 +138,26 @@ class BatchStepPlan:
                         tensor[row : row + 1, self.pads[row] :] if self.start == 0 else tensor[row : row + 1]
                     )
                     values.setdefault(id(member), {}).update(dict.fromkeys(names, cut))
+
+    def attention_taps(self, model) -> tapping:
+        """For the coming forward: a tap on each attention module a reading group wants a pattern
+        of (its first row); the patterns join the group's values (``deliver``)."""
+        taps: dict = {}
+        for member in self.members:
+            if not member.group.patterns or not member.rows or not self._reads_now(member):
+                continue
+            row = member.rows[0]
+            into = self._values.setdefault(id(member), {})
+            columns = self.start + (self.width if self.start == 0 else 1)
+            for point in member.group.patterns:
+                tap = AttentionTap(point.name, row, columns, self.pads[row], point.heads, into)
+                taps.setdefault(model.get_submodule(point.module_path), []).append(tap)
+        return tapping(taps)
+
+    def deliver(self) -> None:
+        """After a forward (traced or not): each reading group gets this step's values, then
+        every group's step count moves on (``advance``)."""
+        values, self._values = self._values, {}
         for member in self.members:
             group = member.group
             if group.on_values is not None and group.error is None and self._reads_now(member):
@@ -150,7 +174,7 @@ class BatchStepPlan:
         for member in self.members:
             member.step += 1
             steps = member.group.read_steps
-            if not member.group.edits and steps is not None and member.step == steps:
+            if not member.group.edits and steps is not None and member.step == steps:  # reads no more
                 self._forget(lambda use, member=member: use[0] is member)
 
     def _forget(self, gone) -> None:
@@ -164,7 +188,8 @@ class BatchStepPlan:
     @staticmethod
     def _reads_now(member: _Member) -> bool:
         steps = member.group.read_steps
-        return bool(member.group.reads) and (steps is None or member.step < steps)
+        reads = member.group.reads or member.group.patterns
+        return bool(reads) and (steps is None or member.step < steps)
 
     def merge(self, other: BatchStepPlan, mine: int, theirs: int) -> None:
         """Take ``other``'s groups (their rows after this batch's); each side's rows were

@@ -86,7 +86,7 @@ LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCau
 ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 # What the HF runtime does and this one does not (yet); the serving layer refuses each with a
 # 400 naming the request field and the backend (serving/base.py require_feature).
-UNSUPPORTED = frozenset({"lda", "structured_output", "saes", "logit_lens", "patching"})
+UNSUPPORTED = frozenset({"lda", "structured_output", "saes", "logit_lens", "attention", "patching"})
 # How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
 POLL_S = 0.02
 # Positions a spool is replayed into the capture recorder at once (bounds the replay's memory).
@@ -180,6 +180,7 @@ class VLLMEngine(Engine):
         self.hooks = VLLMHooks(self.layout, self.shape.hidden, self.architecture)
         self.saes = SaeSet()  # always empty: SAEs are refused on this backend
         self.unembedding = None
+        self.reads_attention_patterns = False
         self.context_length = context_length(config, loaded.tokenizer, max_model_len)
         self.prompt_tokenizer = copy.deepcopy(loaded.tokenizer)
         if chat_template is not None:

@@ -218,6 +218,7 @@ FEATURES = {
     "structured_output": "structured output",
     "saes": "SAEs (/v1/saes, capture.saes, the sae_* interventions)",
     "logit_lens": "the logit lens (capture.logit_lens)",
+    "attention": "attention patterns (capture.attention)",
     "patching": "patching sweeps (/v1/patching/sweep)",
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from ..engine.attention import PatternPoint
 from ..engine.capture import CapturePlan, CaptureResult, CaptureSpec, LensRead, ReasoningMarks, SaeRead
 from ..engine.engine import Engine
 from ..engine.hooks import HookError
@@ -112,9 +113,9 @@ class CapturePlanning:
             raise APIError('capture mode "generate" records one choice: send n=1', param="n")
         if capture.positions == "generated" and capture.mode != "generate":
             raise APIError('positions "generated" needs capture mode "generate"', param="capture.positions")
-        derived_only = (capture.saes or capture.logit_lens is not None) and not (
-            capture.hook_points or capture.modules or capture.layers is not None
-        )
+        derived_only = (
+            capture.saes or capture.logit_lens is not None or capture.attention is not None
+        ) and not (capture.hook_points or capture.modules or capture.layers is not None)
         try:
             points = (
                 []
@@ -147,7 +148,47 @@ class CapturePlanning:
             format=capture.format,
             saes=self._sae_reads(capture),
             lens=self._lens_read(capture),
+            **self._patterns(capture),
         )
+
+    def _patterns(self, capture: CaptureRequest) -> dict:
+        """``capture.attention`` (and ``attention_heads``): the attention modules to tap."""
+        if capture.attention is None:
+            if capture.attention_heads is not None:
+                raise APIError(
+                    "attention_heads needs attention (the layers)", param="capture.attention_heads"
+                )
+            return {}
+        require_feature(self.engine, "attention", "capture.attention")
+        layout, heads = self.engine.layout, self.engine.shape.heads
+        if not self.engine.reads_attention_patterns:
+            raise APIError(
+                "this model's attention modules do not go through transformers' attention interface; "
+                "patterns cannot be read",
+                param="capture.attention",
+            )
+        try:
+            layers = self.engine.hooks.layer_indexes(capture.attention, "attention")
+        except HookError as exc:
+            raise APIError(str(exc), param=f"capture.{exc.param}") from exc
+        chosen = None
+        if capture.attention_heads is not None:
+            chosen = tuple(sorted(set(capture.attention_heads)))
+            if chosen[-1] >= heads:
+                raise APIError(
+                    f"head {chosen[-1]} is out of range: the model has {heads}",
+                    param="capture.attention_heads",
+                )
+        points = tuple(
+            PatternPoint(
+                f"attention.layers.{layer}.pattern",
+                f"{layout.path}.{layer}.{layout.attention}",
+                layer,
+                chosen,
+            )
+            for layer in layers
+        )
+        return {"patterns": points, "pattern_heads": heads if chosen is None else len(chosen)}
 
     def _sae_reads(self, capture: CaptureRequest) -> tuple[SaeRead, ...]:
         """``capture.saes``: each loaded SAE, with how many features to keep per position."""

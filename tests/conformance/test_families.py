@@ -328,3 +328,55 @@ def test_served_over_http_with_capture_and_an_intervention(family, model_dir, re
         assert len(tensors) == len(ALIASES) * resolver.layout.count
         # requests join a running batch, else (sliding windows) they wait 10 ms for each other
         assert client.app.state.engine.scheduler.batch_window_s == (0.01 if family.sliding_window else 0)
+
+
+# -- the logit lens and attention patterns ---------------------------------------------
+
+
+def test_the_last_layers_lens_is_the_models_own_prediction(loaded, loop, reference, resolver, prompts, store):
+    from server.engine.capture import LensRead
+    from server.engine.lens import unembedding_of
+
+    last = resolver.layout.count - 1
+    points = tuple(resolver.resolve(layers=[last], hook_points=["resid_post"], modules=None))
+    lens = LensRead(points, 5, unembedding_of(loaded.wrapper, loaded.hf_model, resolver))
+    spec = CaptureSpec(CapturePlan(points=(), mode="trace", lens=lens), store, "conformance")
+    ids = prompts[1]
+    (result,) = loop.run([GenerationJob(ids, SamplingParams(max_tokens=1, temperature=0), capture=spec)])
+    with torch.no_grad():  # the model's own logits, soft-capped where the family caps them
+        expected = reference(torch.tensor([ids])).logits[0].float().log_softmax(-1).topk(5, dim=-1)
+    torch.testing.assert_close(
+        stored(result.capture, f"logit_lens.layers.{last}.logprobs"), expected.values, rtol=1e-4, atol=1e-4
+    )
+    assert (
+        stored(result.capture, f"logit_lens.layers.{last}.indices")[:, 0].tolist()
+        == expected.indices[:, 0].tolist()
+    )
+
+
+def test_attention_patterns_equal_eager_output_attentions(model_dir, loop, resolver, prompts, store):
+    """Generate mode over a prompt longer than the sliding windows: every layer's pattern of every
+    token fed in equals HF's eager ``output_attentions`` over prompt and completion."""
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.attention import PatternPoint
+
+    assert loop.runtime.reads_patterns
+    layout = resolver.layout
+    points = tuple(
+        PatternPoint(f"attention.layers.{i}.pattern", f"{layout.path}.{i}.{layout.attention}", i)
+        for i in range(layout.count)
+    )
+    plan = CapturePlan(points=(), mode="generate", patterns=points, pattern_heads=1)
+    ids = prompts[2]
+    (result,) = loop.run([GenerationJob(ids, GREEDY, capture=CaptureSpec(plan, store, "conformance"))])
+    every = ids + result.choices[0].token_ids
+    eager = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        expected = eager(torch.tensor([every]), output_attentions=True).attentions
+    for point in points:
+        pattern = stored(result.capture, point.name)
+        assert pattern.shape[0] == pattern.shape[2] == len(every)
+        torch.testing.assert_close(pattern, expected[point.layer][0].transpose(0, 1), rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -425,13 +426,14 @@ def test_bad_feature_steering_is_a_400_naming_the_field(client, item, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_the_analysis_scripts_sae_saves_in_saelens_format_with_the_same_features(tmp_path):
+def test_the_analysis_scripts_sae_saves_in_saelens_format_with_the_same_features(tmp_path, monkeypatch):
     """scripts/run_full_analysis.py trains on x / scale; the saved SAE reads x itself."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "run_full_analysis.py"
     spec = importlib.util.spec_from_file_location("run_full_analysis", path)
     analysis = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, analysis)  # its dataclasses look themselves up there
     spec.loader.exec_module(analysis)
     trained = analysis.SparseAutoencoder(D_IN, D_SAE, torch.Generator().manual_seed(3))
     with torch.no_grad():
