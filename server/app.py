@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .middleware import FrontDoor
 from .routes import router
 from .serving import (
+    AttributionServing,
     ChatServing,
     CompletionServing,
     LdaServing,
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.lda = LdaServing(parts)
         app.state.saes = SaeServing(parts)
         app.state.patching = PatchingServing(parts)
+        app.state.attribution = AttributionServing(parts)
         app.state.structure = engine.structure()  # static: computed once
         logger.info("serving %s on %s", engine.model_id, engine.loaded.device)
         budget = settings.memory_budget

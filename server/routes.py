@@ -29,6 +29,7 @@ from .protocol import (
     TokenizeResponse,
     VectorCreate,
 )
+from .protocol_analysis import AttributionRequest, PatchingSweepRequest
 from .protocol_lda import (
     GenerateLdaBatchRequest,
     GenerateLdaBatchResponse,
@@ -37,7 +38,6 @@ from .protocol_lda import (
     LdaRequest,
     LdaResponse,
 )
-from .protocol_patching import PatchingSweepRequest
 from .responses import ClosingStreamingResponse, file_response
 from .serving import sse_stream
 
@@ -254,3 +254,8 @@ async def unload_sae(name: str, request: Request) -> dict:
 @router.post("/v1/patching/sweep", responses=_ERROR_RESPONSES)
 async def patching_sweep(body: PatchingSweepRequest, request: Request):
     return await cancel_on_disconnect(request, request.app.state.patching.sweep(body))
+
+
+@router.post("/v1/attribution", responses=_ERROR_RESPONSES)
+async def attribution(body: AttributionRequest, request: Request):
+    return await cancel_on_disconnect(request, request.app.state.attribution.attribute(body))

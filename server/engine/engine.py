@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .attribution import AttributionResult, Target, attribute
 from .capture import CaptureResult
 from .hf_runtime import decode_loop
 from .hooks import HookPoint, HookResolver
@@ -457,6 +458,36 @@ class Engine:
         """A model analysis that is not generation (a patching sweep) on the worker: ``fn(*args,
         stop)``, within the request timeout and stopped (``JobInterrupted``) once its caller goes."""
         return await self._run_within_timeout(fn, *args)
+
+    async def attribute(
+        self,
+        prompt_ids: list[int],
+        points: tuple[HookPoint, ...],
+        target: Target,
+        reference_ids: list[int] | None,
+        sink=None,
+        manifest: dict | None = None,
+    ) -> tuple[AttributionResult, CaptureResult | None]:
+        """Gradient attribution of ``target`` at ``points`` over ``prompt_ids`` (``attribution.py``),
+        on the worker within the request timeout; with ``sink`` (the activation store) every
+        activation and gradient is written as a capture (``manifest``: what the request adds)."""
+        facts = {
+            "model": self.model_id,
+            "tokens": [self.token_text(t) for t in prompt_ids],
+            **(manifest or {}),
+        }
+        return await self._run_within_timeout(
+            attribute,
+            self.runtime,
+            self.loaded.wrapper,
+            self.hooks.embedding_module,
+            prompt_ids,
+            points,
+            target,
+            reference_ids,
+            sink,
+            facts,
+        )
 
     async def lda(self, job: LdaJob) -> LdaResult:
         """Run an LDA request (every row, both sides) in the decode loop, within the request timeout."""

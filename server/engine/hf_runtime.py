@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from interventions import placed
 
 from .attention import install_taps, supports_taps
+from .attribution import freeze
 from .constraints import Constraints
 from .hooks import HookPoint, first_tensor
 from .interrupt import LayerGate
@@ -55,6 +56,9 @@ class HFRuntime:
         self.reads_patterns = attention is not None and supports_taps(served.hf_model, attention)
         if self.reads_patterns:
             install_taps(served.hf_model)
+        for loaded in (served, before):  # the server never trains: no weight ever needs a gradient
+            if loaded is not None:
+                freeze(loaded.hf_model)
         self.gate = LayerGate(
             layer
             for loaded in (served, before)

@@ -70,6 +70,9 @@ class HookResolver:
         logits = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # The module computing the logits: generation computes them for the last position only.
         self.logits_module = next((name for name, m in self._modules.items() if m is logits), None)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        # The token embedding: gradient attribution makes its output the leaf gradients start from.
+        self.embedding_module = next((name for name, m in self._modules.items() if m is embeddings), None)
 
     def outputs(self) -> list[tuple[int, str, int]]:
         """``(order, module path, width)`` of every module's output in one forward pass, in order

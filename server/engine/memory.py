@@ -197,6 +197,19 @@ def estimate(
     return MemoryEstimate(weights, kv, activations, scoring_bytes, capture)
 
 
+def estimate_backward(shape: ModelShape, prompt_tokens: int) -> int:
+    """Bytes a forward pass with gradient tracking and its backward pass add beside the weights
+    (gradient attribution): what autograd keeps of every layer for the backward (about the
+    activations ``estimate`` counts for one layer, in every layer), the attention scores of
+    every layer, the float32 logits at every position, and the gradients (as large again)."""
+    b = shape.dtype_bytes
+    per_layer = (
+        prompt_tokens * (4 * shape.hidden + 2 * shape.intermediate) * b + shape.heads * prompt_tokens**2 * b
+    )
+    kept = shape.layers * per_layer + prompt_tokens * shape.vocab * 4
+    return 2 * kept + shape.dequantized_bytes
+
+
 def estimate_lda(
     after: ModelShape,
     before: ModelShape,

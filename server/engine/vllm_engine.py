@@ -86,7 +86,9 @@ LLAMA_FAMILY = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCau
 ALIASES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 # What the HF runtime does and this one does not (yet); the serving layer refuses each with a
 # 400 naming the request field and the backend (serving/base.py require_feature).
-UNSUPPORTED = frozenset({"lda", "structured_output", "saes", "logit_lens", "attention", "patching"})
+UNSUPPORTED = frozenset(
+    {"lda", "structured_output", "saes", "logit_lens", "attention", "patching", "attribution"}
+)
 # How often the batch loop looks for cancelled jobs and newly queued ones, in seconds.
 POLL_S = 0.02
 # Positions a spool is replayed into the capture recorder at once (bounds the replay's memory).

@@ -1,7 +1,7 @@
 """The serving layer: OpenAI requests in, engine jobs out, OpenAI responses back.
 
 One module per endpoint family (``chat``, ``completions``, ``lda``, ``vectors``,
-``tokens``, ``saes``, ``patching``), each
+``tokens``, ``saes``, ``patching``, ``attribution``), each
 composed from small parts rather than a shared base class:
 
 * ``admission``: the limits a request is refused by before any model work (model name,
@@ -16,6 +16,7 @@ thin: they only choose JSON or SSE.
 """
 
 from .admission import Admission
+from .attribution import AttributionServing
 from .base import sse_stream
 from .capture_planning import CapturePlanning, ServerCapture
 from .chat import ChatServing
@@ -30,6 +31,7 @@ from .vectors import VectorServing
 
 __all__ = [
     "Admission",
+    "AttributionServing",
     "CapturePlanning",
     "ChatServing",
     "CompletionServing",

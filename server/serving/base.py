@@ -220,6 +220,7 @@ FEATURES = {
     "logit_lens": "the logit lens (capture.logit_lens)",
     "attention": "attention patterns (capture.attention)",
     "patching": "patching sweeps (/v1/patching/sweep)",
+    "attribution": "gradient attribution (/v1/attribution)",
 }
 
 
@@ -256,6 +257,21 @@ async def example_ids(engine: Engine, example: str | list[ChatMessage], param: s
     if len(ids) > engine.context_length:
         raise APIError("the example is longer than the context window", param=param)
     return ids
+
+
+async def single_token(engine: Engine, spec: int | str, param: str) -> int:
+    """A token id as a client names it: the id itself, or text that encodes to exactly one token.
+
+    Raises:
+        APIError: 400 naming ``param``."""
+    if isinstance(spec, int):
+        if spec >= engine.vocab_size:
+            raise APIError(f"token id {spec} is past the vocabulary ({engine.vocab_size})", param=param)
+        return spec
+    ids = await engine.encode(spec, add_special_tokens=False)
+    if len(ids) != 1:
+        raise APIError(f"{spec!r} is {len(ids)} tokens, not one: send a token id, or other text", param=param)
+    return ids[0]
 
 
 async def checked_grammar(engine: Engine, request) -> str | None:

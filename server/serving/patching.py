@@ -22,8 +22,8 @@ from ..engine.hooks import HookError
 from ..engine.memory import estimate
 from ..engine.patching import Cell, run_sweep
 from ..errors import APIError
-from ..protocol_patching import PatchingSweepRequest
-from .base import ENGINE_FAILURES, engine_error, example_ids, require_feature
+from ..protocol_analysis import PatchingSweepRequest
+from .base import ENGINE_FAILURES, engine_error, example_ids, require_feature, single_token
 from .heatmap import heatmap_png
 from .parts import ServingParts
 
@@ -47,8 +47,8 @@ class PatchingServing:
                 "needs the positions to line up (same number of tokens)",
                 param="corrupted",
             )
-        correct = await self._token(body.metric.correct, "metric.correct")
-        incorrect = await self._token(body.metric.incorrect, "metric.incorrect")
+        correct = await single_token(engine, body.metric.correct, "metric.correct")
+        incorrect = await single_token(engine, body.metric.incorrect, "metric.incorrect")
         try:
             layers = engine.hooks.layer_indexes(body.layers)
             points = engine.hooks.resolve(layers=layers, hook_points=body.hook_points, modules=None)
@@ -104,20 +104,6 @@ class PatchingServing:
             "forward_passes": result.forwards,
             "batch_size": rows,
         }
-
-    async def _token(self, spec: int | str, param: str) -> int:
-        if isinstance(spec, int):
-            if spec >= self.engine.vocab_size:
-                raise APIError(
-                    f"token id {spec} is past the vocabulary ({self.engine.vocab_size})", param=param
-                )
-            return spec
-        ids = await self.engine.encode(spec, add_special_tokens=False)
-        if len(ids) != 1:
-            raise APIError(
-                f"{spec!r} is {len(ids)} tokens, not one: send a token id, or other text", param=param
-            )
-        return ids[0]
 
     def _rows(self, wanted: int, prompt_tokens: int) -> int:
         """The rows per forward pass: ``batch_size``, fewer where ``--memory-budget`` needs it.

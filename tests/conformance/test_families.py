@@ -380,3 +380,35 @@ def test_attention_patterns_equal_eager_output_attentions(model_dir, loop, resol
         pattern = stored(result.capture, point.name)
         assert pattern.shape[0] == pattern.shape[2] == len(every)
         torch.testing.assert_close(pattern, expected[point.layer][0].transpose(0, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_attribution_gradients_equal_autograd(loaded, loop, reference, resolver, prompts):
+    """Gradients of the last position's top logprob at every layer's resid_post, through nnsight's
+    backward, against a plain ``backward`` on the independent copy."""
+    from server.engine.attribution import Target, run_attribution
+
+    points = tuple(resolver.resolve(layers="all", hook_points=["resid_post"], modules=None))
+    ids = prompts[1]
+    result = run_attribution(
+        loaded.wrapper, resolver.embedding_module, ids, points, Target("logprob", 7), None, None, True
+    )
+    kept, handles = {}, []
+    for point in points:
+
+        def keep(_m, _a, out, name=point.name) -> None:
+            value = out[0] if isinstance(out, tuple) else out
+            value.retain_grad()
+            kept[name] = value
+
+        handles.append(reference.get_submodule(point.module_path).register_forward_hook(keep))
+    try:
+        with torch.enable_grad():
+            metric = reference(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)[7]
+            metric.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        reference.zero_grad(set_to_none=True)
+    assert result.metric == pytest.approx(float(metric.detach()), abs=1e-4)
+    for item in result.points:
+        torch.testing.assert_close(item.gradient, kept[item.point.name].grad[0], rtol=1e-3, atol=1e-6)
