@@ -22,6 +22,7 @@ that lives on under steady traffic does not grow with its history.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 
 import torch
@@ -94,6 +95,14 @@ class HFRuntime:
             self._wrapper(weights), groups, self.pad_token_id, adapter_enabled=weights != "adapter_off"
         )
 
+    def resume(self, source: HFBatch, length: int, groups: list[RowGroup]) -> HFBatch:
+        """A batch of ``groups`` (one prompt, every row) whose first ``length`` tokens ``source``
+        already ran: its row 0's cache of them is shared (cropped and repeated), and only the
+        rest of the prompt is fed. For runs that differ from ``source``'s only from position
+        ``length`` on (a patching sweep's cells). ``source`` must have run that prompt's step,
+        on plain growing cache layers, with no padding in row 0."""
+        return HFBatch.resumed(source, length, groups)
+
     def read_prompts(
         self, prompts: list[list[int]], points: tuple[HookPoint, ...]
     ) -> list[dict[str, torch.Tensor]]:
@@ -158,6 +167,37 @@ class HFBatch:
         self.plan.pads = tuple(pads)
         self.full_logits = any(g.full_logits for g in groups)  # the prompt step's logits, every position
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @classmethod
+    def resumed(cls, source: HFBatch, length: int, groups: list[RowGroup]) -> HFBatch:
+        """See ``HFRuntime.resume``."""
+        (prompt,) = {tuple(group.prompt_ids) for group in groups}
+        rows = sum(group.n for group in groups)
+        if not 0 < length < len(prompt) or not _growing_only(source.cache):
+            raise ValueError(
+                "a resumed batch needs a cached prefix of plain growing layers, shorter than the prompt"
+            )
+        batch = cls.__new__(cls)
+        batch.wrapper, batch.model, batch.adapter_enabled = (
+            source.wrapper,
+            source.model,
+            source.adapter_enabled,
+        )
+        device = source.mask.device
+        batch.input_ids = torch.tensor([list(prompt[length:])] * rows, device=device)
+        batch.mask = torch.ones((rows, len(prompt)), dtype=source.mask.dtype, device=device)
+        batch.positions = torch.arange(length, len(prompt), device=device).expand(rows, -1)
+        cache = copy.deepcopy(source.cache)
+        cache.batch_select_indices(torch.tensor([0], device=device))
+        cache.crop(length - cache.get_seq_length())  # a negative count: the tokens to drop
+        cache.batch_repeat_interleave(rows)
+        batch.cache = cache
+        batch.plan = BatchStepPlan(groups, len(prompt))
+        batch.plan.pads = (0,) * rows
+        batch.plan.start, batch.plan.fed = length, len(prompt) - length
+        batch.full_logits = False
+        batch._keeps_logits = source._keeps_logits
+        return batch
 
     @property
     def rows(self) -> int:

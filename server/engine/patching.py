@@ -12,6 +12,13 @@ Each cell is one row of a batch: the rows are all the corrupted prompt, each wit
 request's edits are), so a forward pass measures ``rows`` cells at once. The clean values
 come from one forward over the clean prompt. Clean and corrupted prompts have the same
 number of tokens (the positions line up).
+
+A patch at position ``p`` changes nothing before ``p`` (attention is causal; everything else
+acts per position), so cells are batched by position and each batch resumes from the
+corrupted run's cache of the tokens before that position ``p`` (``HFRuntime.resume``),
+feeding only positions ``p`` onward: about half the work of running every cell over the
+whole prompt.
+Models whose cache cannot be cut there (sliding-window layers) run every cell in full.
 """
 
 from __future__ import annotations
@@ -78,16 +85,35 @@ def run_sweep(
     if clean_group.error is not None:
         raise clean_group.error
     clean_rows = {name: value[0].clone() for name, value in values.items()}  # [P, ...]
-    corrupted = logit_difference(
-        runtime.start("served", [RowGroup(corrupted_ids)]).forward(), correct, incorrect
-    )[0]
-    scores: list[float] = []
+    corrupted_run = runtime.start("served", [RowGroup(corrupted_ids)])
+    corrupted = logit_difference(corrupted_run.forward(), correct, incorrect)[0]
+    resumes = getattr(runtime, "joins_running_batches", False) and hasattr(runtime, "resume")
+    order = sorted(range(len(cells)), key=lambda i: cells[i].position) if resumes else list(range(len(cells)))
+    batches: list[list[int]] = []  # indexes into cells, at most ``rows`` a batch, one position each
+    for i in order:
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and len(last) < rows
+            and (not resumes or cells[last[0]].position == cells[i].position)
+        ):
+            last.append(i)
+        else:
+            batches.append([i])
+    scores: list[float] = [0.0] * len(cells)
     forwards = 2
-    for first in range(0, len(cells), rows):
+    for batch in batches:
         if stop():
             raise JobInterrupted
-        groups = [_patched_row(corrupted_ids, cell, clean_rows) for cell in cells[first : first + rows]]
-        scores += logit_difference(runtime.start("served", groups).forward(), correct, incorrect)
+        groups = [_patched_row(corrupted_ids, cells[i], clean_rows) for i in batch]
+        position = cells[batch[0]].position
+        run = (
+            runtime.resume(corrupted_run, position, groups)
+            if resumes and position > 0
+            else runtime.start("served", groups)
+        )
+        for i, score in zip(batch, logit_difference(run.forward(), correct, incorrect), strict=True):
+            scores[i] = score
         forwards += 1
     return SweepResult(clean, corrupted, scores, forwards)
 

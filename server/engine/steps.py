@@ -77,6 +77,7 @@ class BatchStepPlan:
         self.width = width
         self.pads: tuple[int, ...] = ()  # left padding of each row (set by the batch)
         self.start = 0  # the absolute column of the current step's first token, before padding
+        self.fed: int | None = None  # columns the coming step feeds, where not the usual (resume)
         self.entries: list[_Entry] = []
         self._values: dict[int, dict[str, torch.Tensor]] = {}  # this step's, per member, until delivered
         self._uses: dict[tuple[str, str], list[tuple[_Member, list[str], list[Edit]]]] = {}
@@ -104,13 +105,21 @@ class BatchStepPlan:
         return key
 
     @property
+    def columns_fed(self) -> int:
+        """Columns the coming step feeds: the prompts (``width``) first, then one per step; a
+        batch resumed after a cached prefix feeds the rest of its prompts (``fed``)."""
+        if self.fed is not None:
+            return self.fed
+        return self.width if self.start == 0 else 1
+
+    @property
     def empty(self) -> bool:
         """Nothing to read or edit: the step needs no trace."""
         return not self.entries
 
     def run_step(self, wrapper) -> None:
         """Inside a trace: one step's reads and edits; the values wait for :meth:`deliver`."""
-        length = self.width if self.start == 0 else 1  # columns fed in at this step
+        length = self.columns_fed
         values = self._values
         for entry in self.entries:
             envoy = wrapper.get(entry.path)
@@ -148,7 +157,7 @@ class BatchStepPlan:
                 continue
             row = member.rows[0]
             into = self._values.setdefault(id(member), {})
-            columns = self.start + (self.width if self.start == 0 else 1)
+            columns = self.start + self.columns_fed
             for point in member.group.patterns:
                 tap = AttentionTap(point.name, row, columns, self.pads[row], point.heads, into)
                 taps.setdefault(model.get_submodule(point.module_path), []).append(tap)
@@ -170,7 +179,8 @@ class BatchStepPlan:
     def advance(self) -> None:
         """One step ran (traced or not): every group's step count and the columns move on; a
         group done reading (trace-mode capture) and editing nothing stops being traced."""
-        self.start += self.width if self.start == 0 else 1
+        self.start += self.columns_fed
+        self.fed = None
         for member in self.members:
             member.step += 1
             steps = member.group.read_steps

@@ -412,3 +412,42 @@ def test_attribution_gradients_equal_autograd(loaded, loop, reference, resolver,
     assert result.metric == pytest.approx(float(metric.detach()), abs=1e-4)
     for item in result.points:
         torch.testing.assert_close(item.gradient, kept[item.point.name].grad[0], rtol=1e-3, atol=1e-6)
+
+
+def test_patching_sweep_cells_equal_hooked_runs(loaded, loop, reference, resolver, prompts):
+    """Each cell (resid_post of the last layer, every position) against the corrupted run with that
+    value replaced by a plain hook; families with sliding windows run cells in full, the others
+    resume after the corrupted run's cached prefix."""
+    from server.engine.patching import Cell, run_sweep
+
+    corrupted = prompts[1]
+    clean = list(corrupted)
+    clean[2] = clean[3]  # one token differs
+    last = resolver.layout.count - 1
+    (point,) = resolver.resolve(layers=[last], hook_points=["resid_post"], modules=None)
+    cells = [Cell(point, p) for p in range(len(corrupted))]
+    result = run_sweep(loop.runtime, clean, corrupted, cells, 5, 9, rows=4)
+    module = reference.get_submodule(point.module_path)
+    seen = {}
+
+    def keep(_m, _a, out) -> None:
+        seen["clean"] = (out[0] if isinstance(out, tuple) else out).clone()
+
+    handle = module.register_forward_hook(keep)
+    with torch.no_grad():
+        reference(torch.tensor([clean]))
+    handle.remove()
+    for cell, score in zip(cells, result.cells, strict=True):
+
+        def patch(_m, _a, out, p=cell.position):
+            tensor = (out[0] if isinstance(out, tuple) else out).clone()
+            tensor[:, p] = seen["clean"][:, p]
+            return (tensor, *out[1:]) if isinstance(out, tuple) else tensor
+
+        handle = module.register_forward_hook(patch)
+        try:
+            with torch.no_grad():
+                logits = reference(torch.tensor([corrupted])).logits[0, -1]
+        finally:
+            handle.remove()
+        assert score == pytest.approx(float(logits[5] - logits[9]), abs=1e-4), cell.position
