@@ -321,8 +321,11 @@ def train_sae(per_text: list[torch.Tensor], args: argparse.Namespace, device: to
         for start in range(0, training.shape[0], args.sae_batch_size):
             ever |= (sae.encode(training[start : start + args.sae_batch_size]) > 0).any(dim=0)
         dead = int((~ever).sum())
+    if args.sae_save is not None:
+        save_saelens(sae, scale, args.sae_layer, args.sae_save)
     return {
         "layer": args.sae_layer,
+        "saved_to": None if args.sae_save is None else str(args.sae_save),
         "features": sae.encoder.shape[1],
         "train_tokens": training.shape[0],
         "eval_tokens": evaluation.shape[0],
@@ -335,6 +338,33 @@ def train_sae(per_text: list[torch.Tensor], args: argparse.Namespace, device: to
         "dead_fraction": dead / sae.encoder.shape[1],
         "curve": curve,
     }
+
+
+def save_saelens(sae: SparseAutoencoder, scale: float, layer: int, folder: Path) -> None:
+    """Write the SAE in SAELens' format (``cfg.json`` + ``sae_weights.safetensors``), for the
+    residual itself: it was trained on ``x / scale``, so ``W_enc = W_e / scale``, ``b_dec =
+    scale * b_d`` and ``W_dec = scale * W_d`` give the same features and reconstruction on ``x``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        tensors = {
+            "W_enc": (sae.encoder / scale).float().cpu().contiguous(),
+            "b_enc": sae.encoder_bias.float().cpu().contiguous(),
+            "W_dec": (sae.decoder * scale).float().cpu().contiguous(),
+            "b_dec": (sae.decoder_bias * scale).float().cpu().contiguous(),
+        }
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    config = {
+        "architecture": "standard",
+        "d_in": tensors["W_enc"].shape[0],
+        "d_sae": tensors["W_enc"].shape[1],
+        "dtype": "float32",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"},
+    }
+    (folder / "cfg.json").write_text(json.dumps(config, indent=2))
 
 
 # -- the survey -------------------------------------------------------------------------------------
@@ -516,6 +546,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sae-l1", type=float, default=1.0, help="L1 weight (inputs are scaled to norm sqrt(hidden))"
     )
     sae.add_argument("--sae-lr", type=float, default=1e-3)
+    sae.add_argument(
+        "--sae-save",
+        type=Path,
+        default=None,
+        help="also write the SAE here in SAELens' format (cfg.json, ...)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "full-analysis")
     args = parser.parse_args(argv)

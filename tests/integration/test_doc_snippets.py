@@ -192,7 +192,14 @@ def test_the_readme_lda_block_is_marked_as_needing_an_adapter():
 @pytest.fixture(scope="module")
 def docs_server(server_process, tmp_path_factory):
     root = tmp_path_factory.mktemp("doc-snippets")
-    args = ["--activations-dir", str(root / "activations"), "--vectors-dir", str(root / "vectors")]
+    args = [
+        "--activations-dir",
+        str(root / "activations"),
+        "--vectors-dir",
+        str(root / "vectors"),
+        "--saes-dir",
+        str(root / "saes"),
+    ]
     with server_process(args, root / "server.log") as server:
         yield server
 
