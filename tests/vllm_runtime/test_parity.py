@@ -403,9 +403,25 @@ def test_what_the_vllm_runtime_does_not_run_is_refused_naming_the_field(vllm, mo
             },
             None,
         ),
+        ("/v1/chat/completions", {"messages": CHAT, "capture": {"saes": ["any"]}}, "capture.saes"),
+        ("/v1/chat/completions", {"messages": CHAT, "capture": {"logit_lens": [0]}}, "capture.logit_lens"),
+        ("/v1/chat/completions", {"messages": CHAT, "capture": {"attention": [0]}}, "capture.attention"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "interventions": [{"type": "sae_add", "sae": "any", "feature": 0}]},
+            "interventions[0].sae",
+        ),
+        ("/v1/saes", {"name": "any", "folder": "any"}, "folder"),
+        (
+            "/v1/patching/sweep",
+            {"clean": "Hi there", "corrupted": "Hi where", "metric": {"correct": 1, "incorrect": 2}},
+            None,
+        ),
+        ("/v1/attribution", {"prompt": "Hi", "target": {"type": "logprob", "token": 1}}, None),
     ]
     for path, body, param in refused:
-        response = post(vllm, path, model_name, body)
+        named = path not in ("/v1/saes",)  # a body without a model field
+        response = post(vllm, path, model_name, body) if named else vllm.post(path, json=body)
         assert response.status_code == 400, (path, response.text)
         error = response.json()["error"]
         assert error["param"] == param, (path, error)
