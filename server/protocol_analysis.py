@@ -71,7 +71,7 @@ class AttributionRequest(OpenAIModel):
     layers: list[int] | Literal["all"] = Field(
         "all", description="Layer indexes (negative counts from the end)."
     )
-    save: bool = Field(
+    save_tensors: bool = Field(
         False,
         description="Also store every activation, gradient and score as a capture (named by "
         "activations in the response).",

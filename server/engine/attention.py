@@ -42,7 +42,8 @@ class PatternPoint:
 
 @dataclass
 class AttentionTap:
-    """Keep row ``row``'s pattern (heads ``heads``; None: all) under ``name`` in ``into``.
+    """Keep row ``row``'s pattern (heads ``heads``; None: all; query rows ``queries`` only) under
+    ``name`` in ``into``.
 
     ``columns``: the batch's columns once this step's are fed (the last query's column + 1);
     ``pad``: the row's left padding, so batch column ``c`` is the row's absolute position
@@ -56,6 +57,7 @@ class AttentionTap:
     pad: int
     heads: tuple[int, ...] | None
     into: dict
+    queries: tuple[int, int]  # the absolute [first, end) positions whose rows are computed
 
 
 def _eager_function(module: torch.nn.Module):
@@ -69,6 +71,8 @@ def supports_taps(model: torch.nn.Module, attention_path: str) -> bool:
     try:
         module = model.get_submodule(attention_path)
     except AttributeError:
+        return False
+    if getattr(model.config, "reorder_and_upcast_attn", False):  # GPT-2's own path, keyed to "eager"
         return False
     return _eager_function(module) is not None and hasattr(model.config, "_attn_implementation")
 
@@ -98,15 +102,21 @@ def _tapped(base: str):
 
 
 def _pattern(eager, module, query, key, value, mask, tap: AttentionTap, kwargs) -> torch.Tensor:
-    """The tapped row's probabilities, ``[1, queries, heads kept, keys]``, padding dropped."""
+    """The tapped row's probabilities, ``[1, query rows kept, heads kept, keys]``, padding dropped.
+    Only the kept query rows are computed (a long prompt's full ``[heads, P, P]`` never is)."""
     rows = slice(tap.row, tap.row + 1)
-    q, k, v = query[rows], key[rows], value[rows]
-    queries, keys = q.shape[2], k.shape[2]
+    queries, keys = query.shape[2], key.shape[2]
+    base = tap.columns - queries - tap.pad  # absolute position of query row 0
+    kept = slice(max(0, tap.queries[0] - base), max(0, tap.queries[1] - base))
+    q, k, v = query[rows, :, kept], key[rows], value[rows]
     if mask is None:  # sdpa's causal shortcut: no padding, plain causal
-        allowed = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
-        mask = allowed[None, None]
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)[None, None]
+    elif mask.dim() == 2:  # flash attention's [batch, keys] padding mask: add the causal part
+        causal = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
+        mask = (causal & mask[rows].bool()[:, None, :])[:, None]
     elif mask.shape[0] > 1:
         mask = mask[rows]
+    mask = mask[:, :, kept]
     if mask.dtype == torch.bool:  # eager adds the mask to the scores
         blocked = torch.finfo(q.dtype).min
         mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, blocked)
@@ -114,8 +124,6 @@ def _pattern(eager, module, query, key, value, mask, tap: AttentionTap, kwargs) 
     _, probabilities = eager(module, q, k, v, mask, dropout=0.0, scaling=kwargs.get("scaling"), **rest)
     if tap.heads is not None:
         probabilities = probabilities[:, list(tap.heads)]
-    first_query = tap.columns - queries - tap.pad  # absolute position of the first query row
-    probabilities = probabilities[:, :, max(0, -first_query) :]
     first_key = tap.columns - keys - tap.pad  # < 0: padding columns; > 0: a window's cut
     if first_key < 0:
         probabilities = probabilities[..., -first_key:]

@@ -88,6 +88,7 @@ def run_attribution(
     same length (scores are then attribution patching's); ``keep_tensors``: return every
     activation and gradient too. Stopped between layers like any model work
     (``Runtime.interrupted_when``)."""
+    freeze(wrapper._module)  # again: PEFT switches its adapter's weights back on when it re-enables it
     device = next(wrapper._module.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     kept: list[torch.Tensor] = []  # filled inside the trace: lists made outside it outlive it

@@ -109,7 +109,14 @@ class CapturePlan:
     def max_keys(self, prompt_len: int, max_tokens: int) -> int:
         """Key positions a stored pattern has: every position a query can see (the prompt in
         trace mode; prompt and every token fed in generate mode)."""
-        return prompt_len + (max_tokens if self.mode == "generate" else 0)
+        generated = self.mode == "generate" and self.positions != "prompt"  # "prompt": queries < P only
+        return prompt_len + (max_tokens if generated else 0)
+
+    def pattern_device_bytes(self, prompt_len: int, dtype_bytes: int) -> int:
+        """Bytes the patterns of the prompt step hold on the device until they are stored: every
+        tapped layer's kept query rows over the prompt's keys."""
+        rows = {"all": prompt_len, "prompt": prompt_len, "last": 1, "generated": 0}[self.positions]
+        return len(self.patterns) * self.pattern_heads * rows * prompt_len * dtype_bytes
 
     def unit_indices(self, width: int) -> torch.Tensor | None:
         """Which hidden units to keep for a last dimension of ``width`` (sorted), or None for all."""
@@ -265,7 +272,7 @@ def derived_values(
     the values' device, returned on the CPU."""
     out: list[tuple[str, torch.Tensor]] = []
     for point in plan.patterns:
-        pattern = values[point.name][0, keep]  # [queries, heads, keys so far]
+        pattern = values[point.name][0]  # [kept queries, heads, keys so far]: computed for ``keep`` only
         padded = torch.nn.functional.pad(pattern, (0, max_keys - pattern.shape[-1]))
         out.append((point.name, padded.to("cpu", plan.dtype or padded.dtype)))
     for read in plan.saes:
@@ -372,6 +379,12 @@ class CaptureRecorder:
         """How many forward steps it reads: the prompt only in trace mode, else all."""
         return 1 if self.trace else None
 
+    def pattern_rows(self, length: int) -> tuple[int, int]:
+        """The absolute ``[first, end)`` positions this step keeps (``length`` fed): the rows an
+        attention pattern is computed for (``RowGroup.pattern_rows``)."""
+        keep = self._kept_slice(self.position, length)
+        return self.position + keep.start, self.position + max(keep.start, keep.stop)
+
     def _kept_slice(self, start: int, length: int) -> slice:
         if self.plan.positions == "last":
             return slice(length - 1, length)
@@ -399,8 +412,9 @@ class CaptureRecorder:
         caller replaying stored steps may hand over several generated positions at once)."""
         if length is None:
             length = self.prompt_len if self.position == 0 else 1  # tokens fed in at this step
+        patterns = {point.name for point in self.plan.patterns}  # computed for the kept rows only
         for name, value in values.items():
-            if first_tensor(value).shape[1] != length:
+            if name not in patterns and first_tensor(value).shape[1] != length:
                 raise ValueError(
                     f"{name} does not hold one value per position fed in (shape {list(value.shape)})"
                 )

@@ -239,7 +239,7 @@ class Engine:
             SaeError: it does not fit the model, the format or the memory budget (``field``)."""
         if name in self.saes:
             raise SaeError(f"an SAE named {name!r} is loaded already (DELETE /v1/saes/{name} first)", "name")
-        served = load_sae(name, cfg_bytes, weights_bytes, folder, self.hooks, self.loaded.device)
+        served = load_sae(name, cfg_bytes, weights_bytes, folder, self.hooks, "cpu")
         room = self.scheduler.memory_room
         if room is not None:
             if served.sae.nbytes > room:
@@ -249,6 +249,7 @@ class Engine:
                     WEIGHTS_FILE,
                 )
             self.scheduler.memory_room = room - served.sae.nbytes
+        served = served.on(self.loaded.device)
         self.saes.add(served)
         logger.info(
             "SAE %s loaded from %s at %s (%d features)", name, folder, served.point.name, served.sae.d_sae
@@ -264,8 +265,10 @@ class Engine:
 
     @property
     def resident_weight_bytes(self) -> int:
-        """Bytes of every loaded checkpoint's weights (the served one and LDA's before model)."""
-        return self.shape.weight_bytes + (self.before_shape.weight_bytes if self.before_shape else 0)
+        """Bytes of every loaded checkpoint's weights (the served one and LDA's before model) and
+        of the SAEs loaded."""
+        before = self.before_shape.weight_bytes if self.before_shape else 0
+        return self.shape.weight_bytes + before + self.saes.nbytes
 
     def close(self, timeout: float | None = None) -> None:
         """Fail queued work; give the running batch ``timeout`` seconds to end (see Scheduler.close)."""

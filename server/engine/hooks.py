@@ -83,6 +83,10 @@ class HookResolver:
             if kind == "output"
         )
 
+    def has_module(self, path: str) -> bool:
+        """Whether the served model has a module at ``path``."""
+        return path in self._modules
+
     def order_of(self, path: str, kind: str) -> int | None:
         """When ``<path>.<kind>`` is reached in one forward pass (None: never)."""
         return self._order.get((path, kind))

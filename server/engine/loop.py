@@ -98,6 +98,7 @@ class _Running:
             edits=edits,
             reads=recorder.plan.reads if recorder else (),
             patterns=recorder.plan.patterns if recorder else (),
+            pattern_rows=recorder.pattern_rows if recorder else None,
             read_steps=recorder.reads_steps if recorder else None,
             on_values=recorder.on_step if recorder else None,
             full_logits=recorder is not None and loop.wants_full_logits(recorder.plan.points),

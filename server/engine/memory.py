@@ -176,10 +176,12 @@ def estimate(
     capture_positions: int = 0,
     scoring: bool = False,
     resident_weights: int | None = None,
+    pattern_bytes: int = 0,
 ) -> MemoryEstimate:
     """Peak bytes for one request on the model's device (see the module docstring).
 
-    ``resident_weights``: every loaded checkpoint's weights (default: this model's)."""
+    ``resident_weights``: every loaded checkpoint's weights (default: this model's);
+    ``pattern_bytes``: attention patterns a capture holds (``CapturePlan.pattern_device_bytes``)."""
     b = shape.dtype_bytes
     tokens = prompt_tokens + max_tokens
     kv = n * tokens * shape.layers * 2 * shape.kv_heads * shape.head_dim * b
@@ -192,7 +194,7 @@ def estimate(
     scoring_bytes = (
         prompt_tokens * shape.vocab * b + min(prompt_tokens, 256) * shape.vocab * 4 if scoring else 0
     )
-    capture = sum(capture_widths) * capture_positions * b
+    capture = sum(capture_widths) * capture_positions * b + pattern_bytes
     weights = shape.weight_bytes if resident_weights is None else resident_weights
     return MemoryEstimate(weights, kv, activations, scoring_bytes, capture)
 

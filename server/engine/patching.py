@@ -84,7 +84,8 @@ def run_sweep(
     clean = logit_difference(runtime.start("served", [clean_group]).forward(), correct, incorrect)[0]
     if clean_group.error is not None:
         raise clean_group.error
-    clean_rows = {name: value[0].clone() for name, value in values.items()}  # [P, ...]
+    # [P, ...] each, kept on the CPU: each batch places only its own cells' rows on the device
+    clean_rows = {name: value[0].to("cpu", copy=True) for name, value in values.items()}
     corrupted_run = runtime.start("served", [RowGroup(corrupted_ids)])
     corrupted = logit_difference(corrupted_run.forward(), correct, incorrect)[0]
     resumes = getattr(runtime, "joins_running_batches", False) and hasattr(runtime, "resume")
@@ -105,7 +106,7 @@ def run_sweep(
     for batch in batches:
         if stop():
             raise JobInterrupted
-        groups = [_patched_row(corrupted_ids, cells[i], clean_rows) for i in batch]
+        groups = [_patched_row(runtime, corrupted_ids, cells[i], clean_rows) for i in batch]
         position = cells[batch[0]].position
         run = (
             runtime.resume(corrupted_run, position, groups)
@@ -118,9 +119,12 @@ def run_sweep(
     return SweepResult(clean, corrupted, scores, forwards)
 
 
-def _patched_row(corrupted_ids: list[int], cell: Cell, clean_rows: dict[str, torch.Tensor]) -> RowGroup:
-    """One row of the corrupted prompt with ``cell`` patched in from the clean run."""
+def _patched_row(
+    runtime, corrupted_ids: list[int], cell: Cell, clean_rows: dict[str, torch.Tensor]
+) -> RowGroup:
+    """One row of the corrupted prompt with ``cell`` patched in from the clean run (its source row
+    on the model's device and dtype)."""
     position = cell.position
     source = clean_rows[cell.point.name][position : position + 1]  # [1, ...]
     edit = Edit(cell.point, "patch", (position,), steps=(0, 1), source=source, source_positions=(position,))
-    return RowGroup(corrupted_ids, edits=(edit,))
+    return RowGroup(corrupted_ids, edits=runtime.place((edit,)))

@@ -27,7 +27,7 @@ The contract in full (docs/architecture.md draws it):
     reading and editing what the groups planned, then handing each reading group its values
     (``on_values``, after the forward); a group whose ``on_values`` raised gets the exception
     in ``error`` (the other groups go on). Attention patterns (``RowGroup.patterns``) come
-    with the values, ``[1, positions fed, heads, keys]``.
+    with the values, ``[1, query rows kept, heads, keys]`` (``RowGroup.pattern_rows``).
 ``RuntimeBatch.append(tokens)``
     The chosen tokens become the next step's input, one per row.
 ``RuntimeBatch.keep(rows)``
@@ -63,6 +63,9 @@ class RowGroup:
     edits: tuple[Edit, ...] = ()  # applied to these rows only, at their own positions
     reads: tuple[HookPoint, ...] = ()  # values handed to on_values at each step (first row only)
     patterns: tuple[PatternPoint, ...] = ()  # attention patterns handed to on_values too (first row only)
+    # the absolute [first, end) positions whose pattern rows to compute, given the positions fed
+    # this step (default: all of them); the recorder keeps no others
+    pattern_rows: Callable[[int], tuple[int, int]] | None = None
     read_steps: int | None = None  # read at the first k forward steps only; None: every step
     on_values: Callable[[dict[str, torch.Tensor]], None] | None = None
     full_logits: bool = False  # the prompt step computes logits at every position (a read needs them)

@@ -88,6 +88,9 @@ class SparseAutoencoder:
                 f"architecture {architecture!r} is not served (one of {', '.join(ARCHITECTURES)})",
                 "architecture",
             )
+        if W_enc is None or W_enc.dim() != 2:
+            shape = None if W_enc is None else list(W_enc.shape)
+            raise SaeError(f"{WEIGHTS_FILE} needs W_enc as [d_in, d_sae]; found {shape}", "W_enc")
         d_in, d_sae = W_enc.shape
         expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
         given = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
@@ -114,6 +117,17 @@ class SparseAutoencoder:
         self.threshold = threshold if architecture == "jumprelu" else None
         self.k = k if architecture == "topk" else None
         self.apply_b_dec_to_input = apply_b_dec_to_input
+
+    def to(self, device) -> SparseAutoencoder:
+        """The same SAE with its weights on ``device``."""
+        move = {name: getattr(self, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+        return SparseAutoencoder(
+            architecture=self.architecture,
+            hook_name=self.hook_name,
+            k=self.k,
+            apply_b_dec_to_input=self.apply_b_dec_to_input,
+            **{name: None if tensor is None else tensor.to(device) for name, tensor in move.items()},
+        )
 
     @property
     def d_in(self) -> int:
@@ -159,8 +173,10 @@ class SparseAutoencoder:
         """``[..., d_in]`` -> one feature's activation ``[...]`` (the SAE's dtype). One encoder
         column for standard and jumprelu SAEs; a topk feature depends on the others, so there the
         whole encoding is computed."""
-        if self.architecture == "topk":
-            return self.encode(x)[..., feature]
+        if self.architecture == "topk":  # chunked: a [positions, d_sae] encoding at a time
+            rows = x.reshape(-1, x.shape[-1])
+            parts = [self.encode(chunk)[:, feature] for chunk in rows.split(ENCODE_CHUNK)]
+            return torch.cat(parts).reshape(x.shape[:-1]) if parts else rows.new_zeros(x.shape[:-1])
         pre = self._input(x) @ self.W_enc[:, feature] + self.b_enc[feature]
         if self.architecture == "jumprelu":
             return pre.relu() * (pre > self.threshold[feature])
@@ -239,12 +255,15 @@ def read_sae(cfg_bytes: bytes, weights_bytes: bytes, device: torch.device | str 
         tensors = load_safetensors(weights_bytes)
     except (SafetensorError, ValueError) as exc:
         raise SaeError(f"{WEIGHTS_FILE} is not a safetensors file: {exc}", WEIGHTS_FILE) from None
+    encoder = tensors.get("W_enc")
+    if encoder is None or encoder.dim() != 2 or not encoder.is_floating_point():
+        raise SaeError(f"{WEIGHTS_FILE} needs W_enc, a floating-point [d_in, d_sae] tensor", "W_enc")
     for field in ("d_in", "d_sae"):
         declared = cfg.get(field)
-        actual = tensors["W_enc"].shape[0 if field == "d_in" else 1] if "W_enc" in tensors else None
+        actual = encoder.shape[0 if field == "d_in" else 1]
         if declared is not None and actual is not None and declared != actual:
             raise SaeError(f"{CFG_FILE} says {field} {declared}; W_enc has {actual}", field)
-    dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
+    dtype = encoder.dtype
     return SparseAutoencoder(
         architecture=architecture,
         hook_name=hook_name,
@@ -270,6 +289,21 @@ def sae_flag_problem(spec: str, backend: str) -> str | None:
     return None
 
 
+def _tl_hook(hook: str, resolver: HookResolver) -> str:
+    """TransformerLens' ``hook_attn_out`` / ``hook_mlp_out`` are what a sublayer adds to the
+    residual stream: on layers that normalise a sublayer's output before adding it (Gemma 2/3,
+    OLMo 2: ``post_attention_layernorm`` and ``post_feedforward_layernorm``) that is the norm's
+    output, not the attention or MLP module's."""
+    sandwich = {"attn_out": "post_attention_layernorm.output", "mlp_out": "post_feedforward_layernorm.output"}
+    if hook in sandwich:
+        try:
+            resolver.resolve(layers=[0], hook_points=[sandwich["mlp_out"]], modules=None)
+        except HookError:
+            return hook  # no norm after the MLP: the sublayer's own output is what is added
+        return sandwich[hook]
+    return hook
+
+
 def sae_hook_point(hook_name: str, resolver: HookResolver) -> HookPoint:
     """Where an SAE named ``hook_name`` reads, as one of the served model's hook points.
 
@@ -277,7 +311,9 @@ def sae_hook_point(hook_name: str, resolver: HookResolver) -> HookPoint:
         SaeError: a name that is not one hook point of this model (field ``hook_name``)."""
     try:
         if match := _TL_NAME.match(hook_name):
-            points = resolver.resolve(layers=[int(match[1])], hook_points=[match[2]], modules=None)
+            points = resolver.resolve(
+                layers=[int(match[1])], hook_points=[_tl_hook(match[2], resolver)], modules=None
+            )
         elif match := _LAYER_NAME.match(hook_name):
             points = resolver.resolve(layers=[int(match[1])], hook_points=[match[2]], modules=None)
         else:
@@ -299,6 +335,10 @@ class ServedSae:
     point: HookPoint
     sae: SparseAutoencoder
     folder: str
+
+    def on(self, device) -> ServedSae:
+        """The same SAE with its weights on ``device``."""
+        return ServedSae(self.name, self.point, self.sae.to(device), self.folder)
 
     def describe(self) -> dict:
         return {
@@ -333,7 +373,8 @@ class SaeSet:
         return sorted(self._served)
 
     def listing(self) -> list[dict]:
-        return [self._served[name].describe() for name in self.names()]
+        served = list(self._served.values())  # one snapshot: an unload meanwhile changes nothing here
+        return [item.describe() for item in sorted(served, key=lambda item: item.name)]
 
     @property
     def nbytes(self) -> int:
@@ -354,7 +395,7 @@ def load_sae(
 
     Raises:
         SaeError: naming the field at fault."""
-    sae = read_sae(cfg_bytes, weights_bytes, device)
+    sae = read_sae(cfg_bytes, weights_bytes, device)  # "cpu" first, where the caller checks room
     point = sae_hook_point(sae.hook_name, resolver)
     if not point.floating:
         raise SaeError(f"{point.name} holds integers, not activations", "hook_name")

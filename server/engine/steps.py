@@ -156,10 +156,15 @@ class BatchStepPlan:
             if not member.group.patterns or not member.rows or not self._reads_now(member):
                 continue
             row = member.rows[0]
-            into = self._values.setdefault(id(member), {})
             columns = self.start + self.columns_fed
+            fed = columns - max(self.start, self.pads[row])  # the row's own positions fed this step
+            first = columns - fed - self.pads[row]
+            wanted = member.group.pattern_rows(fed) if member.group.pattern_rows else (first, first + fed)
+            if wanted[1] <= wanted[0]:
+                continue  # no pattern row is kept at this step
+            into = self._values.setdefault(id(member), {})
             for point in member.group.patterns:
-                tap = AttentionTap(point.name, row, columns, self.pads[row], point.heads, into)
+                tap = AttentionTap(point.name, row, columns, self.pads[row], point.heads, into, wanted)
                 taps.setdefault(model.get_submodule(point.module_path), []).append(tap)
         return tapping(taps)
 

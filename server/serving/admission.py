@@ -145,6 +145,9 @@ class Admission:
                 capture_positions=prompt_tokens if points else 0,
                 scoring=scoring,
                 resident_weights=self.engine.resident_weight_bytes,
+                pattern_bytes=capture.pattern_device_bytes(prompt_tokens, self.engine.shape.dtype_bytes)
+                if capture
+                else 0,
             )
 
         full = need()

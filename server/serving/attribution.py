@@ -7,7 +7,7 @@ engine's worker (``server/engine/attribution.py``), within the request timeout a
 with the client.
 
 The response gives, per hook point, ``scores`` and ``gradient_norms`` (``[layers][positions]``)
-and the positions' tokens; with ``save`` the activations, gradients and scores are also stored
+and the positions' tokens; with ``save_tensors`` the activations, gradients and scores are also stored
 as a capture (``activations``, as a capture names them: ``GET /v1/activations/{id}``).
 """
 
@@ -18,6 +18,7 @@ from ..engine.hooks import HookError
 from ..engine.memory import estimate_backward, format_size
 from ..errors import APIError
 from ..protocol_analysis import AttributionRequest, LogprobTarget
+from ..storage import CaptureTooLarge
 from .base import ENGINE_FAILURES, engine_error, example_ids, require_feature, single_token
 from .parts import ServingParts
 
@@ -57,11 +58,15 @@ class AttributionServing:
                     f"{point.name} holds integers, not activations: it has no gradient", param="hook_points"
                 )
         self._check_memory(len(prompt))
+        if body.save_tensors:
+            self._check_size(points, len(prompt))
         self.admission.check_queue()
-        sink = self.store if body.save else None
+        sink = self.store if body.save_tensors else None
         facts = {"target": body.target.model_dump(), "hook_points": body.hook_points}
         try:
             result, capture = await engine.attribute(prompt, points, target, reference, sink, facts)
+        except CaptureTooLarge as exc:  # the manifest tipped it over
+            raise APIError(str(exc), param="save_tensors", code="capture_too_large") from exc
         except ENGINE_FAILURES as exc:
             raise engine_error(exc) from exc
         by_name = {item.point.name: item for item in result.points}
@@ -95,6 +100,19 @@ class AttributionServing:
         correct = await single_token(self.engine, body.target.correct, "target.correct")
         incorrect = await single_token(self.engine, body.target.incorrect, "target.incorrect")
         return Target("logit_diff", correct, incorrect)
+
+    def _check_size(self, points, prompt_tokens: int) -> None:
+        """Refuse, before any work, a ``save_tensors`` that would write more than ``--max-capture-bytes``:
+        each point's activation and gradient (float32) and its scores."""
+        limit = self.store.max_capture_bytes
+        size = sum((2 * point.width + 1) * prompt_tokens * 4 for point in points)
+        if limit is not None and size > limit:
+            raise APIError(
+                f"saving would write about {format_size(size)}, more than --max-capture-bytes "
+                f"({format_size(limit)}): fewer layers or hook points, or save_tensors false",
+                param="save_tensors",
+                code="capture_too_large",
+            )
 
     def _check_memory(self, prompt_tokens: int) -> None:
         """Refuse a prompt whose forward and backward pass would not fit ``--memory-budget``."""

@@ -193,6 +193,8 @@ class CapturePlanning:
     def _sae_reads(self, capture: CaptureRequest) -> tuple[SaeRead, ...]:
         """``capture.saes``: each loaded SAE, with how many features to keep per position."""
         if not capture.saes:
+            if capture.sae_top_k != CaptureRequest.model_fields["sae_top_k"].default:
+                raise APIError("sae_top_k needs saes (the SAEs to read)", param="capture.sae_top_k")
             return ()
         require_feature(self.engine, "saes", "capture.saes")
         reads = []
@@ -214,6 +216,10 @@ class CapturePlanning:
     def _lens_read(self, capture: CaptureRequest) -> LensRead | None:
         """``capture.logit_lens``: each chosen layer's ``resid_post`` through the final norm and head."""
         if capture.logit_lens is None:
+            if capture.logit_lens_top_k != CaptureRequest.model_fields["logit_lens_top_k"].default:
+                raise APIError(
+                    "logit_lens_top_k needs logit_lens (the layers)", param="capture.logit_lens_top_k"
+                )
             return None
         require_feature(self.engine, "logit_lens", "capture.logit_lens")
         unembed = self.engine.unembedding

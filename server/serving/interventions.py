@@ -110,6 +110,10 @@ def _resolve_item(
 ) -> list[Edit]:
     if item.type.startswith("sae_") or item.sae is not None or item.feature is not None:
         return [_sae_edit(engine, item, param)]
+    if item.strength != 1.0:  # the default is accepted: a manifest replays every field
+        raise APIError(
+            f"strength goes with sae_add; {item.type} takes scale or factor", param=f"{param}.strength"
+        )
     points = _points(engine, item, param)
     for point in points:
         if not point.floating:
@@ -172,6 +176,16 @@ def _sae_edit(engine: Engine, item: InterventionRequest, param: str) -> Edit:
                 f"{item.type} acts at its SAE's hook point, along a feature's decoder row: leave {field} out",
                 param=f"{param}.{field}",
             )
+    unused = {"sae_add": ("scale", "factor", "value"), "sae_clamp": ("strength", "scale", "factor")}.get(
+        item.type, ("strength", "scale", "factor", "value")
+    )
+    defaults = {"strength": 1.0, "scale": 1.0, "factor": None, "value": 0.0}  # accepted: they change nothing
+    for field in unused:
+        if getattr(item, field) != defaults[field]:
+            hint = (
+                "the multiple of the decoder row is strength" if field == "scale" else "it has no effect here"
+            )
+            raise APIError(f"{item.type} does not take {field} ({hint})", param=f"{param}.{field}")
     if item.sae is None:
         raise APIError(f"{item.type} needs sae (a loaded SAE's name, GET /v1/saes)", param=f"{param}.sae")
     if item.feature is None:

@@ -113,7 +113,8 @@ class PatchingServing:
         room = self.engine.scheduler.memory_room
         rows = wanted
         while room is not None and rows >= 1:
-            need = estimate(self.engine.shape, prompt_tokens=prompt_tokens, max_tokens=1, n=rows)
+            # the batch's rows, and the corrupted run whose cache every batch resumes from
+            need = estimate(self.engine.shape, prompt_tokens=prompt_tokens, max_tokens=1, n=rows + 1)
             if need.total - need.weights <= room:
                 break
             rows //= 2

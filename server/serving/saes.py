@@ -82,7 +82,14 @@ class SaeServing:
                 f"{folder!r} passes through a symlink or something not a plain folder or file", param="folder"
             ) from None
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR):
+            if exc.errno in (
+                errno.EACCES,
+                errno.EPERM,
+                errno.EISDIR,
+                errno.ENOTDIR,
+                errno.ENAMETOOLONG,
+                errno.EINVAL,
+            ):
                 raise APIError(f"{folder!r} cannot be read: {exc.strerror}", param="folder") from None
             raise
 

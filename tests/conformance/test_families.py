@@ -451,3 +451,21 @@ def test_patching_sweep_cells_equal_hooked_runs(loaded, loop, reference, resolve
         finally:
             handle.remove()
         assert score == pytest.approx(float(logits[5] - logits[9]), abs=1e-4), cell.position
+
+
+def test_transformerlens_sublayer_names_read_what_is_added_to_the_residual(family, resolver):
+    """``blocks.L.hook_mlp_out`` is what the MLP adds to the residual stream: after the norm that
+    follows the MLP where the family has one (Gemma 2/3, OLMo 2), the MLP's output elsewhere."""
+    from server.engine.sae import sae_hook_point
+
+    sandwich = resolver.has_module(f"{resolver.layout.path}.0.post_feedforward_layernorm")
+    mlp = sae_hook_point("blocks.0.hook_mlp_out", resolver)
+    attention = sae_hook_point("blocks.0.hook_attn_out", resolver)
+    if sandwich:
+        assert (mlp.hook, attention.hook) == (
+            "post_feedforward_layernorm.output",
+            "post_attention_layernorm.output",
+        )
+    else:
+        assert (mlp.hook, attention.hook) == ("mlp_out", "attn_out")
+    assert family.name not in ("gemma2", "gemma3_text", "olmo2") or sandwich

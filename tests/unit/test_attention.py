@@ -132,3 +132,35 @@ def test_bad_pattern_requests_name_the_field(client, capture, param):
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("mode", "positions"), [("trace", "last"), ("generate", "prompt"), ("generate", "generated")]
+)
+def test_only_the_kept_rows_are_computed_and_stored(client, mode, positions):
+    """Each kept row equals the same row of an all-positions capture (checked against HF above);
+    keys run to the last position a kept row can see."""
+
+    def captured(chosen: str) -> tuple[torch.Tensor, dict]:
+        body = {
+            "messages": HELLO,
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+            "capture": {"mode": mode, "positions": chosen, "attention": [0]},
+        }
+        data = client.post("/v1/chat/completions", json=body).json()
+        ref = data["activations"]
+        return tensor(client, ref["id"], "attention.layers.0.pattern"), client.get(ref["manifest"]).json()
+
+    pattern, manifest = captured(positions)
+    every, _ = captured("all")
+    kept = manifest["token_positions"]
+    prompt_len = len(client.post("/tokenize", json={"messages": HELLO}).json()["tokens"])
+    keys = prompt_len if positions == "prompt" or mode == "trace" else prompt_len + 3
+    assert pattern.shape == (len(kept), 4, keys)
+    if positions == "last":
+        assert kept == [prompt_len - 1]
+    else:
+        assert kept == [p for p in range(every.shape[0]) if (p < prompt_len) == (positions == "prompt")]
+    torch.testing.assert_close(pattern, every[kept][..., :keys], rtol=1e-5, atol=1e-7)

@@ -53,7 +53,7 @@ def attribute(client, **fields) -> dict:
 
 def test_logprob_gradients_equal_autograd(client, tiny_tokenizer, reference_model):
     hooks = ["resid_post", "attn_out", "mlp_out"]
-    data = attribute(client, target={"type": "logprob", "token": 7}, hook_points=hooks, save=True)
+    data = attribute(client, target={"type": "logprob", "token": 7}, hook_points=hooks, save_tensors=True)
     ids = tiny_tokenizer.encode(PROMPT)
     expected, metric = autograd_reference(
         reference_model, ids, lambda logits: logits.log_softmax(-1)[7], hooks

@@ -451,3 +451,69 @@ def test_the_analysis_scripts_sae_saves_in_saelens_format_with_the_same_features
         reconstruction, features = trained(x / scale)
     torch.testing.assert_close(sae.encode(x), features, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sae.decode(sae.encode(x)), reconstruction * scale, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        {"encoder.weight": torch.zeros(D_SAE, D_IN)},  # another library's names
+        {**sae_tensors("standard"), "W_enc": torch.zeros(D_IN)},  # 1-D
+    ],
+)
+def test_weights_without_a_usable_encoder_are_refused_not_a_crash(tmp_path, tensors):
+    folder = write_sae(tmp_path / "sae")
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(SaeError) as caught:
+        read_sae((folder / "cfg.json").read_bytes(), (folder / "sae_weights.safetensors").read_bytes())
+    assert caught.value.field == "W_enc"
+
+
+def test_a_malformed_sae_folder_is_a_400_naming_folder(client, saes_dir):
+    folder = write_sae(saes_dir / "malformed")
+    save_file({"encoder.weight": torch.zeros(D_SAE, D_IN)}, str(folder / "sae_weights.safetensors"))
+    response = client.post("/v1/saes", json={"name": "malformed", "folder": "malformed"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "folder" and "W_enc" in response.json()["error"]["message"]
+
+
+def test_loaded_saes_count_as_resident_weights(client, saes_dir):
+    engine = client.app.state.engine
+    before = engine.resident_weight_bytes
+    load_sae(client, "counted", "topk")
+    try:
+        assert engine.resident_weight_bytes == before + client.get("/v1/saes/counted").json()["bytes"]
+    finally:
+        client.delete("/v1/saes/counted")
+    assert engine.resident_weight_bytes == before
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        ({"type": "sae_add", "sae": "resid1", "feature": 1, "scale": 3.0}, "interventions[0].scale"),
+        ({"type": "sae_clamp", "sae": "resid1", "feature": 1, "strength": 3.0}, "interventions[0].strength"),
+        ({"type": "sae_ablate", "sae": "resid1", "feature": 1, "value": 3.0}, "interventions[0].value"),
+        (
+            {"type": "add", "layer": 0, "hook_point": "resid_post", "vector": [0.0] * D_IN, "strength": 2.0},
+            "interventions[0].strength",
+        ),
+    ],
+)
+def test_fields_an_operation_does_not_use_are_refused(client, item, param):
+    response = client.post(
+        "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1, "interventions": [item]}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_top_k_without_what_it_counts_is_refused(client):
+    for capture, param in (
+        ({"sae_top_k": 3, "layers": [0], "hook_points": ["resid_post"]}, "capture.sae_top_k"),
+        ({"logit_lens_top_k": 3, "layers": [0], "hook_points": ["resid_post"]}, "capture.logit_lens_top_k"),
+    ):
+        response = client.post(
+            "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1, "capture": capture}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
