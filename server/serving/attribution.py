@@ -19,7 +19,14 @@ from ..engine.memory import estimate_backward, format_size
 from ..errors import APIError
 from ..protocol_analysis import AttributionRequest, LogprobTarget
 from ..storage import CaptureTooLarge
-from .base import ENGINE_FAILURES, engine_error, example_ids, require_feature, single_token
+from .base import (
+    ENGINE_FAILURES,
+    aligned_example,
+    engine_error,
+    example_ids,
+    require_feature,
+    single_token,
+)
 from .parts import ServingParts
 
 
@@ -39,13 +46,9 @@ class AttributionServing:
         prompt = await example_ids(engine, body.prompt, "prompt")
         reference = None
         if body.reference_prompt is not None:
-            reference = await example_ids(engine, body.reference_prompt, "reference_prompt")
-            if len(reference) != len(prompt):
-                raise APIError(
-                    f"the reference prompt has {len(reference)} tokens and the prompt {len(prompt)}: "
-                    "attribution patching needs the positions to line up",
-                    param="reference_prompt",
-                )
+            reference = await aligned_example(
+                engine, body.reference_prompt, "reference_prompt", prompt, "prompt"
+            )
         target = await self._target(body)
         try:
             layers = engine.hooks.layer_indexes(body.layers)

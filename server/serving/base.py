@@ -259,6 +259,24 @@ async def example_ids(engine: Engine, example: str | list[ChatMessage], param: s
     return ids
 
 
+async def aligned_example(
+    engine: Engine, example, param: str, other: list[int], other_param: str
+) -> list[int]:
+    """``example``'s token ids (:func:`example_ids`), which must be as many as ``other``'s: a
+    patch or a difference of values at one position needs the positions to line up.
+
+    Raises:
+        APIError: 400 naming ``param``."""
+    ids = await example_ids(engine, example, param)
+    if len(ids) != len(other):
+        raise APIError(
+            f"{param} has {len(ids)} tokens and {other_param} {len(other)}: the positions must line up "
+            "(the same number of tokens)",
+            param=param,
+        )
+    return ids
+
+
 async def single_token(engine: Engine, spec: int | str, param: str) -> int:
     """A token id as a client names it: the id itself, or text that encodes to exactly one token.
 

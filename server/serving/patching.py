@@ -23,7 +23,14 @@ from ..engine.memory import estimate
 from ..engine.patching import Cell, run_sweep
 from ..errors import APIError
 from ..protocol_analysis import PatchingSweepRequest
-from .base import ENGINE_FAILURES, engine_error, example_ids, require_feature, single_token
+from .base import (
+    ENGINE_FAILURES,
+    aligned_example,
+    engine_error,
+    example_ids,
+    require_feature,
+    single_token,
+)
 from .heatmap import heatmap_png
 from .parts import ServingParts
 
@@ -40,13 +47,7 @@ class PatchingServing:
         require_feature(engine, "patching", None)
         self.admission.check_model(body.model)
         clean = await example_ids(engine, body.clean, "clean")
-        corrupted = await example_ids(engine, body.corrupted, "corrupted")
-        if len(clean) != len(corrupted):
-            raise APIError(
-                f"the corrupted prompt has {len(corrupted)} tokens and the clean one {len(clean)}: patching "
-                "needs the positions to line up (same number of tokens)",
-                param="corrupted",
-            )
+        corrupted = await aligned_example(engine, body.corrupted, "corrupted", clean, "clean")
         correct = await single_token(engine, body.metric.correct, "metric.correct")
         incorrect = await single_token(engine, body.metric.incorrect, "metric.incorrect")
         try:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from safetensors.torch import load
+from stored import chat_prompt_ids, stored_tensor
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 
@@ -17,17 +17,6 @@ def eager_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
-
-
-def prompt_ids(tokenizer) -> list[int]:
-    text = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def tensor(client, activation_id: str, name: str) -> torch.Tensor:
-    response = client.get(f"/v1/activations/{activation_id}/{name}")
-    assert response.status_code == 200, response.text
-    return load(response.content)[name]
 
 
 def eager_patterns(model, ids: list[int]) -> tuple[torch.Tensor, ...]:
@@ -41,10 +30,10 @@ def test_trace_mode_patterns_equal_hf_output_attentions(client, tiny_tokenizer, 
     assert response.status_code == 200, response.text
     ref = response.json()["activations"]
     assert ref["tensors"] == ["attention.layers.0.pattern", "attention.layers.1.pattern"]
-    ids = prompt_ids(tiny_tokenizer)
+    ids = chat_prompt_ids(tiny_tokenizer, HELLO)
     expected = eager_patterns(eager_model, ids)
     for layer in range(2):
-        pattern = tensor(client, ref["id"], f"attention.layers.{layer}.pattern")
+        pattern = stored_tensor(client, ref["id"], f"attention.layers.{layer}.pattern")
         assert pattern.shape == (len(ids), 4, len(ids))  # [query, head, key]
         torch.testing.assert_close(pattern, expected[layer][0].transpose(0, 1), rtol=1e-5, atol=1e-6)
     manifest = client.get(ref["manifest"]).json()
@@ -63,7 +52,7 @@ def test_generate_mode_patterns_cover_each_token_fed_in(client, eager_model):
     data = client.post("/v1/chat/completions", json=body).json()
     ref = data["activations"]
     token_ids = client.get(ref["manifest"]).json()["token_ids"]
-    pattern = tensor(client, ref["id"], "attention.layers.1.pattern")
+    pattern = stored_tensor(client, ref["id"], "attention.layers.1.pattern")
     assert pattern.shape == (len(token_ids), 2, len(token_ids))  # keys: prompt + max_tokens
     expected = eager_patterns(eager_model, token_ids)[1][0][[1, 3]].transpose(0, 1)  # heads kept in order
     torch.testing.assert_close(pattern, expected, rtol=1e-5, atol=1e-6)
@@ -151,7 +140,9 @@ def test_only_the_kept_rows_are_computed_and_stored(client, mode, positions):
         }
         data = client.post("/v1/chat/completions", json=body).json()
         ref = data["activations"]
-        return tensor(client, ref["id"], "attention.layers.0.pattern"), client.get(ref["manifest"]).json()
+        return stored_tensor(client, ref["id"], "attention.layers.0.pattern"), client.get(
+            ref["manifest"]
+        ).json()
 
     pattern, manifest = captured(positions)
     every, _ = captured("all")

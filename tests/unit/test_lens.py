@@ -6,20 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load
+from stored import chat_prompt_ids, stored_tensor
 
 HELLO = [{"role": "user", "content": "Hello there"}]
-
-
-def prompt_ids(tokenizer) -> list[int]:
-    text = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def tensor(client, activation_id: str, name: str) -> torch.Tensor:
-    response = client.get(f"/v1/activations/{activation_id}/{name}")
-    assert response.status_code == 200, response.text
-    return load(response.content)[name]
 
 
 def lens_capture(client, capture: dict, **extra) -> tuple[dict, dict]:
@@ -34,11 +23,11 @@ def test_the_last_layers_lens_is_the_models_own_prediction(client, tiny_tokenize
     data, manifest = lens_capture(client, {"logit_lens": [-1], "logit_lens_top_k": 4})
     ref = data["activations"]
     assert ref["tensors"] == ["logit_lens.layers.1.indices", "logit_lens.layers.1.logprobs"]
-    ids = prompt_ids(tiny_tokenizer)
+    ids = chat_prompt_ids(tiny_tokenizer, HELLO)
     with torch.no_grad():
         expected = reference_model(torch.tensor([ids])).logits[0].float().log_softmax(-1).topk(4, dim=-1)
-    indices = tensor(client, ref["id"], "logit_lens.layers.1.indices")
-    logprobs = tensor(client, ref["id"], "logit_lens.layers.1.logprobs")
+    indices = stored_tensor(client, ref["id"], "logit_lens.layers.1.indices")
+    logprobs = stored_tensor(client, ref["id"], "logit_lens.layers.1.logprobs")
     assert indices.shape == logprobs.shape == (len(ids), 4)
     assert indices.tolist() == expected.indices.tolist()
     torch.testing.assert_close(logprobs, expected.values, rtol=1e-5, atol=1e-5)
@@ -59,18 +48,18 @@ def test_an_earlier_layers_lens_is_its_residual_through_norm_and_head(
         "layers.0.resid_post",
         *(f"logit_lens.layers.{layer}.{kind}" for layer in (0, 1) for kind in ("indices", "logprobs")),
     }
-    ids = prompt_ids(tiny_tokenizer)
+    ids = chat_prompt_ids(tiny_tokenizer, HELLO)
     with torch.no_grad():
         hidden = reference_model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1]
         lens = reference_model.lm_head(reference_model.model.norm(hidden))[0].log_softmax(-1).topk(3, dim=-1)
-    assert tensor(client, ref["id"], "logit_lens.layers.0.indices").tolist() == lens.indices.tolist()
+    assert stored_tensor(client, ref["id"], "logit_lens.layers.0.indices").tolist() == lens.indices.tolist()
     torch.testing.assert_close(
-        tensor(client, ref["id"], "logit_lens.layers.0.logprobs"), lens.values, rtol=1e-5, atol=1e-5
+        stored_tensor(client, ref["id"], "logit_lens.layers.0.logprobs"), lens.values, rtol=1e-5, atol=1e-5
     )
     # the two layers predict differently (a check that could fail)
     assert not torch.equal(
-        tensor(client, ref["id"], "logit_lens.layers.0.indices"),
-        tensor(client, ref["id"], "logit_lens.layers.1.indices"),
+        stored_tensor(client, ref["id"], "logit_lens.layers.0.indices"),
+        stored_tensor(client, ref["id"], "logit_lens.layers.1.indices"),
     )
 
 
@@ -87,7 +76,7 @@ def test_generate_mode_lens_matches_the_logprobs_of_each_generated_token(client)
     data = client.post("/v1/chat/completions", json=body).json()
     ref = data["activations"]
     manifest = client.get(ref["manifest"]).json()
-    logprobs = tensor(client, ref["id"], "logit_lens.layers.1.logprobs")
+    logprobs = stored_tensor(client, ref["id"], "logit_lens.layers.1.logprobs")
     assert logprobs.shape[0] == len(manifest["token_ids"])
     prompt_len = data["usage"]["prompt_tokens"]
     content = data["choices"][0]["logprobs"]["content"]
@@ -105,8 +94,8 @@ def test_lens_and_edits_together_see_the_edited_residual(client):
         {"logit_lens": [0]},
         interventions=[{"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": -3.0}],
     )
-    a = tensor(client, plain["activations"]["id"], "logit_lens.layers.0.logprobs")
-    b = tensor(client, steered["activations"]["id"], "logit_lens.layers.0.logprobs")
+    a = stored_tensor(client, plain["activations"]["id"], "logit_lens.layers.0.logprobs")
+    b = stored_tensor(client, steered["activations"]["id"], "logit_lens.layers.0.logprobs")
     assert not torch.allclose(a, b)
 
 

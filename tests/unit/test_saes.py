@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 from reference import hooked_greedy
-from safetensors.torch import load, save_file
+from safetensors.torch import save_file
+from stored import chat_prompt_ids, stored_tensor
 
 from server.engine.sae import SaeError, read_sae
 
@@ -234,17 +235,6 @@ def test_bad_loads_are_400s_naming_the_field(client, saes_dir, body, param):
 # -- captures ------------------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer) -> list[int]:
-    text = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def tensor(client, activation_id: str, name: str) -> torch.Tensor:
-    response = client.get(f"/v1/activations/{activation_id}/{name}")
-    assert response.status_code == 200, response.text
-    return load(response.content)[name]
-
-
 def test_feature_capture_equals_the_equations_on_hf_hidden_states(client, tiny_tokenizer, reference_model):
     body = {
         "messages": HELLO,
@@ -256,7 +246,7 @@ def test_feature_capture_equals_the_equations_on_hf_hidden_states(client, tiny_t
     assert response.status_code == 200, response.text
     ref = response.json()["activations"]
     assert ref["tensors"] == ["saes.resid1.indices", "saes.resid1.values", "saes.resid1.error_norm"]
-    ids = prompt_ids(tiny_tokenizer)
+    ids = chat_prompt_ids(tiny_tokenizer, HELLO)
     with torch.no_grad():  # layer 1 is the last: its output is hidden_states[2] before the final norm
         out = reference_model.model.layers[1]
         captured = {}
@@ -268,8 +258,8 @@ def test_feature_capture_equals_the_equations_on_hf_hidden_states(client, tiny_t
     x = captured["x"][0].double().numpy()
     expected = reference_encode(sae_tensors("standard"), x, "standard")
     indices, values = (
-        tensor(client, ref["id"], "saes.resid1.indices"),
-        tensor(client, ref["id"], "saes.resid1.values"),
+        stored_tensor(client, ref["id"], "saes.resid1.indices"),
+        stored_tensor(client, ref["id"], "saes.resid1.values"),
     )
     assert indices.shape == values.shape == (len(ids), 5) and indices.dtype == torch.long
     best = -np.sort(-expected, axis=-1)[:, :5]
@@ -277,7 +267,7 @@ def test_feature_capture_equals_the_equations_on_hf_hidden_states(client, tiny_t
     np.testing.assert_allclose(np.take_along_axis(expected, indices.numpy(), -1), best, rtol=1e-4, atol=1e-5)
     error = np.linalg.norm(x - reference_decode(sae_tensors("standard"), expected), axis=-1)
     np.testing.assert_allclose(
-        tensor(client, ref["id"], "saes.resid1.error_norm").double().numpy(), error, rtol=1e-4
+        stored_tensor(client, ref["id"], "saes.resid1.error_norm").double().numpy(), error, rtol=1e-4
     )
     manifest = client.get(ref["manifest"]).json()
     entries = {t["name"]: t for t in manifest["tensors"]}
@@ -301,9 +291,9 @@ def test_generate_mode_features_cover_every_token_with_raw_values_beside(client)
     }
     data = client.post("/v1/chat/completions", json=body).json()
     ref = data["activations"]
-    raw = tensor(client, ref["id"], "layers.1.resid_post")
-    indices = tensor(client, ref["id"], "saes.resid1.indices")
-    values = tensor(client, ref["id"], "saes.resid1.values")
+    raw = stored_tensor(client, ref["id"], "layers.1.resid_post")
+    indices = stored_tensor(client, ref["id"], "saes.resid1.indices")
+    values = stored_tensor(client, ref["id"], "saes.resid1.values")
     assert indices.shape[0] == raw.shape[0] == len(client.get(ref["manifest"]).json()["token_ids"])
     expected = reference_encode(sae_tensors("standard"), raw.double().numpy(), "standard")
     np.testing.assert_allclose(
@@ -345,7 +335,7 @@ def steered(client, interventions) -> list[int]:
 
 
 def reference_text(tokenizer, model, edit) -> str:
-    ids = prompt_ids(tokenizer)
+    ids = chat_prompt_ids(tokenizer, HELLO)
     return tokenizer.decode(
         hooked_greedy(model, ids, "model.layers.1", edit, STEPS), skip_special_tokens=True
     )
