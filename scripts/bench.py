@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Every benchmark in one command: runs each script, then writes one JSON and one markdown table.
 
-    .venv/bin/python scripts/bench.py            # the README's figures: about 16 minutes on 2 CPU cores
-    .venv/bin/python scripts/bench.py --quick    # every script with small sizes: a smoke run (~2 minutes)
+    .venv/bin/python scripts/bench.py            # the README's figures: about 21 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench.py --quick    # every script with small sizes: a smoke run (~4 minutes)
     .venv/bin/python scripts/bench.py --only serving lda --model Qwen/Qwen3-0.6B --dtype bfloat16
 
 The benchmarks (each its own script, each measuring its ratios side by side in one run):
@@ -17,6 +17,7 @@ The benchmarks (each its own script, each measuring its ratios side by side in o
     peer      bench_peer.py      a short request behind a long one (with and without capture)
                                  vs alone; 8 closed-loop clients against `transformers serve
                                  --continuous-batching` on the same weights, and with capture
+    patching  bench_patching.py  a patching sweep vs its cells one by one (and batching alone)
 
 Each writes ``<out-dir>/<name>.json``; this script reads them back and writes
 ``<out-dir>/summary.json`` and ``<out-dir>/summary.md`` (the table the README shows), with
@@ -59,6 +60,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
             "--solo-repeats 1 --hol-repeats 1"
         ).split(),
     ),
+    "patching": ("bench_patching.py", ["--rounds", "3"], ["--rounds", "1"]),
 }
 MIB = 2**20
 README_START, README_END = "<!-- bench.py table: start -->", "<!-- bench.py table: end -->"
@@ -162,6 +164,17 @@ def rows(name: str, r: dict) -> list[tuple[str, str]]:
                 f"{on['latency_p50']:.2f} / {off['latency_p50']:.2f} / {alone['latency_p50']:.2f} s",
             ),
             ("same answers with and without batching", "yes" if r["same_answers"] else "**no**"),
+        ]
+    if name == "patching":
+        return [
+            (
+                f"patching sweep ({r['cells']} cells, {r['batch_size']} per pass) vs cell by cell, time",
+                f"{r['speedup_over_cell_by_cell']:.2f}x faster",
+            ),
+            (
+                "the same, batching alone (vs the sweep one cell per pass)",
+                f"{r['speedup_of_batching_alone']:.2f}x",
+            ),
         ]
     if name == "peer":
         sizes, hol, loops, ratios = r["sizes"], r["head_of_line"], r["closed_loop"], r["ratios"]

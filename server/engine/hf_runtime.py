@@ -33,7 +33,7 @@ from interventions import placed
 from .attention import install_taps, supports_taps
 from .attribution import freeze
 from .constraints import Constraints
-from .hooks import HookPoint, first_tensor
+from .hooks import HookPoint, HookResolver, first_tensor
 from .interrupt import LayerGate
 from .loading import LoadedModel
 from .loop import DecodeLoop
@@ -57,6 +57,11 @@ class HFRuntime:
         self.reads_patterns = attention is not None and supports_taps(served.hf_model, attention)
         if self.reads_patterns:
             install_taps(served.hf_model)
+        self.layers_path = layout.path
+        resolver = HookResolver(served.hf_model, layout)
+        self._layers_return_tensors = all(
+            resolver.returns_tensor(f"{layout.path}.{i}") for i in range(layout.count)
+        )
         for loaded in (served, before):  # the server never trains: no weight ever needs a gradient
             if loaded is not None:
                 freeze(loaded.hf_model)
@@ -94,6 +99,12 @@ class HFRuntime:
         return HFBatch(
             self._wrapper(weights), groups, self.pad_token_id, adapter_enabled=weights != "adapter_off"
         )
+
+    @property
+    def skips_layers(self) -> bool:
+        """Whether a batch can skip its first layers (``HFBatch.skip_layers``): every decoder layer
+        returns one bare tensor, so a replacement for it is one."""
+        return self._layers_return_tensors
 
     def resume(self, source: HFBatch, length: int, groups: list[RowGroup]) -> HFBatch:
         """A batch of ``groups`` (one prompt, every row) whose first ``length`` tokens ``source``
@@ -224,6 +235,13 @@ class HFBatch:
                         logits = self.wrapper.output.logits[:, -1].save()
             self.plan.deliver()
         return logits.float()
+
+    def skip_layers(self, layers_path: str, count: int, output: torch.Tensor) -> None:
+        """The coming step does not run the first ``count`` decoder layers: layer ``count - 1``'s
+        output is ``output`` (``[rows, positions fed, d_model]``; the layers before it are never
+        read), through nnsight's ``skip``. Their cache is not written: for a batch's last step
+        only (a patching sweep's cells, whose early layers are the corrupted run's)."""
+        self.plan.skips = [(f"{layers_path}.{i}", output) for i in range(count)]
 
     def append(self, tokens: torch.Tensor) -> None:
         """Make ``tokens`` (one per row) the next step's input."""

@@ -66,7 +66,7 @@ class HookResolver:
     def __init__(self, model: torch.nn.Module, layout: LayerLayout) -> None:
         self.layout = layout
         self._modules = dict(model.named_modules())
-        self._order, self._width, self._floating = _execution_order(model)
+        self._order, self._width, self._floating, self._bare = _execution_order(model)
         logits = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         # The module computing the logits: generation computes them for the last position only.
         self.logits_module = next((name for name, m in self._modules.items() if m is logits), None)
@@ -82,6 +82,10 @@ class HookResolver:
             for (path, kind), i in self._order.items()
             if kind == "output"
         )
+
+    def returns_tensor(self, path: str) -> bool:
+        """Whether the module at ``path`` returns one bare tensor (not a tuple or an output object)."""
+        return self._bare.get((path, "output"), False)
 
     def has_module(self, path: str) -> bool:
         """Whether the served model has a module at ``path``."""
@@ -162,13 +166,15 @@ class HookResolver:
 
 
 @torch.no_grad()
-def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+def _execution_order(model: torch.nn.Module) -> tuple[dict, dict, dict, dict]:
     """For each (module path, 'input'|'output'): the index of its first event in one forward
-    pass, and the number of elements its value holds per token (0 where it is not one
-    ``[batch, pos, ...]`` tensor, e.g. a model output object)."""
+    pass, the number of elements its value holds per token (0 where it is not one
+    ``[batch, pos, ...]`` tensor, e.g. a model output object), whether those are floating
+    point, and whether the value is one bare tensor."""
     order: dict[tuple[str, str], int] = {}
     width: dict[tuple[str, str], int] = {}
     floating: dict[tuple[str, str], bool] = {}
+    bare: dict[tuple[str, str], bool] = {}
     handles = []
     positions = 2
 
@@ -176,6 +182,7 @@ def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int]
         if key in order:
             return
         order[key] = len(order)
+        bare[key] = isinstance(value, torch.Tensor)
         while isinstance(value, (tuple, list)) and value:
             value = value[0]
         per_position = (
@@ -207,4 +214,4 @@ def _execution_order(model: torch.nn.Module) -> tuple[dict[tuple[str, str], int]
     finally:
         for handle in handles:
             handle.remove()
-    return order, width, floating
+    return order, width, floating, bare

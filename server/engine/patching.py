@@ -13,16 +13,18 @@ request's edits are), so a forward pass measures ``rows`` cells at once. The cle
 come from one forward over the clean prompt. Clean and corrupted prompts have the same
 number of tokens (the positions line up).
 
-A patch at position ``p`` changes nothing before ``p`` (attention is causal; everything else
-acts per position), so cells are batched by position and each batch resumes from the
-corrupted run's cache of the tokens before that position ``p`` (``HFRuntime.resume``),
-feeding only positions ``p`` onward: about half the work of running every cell over the
-whole prompt.
-Models whose cache cannot be cut there (sliding-window layers) run every cell in full.
+A patch at position ``p`` of layer ``L`` changes nothing before ``p`` (attention is causal;
+everything else acts per position) and nothing before layer ``L``. So cells are batched in
+tiles of nearby layers x positions, and each batch resumes from the corrupted run's cache of
+the tokens before its earliest position (``HFRuntime.resume``) and skips the layers before its
+earliest layer, the corrupted run's output standing in for them (``HFBatch.skip_layers``,
+nnsight's ``skip``). Models whose cache cannot be cut (sliding-window layers) feed the whole
+prompt; models whose layers do not return one tensor run every layer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,8 +72,11 @@ def run_sweep(
     incorrect: int,
     rows: int,
     stop: Callable[[], bool] = lambda: False,
+    layer_outputs: tuple[HookPoint, ...] = (),
 ) -> SweepResult:
-    """Every cell's metric, ``rows`` cells per forward pass (on the worker).
+    """Every cell's metric, ``rows`` cells per forward pass (on the worker). ``layer_outputs``:
+    every decoder layer's output (``resid_post``, in layer order), to let batches skip the
+    layers before their cells (the module docstring); without them every layer runs.
 
     Raises:
         JobInterrupted: ``stop()`` became true (checked between forward passes and layers).
@@ -86,37 +91,52 @@ def run_sweep(
         raise clean_group.error
     # [P, ...] each, kept on the CPU: each batch places only its own cells' rows on the device
     clean_rows = {name: value[0].to("cpu", copy=True) for name, value in values.items()}
-    corrupted_run = runtime.start("served", [RowGroup(corrupted_ids)])
+    skips = bool(layer_outputs) and getattr(runtime, "skips_layers", False)
+    outputs: dict[str, torch.Tensor] = {}  # the corrupted run's layer outputs, [1, P, d] each
+    corrupted_group = RowGroup(corrupted_ids, reads=layer_outputs if skips else (), on_values=outputs.update)
+    corrupted_run = runtime.start("served", [corrupted_group])
     corrupted = logit_difference(corrupted_run.forward(), correct, incorrect)[0]
+    if corrupted_group.error is not None:
+        raise corrupted_group.error
     resumes = getattr(runtime, "joins_running_batches", False) and hasattr(runtime, "resume")
-    order = sorted(range(len(cells)), key=lambda i: cells[i].position) if resumes else list(range(len(cells)))
-    batches: list[list[int]] = []  # indexes into cells, at most ``rows`` a batch, one position each
-    for i in order:
-        last = batches[-1] if batches else None
-        if (
-            last is not None
-            and len(last) < rows
-            and (not resumes or cells[last[0]].position == cells[i].position)
-        ):
-            last.append(i)
-        else:
-            batches.append([i])
     scores: list[float] = [0.0] * len(cells)
     forwards = 2
-    for batch in batches:
+    for batch in _tiles(cells, rows, resumes, skips, len(corrupted_ids)):
         if stop():
             raise JobInterrupted
         groups = [_patched_row(runtime, corrupted_ids, cells[i], clean_rows) for i in batch]
-        position = cells[batch[0]].position
-        run = (
-            runtime.resume(corrupted_run, position, groups)
-            if resumes and position > 0
-            else runtime.start("served", groups)
-        )
+        first = min(cells[i].position for i in batch) if resumes else 0
+        run = runtime.resume(corrupted_run, first, groups) if first > 0 else runtime.start("served", groups)
+        layer = min(cells[i].point.layer for i in batch)
+        if skips and layer > 0:  # the layers before the batch's first cell: the corrupted run's
+            before = outputs[layer_outputs[layer - 1].name][:, first:]
+            run.skip_layers(runtime.layers_path, layer, before.expand(len(batch), -1, -1))
         for i, score in zip(batch, logit_difference(run.forward(), correct, incorrect), strict=True):
             scores[i] = score
         forwards += 1
     return SweepResult(clean, corrupted, scores, forwards)
+
+
+def _tiles(cells: list[Cell], rows: int, resumes: bool, skips: bool, positions: int) -> list[list[int]]:
+    """The cells (indexes) in batches of at most ``rows``: tiles of nearby layers x positions, so
+    each batch resumes at its earliest position and skips the layers before its earliest layer.
+    Where only one of the two applies, tiles span every layer or every position."""
+    layers = len({cell.point.layer for cell in cells})
+    if resumes and skips:  # as large a share of each side as the other: tile_p / positions = tile_l / layers
+        tile_p = max(1, min(positions, round(math.sqrt(rows * positions / max(layers, 1)))))
+    else:
+        tile_p = 1 if resumes else positions
+    tile_l = max(1, rows // tile_p) if skips else layers
+    order = sorted(
+        range(len(cells)),
+        key=lambda i: (
+            cells[i].point.layer // tile_l,
+            cells[i].position // tile_p,
+            cells[i].point.layer,
+            cells[i].position,
+        ),
+    )
+    return [order[start : start + rows] for start in range(0, len(order), rows)]
 
 
 def _patched_row(

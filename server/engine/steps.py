@@ -78,6 +78,7 @@ class BatchStepPlan:
         self.pads: tuple[int, ...] = ()  # left padding of each row (set by the batch)
         self.start = 0  # the absolute column of the current step's first token, before padding
         self.fed: int | None = None  # columns the coming step feeds, where not the usual (resume)
+        self.skips: list[tuple[str, torch.Tensor]] = []  # the coming step: modules not run, their outputs
         self.entries: list[_Entry] = []
         self._values: dict[int, dict[str, torch.Tensor]] = {}  # this step's, per member, until delivered
         self._uses: dict[tuple[str, str], list[tuple[_Member, list[str], list[Edit]]]] = {}
@@ -114,11 +115,14 @@ class BatchStepPlan:
 
     @property
     def empty(self) -> bool:
-        """Nothing to read or edit: the step needs no trace."""
-        return not self.entries
+        """Nothing to read, edit or skip: the step needs no trace."""
+        return not self.entries and not self.skips
 
     def run_step(self, wrapper) -> None:
-        """Inside a trace: one step's reads and edits; the values wait for :meth:`deliver`."""
+        """Inside a trace: one step's skips, reads and edits; the values wait for :meth:`deliver`.
+        Skipped modules come first in the forward pass (a patching sweep's early layers)."""
+        for path, replacement in self.skips:
+            wrapper.get(path).skip(replacement)
         length = self.columns_fed
         values = self._values
         for entry in self.entries:
@@ -186,6 +190,7 @@ class BatchStepPlan:
         group done reading (trace-mode capture) and editing nothing stops being traced."""
         self.start += self.columns_fed
         self.fed = None
+        self.skips = []
         for member in self.members:
             member.step += 1
             steps = member.group.read_steps

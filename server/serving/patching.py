@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 
 from ..engine.hooks import HookError
 from ..engine.memory import estimate
@@ -72,9 +73,11 @@ class PatchingServing:
             for layer in layers
             for p in positions
         ]
+        outputs = tuple(engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None))
         try:
+            sweep = functools.partial(run_sweep, layer_outputs=outputs)  # ``stop`` comes last
             result = await engine.run_analysis(
-                run_sweep, engine.runtime, clean, corrupted, cells, correct, incorrect, rows
+                sweep, engine.runtime, clean, corrupted, cells, correct, incorrect, rows
             )
         except ENGINE_FAILURES as exc:
             raise engine_error(exc) from exc
@@ -114,8 +117,9 @@ class PatchingServing:
         room = self.engine.scheduler.memory_room
         rows = wanted
         while room is not None and rows >= 1:
-            # the batch's rows, and the corrupted run whose cache every batch resumes from
-            need = estimate(self.engine.shape, prompt_tokens=prompt_tokens, max_tokens=1, n=rows + 1)
+            # the batch's rows, the corrupted run whose cache every batch resumes from, and its
+            # layer outputs a batch's skipped layers stand for (about one more row's cache)
+            need = estimate(self.engine.shape, prompt_tokens=prompt_tokens, max_tokens=1, n=rows + 2)
             if need.total - need.weights <= room:
                 break
             rows //= 2

@@ -416,8 +416,9 @@ def test_attribution_gradients_equal_autograd(loaded, loop, reference, resolver,
 
 def test_patching_sweep_cells_equal_hooked_runs(loaded, loop, reference, resolver, prompts):
     """Each cell (resid_post of the last layer, every position) against the corrupted run with that
-    value replaced by a plain hook; families with sliding windows run cells in full, the others
-    resume after the corrupted run's cached prefix."""
+    value replaced by a plain hook. Batches skip the layers before the last one (standing in the
+    corrupted run's output for them); families with sliding windows feed the whole prompt, the
+    others resume after the corrupted run's cached prefix."""
     from server.engine.patching import Cell, run_sweep
 
     corrupted = prompts[1]
@@ -426,7 +427,9 @@ def test_patching_sweep_cells_equal_hooked_runs(loaded, loop, reference, resolve
     last = resolver.layout.count - 1
     (point,) = resolver.resolve(layers=[last], hook_points=["resid_post"], modules=None)
     cells = [Cell(point, p) for p in range(len(corrupted))]
-    result = run_sweep(loop.runtime, clean, corrupted, cells, 5, 9, rows=4)
+    outputs = tuple(resolver.resolve(layers="all", hook_points=["resid_post"], modules=None))
+    assert loop.runtime.skips_layers  # the batches skip every layer before the last one
+    result = run_sweep(loop.runtime, clean, corrupted, cells, 5, 9, rows=4, layer_outputs=outputs)
     module = reference.get_submodule(point.module_path)
     seen = {}
 
