@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--topic-prompt", default="Describe the ocean: waves, fish, salt water and ships.")
     parser.add_argument("--neutral-prompt", default="Write one sentence about your day.")
     parser.add_argument("--clamp-multiple", type=float, default=4.0)
+    parser.add_argument("--sae-steps", type=int, default=400, help="the SAE's training steps")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "sae-example", help="the survey's report")
     args = parser.parse_args()
     name = f"layer{args.layer}-example"
     folder = args.saes_dir / name
@@ -95,10 +97,12 @@ def main() -> None:
             str(args.layer),
             "--num-samples",
             str(args.num_samples),
+            "--sae-steps",
+            str(args.sae_steps),
             "--sae-save",
             str(folder),
             "--out",
-            str(ROOT / "runs" / "sae-example"),
+            str(args.out),
         ],
         check=True,
         env={**os.environ, **({"NNSIGHT_SERVER_API_KEY": args.api_key} if args.api_key else {})},

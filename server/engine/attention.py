@@ -109,11 +109,12 @@ def _pattern(eager, module, query, key, value, mask, tap: AttentionTap, kwargs) 
     base = tap.columns - queries - tap.pad  # absolute position of query row 0
     kept = slice(max(0, tap.queries[0] - base), max(0, tap.queries[1] - base))
     q, k, v = query[rows, :, kept], key[rows], value[rows]
-    if mask is None:  # sdpa's causal shortcut: no padding, plain causal
-        mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)[None, None]
-    elif mask.dim() == 2:  # flash attention's [batch, keys] padding mask: add the causal part
+    if mask is None or mask.dim() == 2:  # sdpa's causal shortcut, or flash's [batch, keys] padding
         causal = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril(keys - queries)
-        mask = (causal & mask[rows].bool()[:, None, :])[:, None]
+        window = kwargs.get("sliding_window")
+        if window:  # flash applies a sliding window inside the kernel: keys within it only
+            causal &= ~torch.ones_like(causal).tril(keys - queries - window)
+        mask = causal[None, None] if mask is None else (causal & mask[rows].bool()[:, None, :])[:, None]
     elif mask.shape[0] > 1:
         mask = mask[rows]
     mask = mask[:, :, kept]

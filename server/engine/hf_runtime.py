@@ -59,7 +59,11 @@ class HFRuntime:
             install_taps(served.hf_model)
         self.layers_path = layout.path
         resolver = HookResolver(served.hf_model, layout)
-        self._layers_return_tensors = all(
+        config = served.hf_model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        # layers that pass state to later ones beside the hidden state (Gemma 4's shared KV) cannot
+        # be skipped: a skipped layer would leave it unset
+        self._layers_return_tensors = not getattr(text, "num_kv_shared_layers", 0) and all(
             resolver.returns_tensor(f"{layout.path}.{i}") for i in range(layout.count)
         )
         for loaded in (served, before):  # the server never trains: no weight ever needs a gradient
@@ -239,8 +243,13 @@ class HFBatch:
     def skip_layers(self, layers_path: str, count: int, output: torch.Tensor) -> None:
         """The coming step does not run the first ``count`` decoder layers: layer ``count - 1``'s
         output is ``output`` (``[rows, positions fed, d_model]``; the layers before it are never
-        read), through nnsight's ``skip``. Their cache is not written: for a batch's last step
-        only (a patching sweep's cells, whose early layers are the corrupted run's)."""
+        read), through nnsight's ``skip``. Their cache is not written, so the batch takes no
+        further step (a patching sweep's cells, whose early layers are the corrupted run's).
+
+        Raises:
+            ValueError: the batch has already run a step."""
+        if self.plan.start != 0 and self.plan.fed is None:
+            raise ValueError("skip_layers is for a batch's first (and only) step")
         self.plan.skips = [(f"{layers_path}.{i}", output) for i in range(count)]
 
     def append(self, tokens: torch.Tensor) -> None:

@@ -91,7 +91,9 @@ def run_sweep(
         raise clean_group.error
     # [P, ...] each, kept on the CPU: each batch places only its own cells' rows on the device
     clean_rows = {name: value[0].to("cpu", copy=True) for name, value in values.items()}
+    values.clear()  # the device's copies go now, not when the sweep ends
     skips = bool(layer_outputs) and getattr(runtime, "skips_layers", False)
+    output_of = {point.layer: point for point in layer_outputs}  # layer -> its output's hook point
     outputs: dict[str, torch.Tensor] = {}  # the corrupted run's layer outputs, [1, P, d] each
     corrupted_group = RowGroup(corrupted_ids, reads=layer_outputs if skips else (), on_values=outputs.update)
     corrupted_run = runtime.start("served", [corrupted_group])
@@ -108,9 +110,9 @@ def run_sweep(
         first = min(cells[i].position for i in batch) if resumes else 0
         run = runtime.resume(corrupted_run, first, groups) if first > 0 else runtime.start("served", groups)
         layer = min(cells[i].point.layer for i in batch)
-        if skips and layer > 0:  # the layers before the batch's first cell: the corrupted run's
-            before = outputs[layer_outputs[layer - 1].name][:, first:]
-            run.skip_layers(runtime.layers_path, layer, before.expand(len(batch), -1, -1))
+        if skips and layer > 0 and layer - 1 in output_of:  # the layers before the batch's cells
+            before = outputs[output_of[layer - 1].name][:, first:]  # the corrupted run's, [1, fed, d]
+            run.skip_layers(runtime.layers_path, layer, before.expand(len(batch), -1, -1).contiguous())
         for i, score in zip(batch, logit_difference(run.forward(), correct, incorrect), strict=True):
             scores[i] = score
         forwards += 1
@@ -118,25 +120,27 @@ def run_sweep(
 
 
 def _tiles(cells: list[Cell], rows: int, resumes: bool, skips: bool, positions: int) -> list[list[int]]:
-    """The cells (indexes) in batches of at most ``rows``: tiles of nearby layers x positions, so
-    each batch resumes at its earliest position and skips the layers before its earliest layer.
-    Where only one of the two applies, tiles span every layer or every position."""
-    layers = len({cell.point.layer for cell in cells})
+    """The cells (indexes) in batches of at most ``rows``, each within one tile of nearby layers x
+    positions (counted among those the sweep asks for), so a batch resumes at its tile's earliest
+    position and skips the layers before its tile's earliest layer. Where only one of the two
+    applies, a tile spans every layer or every position."""
+    layer_rank = {layer: i for i, layer in enumerate(sorted({cell.point.layer for cell in cells}))}
+    position_rank = {p: i for i, p in enumerate(sorted({cell.position for cell in cells}))}
+    layers, wanted = len(layer_rank), len(position_rank)
     if resumes and skips:  # as large a share of each side as the other: tile_p / positions = tile_l / layers
-        tile_p = max(1, min(positions, round(math.sqrt(rows * positions / max(layers, 1)))))
+        tile_p = max(1, min(wanted, round(math.sqrt(rows * wanted / layers))))
+        tile_l = max(1, rows // tile_p)
     else:
-        tile_p = 1 if resumes else positions
-    tile_l = max(1, rows // tile_p) if skips else layers
-    order = sorted(
-        range(len(cells)),
-        key=lambda i: (
-            cells[i].point.layer // tile_l,
-            cells[i].position // tile_p,
-            cells[i].point.layer,
-            cells[i].position,
-        ),
-    )
-    return [order[start : start + rows] for start in range(0, len(order), rows)]
+        tile_p = 1 if resumes else wanted
+        tile_l = max(1, rows // tile_p) if skips else layers
+    tiles: dict[tuple[int, int], list[int]] = {}
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].point.layer, cells[i].position))
+    for i in order:
+        key = (layer_rank[cells[i].point.layer] // tile_l, position_rank[cells[i].position] // tile_p)
+        tiles.setdefault(key, []).append(i)
+    return [
+        tile[start : start + rows] for _, tile in sorted(tiles.items()) for start in range(0, len(tile), rows)
+    ]
 
 
 def _patched_row(

@@ -73,7 +73,12 @@ class PatchingServing:
             for layer in layers
             for p in positions
         ]
-        outputs = tuple(engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None))
+        outputs = ()  # every layer's output, for batches that skip the layers before their cells
+        if engine.runtime.skips_layers:
+            try:
+                outputs = tuple(engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None))
+            except HookError:  # a layer output that is no [batch, pos, ...] tensor: run every layer
+                outputs = ()
         try:
             sweep = functools.partial(run_sweep, layer_outputs=outputs)  # ``stop`` comes last
             result = await engine.run_analysis(
@@ -117,10 +122,12 @@ class PatchingServing:
         room = self.engine.scheduler.memory_room
         rows = wanted
         while room is not None and rows >= 1:
-            # the batch's rows, the corrupted run whose cache every batch resumes from, and its
-            # layer outputs a batch's skipped layers stand for (about one more row's cache)
+            # the batch's rows, the corrupted run whose cache every batch resumes from (and the
+            # batch's copy of it), and the corrupted run's layer outputs that skipped layers stand for
             need = estimate(self.engine.shape, prompt_tokens=prompt_tokens, max_tokens=1, n=rows + 2)
-            if need.total - need.weights <= room:
+            shape = self.engine.shape
+            outputs = shape.layers * prompt_tokens * shape.hidden * shape.dtype_bytes
+            if need.total - need.weights + outputs <= room:
                 break
             rows //= 2
         if rows < 1:
