@@ -110,10 +110,7 @@ def _resolve_item(
 ) -> list[Edit]:
     if item.type.startswith("sae_") or item.sae is not None or item.feature is not None:
         return [_sae_edit(engine, item, param)]
-    if item.strength != 1.0:  # the default is accepted: a manifest replays every field
-        raise APIError(
-            f"strength goes with sae_add; {item.type} takes scale or factor", param=f"{param}.strength"
-        )
+    _refuse_unused(item, param)
     points = _points(engine, item, param)
     for point in points:
         if not point.floating:
@@ -163,6 +160,43 @@ def _resolve_item(
     return edits
 
 
+# What each operation reads (besides where it acts); any other field set to something other than
+# its default is refused: it would change nothing. Defaults are accepted, since a capture's
+# manifest records (and a client may replay) every field.
+USES = {
+    "add": {"vector", "scale"},
+    "scale": {"factor"},
+    "ablate": {"vector"},
+    "project_out": {"vector"},
+    "clamp": {"vector", "value"},
+    "patch": {"activation_id", "tensor"},
+    "sae_add": {"sae", "feature", "strength"},
+    "sae_clamp": {"sae", "feature", "value"},
+    "sae_ablate": {"sae", "feature"},
+}
+DEFAULTS = {
+    "vector": None,
+    "scale": 1.0,
+    "factor": None,
+    "value": 0.0,
+    "activation_id": None,
+    "tensor": None,
+    "sae": None,
+    "feature": None,
+    "strength": 1.0,
+}
+
+
+def _refuse_unused(item: InterventionRequest, param: str) -> None:
+    """Refuse (400 naming it) a field ``item.type`` does not read, set to other than its default."""
+    for field, default in DEFAULTS.items():
+        if field not in USES[item.type] and getattr(item, field) != default:
+            raise APIError(
+                f"{item.type} does not use {field} (it reads {', '.join(sorted(USES[item.type]))})",
+                param=f"{param}.{field}",
+            )
+
+
 def _sae_edit(engine: Engine, item: InterventionRequest, param: str) -> Edit:
     """An SAE operation: it acts at the SAE's own hook point, on one of its features."""
     if not item.type.startswith("sae_"):
@@ -176,16 +210,7 @@ def _sae_edit(engine: Engine, item: InterventionRequest, param: str) -> Edit:
                 f"{item.type} acts at its SAE's hook point, along a feature's decoder row: leave {field} out",
                 param=f"{param}.{field}",
             )
-    unused = {"sae_add": ("scale", "factor", "value"), "sae_clamp": ("strength", "scale", "factor")}.get(
-        item.type, ("strength", "scale", "factor", "value")
-    )
-    defaults = {"strength": 1.0, "scale": 1.0, "factor": None, "value": 0.0}  # accepted: they change nothing
-    for field in unused:
-        if getattr(item, field) != defaults[field]:
-            hint = (
-                "the multiple of the decoder row is strength" if field == "scale" else "it has no effect here"
-            )
-            raise APIError(f"{item.type} does not take {field} ({hint})", param=f"{param}.{field}")
+    _refuse_unused(item, param)
     if item.sae is None:
         raise APIError(f"{item.type} needs sae (a loaded SAE's name, GET /v1/saes)", param=f"{param}.sae")
     if item.feature is None:

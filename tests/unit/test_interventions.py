@@ -331,3 +331,43 @@ def test_lda_that_overflows_names_the_before_sides_interventions(client):
     response = client.post("/v1/lda", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "before.interventions"
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        (
+            {"type": "add", "layer": 0, "hook_point": "resid_post", "vector": [0.0] * 64, "value": 2.0},
+            "value",
+        ),
+        (
+            {"type": "scale", "layer": 0, "hook_point": "resid_post", "factor": 2.0, "vector": [1.0] * 64},
+            "vector",
+        ),
+        (
+            {"type": "clamp", "layer": 0, "hook_point": "resid_post", "vector": [1.0] * 64, "factor": 3.0},
+            "factor",
+        ),
+        ({"type": "ablate", "layer": 0, "hook_point": "resid_post", "scale": 2.0}, "scale"),
+        (
+            {
+                "type": "patch",
+                "layer": 0,
+                "hook_point": "resid_post",
+                "activation_id": "act-x",
+                "tensor": "t",
+                "value": 1.0,
+            },
+            "value",
+        ),
+    ],
+)
+def test_a_field_the_operation_does_not_use_is_refused_unless_at_its_default(client, item, param):
+    body = {"messages": HELLO, "max_tokens": 1, "interventions": [item]}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == f"interventions[0].{param}"
+    at_default = {**item, param: {"value": 0.0, "vector": None, "factor": None, "scale": 1.0}[param]}
+    if item["type"] != "patch":  # (its activation id is made up)
+        ok = client.post("/v1/chat/completions", json={**body, "interventions": [at_default]})
+        assert ok.status_code == 200, ok.text
