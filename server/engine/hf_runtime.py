@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 
 import torch
@@ -57,15 +58,8 @@ class HFRuntime:
         self.reads_patterns = attention is not None and supports_taps(served.hf_model, attention)
         if self.reads_patterns:
             install_taps(served.hf_model)
+        self.layout = layout
         self.layers_path = layout.path
-        resolver = HookResolver(served.hf_model, layout)
-        config = served.hf_model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        # layers that pass state to later ones beside the hidden state (Gemma 4's shared KV) cannot
-        # be skipped: a skipped layer would leave it unset
-        self._layers_return_tensors = not getattr(text, "num_kv_shared_layers", 0) and all(
-            resolver.returns_tensor(f"{layout.path}.{i}") for i in range(layout.count)
-        )
         for loaded in (served, before):  # the server never trains: no weight ever needs a gradient
             if loaded is not None:
                 freeze(loaded.hf_model)
@@ -104,11 +98,19 @@ class HFRuntime:
             self._wrapper(weights), groups, self.pad_token_id, adapter_enabled=weights != "adapter_off"
         )
 
-    @property
+    @functools.cached_property
     def skips_layers(self) -> bool:
         """Whether a batch can skip its first layers (``HFBatch.skip_layers``): every decoder layer
-        returns one bare tensor, so a replacement for it is one."""
-        return self._layers_return_tensors
+        returns one bare tensor, so a replacement for it is one, and none passes state to later
+        layers beside it (Gemma 4's shared KV: a skipped layer would leave it unset). Measured on
+        first use (a patching sweep), on the worker: one short forward pass."""
+        model = self.served.hf_model
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "num_kv_shared_layers", 0):
+            return False
+        resolver = HookResolver(model, self.layout)
+        return all(resolver.returns_tensor(f"{self.layout.path}.{i}") for i in range(self.layout.count))
 
     def resume(self, source: HFBatch, length: int, groups: list[RowGroup]) -> HFBatch:
         """A batch of ``groups`` (one prompt, every row) whose first ``length`` tokens ``source``

@@ -73,12 +73,12 @@ class PatchingServing:
             for layer in layers
             for p in positions
         ]
-        outputs = ()  # every layer's output, for batches that skip the layers before their cells
-        if engine.runtime.skips_layers:
-            try:
-                outputs = tuple(engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None))
-            except HookError:  # a layer output that is no [batch, pos, ...] tensor: run every layer
-                outputs = ()
+        # every layer's output, for batches that skip the layers before their cells (where the
+        # runtime can: it decides on the worker)
+        try:
+            outputs = tuple(engine.hooks.resolve(layers="all", hook_points=["resid_post"], modules=None))
+        except HookError:  # a layer output that is no [batch, pos, ...] tensor: run every layer
+            outputs = ()
         try:
             sweep = functools.partial(run_sweep, layer_outputs=outputs)  # ``stop`` comes last
             result = await engine.run_analysis(
