@@ -194,7 +194,7 @@ class SparseAutoencoder:
         for chunk in x.split(ENCODE_CHUNK):
             features = self.encode(chunk)
             top = features.topk(k, dim=-1)
-            error = (self._input(chunk) + self.b_dec * self.apply_b_dec_to_input) - self.decode(features)
+            error = chunk.to(self.W_enc.device, self.dtype) - self.decode(features)
             indices.append(top.indices)
             values.append(top.values.float())
             errors.append(error.float().norm(dim=-1))
@@ -362,15 +362,9 @@ class SaeSet:
     def __contains__(self, name: str) -> bool:
         return name in self._served
 
-    def __len__(self) -> int:
-        return len(self._served)
-
     def get(self, name: str) -> ServedSae:
         """Raises KeyError for a name not loaded."""
         return self._served[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._served)
 
     def listing(self) -> list[dict]:
         served = list(self._served.values())  # one snapshot: an unload meanwhile changes nothing here
