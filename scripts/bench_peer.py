@@ -21,7 +21,8 @@ not driven).
 2. Closed loop and time to first token, servers side by side. Our server and
    ``transformers serve --continuous-batching`` (paged attention, ``--cb-num-blocks 32
    --cb-max-batch-tokens 1024``, from the same virtual environment, with the dtype and
-   device our server resolved; with ``--run-plain-peer`` also ``transformers serve``
+   device our server resolved, run as ``python -m transformers.cli.transformers`` by this
+   interpreter, so that it needs no console script; with ``--run-plain-peer`` also ``transformers serve``
    without continuous batching) are up at once, and only one is driven at a time: an idle
    server costs nothing, and alternating them round by round cancels the drift of a
    shared machine (which moved single-server runs by 20% within minutes). Each of
@@ -36,7 +37,9 @@ not driven).
    requests alone to each server in turn: time to the first content token, median; target:
    ours no slower than the peer.
 
-Writes a JSON file (``--out``) with every raw number and the ratios, and prints a table.
+Writes a JSON file (``--out``) with every raw number and the ratios, and prints a table. Part 1's
+figures are written to it as soon as they are measured (``"partial": true``), so a run stopped by
+a time limit keeps them.
 """
 
 from __future__ import annotations
@@ -359,9 +362,10 @@ def our_command(args, port: int, log_dir: Path) -> list[str]:
 
 
 def peer_command(args, model: str, structure: dict, port: int, continuous: bool) -> list[str]:
-    """``transformers serve`` from this virtual environment, on the weights, dtype and device ours loaded."""
+    """``transformers serve`` from this interpreter, on the weights, dtype and device ours loaded (its
+    console script's entry point as a module: no script needed where packages come by ``PYTHONPATH``)."""
     command = [
-        str(Path(sys.executable).with_name("transformers")), "serve",
+        sys.executable, "-m", "transformers.cli.transformers", "serve",
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", structure["dtype"], "--device", structure["device"],
     ]  # fmt: skip
@@ -397,6 +401,8 @@ def run(args, log_dir: Path) -> tuple[dict, str, dict, dict, dict, dict]:
         model_id = httpx.get(f"{url}/v1/models", timeout=60).json()["data"][0]["id"]
         ours = Server("ours", url, model_id)
         hol = head_of_line(ours, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # part 1 kept, should part 2 not end
+        args.out.write_text(json.dumps({"partial": True, "head_of_line": hol}, indent=2) + "\n")
         model = peer_model(args, structure)
         variants = {"ours": (ours, False), "ours_capture": (ours, True)}
         commands = {}

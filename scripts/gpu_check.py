@@ -5,6 +5,7 @@ Run from the repository root on a machine with a CUDA card (no download, no hub)
 
     .venv/bin/python scripts/gpu_check.py                          # a few minutes on a modern GPU
     .venv/bin/python scripts/gpu_check.py --device cpu --dry-run   # tiny sizes: the same code, seconds
+    .venv/bin/python scripts/gpu_check.py --checkpoint DIR --build-only  # just the checkpoint, kept in DIR
 
 What it does, in order:
 
@@ -23,11 +24,11 @@ What it does, in order:
    (c) LDA over 8 prompts x 512 tokens with the adapter off as the before side;
    (e) tokens per second of one request alone and of 8 clients at once, next to raw HF
        ``generate`` on the same card and weights, in this process (also capped).
-3. Restarts the server without the budget and (d) sends a request forced past the card
+3. Starts it without the budget and (d) sends a request forced past the card
    (16 choices of a 12,000-token prompt: their KV cache alone is 20 GiB): it must be a 507
    ``out_of_memory``, the cache freed (allocated memory back near where it was) and the next
    request a 200. A CPU has no card to outgrow: the dry run reports (d) as skipped.
-4. Restarts it with the budget and ``--quantization bnb-4bit`` (no adapter) and (f) checks that
+4. Starts it with the budget and ``--quantization bnb-4bit`` (no adapter) and (f) checks that
    the resident weights are the bytes the memory estimate predicts for 4 bits
    (``quantization.predicted_weight_bytes``; exactly on CUDA, within 10% on a CPU, where
    bitsandbytes' kernels repack the weights at the first forward pass), then runs (a)'s
@@ -35,8 +36,14 @@ What it does, in order:
    prompt as the before side), with the peak and tokens per second. bitsandbytes computes on a
    CPU too: the dry run runs (f).
    Where bitsandbytes is not installed, (f) fails, saying so.
-5. (g), on the first server: one request with every logits processor (``logit_bias``, the
+5. (g), on 2.'s server: one request with every logits processor (``logit_bias``, the
    penalties, ``min_p``, ``min_tokens``, ``stop_token_ids``) sampled on the card.
+
+The servers run quickest first (3., 4., then 2. and 5., with (b) last), a check that raises
+or whose server does not start is reported as failed while the others run, and the JSON summary
+is rewritten after every check (``"finished": false`` until the end), so a run stopped by a time
+limit keeps the figures of the checks it did. ``--checkpoint DIR`` keeps the checkpoint in DIR
+(reused when it is there) for another script to load.
 
 Prints one JSON summary (and writes it to ``--out``); exits 1 if a check failed.
 ``--dry-run`` shrinks everything (2 layers, hidden 64, a 1,000-token vocabulary, a few
@@ -106,11 +113,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", default="16GB", help="the server's --memory-budget")
     parser.add_argument("--max-tokens", type=int, help="for (a) and (b) (default 2048; dry run 12)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "gpu_check.json")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="keep the checkpoint in this folder (reused if it already holds one of this shape)",
+    )
+    parser.add_argument(
+        "--build-only", action="store_true", help="build the checkpoint (in --checkpoint) and stop"
+    )
     parser.add_argument("--serve-capped", type=float, help=argparse.SUPPRESS)  # internal: run the server
     args, rest = parser.parse_known_args(argv)
     args.server_args = rest[1:] if rest[:1] == ["--"] else rest
     if args.device == "cpu" and not args.dry_run:
         parser.error("--device cpu is for --dry-run only (a CPU has no 16 GB card to stand in for)")
+    if args.build_only and args.checkpoint is None:
+        parser.error("--build-only needs --checkpoint DIR")
     if args.max_tokens is None:
         args.max_tokens = 12 if args.dry_run else 2048
     return args
@@ -155,6 +172,20 @@ def build_checkpoint(folder: Path, dry_run: bool, device: str) -> tuple[Path, Pa
     lora.save_pretrained(adapter_dir)
     del model, lora
     return model_dir, adapter_dir
+
+
+def checkpoint_in(folder: Path, dry_run: bool, device: str) -> tuple[Path, Path]:
+    """The checkpoint kept in ``folder``: reused if it holds one of this shape, else built there."""
+    model_dir, adapter_dir = folder / "model", folder / "adapter"
+    shape = TINY if dry_run else QWEN3_06B
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        if (adapter_dir / "adapter_config.json").is_file() and all(config[k] == shape[k] for k in shape):
+            return model_dir, adapter_dir
+    except (OSError, ValueError, KeyError):
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    return build_checkpoint(folder, dry_run, device)
 
 
 def words(count: int, start: int = 10) -> str:
@@ -434,7 +465,8 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def run(args) -> dict:
+def run(args, save=lambda summary: None) -> dict:
+    """Every check; ``save`` is called with the summary so far after each one."""
     import httpx
     import torch
     from bench_common import free_port, running_server
@@ -448,37 +480,52 @@ def run(args) -> dict:
         "versions": {"torch": torch.__version__, "bitsandbytes": package_version("bitsandbytes")},
     }
     began = time.perf_counter()
+
+    def check(key: str, function, *more) -> None:
+        """One check; one that raises is a failed check, and the others still run."""
+        try:
+            summary[key] = function(*more)
+        except Exception as error:  # reported in the summary
+            summary[key] = {"error": f"{type(error).__name__}: {error}"[:1000], "ok": False}
+        save(summary)
+
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        model_dir, adapter_dir = build_checkpoint(work, args.dry_run, args.device)
+        if args.checkpoint:
+            model_dir, adapter_dir = checkpoint_in(args.checkpoint, args.dry_run, args.device)
+        else:
+            model_dir, adapter_dir = build_checkpoint(work, args.dry_run, args.device)
         summary["build_seconds"] = round(time.perf_counter() - began, 1)
+        save(summary)
         adapter = ("--adapter", str(adapter_dir))
-        servers = [  # (name, with the budget, more flags)
-            ("budget", True, adapter),
-            ("no-budget", False, adapter),
-            ("bnb-4bit", True, ("--quantization", "bnb-4bit")),
-        ]
+        # (name, with the budget, more flags, its checks): the quickest first, for a run under a time limit
+        servers = [
+            ("no-budget", False, adapter, [("d_out_of_memory", check_out_of_memory)]),
+            ("bnb-4bit", True, ("--quantization", "bnb-4bit"), [("f_bnb_4bit", check_quantized)]),
+            ("budget", True, adapter, [
+                ("a_capture_alone", check_capture), ("g_sampling_fields", check_sampling_fields),
+                ("c_lda", check_lda), ("e_speed", check_speed), ("b_eight_at_once", check_eight_at_once),
+            ]),
+        ]  # fmt: skip
         if package_version("bitsandbytes") is None:  # a bare GPU box: carry its wheel (docs/memory.md)
-            servers.pop()
+            servers.pop(1)
             summary["f_bnb_4bit"] = {"skipped": "bitsandbytes is not installed", "ok": False}
-        for name, budget, extra in servers:
+        for name, budget, extra, checks in servers:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             command = server_command(args, model_dir, port, work, budget, extra)
-            with (
-                running_server(command, url, "/health", work / f"server-{name}.log"),
-                httpx.Client(timeout=TIMEOUT_S) as client,
-            ):
-                if name == "budget":
-                    summary["a_capture_alone"] = check_capture(client, url, args)
-                    summary["b_eight_at_once"] = check_eight_at_once(client, url, args)
-                    summary["c_lda"] = check_lda(client, url, args)
-                    summary["g_sampling_fields"] = check_sampling_fields(client, url, args)
-                    summary["e_speed"] = check_speed(client, url, model_dir, args)
-                elif name == "no-budget":
-                    summary["d_out_of_memory"] = check_out_of_memory(client, url, args)
-                else:
-                    summary["f_bnb_4bit"] = check_quantized(client, url, model_dir, args)
+            try:
+                with (
+                    running_server(command, url, "/health", work / f"server-{name}.log"),
+                    httpx.Client(timeout=TIMEOUT_S) as client,
+                ):
+                    for key, function in checks:
+                        more = (model_dir,) if function in (check_speed, check_quantized) else ()
+                        check(key, function, client, url, *more, args)
+            except (Exception, SystemExit) as error:  # the server did not start: its checks failed
+                for key, _ in checks:
+                    summary.setdefault(key, {"error": f"{name} server: {error}"[-2000:], "ok": False})
+                save(summary)
     summary["seconds"] = round(time.perf_counter() - began, 1)
     summary["ok"] = all(v["ok"] for k, v in summary.items() if isinstance(v, dict) and "ok" in v)
     return summary
@@ -490,8 +537,18 @@ def main(argv=None) -> int:
         serve_capped(args.serve_capped, args.server_args)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    summary = run(args)
+    if args.build_only:
+        began = time.perf_counter()
+        model_dir, _ = checkpoint_in(args.checkpoint, args.dry_run, args.device)
+        print(f"checkpoint in {model_dir.parent} ({time.perf_counter() - began:.1f} s)")
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(summary: dict) -> None:  # what is done so far, in case a time limit stops the run
+        args.out.write_text(json.dumps({**summary, "finished": False}, indent=2) + "\n")
+
+    summary = run(args, save)
+    summary["finished"] = True
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0 if summary["ok"] else 1
