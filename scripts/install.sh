@@ -5,7 +5,9 @@
 #   bash scripts/install.sh          # the server, the embedded default model, and what the
 #                                    # README's snippets and examples/ use (openai, httpx,
 #                                    # matplotlib, tqdm, pyyaml: the `examples` extra)
-#   bash scripts/install.sh --dev    # the same plus the test and benchmark tools
+#   bash scripts/install.sh --dev    # the same plus the test and benchmark tools, and Debian's
+#                                    # Chromium for the browser tests where this machine can
+#                                    # install it (scripts/install_browser.sh)
 #
 # Every package comes at the version requirements.lock names (a pip constraints file, so a
 # newer release on the package index changes nothing here); scripts/update_lock.sh moves it.
@@ -30,7 +32,7 @@ extras="examples"
 case "${1:-}" in
     "") ;;
     --dev) extras="dev" ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument: $1 (use --dev or nothing)" >&2; exit 2 ;;
 esac
 [[ -f "$lock" ]] || { echo "install.sh: no lock file at $lock" >&2; exit 1; }
@@ -57,6 +59,7 @@ index=()
 # its evaluation dependencies (datasets, scikit-learn, ...) are not needed for that.
 if [[ "$extras" == "dev" ]]; then
     "${pip[@]}" install --no-deps "lm-eval==0.4.13"
+    bash "$root/scripts/install_browser.sh"  # the playground's browser tests (skipped without it)
 fi
 # Every requirement met, but the embedded model's and lm-eval's own (installed without them).
 if ! problems="$("${pip[@]}" check 2>&1)"; then

@@ -19,6 +19,7 @@ from .engine.memory import format_size
 from .errors import Redactor, install_error_handlers
 from .metrics import Metrics
 from .middleware import FrontDoor
+from .playground import MOUNT_PATH, PlaygroundFiles
 from .routes import router
 from .serving import (
     AttributionServing,
@@ -99,4 +100,5 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.mount(MOUNT_PATH, PlaygroundFiles(), name="playground")
     return app

@@ -3,7 +3,8 @@
 * **Request id**: a client's ``X-Request-ID`` is kept when it is a plain token (letters,
   digits, ``._:-``, at most 128), otherwise one is made (``req-<hex>``); either way it
   is sent back in the ``X-Request-ID`` response header and names the request in the log.
-* **API key** (``--api-key``): every path but ``/health`` needs ``Authorization: Bearer
+* **API key** (``--api-key``): every path but ``/health``, ``/`` and the playground's
+  static files (``/ui``, no data in them) needs ``Authorization: Bearer
   <key>`` (what the ``openai`` client sends); otherwise a 401 in the OpenAI error shape.
   Keys are compared in constant time, as SHA-256 digests (so not even their lengths
   leak), and never logged.
@@ -47,11 +48,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import APIError, Redactor, body_too_large, current_redactor, internal_error, unauthorized
 from .logs import request_id as log_request_id
 from .metrics import Metrics, RequestRecord
+from .playground import is_playground_path
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})  # "/" only redirects to the playground
 QUIET_PATHS = frozenset({"/health", "/metrics"})
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -88,6 +90,11 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def is_open(path: str) -> bool:
+    """Whether ``path`` is served without the API key."""
+    return path in OPEN_PATHS or is_playground_path(path)
+
+
 class FrontDoor:
     """Pure ASGI middleware (no response buffering: streams pass through untouched)."""
 
@@ -109,7 +116,7 @@ class FrontDoor:
         self.metrics = metrics
 
     def _refusal(self, scope: Scope, headers: Headers) -> APIError | None:
-        if self._key_digest is not None and scope["path"] not in OPEN_PATHS:
+        if self._key_digest is not None and not is_open(scope["path"]):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not given.strip():
                 return unauthorized("missing API key")

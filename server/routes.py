@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 
 from .protocol import (
     ChatCompletionRequest,
@@ -82,6 +82,12 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Resp
 
 def _sse(chunks) -> StreamingResponse:
     return ClosingStreamingResponse(sse_stream(chunks), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    """The bare address opens the playground (a relative redirect: it works through a tunnel)."""
+    return RedirectResponse("ui/", status_code=307)
 
 
 @router.get("/health", response_model=Health)
