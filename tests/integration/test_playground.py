@@ -20,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import httpx
@@ -125,13 +127,13 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-def open_page(browser, server, key: str | None = KEY):
-    """A fresh tab (its own sessionStorage) on /ui, with ``key`` typed into the key form.
-    Script errors are collected in ``page.script_errors``."""
+def open_page(browser, url: str, key: str | None = KEY, path: str = "/ui/"):
+    """A fresh tab (its own sessionStorage) on ``url + path``, with ``key`` typed into the key
+    form. Script errors are collected in ``page.script_errors``."""
     page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
     page.script_errors = []
     page.on("pageerror", lambda error: page.script_errors.append(str(error)))
-    page.goto(f"{server.url}/ui/")
+    page.goto(url + path)
     if key is not None:
         page.fill("#key-input", key)
         page.click("#key-use")
@@ -141,7 +143,7 @@ def open_page(browser, server, key: str | None = KEY):
 
 @pytest.fixture
 def page(browser, server):
-    page = open_page(browser, server)
+    page = open_page(browser, server.url)
     yield page
     assert page.script_errors == []
     page.context.close()
@@ -174,13 +176,13 @@ def test_steering_gives_a_different_answer_for_the_same_seed(page, api, shots):
     page.fill("#contrast-layer", "10")
     page.click("#contrast-build")
     page.wait_for_selector("#contrast-status:has-text('stored happy-layer10')", timeout=ANSWER_S)
-    page.fill("#steer-strength", "12")
+    page.fill("#steer-strength", "4")
     page.fill("#steer-prompt", STEER)
     page.click("#steer-compare")
     for side in ("#steer-plain", "#steer-steered"):
         page.wait_for_selector(f"{side}[data-state=done]", timeout=ANSWER_S)
     seed = int(re.search(r"seed (\d+)", page.locator("#steer-seed").text_content()).group(1))
-    item = {"type": "add", "layer": 10, "hook_point": "resid_post", "vector": "happy-layer10", "scale": 12}
+    item = {"type": "add", "layer": 10, "hook_point": "resid_post", "vector": "happy-layer10", "scale": 4}
     messages = [{"role": "user", "content": STEER}]
     plain = reply_text(api, messages, seed=seed)["choices"][0]["message"]["content"]
     steered = reply_text(api, messages, seed=seed, interventions=[item])["choices"][0]["message"]["content"]
@@ -198,7 +200,7 @@ def inspected(browser, server, api):
     ramp = {"name": "ramp", "values": direction.tolist(), "layer": 12, "hook_point": "resid_post"}
     created = api.post("/v1/vectors", json=ramp)
     assert created.status_code == 200, created.text
-    page = open_page(browser, server)
+    page = open_page(browser, server.url)
     page.get_by_role("tab", name="Inspect").click()
     page.fill("#max-tokens", "12")
     page.fill("#inspect-prompt", INSPECT)
@@ -317,7 +319,7 @@ def test_the_lda_view_shades_tokens_by_the_servers_kl(page, api, shots):
 
 
 def test_a_bad_api_key_shows_the_error(browser, server, shots):
-    page = open_page(browser, server, key=None)
+    page = open_page(browser, server.url, key=None)
     error = page.locator("#error")
     error.and_(page.locator(":text('missing API key')")).wait_for()
     assert page.locator("#key-form").is_visible()
@@ -332,3 +334,62 @@ def test_a_bad_api_key_shows_the_error(browser, server, shots):
     page.screenshot(path=shots / "playground_key.png")
     assert page.script_errors == []
     page.context.close()
+
+
+class PortForward:
+    """What ``ssh -L PORT:127.0.0.1:<server port>`` gives a browser: another address that relays
+    bytes both ways (each connection relayed by two threads), so the page runs under a host and
+    port the server never sees as its own."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_the_page_works_through_a_tunnel_on_another_host_and_port(browser, server, api):
+    """The page names no host or port: opened as http://localhost:<other port>/ui (no slash,
+    as a user types it) through a relay, it loads, connects and streams an answer."""
+    forward = PortForward(server.port)
+    try:
+        url = f"http://localhost:{forward.port}"
+        page = open_page(browser, url, path="/ui")
+        assert page.url == f"{url}/ui/"
+        page.fill("#chat-prompt", CHAT)
+        page.get_by_role("button", name="Send", exact=True).click()
+        answer = page.locator(".message.assistant").last
+        answer.and_(page.locator("[data-state=done]")).wait_for(timeout=ANSWER_S)
+        expected = reply_text(api, [{"role": "user", "content": CHAT}])["choices"][0]["message"]["content"]
+        assert answer.text_content() == expected
+        assert page.script_errors == []
+        page.context.close()
+    finally:
+        forward.close()
