@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install Debian's Chromium for the playground's browser tests (tests/integration/test_playground.py),
-# where this machine can: Debian or Ubuntu with apt-get, as root or with password-less sudo.
+# where this machine can: Debian (its `chromium` package; Ubuntu's is a snap shim) with apt-get,
+# as root or with password-less sudo.
 # Nothing is downloaded by the tests themselves: Playwright drives this system Chromium.
 #
 #   bash scripts/install_browser.sh     # scripts/install.sh --dev (the README's test command) runs it

@@ -1,6 +1,6 @@
 """The browser playground's static files, served at ``/ui`` by the same process.
 
-The page (``index.html``, ``playground.css``, ``js/*.js``) is plain HTML, CSS and JavaScript
+The page (``static/``: ``index.html``, ``playground.css``, ``js/*.js``) is plain HTML, CSS and JavaScript
 modules that the browser runs as they are: no build step, no third-party front-end code, no
 request to anything but this server. It talks to the server only through the public HTTP API
 (the same endpoints any client uses), with the API key the user types in, kept in the tab's
@@ -21,7 +21,7 @@ from pathlib import Path
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
-PLAYGROUND_DIR = Path(__file__).resolve().parent
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the page alone: no Python file is served
 MOUNT_PATH = "/ui"
 
 SECURITY_HEADERS = {
@@ -43,12 +43,12 @@ def is_playground_path(path: str) -> bool:
 
 
 class PlaygroundFiles(StaticFiles):
-    """Starlette's ``StaticFiles`` over this folder (``index.html`` for ``/ui/``), plus
+    """Starlette's ``StaticFiles`` over :data:`STATIC_DIR` (``index.html`` for ``/ui/``), plus
     :data:`SECURITY_HEADERS` on every response. Only files inside the folder are served
     (Starlette resolves each path and refuses one that leaves it)."""
 
     def __init__(self) -> None:
-        super().__init__(directory=PLAYGROUND_DIR, html=True)
+        super().__init__(directory=STATIC_DIR, html=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: Message) -> None:

@@ -177,19 +177,43 @@ def test_steering_gives_a_different_answer_for_the_same_seed(page, api, shots):
     page.click("#contrast-build")
     page.wait_for_selector("#contrast-status:has-text('stored happy-layer10')", timeout=ANSWER_S)
     page.fill("#steer-strength", "4")
+    page.fill("#temperature", "0.9")  # sampled: the same seed on both sides is what makes them comparable
+    page.fill("#seed", "1234")
     page.fill("#steer-prompt", STEER)
     page.click("#steer-compare")
     for side in ("#steer-plain", "#steer-steered"):
         page.wait_for_selector(f"{side}[data-state=done]", timeout=ANSWER_S)
-    seed = int(re.search(r"seed (\d+)", page.locator("#steer-seed").text_content()).group(1))
+    assert page.locator("#steer-seed").text_content() == "seed 1234"
     item = {"type": "add", "layer": 10, "hook_point": "resid_post", "vector": "happy-layer10", "scale": 4}
     messages = [{"role": "user", "content": STEER}]
-    plain = reply_text(api, messages, seed=seed)["choices"][0]["message"]["content"]
-    steered = reply_text(api, messages, seed=seed, interventions=[item])["choices"][0]["message"]["content"]
+    sampled = {"temperature": 0.9, "seed": 1234}
+    plain = reply_text(api, messages, **sampled)["choices"][0]["message"]["content"]
+    steered = reply_text(api, messages, **sampled, interventions=[item])["choices"][0]["message"]["content"]
     assert page.locator("#steer-plain").text_content() == plain
     assert page.locator("#steer-steered").text_content() == steered
     assert steered != plain
     page.screenshot(path=shots / "playground_steer.png", full_page=True)
+
+
+def test_stop_ends_the_answer_and_the_conversation_keeps_what_was_shown(page):
+    page.fill("#max-tokens", "200")
+    page.fill("#chat-prompt", "Write a long story about a dragon.")
+    page.get_by_role("button", name="Send", exact=True).click()
+    answer = page.locator(".message.assistant").last
+    streaming = ".message.assistant[data-state=streaming]:not([data-chunks='0'])"
+    page.wait_for_selector(streaming, timeout=ANSWER_S)
+    page.click("#chat-stop")
+    answer.and_(page.locator("[data-state=stopped]")).wait_for()
+    shown = answer.text_content()
+    assert shown and int(answer.get_attribute("data-chunks")) < 200
+    page.fill("#max-tokens", "4")
+    page.fill("#chat-prompt", "Go on.")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.get_by_role("button", name="Send", exact=True).click()
+    messages = sent.value.post_data_json["messages"]
+    assert messages[1] == {"role": "assistant", "content": shown}
+    assert messages[2] == {"role": "user", "content": "Go on."}
+    page.locator(".message.assistant").last.and_(page.locator("[data-state=done]")).wait_for(timeout=ANSWER_S)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from server.playground import PLAYGROUND_DIR
+from server.playground import STATIC_DIR
 from tests.apps import app_client
 
 KEY = "playground-key"
@@ -48,7 +48,9 @@ def test_every_file_has_the_headers_that_keep_the_page_to_itself(client):
     assert "javascript" in client.get("/ui/js/main.js").headers["content-type"]
 
 
-@pytest.mark.parametrize("path", ["/ui/../server/app.py", "/ui/%2e%2e/__init__.py", "/ui/missing.js"])
+@pytest.mark.parametrize(
+    "path", ["/ui/../server/app.py", "/ui/%2e%2e/__init__.py", "/ui/__init__.py", "/ui/missing.js"]
+)
 def test_nothing_outside_the_folder_is_served(client, path):
     response = client.get(path)
     assert response.status_code in (401, 404)  # a path the client normalised away from /ui needs the key
@@ -58,12 +60,12 @@ def test_nothing_outside_the_folder_is_served(client, path):
 def test_every_file_the_page_names_is_there():
     """Each script, stylesheet and module import resolves to a file of the folder (a broken
     name would only show in a browser)."""
-    html = (PLAYGROUND_DIR / "index.html").read_text()
+    html = (STATIC_DIR / "index.html").read_text()
     named = re.findall(r'(?:src|href)="([^":]+)"', html)
     assert {"js/main.js", "playground.css"} <= set(named)
     for name in named:
-        assert (PLAYGROUND_DIR / name).is_file(), name
-    for module in (PLAYGROUND_DIR / "js").glob("*.js"):
+        assert (STATIC_DIR / name).is_file(), name
+    for module in (STATIC_DIR / "js").glob("*.js"):
         for imported in re.findall(r'from "(\./[^"]+)"', module.read_text()):
             assert (module.parent / imported).resolve().is_file(), f"{module.name} imports {imported}"
 
@@ -73,7 +75,7 @@ def test_the_page_uses_only_the_public_api():
     from server.routes import router
 
     public = {route.path for route in router.routes}
-    scripts = "\n".join(path.read_text() for path in (PLAYGROUND_DIR / "js").glob("*.js"))
+    scripts = "\n".join(path.read_text() for path in (STATIC_DIR / "js").glob("*.js"))
     called = set(re.findall(r'["`](/(?:v1|tokenize|detokenize)[^"`$?]*)', scripts))
     assert called, "no API path found in the scripts"
     for path in called:

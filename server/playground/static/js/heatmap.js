@@ -76,6 +76,13 @@ export function drawHeatmap(container, tokens, values, { diverging, what, perLay
   for (const token of tokens) {
     container.append(Object.assign(document.createElement("div"), { className: "label token", textContent: visible(token) }));
   }
-  const all = values.flatMap((row) => Array.from(row));
-  return { low: Math.min(...all), high: Math.max(...all) };
+  let low = Infinity;
+  let high = -Infinity;
+  for (const row of values) {
+    for (const value of row) {
+      if (value < low) low = value;
+      if (value > high) high = value;
+    }
+  }
+  return { low, high };
 }

@@ -34,7 +34,10 @@ function sampling({ freshSeed = false } = {}) {
     max_tokens: Number($("max-tokens").value),
   };
   const seed = $("seed").value;
-  if (seed !== "") out.seed = Number(seed);
+  if (seed !== "") {
+    out.seed = Number(seed);
+    if (!Number.isInteger(out.seed) || out.seed < 0) throw new Error("seed: a whole number, 0 or more");
+  }
   else if (freshSeed) out.seed = Math.floor(Math.random() * 2 ** 31);
   return out;
 }

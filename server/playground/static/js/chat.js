@@ -21,7 +21,7 @@ export function setupChat(context) {
     if (!prompt || running) return;
     const body = { messages: [...messages, { role: "user", content: prompt }], ...context.sampling() };
     if ($("chat-steer").checked) body.interventions = [context.steering()];
-    bubble("user", prompt);
+    const user = bubble("user", prompt);
     const reply = bubble("assistant", "");
     $("chat-prompt").value = "";
     running = new AbortController();
@@ -30,10 +30,17 @@ export function setupChat(context) {
       const text = await streamAnswer(reply, body, running.signal);
       messages.push({ role: "user", content: prompt }, { role: "assistant", content: text });
     } catch (error) {
-      if (error.name !== "AbortError") {
-        reply.textContent = error.display || String(error);
-        throw error;
+      if (error.name === "AbortError") {
+        // Stopped: the answer so far is the assistant's turn, as shown.
+        messages.push({ role: "user", content: prompt }, { role: "assistant", content: reply.textContent });
+        return;
       }
+      reply.textContent = error.display || String(error);
+      for (const turn of [user, reply]) {
+        turn.classList.add("dropped");
+        turn.title = "not part of the conversation: this turn failed";
+      }
+      throw error;
     } finally {
       running = null;
       $("chat-stop").disabled = true;

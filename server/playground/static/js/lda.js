@@ -64,9 +64,16 @@ export function setupLda(context) {
       [`amplified (α = ${alpha})`, alpha],
     ];
     $("lda-status").textContent = `decoding three ways with seed ${seed}…`;
-    const results = await Promise.all(sides.map(([, a]) => postJson("/v1/lda", { ...shared, alpha: a })));
+    let results;
+    try {
+      results = await Promise.all(sides.map(([, a]) => postJson("/v1/lda", { ...shared, alpha: a })));
+    } catch (error) {
+      $("lda-status").textContent = "failed: see the message above";
+      throw error;
+    }
     const rows = results.map((response) => response.results[0]);
-    const maxKl = Math.max(1e-6, ...rows.flatMap((row) => row.tokens.map((token) => token.kl)));
+    let maxKl = 1e-6;
+    for (const row of rows) for (const token of row.tokens) maxKl = Math.max(maxKl, token.kl);
     $("lda-columns").textContent = "";
     rows.forEach((row, i) => $("lda-columns").append(column(sides[i][0], row, maxKl)));
     $("lda-status").textContent = `seed ${seed} · before side: ${results[0].before} · darkest red: KL ${maxKl.toFixed(3)} nats`;

@@ -91,7 +91,7 @@ export async function stream(path, body, onChunk, signal) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
-    buffered += value;
+    buffered += value.replaceAll("\r\n", "\n");
     let end;
     while ((end = buffered.indexOf("\n\n")) >= 0) {
       const event = buffered.slice(0, end);
@@ -108,6 +108,7 @@ export async function stream(path, body, onChunk, signal) {
       onChunk(chunk);
     }
   }
+  throw new ApiError(0, "the answer's stream ended before its end ([DONE]): the connection was cut");
 }
 
 const DTYPES = {

@@ -121,9 +121,17 @@ export function setupSteer(context) {
     const item = context.steering();
     const shared = { messages: [{ role: "user", content: prompt }], ...context.sampling({ freshSeed: true }) };
     $("steer-seed").textContent = `seed ${shared.seed}`;
-    await Promise.all([
-      streamAnswer($("steer-plain"), shared),
-      streamAnswer($("steer-steered"), { ...shared, interventions: [item] }),
-    ]);
+    const run = new AbortController();
+    try {
+      // If one side fails, the other is stopped: the button comes back with nothing streaming.
+      await Promise.all(
+        [
+          streamAnswer($("steer-plain"), shared, run.signal),
+          streamAnswer($("steer-steered"), { ...shared, interventions: [item] }, run.signal),
+        ].map((side) => side.catch((error) => { run.abort(); throw error; })),
+      );
+    } finally {
+      run.abort();
+    }
   });
 }

@@ -8,12 +8,16 @@ import { drawHeatmap, shade, visible } from "./heatmap.js";
 
 const LENS_TOP_K = 5;
 const SAE_TOP_K = 5;
+// What one run may show: a cell per token and layer is a page element (and a lens cell a
+// table cell), and every layer's float32 residual stream is downloaded.
+const MAX_CELLS = 40_000;
+const MAX_READ_BYTES = 512 * 2 ** 20;
 
 // Per position of a [positions, width] tensor: its L2 norm, or its projection on unit(v).
 function perPosition({ shape, data }, direction) {
   const [positions, width] = shape;
   let scale = 1;
-  if (direction) scale = 1 / Math.hypot(...direction);
+  if (direction) scale = 1 / Math.sqrt(direction.reduce((sum, x) => sum + x * x, 0));
   const out = new Float64Array(positions);
   for (let p = 0; p < positions; p++) {
     let sum = 0;
@@ -31,6 +35,7 @@ export function setupInspect(context) {
   const vectorValues = new Map();
 
   context.listeners.push(({ vectors, saes }) => {
+    vectorValues.clear(); // a vector rebuilt under the same name has new values
     const keep = $("heatmap-vector").value;
     $("heatmap-vector").textContent = "";
     for (const vector of vectors) $("heatmap-vector").append(new Option(vector.name, vector.name));
@@ -132,6 +137,40 @@ export function setupInspect(context) {
     list.append(table);
   }
 
+  // Each view drawn on its own: one that cannot be drawn says why and leaves the others.
+  async function draw(view) {
+    try {
+      await view();
+    } catch (error) {
+      context.showError(error);
+    }
+  }
+
+  async function readCapture(id, layers, lens, sae) {
+    const manifest = await getJson(`/v1/activations/${encodeURIComponent(id)}`);
+    const tokens = manifest.token_positions.length;
+    const bytes = manifest.tensors.reduce((sum, entry) => sum + entry.bytes, 0);
+    if (tokens * layers > MAX_CELLS || bytes > MAX_READ_BYTES) {
+      throw new Error(
+        `this capture is too large to show (${tokens} tokens x ${layers} layers, ` +
+          `${(bytes / 2 ** 20).toFixed(0)} MiB): choose "answer only" or fewer max_tokens`,
+      );
+    }
+    $("inspect-status").textContent = `reading ${manifest.tensors.length} tensors…`;
+    const read = (name) => tensor(id, name);
+    const each = (make) => Promise.all(Array.from({ length: layers }, (_, layer) => make(layer)));
+    const resid = await each((layer) => read(`layers.${layer}.resid_post`));
+    const lensLayers = lens
+      ? await each(async (layer) => ({
+          layer,
+          indices: await read(`logit_lens.layers.${layer}.indices`),
+          logprobs: await read(`logit_lens.layers.${layer}.logprobs`),
+        }))
+      : [];
+    const features = sae ? await Promise.all([read(`saes.${sae}.indices`), read(`saes.${sae}.values`)]) : [];
+    return { tokens: manifest.tokens, resid, lensLayers, features };
+  }
+
   context.action($("inspect-run"), async () => {
     const prompt = $("inspect-prompt").value.trim();
     if (!prompt) throw new Error("write a prompt to inspect");
@@ -152,37 +191,28 @@ export function setupInspect(context) {
     };
     if ($("inspect-steer").checked) request.interventions = [context.steering()];
     $("inspect-status").textContent = "generating…";
-    const reply = await postJson("/v1/chat/completions", request);
-    $("inspect-answer").textContent = reply.choices[0].message.content;
-    const id = reply.activations.id;
-    let lensLayers = [];
-    let features = null;
     try {
-      const manifest = await getJson(`/v1/activations/${encodeURIComponent(id)}`);
+      const reply = await postJson("/v1/chat/completions", request);
+      $("inspect-answer").textContent = reply.choices[0].message.content;
+      const id = reply.activations.id;
       const layers = context.structure.num_layers;
-      $("inspect-status").textContent = `reading ${reply.activations.tensors.length} tensors…`;
-      const read = (name) => tensor(id, name);
-      const resid = await Promise.all(Array.from({ length: layers }, (_, layer) => read(`layers.${layer}.resid_post`)));
-      lensLayers = lens
-        ? await Promise.all(
-            Array.from({ length: layers }, async (_, layer) => ({
-              layer,
-              indices: await read(`logit_lens.layers.${layer}.indices`),
-              logprobs: await read(`logit_lens.layers.${layer}.logprobs`),
-            })),
-          )
-        : [];
-      features = sae ? await Promise.all([read(`saes.${sae}.indices`), read(`saes.${sae}.values`)]) : null;
-      capture = { tokens: manifest.tokens, positions: manifest.token_positions, resid };
-    } finally {
-      await remove(`/v1/activations/${encodeURIComponent(id)}`);
+      let read;
+      try {
+        read = await readCapture(id, layers, lens, sae);
+      } finally {
+        await remove(`/v1/activations/${encodeURIComponent(id)}`);
+      }
+      capture = { tokens: read.tokens, resid: read.resid };
+      $("inspect-status").textContent = "drawing…";
+      await draw(renderHeatmap);
+      await draw(() => renderLens(read.lensLayers));
+      await draw(() => renderFeatures(sae, ...read.features));
+      $("inspect-status").textContent =
+        `${capture.tokens.length} tokens x ${layers} layers · capture ${id} read and deleted`;
+    } catch (error) {
+      $("inspect-status").textContent = "failed: see the message above";
+      throw error;
     }
-    $("inspect-status").textContent = "drawing…";
-    await renderHeatmap();
-    await renderLens(lensLayers);
-    renderFeatures(sae, ...(features || []));
-    $("inspect-status").textContent =
-      `${capture.tokens.length} tokens x ${context.structure.num_layers} layers · capture ${id} read and deleted`;
   });
 
   for (const id of ["heatmap-metric", "heatmap-vector", "heatmap-scale"]) {
