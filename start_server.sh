@@ -309,7 +309,7 @@ do_start() {
             exit 1
         fi
         if probe health "$url"; then
-            say "healthy: $url  (OpenAI base URL: $url/v1)"
+            say "healthy: $url  (OpenAI base URL: $url/v1; playground: $url/ui)"
             [[ -n "$tmux_id" ]] && say "attach: tmux attach -t $session"
             local named=""
             [[ "$session" != nnsight-server ]] && named=" --session $session"
