@@ -52,6 +52,7 @@ export function setupInspect(context) {
     if (!name) throw new Error("no stored vector to project on");
     if (!vectorValues.has(name)) vectorValues.set(name, (await getJson(`/v1/vectors/${encodeURIComponent(name)}`)).values);
     const values = vectorValues.get(name);
+    if (!values.some((x) => x !== 0)) throw new Error(`vector ${name} is zero: it has no direction`);
     if (values.length !== context.structure.hidden_size) {
       throw new Error(`vector ${name} has ${values.length} values, resid_post has ${context.structure.hidden_size}`);
     }

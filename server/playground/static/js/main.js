@@ -87,6 +87,8 @@ function setupTabs() {
         other.setAttribute("aria-selected", String(other === tab));
       }
       for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== `view-${tab.dataset.view}`;
+      // Vectors or SAEs made meanwhile by another client appear without a reload.
+      if (context.structure) context.refreshLists().catch(showError);
     });
   }
 }
