@@ -2,6 +2,7 @@
 # One prepared GPU session: the GPU check and the peer benchmark, on an air-gapped GPU box, with
 # wheels carried in .whl/ (docs/memory.md, "The GPU check"; the box has Python, torch and
 # transformers but no package registry and no hub).
+# `bash scripts/gpu_wheels.sh` downloads those wheels (where there is network).
 #
 # Run from the repository root, with OUT set to a folder for the results:
 #
