@@ -308,6 +308,8 @@ def test_the_feature_list_is_the_captures_top_sae_features(inspected, shots):
 
 def test_the_lda_view_shades_tokens_by_the_servers_kl(page, api, shots):
     page.get_by_role("tab", name="LDA").click()
+    for kind in ("adapter", "model", ""):  # this server has no --adapter and no --lda-before
+        assert page.locator(f"#lda-before-kind option[value='{kind}']").is_disabled()
     page.fill("#max-tokens", "24")
     page.fill("#lda-prompt", "Tell me about cats.")
     page.select_option("#lda-before-kind", "system_prompt")
@@ -354,6 +356,7 @@ def test_a_bad_api_key_shows_the_error(browser, server, shots):
     page.get_by_role("button", name="Send", exact=True).click()
     page.wait_for_selector(".message.assistant.failed")
     assert "incorrect API key" in page.locator(".message.assistant").text_content()
+    assert page.input_value("#chat-prompt") == CHAT  # given back, to send again with the right key
     assert "incorrect API key" in error.text_content()
     page.screenshot(path=shots / "playground_key.png")
     assert page.script_errors == []

@@ -36,6 +36,7 @@ export function setupChat(context) {
         return;
       }
       reply.textContent = error.display || String(error);
+      if (!$("chat-prompt").value) $("chat-prompt").value = prompt; // to send again without retyping
       for (const turn of [user, reply]) {
         turn.classList.add("dropped");
         turn.title = "not part of the conversation: this turn failed";

@@ -68,15 +68,19 @@ export function setupInspect(context) {
     const perLayer = $("heatmap-scale").value === "layer";
     const range = drawHeatmap($("heatmap"), capture.tokens, values, { diverging: projection, what, perLayer });
     $("heatmap-legend").textContent =
-      `${what}: ${range.low.toFixed(2)} … ${range.high.toFixed(2)}; ` +
+      `Rows: layers (the last on top); columns: tokens. ${what}: ${range.low.toFixed(2)} … ${range.high.toFixed(2)}; ` +
       `colours up to the 95th percentile ${perLayer ? "of each layer" : "of the map"}` +
       (projection ? " (blue negative, red positive)" : "");
+  }
+
+  function note(element, text) {
+    element.append(Object.assign(document.createElement("p"), { className: "muted", textContent: text }));
   }
 
   async function renderLens(layers) {
     const lens = $("lens");
     lens.textContent = "";
-    if (!layers.length) return;
+    if (!layers.length) return note(lens, "Not asked for: tick \"logit lens\" and run again.");
     const ids = layers.flatMap((layer) => layer.indices.data);
     const texts = await tokenText(ids);
     const textOf = new Map(ids.map((id, i) => [id, texts[i]]));
@@ -112,7 +116,14 @@ export function setupInspect(context) {
   function renderFeatures(sae, indices, values) {
     const list = $("sae-features");
     list.textContent = "";
-    if (!sae) return;
+    if (!sae) {
+      return note(
+        list,
+        $("inspect-sae").options.length > 1
+          ? "No SAE chosen: pick one above and run again."
+          : "No SAE is loaded: start the server with --sae NAME=FOLDER, or load one with POST /v1/saes.",
+      );
+    }
     const k = indices.shape[1];
     const table = document.createElement("table");
     table.className = "features";

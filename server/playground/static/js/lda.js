@@ -48,6 +48,26 @@ export function setupLda(context) {
     return box;
   }
 
+  // Offer only the before sides this server has; the text box only where it is used.
+  function fitBeforeChoices() {
+    const { adapter, lda_before: model } = context.structure || {};
+    const unavailable = {
+      adapter: adapter ? null : "the server has no --adapter to switch off",
+      model: model ? null : "the server was started without --lda-before",
+      "": adapter || model ? null : "the server has no default before side (no --lda-before, no --adapter)",
+    };
+    for (const option of $("lda-before-kind").options) {
+      const why = unavailable[option.value] ?? null;
+      option.disabled = why !== null;
+      option.title = why || "";
+    }
+    const kind = $("lda-before-kind").value;
+    $("lda-before-value").hidden = kind !== "system_prompt" && kind !== "prefix";
+    $("lda-before-value").placeholder = `the before side's ${kind === "prefix" ? "prefix" : "system prompt"}`;
+  }
+  context.listeners.push(fitBeforeChoices);
+  $("lda-before-kind").addEventListener("change", fitBeforeChoices);
+
   $("lda-alpha").addEventListener("input", () => {
     $("lda-alpha-value").textContent = $("lda-alpha").value;
   });
@@ -69,6 +89,7 @@ export function setupLda(context) {
       results = await Promise.all(sides.map(([, a]) => postJson("/v1/lda", { ...shared, alpha: a })));
     } catch (error) {
       $("lda-status").textContent = "failed: see the message above";
+      $("lda-columns").textContent = ""; // no earlier run's columns under this failure
       throw error;
     }
     const rows = results.map((response) => response.results[0]);

@@ -17,6 +17,7 @@ function showError(error) {
     return;
   }
   line.textContent = error instanceof ApiError ? error.display : String(error.message || error);
+  if (error.status === 401) line.textContent += " Enter this server's API key in the form below.";
   line.hidden = false;
   if (error.status === 401) openKeyForm();
 }
