@@ -498,13 +498,16 @@ def run(args, save=lambda summary: None) -> dict:
         summary["build_seconds"] = round(time.perf_counter() - began, 1)
         save(summary)
         adapter = ("--adapter", str(adapter_dir))
-        # (name, with the budget, more flags, its checks): the quickest first, for a run under a time limit
+        weights = (model_dir,)  # what the checks that load the weights themselves take besides
+        # (name, with the budget, more flags, its checks as (key, function, arguments after the
+        # url)): the quickest first, for a run under a time limit
         servers = [
-            ("no-budget", False, adapter, [("d_out_of_memory", check_out_of_memory)]),
-            ("bnb-4bit", True, ("--quantization", "bnb-4bit"), [("f_bnb_4bit", check_quantized)]),
+            ("no-budget", False, adapter, [("d_out_of_memory", check_out_of_memory, ())]),
+            ("bnb-4bit", True, ("--quantization", "bnb-4bit"), [("f_bnb_4bit", check_quantized, weights)]),
             ("budget", True, adapter, [
-                ("a_capture_alone", check_capture), ("g_sampling_fields", check_sampling_fields),
-                ("c_lda", check_lda), ("e_speed", check_speed), ("b_eight_at_once", check_eight_at_once),
+                ("a_capture_alone", check_capture, ()), ("g_sampling_fields", check_sampling_fields, ()),
+                ("c_lda", check_lda, ()), ("e_speed", check_speed, weights),
+                ("b_eight_at_once", check_eight_at_once, ()),
             ]),
         ]  # fmt: skip
         if package_version("bitsandbytes") is None:  # a bare GPU box: carry its wheel (docs/memory.md)
@@ -519,11 +522,10 @@ def run(args, save=lambda summary: None) -> dict:
                     running_server(command, url, "/health", work / f"server-{name}.log"),
                     httpx.Client(timeout=TIMEOUT_S) as client,
                 ):
-                    for key, function in checks:
-                        more = (model_dir,) if function in (check_speed, check_quantized) else ()
+                    for key, function, more in checks:
                         check(key, function, client, url, *more, args)
             except (Exception, SystemExit) as error:  # the server did not start: its checks failed
-                for key, _ in checks:
+                for key, _, _ in checks:
                     summary.setdefault(key, {"error": f"{name} server: {error}"[-2000:], "ok": False})
                 save(summary)
     summary["seconds"] = round(time.perf_counter() - began, 1)

@@ -55,6 +55,7 @@ def test_nothing_outside_the_folder_is_served(client, path):
     response = client.get(path)
     assert response.status_code in (401, 404)  # a path the client normalised away from /ui needs the key
     assert "create_app" not in response.text
+    assert response.json()["error"]["message"]  # the OpenAI error shape, from a mounted app too
 
 
 def test_every_file_the_page_names_is_there():

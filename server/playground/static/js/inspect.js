@@ -31,7 +31,7 @@ function perPosition({ shape, data }, direction) {
 
 export function setupInspect(context) {
   const { $ } = context;
-  let capture = null; // {tokens, layers: [resid tensors], ...} of the last run
+  let capture = null; // the last run: {tokens, resid: one [positions, hidden] tensor per layer}
   const vectorValues = new Map();
 
   context.listeners.push(({ vectors, saes }) => {
